@@ -1,0 +1,1 @@
+"""The ``qmtl`` command line: a thin Typer layer over ``qmtl_core``."""

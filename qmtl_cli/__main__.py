@@ -1,0 +1,3 @@
+from qmtl_cli.app import main
+
+main()

@@ -1,0 +1,139 @@
+"""``qmtl world``: world policies — validate, inspect, and (in later commands) run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from qmtl_cli._output import emit, styled, table
+from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._state import state
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+app = typer.Typer(help="Validate, inspect and run worlds (one YAML policy each).", no_args_is_help=True)
+
+
+def _promotion_mode(document: dict[str, Any]) -> str:
+    governance = document.get("governance") or {}
+    return (governance.get("live_promotion") or {}).get("mode", "disabled")
+
+
+@app.command("validate")
+@command
+def validate(
+    ctx: typer.Context,
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        help="Policy files to check [default: every world in --worlds-dir].", show_default=False)] = None,
+    all_worlds: Annotated[bool, typer.Option("--all", help="Check every world in --worlds-dir.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Check policy files without touching the store; exit 2 if any is invalid."""
+    from qmtl_core.errors import UsageError
+
+    if paths and all_worlds:
+        raise UsageError("give policy files or --all, not both")
+    results = state(ctx).service().validate(paths or None)
+    ok = all(r.ok for r in results)
+
+    def human(c: "Console") -> None:
+        for r in results:
+            if r.ok:
+                c.print(f"[green]ok[/green]      {r.path}  (world {r.world}, policy_version "
+                        f"{r.policy_version})")
+            else:
+                c.print(f"[red]invalid[/red] {r.message}", markup=True)
+        c.print(f"{sum(r.ok for r in results)} of {len(results)} valid")
+
+    emit({"valid": ok, "results": [r.to_dict() for r in results]}, json_mode=state(ctx).json,
+         human=human)
+    if not ok:
+        raise typer.Exit(2)
+
+
+@app.command("schema")
+@command
+def schema(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Print the JSON Schema of a world policy file (always JSON)."""
+    import json
+
+    from qmtl_core.policy import policy_json_schema
+
+    typer.echo(json.dumps(policy_json_schema(), indent=2))
+
+
+@app.command("list")
+@command
+def list_(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """List the worlds in --worlds-dir with their policy version and live settings."""
+    worlds = state(ctx).service().list_worlds()
+    rows = []
+    for w in worlds:
+        doc = w.policy.model_dump(mode="json") if w.policy is not None else {}
+        rows.append({
+            "world": w.world, "path": w.path, "valid": w.ok, "error": w.error,
+            "policy_version": doc.get("policy_version"), "allow_live": doc.get("allow_live"),
+            "live_promotion": _promotion_mode(doc) if w.ok else None,
+            "rules": len(doc.get("rules", [])) if w.ok else None,
+            "content_hash": w.record.content_hash if w.record else None,
+            "description": doc.get("description"),
+        })
+
+    def human(c: "Console") -> None:
+        if not rows:
+            c.print(f"no worlds in {state(ctx).settings().worlds_dir}")
+            return
+        c.print(table(None, ["world", "version", "allow_live", "live promotion", "rules", "status"],
+                      [[r["world"], r["policy_version"], r["allow_live"], r["live_promotion"],
+                        r["rules"], "ok" if r["valid"] else "invalid"] for r in rows]))
+        for r in rows:
+            if not r["valid"]:
+                c.print(f"[red]invalid[/red] {r['error']}")
+
+    emit({"worlds": rows}, json_mode=state(ctx).json, human=human)
+
+
+@app.command("show")
+@command
+def show(
+    ctx: typer.Context,
+    world: Annotated[str, typer.Argument(help="World name (the policy file's stem).")],
+    json_output: JsonOption = False,
+) -> None:
+    """Show a world's policy, gates and recorded policy versions."""
+    service = state(ctx).service()
+    loaded = service.load_world(world)
+    history = service.policy_history(world)
+    doc = loaded.policy.model_dump(mode="json")
+    data = {"world": loaded.world_id, "path": str(loaded.path), "content_hash": loaded.content_hash,
+            "policy": doc, "policy_versions": [h.to_dict() for h in history]}
+
+    def human(c: "Console") -> None:
+        c.print(f"[bold]{loaded.world_id}[/bold]  policy_version {doc['policy_version']}  "
+                f"({loaded.path})")
+        if doc.get("description"):
+            c.print(doc["description"], markup=False)
+        mode = _promotion_mode(doc)
+        c.print(f"allow_live: {doc['allow_live']}   live promotion: {mode}   "
+                f"periods_per_year: {doc.get('periods_per_year')}")
+        c.print(table("gates", ["id", "metric", "min", "max", "severity", "stages"],
+                      [[r["id"], r["metric"], r.get("min"), r.get("max"), r.get("severity"),
+                        ",".join(r.get("stages") or []) or "all"] for r in doc.get("rules", [])]))
+        campaign = doc.get("campaign") or {}
+        if campaign:
+            c.print(table("campaign", ["stage", "settings"],
+                          [[k, ", ".join(f"{a}={b}" for a, b in (v or {}).items())]
+                           for k, v in campaign.items()]))
+        c.print(table("recorded policy versions", ["version", "hash", "recorded", "by"],
+                      [[h.policy_version, h.content_hash[:12], h.recorded_at[:19] + "Z",
+                        h.recorded_by] for h in history]))
+        if loaded.newly_recorded:
+            c.print(f"recorded new policy version {doc['policy_version']} in the store")
+
+    emit(data, json_mode=state(ctx).json, human=human)
+
+
+__all__ = ["app", "styled"]

@@ -1,0 +1,196 @@
+"""The audit ledger: an append-only, hash-chained record of every state change.
+
+``hash = sha256(prev_hash + canonical JSON of the entry)``, where the entry is
+``{seq, ts, actor, world, kind, subject, reason, payload}``. ``seq`` counts from 1 without gaps and
+the ``ledger_head`` row holds the tail, so an edited, deleted, inserted or reordered row (including
+a deleted last row) breaks verification at the first affected entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection
+
+from qmtl_core.canonical import canonical_json, sha256_hex
+from qmtl_core.store import schema
+from qmtl_core.timeutil import iso
+
+GENESIS_HASH = "0" * 64
+_HEAD_ID = 1
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One ledger row."""
+
+    seq: int
+    ts: str
+    actor: str
+    world: str | None
+    kind: str
+    subject: str | None
+    reason: str | None
+    payload: dict[str, Any] | None
+    prev_hash: str
+    hash: str
+
+    def body(self) -> dict[str, Any]:
+        """The hashed part of the entry."""
+        return {"seq": self.seq, "ts": self.ts, "actor": self.actor, "world": self.world,
+                "kind": self.kind, "subject": self.subject, "reason": self.reason,
+                "payload": self.payload}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for ``qmtl audit log --json``."""
+        return {**self.body(), "prev_hash": self.prev_hash, "hash": self.hash}
+
+
+def entry_hash(prev_hash: str, body: dict[str, Any]) -> str:
+    """The chain hash of an entry given its predecessor's hash."""
+    return sha256_hex(prev_hash + canonical_json(body))
+
+
+def _lock_head(conn: Connection) -> tuple[int, str]:
+    """Lock the chain's tail for this transaction (FOR UPDATE on PostgreSQL; SQLite's writer
+    lock is already held by BEGIN IMMEDIATE) and return ``(seq, hash)``."""
+    head = schema.ledger_head
+    row = conn.execute(sa.select(head.c.seq, head.c.hash).where(head.c.id == _HEAD_ID)
+                       .with_for_update()).first()
+    if row is not None:
+        return int(row.seq), str(row.hash)
+    if conn.dialect.name == "postgresql":
+        stmt = postgresql.insert(head).values(id=_HEAD_ID, seq=0, hash=GENESIS_HASH)
+        conn.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
+    else:
+        conn.execute(sa.insert(head).prefix_with("OR IGNORE").values(id=_HEAD_ID, seq=0,
+                                                                     hash=GENESIS_HASH))
+    row = conn.execute(sa.select(head.c.seq, head.c.hash).where(head.c.id == _HEAD_ID)
+                       .with_for_update()).one()
+    return int(row.seq), str(row.hash)
+
+
+def lock(conn: Connection) -> None:
+    """Serialise this write transaction with every other ledger writer.
+
+    Call it first in a transaction that reads state and then appends, so the read cannot go stale
+    before the append (the append takes the same lock anyway).
+    """
+    _lock_head(conn)
+
+
+def append(conn: Connection, *, actor: str, kind: str, now: datetime, world: str | None = None,
+           subject: str | None = None, reason: str | None = None,
+           payload: dict[str, Any] | None = None) -> LedgerEntry:
+    """Append one entry inside the caller's write transaction and return it."""
+    seq, prev_hash = _lock_head(conn)
+    body_payload = None if payload is None else _json_roundtrip(payload)
+    entry_body = {"seq": seq + 1, "ts": iso(now), "actor": actor, "world": world, "kind": kind,
+                  "subject": subject, "reason": reason, "payload": body_payload}
+    digest = entry_hash(prev_hash, entry_body)
+    conn.execute(sa.insert(schema.ledger).values(
+        seq=seq + 1, ts=entry_body["ts"], actor=actor, world_id=world, kind=kind, subject=subject,
+        reason=reason, payload=body_payload, prev_hash=prev_hash, hash=digest))
+    conn.execute(sa.update(schema.ledger_head).where(schema.ledger_head.c.id == _HEAD_ID)
+                 .values(seq=seq + 1, hash=digest))
+    return LedgerEntry(seq + 1, entry_body["ts"], actor, world, kind, subject, reason,
+                       body_payload, prev_hash, digest)
+
+
+def _json_roundtrip(payload: dict[str, Any]) -> dict[str, Any]:
+    # What is hashed must be exactly what a reader gets back from the database.
+    import json
+
+    return json.loads(canonical_json(payload))
+
+
+def _row_to_entry(row: Any) -> LedgerEntry:
+    return LedgerEntry(int(row.seq), row.ts, row.actor, row.world_id, row.kind, row.subject,
+                       row.reason, row.payload, row.prev_hash, row.hash)
+
+
+def entries(conn: Connection, *, world: str | None = None, since: datetime | None = None,
+            kind: str | None = None, limit: int | None = None) -> list[LedgerEntry]:
+    """Entries in chain order, optionally filtered; ``limit`` keeps the newest ``limit``."""
+    t = schema.ledger
+    query = sa.select(t)
+    if world is not None:
+        query = query.where(t.c.world_id == world)
+    if since is not None:
+        query = query.where(t.c.ts >= iso(since))
+    if kind is not None:
+        query = query.where(t.c.kind.like(kind.replace("*", "%")))
+    if limit is not None:
+        query = query.order_by(t.c.seq.desc()).limit(limit)
+        return [_row_to_entry(r) for r in reversed(conn.execute(query).all())]
+    return [_row_to_entry(r) for r in conn.execute(query.order_by(t.c.seq))]
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of ``verify``: ok, or the first broken entry and what is wrong with it."""
+
+    ok: bool
+    entries: int
+    head_seq: int
+    first_broken_seq: int | None = None
+    problem: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for ``qmtl audit verify --json``."""
+        return {"ok": self.ok, "entries": self.entries, "head_seq": self.head_seq,
+                "first_broken_seq": self.first_broken_seq, "problem": self.problem,
+                **({"details": self.details} if self.details else {})}
+
+
+def _iter_rows(conn: Connection, batch: int = 5000) -> Iterator[LedgerEntry]:
+    t = schema.ledger
+    last = None
+    while True:
+        query = sa.select(t).order_by(t.c.seq).limit(batch)
+        if last is not None:
+            query = query.where(t.c.seq > last)
+        rows = conn.execute(query).all()
+        if not rows:
+            return
+        for row in rows:
+            yield _row_to_entry(row)
+        last = rows[-1].seq
+
+
+def verify(conn: Connection) -> VerifyResult:
+    """Walk the chain from the start; stop at the first entry that does not verify."""
+    head = conn.execute(sa.select(schema.ledger_head.c.seq, schema.ledger_head.c.hash)
+                        .where(schema.ledger_head.c.id == _HEAD_ID)).first()
+    head_seq, head_hash = (int(head.seq), head.hash) if head else (0, GENESIS_HASH)
+    prev_hash = GENESIS_HASH
+    expected_seq = 1
+    count = 0
+    for entry in _iter_rows(conn):
+        count += 1
+        if entry.seq != expected_seq:
+            problem = ("an entry is missing before this one (deleted)" if entry.seq > expected_seq
+                       else "sequence out of order")
+            return VerifyResult(False, count, head_seq, expected_seq, problem,
+                                {"found_seq": entry.seq})
+        if entry.prev_hash != prev_hash:
+            return VerifyResult(False, count, head_seq, entry.seq,
+                                "prev_hash does not match the previous entry "
+                                "(an entry was inserted, deleted or reordered here)")
+        if entry_hash(prev_hash, entry.body()) != entry.hash:
+            return VerifyResult(False, count, head_seq, entry.seq,
+                                "content does not match its hash (the entry was edited)")
+        prev_hash = entry.hash
+        expected_seq += 1
+    last_seq = expected_seq - 1
+    if last_seq != head_seq or prev_hash != head_hash:
+        return VerifyResult(False, count, head_seq, last_seq + 1,
+                            f"the chain ends at {last_seq} but the head says {head_seq} "
+                            "(entries at the end were deleted, or the head was altered)")
+    return VerifyResult(True, count, head_seq)

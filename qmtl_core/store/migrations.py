@@ -1,0 +1,87 @@
+"""Schema versions and the migration path, so a store made by an older qmtl opens with a newer one.
+
+A new store gets the current schema in one ``create_all`` and is stamped with the head version.
+An existing store runs each migration above its version, in order, in one transaction. To change
+the schema: edit ``schema.py`` *and* append a step here that brings a store of the previous
+version to the new shape; ``tests/test_store_migrations.py`` opens a frozen v1 store to prove it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from qmtl_core._version import __version__
+from qmtl_core.errors import StoreVersionError
+from qmtl_core.store import schema
+from qmtl_core.timeutil import iso, utcnow
+
+#: Any number fits, as long as every process uses the same one: it serialises migrations on PostgreSQL.
+_PG_MIGRATION_LOCK = 0x716D746C  # "qmtl"
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step from ``version - 1`` to ``version``."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _initial(conn: Connection) -> None:
+    schema.metadata.create_all(conn)
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "initial schema", _initial),
+]
+
+
+def head_version() -> int:
+    """The schema version this qmtl writes."""
+    return MIGRATIONS[-1].version
+
+
+def current_version(conn: Connection) -> int | None:
+    """The store's schema version, or ``None`` for an empty database."""
+    if not sa.inspect(conn).has_table("schema_version"):
+        return None
+    value = conn.execute(sa.select(sa.func.max(schema.schema_version.c.version))).scalar()
+    return int(value) if value is not None else None
+
+
+def migrate(conn: Connection, migrations: list[Migration] | None = None) -> list[int]:
+    """Bring the store to the head version inside the caller's write transaction.
+
+    Returns the versions applied (empty when the store was current). A store newer than this
+    qmtl is refused rather than half-understood.
+    """
+    steps = MIGRATIONS if migrations is None else migrations
+    head = steps[-1].version
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+    version = current_version(conn)
+    if version is not None and version > head:
+        raise StoreVersionError(
+            f"the store has schema version {version}, newer than this qmtl understands ({head})",
+            hint="upgrade qmtl, or point QMTL_HOME/QMTL_DATABASE_URL at another store")
+    if version == head:
+        return []
+    if version is None:
+        # A new store gets today's schema directly; every step is stamped as applied.
+        schema.metadata.create_all(conn)
+        pending = list(steps)
+    else:
+        pending = [m for m in steps if m.version > version]
+        for step in pending:
+            step.apply(conn)
+    now = iso(utcnow())
+    for step in pending:
+        conn.execute(sa.insert(schema.schema_version).values(
+            version=step.version, description=step.description, applied_at=now,
+            qmtl_version=__version__))
+    return [m.version for m in pending]

@@ -1,0 +1,228 @@
+"""The store's tables (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+Times are stored as fixed-width ISO-8601 UTC strings (``2026-01-31T00:00:00.000000Z``): they sort
+as text, compare the same on both backends and never lose their time zone. Documents are JSON.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData()
+
+Time = sa.String(32)
+JSONDoc = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Hash = sa.String(64)
+Name = sa.String(200)
+
+#: Applied migrations, one row each; the highest ``version`` is the store's schema version.
+schema_version = sa.Table(
+    "schema_version", metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", Time, nullable=False),
+    sa.Column("qmtl_version", sa.String(40), nullable=False),
+)
+
+worlds = sa.Table(
+    "worlds", metadata,
+    sa.Column("world_id", Name, primary_key=True),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("halted", sa.Boolean, nullable=False, default=False),
+    sa.Column("halted_reason", sa.Text),
+    sa.Column("halted_by", Name),
+    sa.Column("halted_at", Time),
+)
+
+#: One row per distinct policy content a world has had; (world, policy_version) never repeats.
+policy_versions = sa.Table(
+    "policy_versions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("world_id", Name, sa.ForeignKey("worlds.world_id"), nullable=False),
+    sa.Column("policy_version", sa.Integer, nullable=False),
+    sa.Column("content_hash", Hash, nullable=False),
+    sa.Column("source_path", sa.Text, nullable=False),
+    sa.Column("source_text", sa.Text, nullable=False),
+    sa.Column("document", JSONDoc, nullable=False),
+    sa.Column("recorded_at", Time, nullable=False),
+    sa.Column("recorded_by", Name, nullable=False),
+    sa.UniqueConstraint("world_id", "policy_version", name="uq_policy_versions_world_version"),
+)
+
+strategies = sa.Table(
+    "strategies", metadata,
+    sa.Column("world_id", Name, sa.ForeignKey("worlds.world_id"), primary_key=True),
+    sa.Column("strategy_id", Name, primary_key=True),
+    sa.Column("name", Name),
+    sa.Column("code_hash", Hash),
+    sa.Column("stage", sa.String(16), nullable=False, default="backtest"),
+    sa.Column("submitter", Name),
+    sa.Column("submitted_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Column("meta", JSONDoc),
+)
+
+#: An evaluation run's identity; its content lives in revisions (same key again = new revision).
+evaluation_runs = sa.Table(
+    "evaluation_runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("world_id", Name, nullable=False),
+    sa.Column("strategy_id", Name, nullable=False),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("run_id", Name, nullable=False),
+    sa.Column("latest_revision", sa.Integer, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.UniqueConstraint("world_id", "strategy_id", "stage", "run_id", name="uq_evaluation_runs_key"),
+)
+
+run_revisions = sa.Table(
+    "run_revisions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_pk", sa.Integer, sa.ForeignKey("evaluation_runs.id"), nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("policy_version", sa.Integer),
+    sa.Column("policy_hash", Hash),
+    sa.Column("metrics", JSONDoc),
+    sa.Column("metric_sources", JSONDoc),
+    sa.Column("rule_results", JSONDoc),
+    sa.Column("window", JSONDoc),
+    sa.Column("returns", JSONDoc),
+    sa.Column("reason", sa.Text),
+    sa.Column("content_hash", Hash, nullable=False),
+    sa.Column("recorded_at", Time, nullable=False),
+    sa.Column("recorded_by", Name, nullable=False),
+    sa.UniqueConstraint("run_pk", "revision", name="uq_run_revisions_revision"),
+)
+
+risk_snapshots = sa.Table(
+    "risk_snapshots", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("world_id", Name, nullable=False),
+    sa.Column("version", Name, nullable=False),
+    sa.Column("as_of", Time, nullable=False),
+    sa.Column("ttl_sec", sa.Integer, nullable=False),
+    sa.Column("content_hash", Hash, nullable=False),
+    sa.Column("document", JSONDoc, nullable=False),
+    sa.Column("recorded_at", Time, nullable=False),
+    sa.Column("recorded_by", Name, nullable=False),
+    sa.UniqueConstraint("world_id", "version", name="uq_risk_snapshots_version"),
+)
+sa.Index("ix_risk_snapshots_world_asof", risk_snapshots.c.world_id, risk_snapshots.c.as_of)
+
+#: Executed campaign actions; the primary key makes "each idempotency key at most once, ever".
+campaign_actions = sa.Table(
+    "campaign_actions", metadata,
+    sa.Column("idempotency_key", Hash, primary_key=True),
+    sa.Column("world_id", Name, nullable=False),
+    sa.Column("strategy_id", Name, nullable=False),
+    sa.Column("action", sa.String(40), nullable=False),
+    sa.Column("stage", sa.String(16)),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("result", JSONDoc),
+    sa.Column("executed_at", Time, nullable=False),
+    sa.Column("executed_by", Name, nullable=False),
+)
+
+#: One lease per world: who may run the campaign loop on it, until when.
+leases = sa.Table(
+    "leases", metadata,
+    sa.Column("world_id", Name, primary_key=True),
+    sa.Column("holder", Name, nullable=False),
+    sa.Column("acquired_at", Time, nullable=False),
+    sa.Column("expires_at", Time, nullable=False),
+)
+
+promotion_requests = sa.Table(
+    "promotion_requests", metadata,
+    sa.Column("request_id", Name, primary_key=True),
+    sa.Column("world_id", Name, nullable=False),
+    sa.Column("strategy_id", Name, nullable=False),
+    sa.Column("evidence_hash", Hash, nullable=False),
+    sa.Column("evidence", JSONDoc, nullable=False),
+    sa.Column("requester", Name, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("decided_at", Time),
+)
+
+approvals = sa.Table(
+    "approvals", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", Name, sa.ForeignKey("promotion_requests.request_id"), nullable=False),
+    sa.Column("approver", Name, nullable=False),
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("evidence_hash", Hash, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.UniqueConstraint("request_id", "approver", "evidence_hash", name="uq_approvals_once"),
+)
+
+#: Versioned activation sets: every change writes a new set, so rollback restores the previous one.
+activation_sets = sa.Table(
+    "activation_sets", metadata,
+    sa.Column("world_id", Name, primary_key=True),
+    sa.Column("set_version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("created_by", Name, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("etag", Hash, nullable=False),
+)
+
+activations = sa.Table(
+    "activations", metadata,
+    sa.Column("world_id", Name, primary_key=True),
+    sa.Column("set_version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("strategy_id", Name, primary_key=True),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("weight", sa.Float, nullable=False),
+    sa.Column("run_id", Name),
+    sa.Column("etag", Hash, nullable=False),
+    sa.Column("activated_at", Time, nullable=False),
+    sa.ForeignKeyConstraint(["world_id", "set_version"],
+                            ["activation_sets.world_id", "activation_sets.set_version"]),
+)
+
+#: Decision envelopes: the world's answer to "in which domain may this strategy execute".
+decisions = sa.Table(
+    "decisions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("world_id", Name, nullable=False),
+    sa.Column("strategy_id", Name, nullable=False),
+    sa.Column("effective_mode", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("as_of", Time, nullable=False),
+    sa.Column("ttl_sec", sa.Integer, nullable=False),
+    sa.Column("etag", Hash, nullable=False),
+    sa.Column("policy_version", sa.Integer, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+)
+sa.Index("ix_decisions_world_strategy", decisions.c.world_id, decisions.c.strategy_id, decisions.c.id)
+
+#: The audit ledger: append-only, hash-chained; ``seq`` is contiguous from 1.
+ledger = sa.Table(
+    "ledger", metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=False),
+    sa.Column("ts", Time, nullable=False),
+    sa.Column("actor", Name, nullable=False),
+    sa.Column("world_id", Name),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("subject", sa.Text),
+    sa.Column("reason", sa.Text),
+    sa.Column("payload", JSONDoc),
+    sa.Column("prev_hash", Hash, nullable=False),
+    sa.Column("hash", Hash, nullable=False),
+)
+sa.Index("ix_ledger_world_ts", ledger.c.world_id, ledger.c.ts)
+
+#: One row (id = 1) holding the chain's tail: appends serialise on it, and it exposes a deleted tail.
+ledger_head = sa.Table(
+    "ledger_head", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=False),
+    sa.Column("hash", Hash, nullable=False),
+)

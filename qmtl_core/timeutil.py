@@ -1,0 +1,36 @@
+"""Time helpers: aware UTC datetimes only, ISO-8601 parsing that refuses naive times."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from qmtl_core.errors import BadInputError
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+def parse_instant(text: str, *, what: str = "time") -> datetime:
+    """Parse an ISO-8601 instant with a time zone (``Z`` allowed); naive or malformed is an error.
+
+    A bare date (``2026-01-31``) is taken as midnight UTC, since it names a day, not a local time.
+    """
+    raw = text.strip()
+    try:
+        if len(raw) == 10:
+            return datetime.fromisoformat(raw).replace(tzinfo=timezone.utc)
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise BadInputError(f"{what} {text!r} is not an ISO-8601 time",
+                            hint="use e.g. 2026-01-31T00:00Z") from None
+    if value.tzinfo is None:
+        raise BadInputError(f"{what} {text!r} has no time zone",
+                            hint="add Z or an offset, e.g. 2026-01-31T00:00Z")
+    return value.astimezone(timezone.utc)
+
+
+def iso(value: datetime) -> str:
+    """Format an aware datetime as fixed-width ISO-8601 UTC (microseconds, ``Z``), sortable as text."""
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,57 @@
+"""Shared fixtures: an isolated QMTL_HOME per test and a store on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests._pg import PgCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_WORLDS = ROOT / "worlds"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the user's ~/.qmtl or inherits qmtl settings from the shell."""
+    for var in ("QMTL_HOME", "QMTL_WORLDS_DIR", "QMTL_SERVER", "QMTL_DATABASE_URL", "QMTL_TOKEN",
+                "QMTL_JSON", "QMTL_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("QMTL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throwaway PostgreSQL cluster per test process (xdist worker)."""
+    cluster = PgCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store URL on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("pg_cluster").new_database()
+
+
+@pytest.fixture
+def worlds_dir(tmp_path: Path) -> Path:
+    """A private copy of the bundled example worlds."""
+    target = tmp_path / "worlds"
+    shutil.copytree(EXAMPLE_WORLDS, target, ignore=shutil.ignore_patterns("data"))
+    return target
+
+
+@pytest.fixture
+def qmtl_env(tmp_path: Path, worlds_dir: Path, store_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for a CLI run against a fresh store on the parametrised backend."""
+    monkeypatch.setenv("QMTL_WORLDS_DIR", str(worlds_dir))
+    monkeypatch.setenv("QMTL_DATABASE_URL", store_url)
+    return {**os.environ}
