@@ -126,7 +126,7 @@ def show(
         if campaign:
             c.print(table("campaign", ["stage", "settings"],
                           [[k, ", ".join(f"{a}={b}" for a, b in (v or {}).items())]
-                           for k, v in campaign.items()]))
+                           for k, v in campaign.items() if v]))
         c.print(table("recorded policy versions", ["version", "hash", "recorded", "by"],
                       [[h.policy_version, h.content_hash[:12], h.recorded_at[:19] + "Z",
                         h.recorded_by] for h in history]))

@@ -1,0 +1,266 @@
+"""The world policy schema (DESIGN §3) as pydantic v2 models: strict types, no unknown keys.
+
+Cross-field checks raise ``PolicyProblem`` carrying the path of the offending key, so the YAML
+loader can point at the exact line and column instead of at the enclosing block.
+"""
+
+from __future__ import annotations
+
+import difflib
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+
+from qmtl_core.metric_names import KNOWN_METRICS
+from qmtl_core.policy._durations import Duration
+
+Stage = Literal["backtest", "paper", "live"]
+STAGES: tuple[Stage, ...] = ("backtest", "paper", "live")
+Severity = Literal["blocking", "soft", "info"]
+PromotionMode = Literal["disabled", "manual_approval", "auto_apply"]
+
+
+class PolicyProblem(ValueError):
+    """A cross-field problem in a policy, located by a path relative to the model that found it."""
+
+    def __init__(self, path: tuple[str | int, ...], message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+        self.hint = hint
+
+
+def _check_metric(name: str) -> str:
+    if name not in KNOWN_METRICS:
+        close = difflib.get_close_matches(name, sorted(KNOWN_METRICS), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(sorted(KNOWN_METRICS))
+        raise ValueError(f"unknown metric {name!r} ({hint})")
+    return name
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Costs(_Model):
+    """Trading costs used by backtest and paper simulation, in basis points per fill."""
+
+    fee_bps: float = Field(0.0, ge=0, le=10_000)
+    slippage_bps: float = Field(0.0, ge=0, le=10_000)
+
+
+class Rule(_Model):
+    """One gate: a metric held within ``[min, max]`` at the listed stages."""
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    metric: str
+    min: float | None = None
+    max: float | None = None
+    stages: list[Stage] | None = Field(None, min_length=1, description="stages the rule applies to; "
+                                                                        "absent = every stage")
+    severity: Severity = "blocking"
+    description: str | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        return _check_metric(v)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Rule":
+        if self.min is None and self.max is None:
+            raise PolicyProblem((), f"rule {self.id!r} has neither min nor max",
+                                "give min:, max: or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise PolicyProblem(("min",), f"rule {self.id!r}: min {self.min} is above max {self.max}",
+                                "swap them or fix the bound")
+        if self.stages is not None and len(set(self.stages)) != len(self.stages):
+            raise PolicyProblem(("stages",), f"rule {self.id!r} lists a stage twice")
+        return self
+
+    def applies_to(self, stage: str) -> bool:
+        """Whether the rule is checked at ``stage``."""
+        return self.stages is None or stage in self.stages
+
+
+class Validation(_Model):
+    """How the gates treat a metric that could not be measured."""
+
+    on_missing_metric: Literal["fail", "warn"] = "fail"
+
+
+class TopK(_Model):
+    """Keep the ``k`` best strategies by ``metric`` (higher is better unless ``order: asc``)."""
+
+    metric: str
+    k: int = Field(ge=1)
+    order: Literal["desc", "asc"] = "desc"
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        return _check_metric(v)
+
+
+class Correlation(_Model):
+    """Drop a strategy whose returns correlate above ``max`` with one already kept."""
+
+    max: float = Field(gt=-1, le=1)
+    min_overlap: int = Field(20, ge=2, description="fewest overlapping periods to trust a correlation")
+
+
+class Hysteresis(_Model):
+    """Enter the active set above ``enter``; stay in it until below ``exit``."""
+
+    metric: str
+    enter: float
+    exit: float
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        return _check_metric(v)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Hysteresis":
+        if self.enter < self.exit:
+            raise PolicyProblem(("enter",), f"hysteresis enter {self.enter} is below exit {self.exit}",
+                                "enter must be >= exit, or strategies would flap in and out")
+        return self
+
+
+class Selection(_Model):
+    """Selection over strategies that passed the gates."""
+
+    top_k: TopK | None = None
+    correlation: Correlation | None = None
+    hysteresis: Hysteresis | None = None
+
+
+class StageWindow(_Model):
+    """Observation a stage needs before its campaign can move on, measured on data."""
+
+    window: Duration
+    min_observations: int = Field(1, ge=1)
+
+    @field_validator("window")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("window must be longer than zero")
+        return v
+
+
+class LiveWindow(_Model):
+    """How long live results are monitored."""
+
+    monitor_window: Duration = timedelta(days=30)
+
+
+class Campaign(_Model):
+    """Campaign windows per stage."""
+
+    backtest: StageWindow | None = None
+    paper: StageWindow | None = None
+    live: LiveWindow | None = None
+
+
+class LivePromotion(_Model):
+    """How a strategy goes from paper to live."""
+
+    mode: PromotionMode = "disabled"
+    approvers: list[str] = Field(default_factory=list)
+    required_approvals: int = Field(1, ge=1)
+    approval_ttl: Duration = timedelta(hours=72)
+    cooldown: Duration = timedelta(0)
+    max_live_slots: int = Field(1, ge=1)
+
+    @field_validator("approvers")
+    @classmethod
+    def _approvers(cls, v: list[str]) -> list[str]:
+        for i, name in enumerate(v):
+            if not name.strip():
+                raise PolicyProblem((i,), "an approver name is empty")
+            if name in v[:i]:
+                raise PolicyProblem((i,), f"approver {name!r} is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LivePromotion":
+        if self.mode == "manual_approval" and not self.approvers:
+            raise PolicyProblem(("approvers",) if "approvers" in self.model_fields_set else ("mode",),
+                                "mode manual_approval needs at least one approver",
+                                "list who may approve under approvers:")
+        if self.approvers and self.required_approvals > len(self.approvers):
+            raise PolicyProblem(("required_approvals",),
+                                f"required_approvals is {self.required_approvals} but only "
+                                f"{len(self.approvers)} approver(s) are listed",
+                                "add approvers or lower required_approvals")
+        return self
+
+
+class Governance(_Model):
+    """Governance of live promotion."""
+
+    live_promotion: LivePromotion = LivePromotion()
+
+
+class Risk(_Model):
+    """Freshness limits for decisions that need the risk snapshot."""
+
+    snapshot_max_age: Duration = timedelta(minutes=15)
+    decision_ttl: Duration = timedelta(minutes=10)
+
+
+class Notifications(_Model):
+    """Where to announce approvals pending, blocks, applies and halts."""
+
+    webhook: HttpUrl | None = None
+
+
+class WorldPolicy(_Model):
+    """A world's whole policy file."""
+
+    world: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    description: str | None = None
+    policy_version: int = Field(ge=1)
+    allow_live: bool = False
+    periods_per_year: int = Field(252, ge=1, le=525_600)
+    costs: Costs = Costs()
+    rules: list[Rule] = Field(default_factory=list)
+    validation: Validation = Validation()
+    selection: Selection = Selection()
+    campaign: Campaign = Campaign()
+    governance: Governance | None = None
+    risk: Risk = Risk()
+    notifications: Notifications = Notifications()
+
+    @model_validator(mode="after")
+    def _unique_rule_ids(self) -> "WorldPolicy":
+        seen: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            if rule.id in seen:
+                raise PolicyProblem(("rules", i, "id"), f"rule id {rule.id!r} is used twice",
+                                    "give every rule its own id")
+            seen.add(rule.id)
+        return self
+
+    @property
+    def live_promotion(self) -> LivePromotion:
+        """The live promotion settings; absent ``governance`` means disabled (fail closed)."""
+        if self.governance is None:
+            return LivePromotion(mode="disabled")
+        return self.governance.live_promotion
+
+    def rules_for(self, stage: str) -> list[Rule]:
+        """The rules checked at ``stage``, in file order."""
+        return [r for r in self.rules if r.applies_to(stage)]
+
+
+def policy_json_schema() -> dict[str, Any]:
+    """JSON Schema of a world policy file."""
+    schema = WorldPolicy.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "qmtl world policy"
+    return schema

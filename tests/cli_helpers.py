@@ -1,0 +1,40 @@
+"""Running the CLI in tests: in-process through Typer's CliRunner, or as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from typer.testing import CliRunner
+
+from qmtl_cli.app import app
+
+
+@dataclass
+class Ran:
+    """What a CLI run produced."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        """stdout parsed as exactly one JSON document."""
+        return json.loads(self.stdout)
+
+
+def qmtl(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Ran:
+    """Run ``qmtl ARGS`` in-process (CliRunner)."""
+    result = CliRunner().invoke(app, list(args), env=env, input=input, catch_exceptions=False)
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+def qmtl_process(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Ran:
+    """Run ``qmtl ARGS`` as a real subprocess (what cron and shells see)."""
+    proc = subprocess.run([sys.executable, "-m", "qmtl_cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    return Ran(proc.returncode, proc.stdout, proc.stderr)
