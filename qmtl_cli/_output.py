@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,10 @@ def console(*, stderr: bool = False) -> "Console":
     """A rich console; colours only on a TTY (rich checks) and never with NO_COLOR."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output is for scripts and files: never truncate or wrap it at 80 columns.
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 240
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def emit(data: Any, *, json_mode: bool, human: Callable[["Console"], None]) -> None:

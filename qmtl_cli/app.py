@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from qmtl_cli._state import CliState, set_current
-from qmtl_cli.commands import audit, config, world
+from qmtl_cli.commands import audit, config, risk, world, world_evaluate  # noqa: F401 (registers commands)
 
 app = typer.Typer(
     name="qmtl",
@@ -22,6 +22,7 @@ app = typer.Typer(
            "11 waiting, 12 fail-closed, 75 busy.",
 )
 app.add_typer(world.app, name="world")
+app.add_typer(risk.app, name="risk")
 app.add_typer(audit.app, name="audit")
 app.add_typer(config.app, name="config")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -10,11 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 from qmtl_core.canonical import content_hash
 from qmtl_core.config import Settings
-from qmtl_core.errors import QmtlError
+from qmtl_core.errors import QmtlError, UsageError
 from qmtl_core.timeutil import utcnow
 from qmtl_core.world_files import world_files, world_path
 
 if TYPE_CHECKING:
+    from qmtl_core.controlbus import ControlBus
+    from qmtl_core.datafiles import ReturnsTable
+    from qmtl_core.evaluation import CohortEvaluation
+    from qmtl_core.risk import Freshness, RiskSnapshot, StoredSnapshot
+    from qmtl_core.runs import RunRevision
     from qmtl_core.ledger import LedgerEntry, VerifyResult
     from qmtl_core.policy import WorldPolicy
     from qmtl_core.service._policies import PolicyRecord
@@ -67,6 +72,22 @@ class WorldSummary:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+STAGES = ("backtest", "paper", "live")
+
+
+def check_stage(stage: str) -> None:
+    """Refuse a stage name that is not backtest, paper or live."""
+    if stage not in STAGES:
+        raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper or live")
+
+
+def iso_(value: datetime) -> str:
+    """ISO-8601 UTC text of an aware time (as stored)."""
+    from qmtl_core.timeutil import iso
+
+    return iso(value)
+
+
 def policy_hash(policy: "WorldPolicy") -> str:
     """Content hash of a policy's meaning (comments and formatting do not count)."""
     return content_hash(policy.model_dump(mode="json"))
@@ -80,6 +101,7 @@ class WorldService:
         self.settings = settings
         self._store = store
         self.clock = clock
+        self._bus: "ControlBus | None" = None
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -90,6 +112,15 @@ class WorldService:
 
             self._store = open_store(self.settings.store_url)
         return self._store
+
+    @property
+    def bus(self) -> "ControlBus":
+        """The in-process control bus this facade publishes events on."""
+        if self._bus is None:
+            from qmtl_core.controlbus import ControlBus
+
+            self._bus = ControlBus()
+        return self._bus
 
     @property
     def actor(self) -> str:
@@ -164,6 +195,140 @@ class WorldService:
 
         with self.store.read() as conn:
             return policy_history(conn, world)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate_offline(self, world: str, *, stage: str, returns_path: Path | None = None,
+                         metrics_path: Path | None = None, previous_active: Sequence[str] = (),
+                         n_trials: int | None = None) -> "CohortEvaluation":
+        """Gate and select strategies from files, recording nothing (a dry evaluation)."""
+        from qmtl_core.datafiles import read_metrics, read_returns
+        from qmtl_core.errors import UsageError
+        from qmtl_core.evaluation import evaluate_cohort
+
+        if returns_path is None and metrics_path is None:
+            raise UsageError("give --returns FILE or --metrics FILE to evaluate",
+                             hint="e.g. qmtl world evaluate W --returns returns.csv --explain")
+        loaded = self.load_world(world, record=False)
+        returns = read_returns(returns_path) if returns_path is not None else None
+        metrics = read_metrics(metrics_path) if metrics_path is not None else None
+        return evaluate_cohort(loaded.policy, stage=stage, metrics=metrics, returns=returns,
+                               previous_active=previous_active, n_trials=n_trials)
+
+    def record_evaluation(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
+                          metrics: Mapping[str, Any] | None = None,
+                          returns: Sequence[tuple[datetime, float]] | None = None) -> "RunRevision":
+        """Record an evaluation run of one strategy at one stage, sourcing metrics per DESIGN §5."""
+        from qmtl_core import runs
+        from qmtl_core.risk import freshness, latest_snapshot
+
+        check_stage(stage)
+        loaded = self.load_world(world)
+        now = self.clock()
+        with self.store.write() as conn:
+            from qmtl_core import ledger
+
+            ledger.lock(conn)  # serialise with every writer: one run, consistent revisions
+            runs.ensure_strategy(conn, world_id=world, strategy_id=strategy_id, now=now,
+                                 submitter=self.actor)
+            snapshot = None if returns else latest_snapshot(conn, world)
+            fresh = (freshness(snapshot, now=now, max_age=loaded.policy.risk.snapshot_max_age,
+                               strategy_id=strategy_id) if snapshot is not None else None)
+            previous = runs.previous_run(conn, world_id=world, strategy_id=strategy_id, stage=stage,
+                                         exclude_run=run_id)
+            sourced = runs.source_metrics(stage=stage, periods_per_year=loaded.policy.periods_per_year,
+                                          strategy_id=strategy_id, metrics=metrics, returns=returns,
+                                          snapshot=snapshot, snapshot_freshness=fresh, previous=previous)
+            end = None
+            if sourced.window.end is not None:
+                from qmtl_core.timeutil import parse_instant
+
+                end = parse_instant(sourced.window.end)
+            key = run_id or runs.suggested_run_id(stage, end, now)
+            return runs.record_run(conn, policy=loaded.policy, strategy_id=strategy_id, stage=stage,
+                                   run_id=key, sourced=sourced, actor=self.actor, now=now,
+                                   policy_hash=loaded.content_hash)
+
+    def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None" = None,
+                        metrics: Mapping[str, Mapping[str, Any]] | None = None,
+                        run_id: str | None = None) -> list["RunRevision"]:
+        """Record one run per strategy of a cohort, with metrics from the vectorised path."""
+        from qmtl_core import ledger, runs
+        from qmtl_core.evaluation import cohort_metrics, uses_metric
+
+        check_stage(stage)
+        loaded = self.load_world(world)
+        now = self.clock()
+        computed = cohort_metrics(returns, loaded.policy.periods_per_year,
+                                  len(returns.strategies) if uses_metric(loaded.policy, "dsr") else None) \
+            if returns is not None else {}
+        ids = sorted(set(computed) | set(metrics or {}))
+        out = []
+        with self.store.write() as conn:
+            ledger.lock(conn)
+            for sid in ids:
+                runs.ensure_strategy(conn, world_id=world, strategy_id=sid, now=now, submitter=self.actor)
+                series = returns.series(sid) if returns is not None and sid in returns.strategies else None
+                sourced = runs.Sourced(
+                    {**computed.get(sid, {}), **{k: runs.clean_number(v) for k, v in (metrics or {}).get(sid, {}).items()}},
+                    {**{k: "request.returns" for k in computed.get(sid, {})},
+                     **{k: "request.metrics" for k in (metrics or {}).get(sid, {})}},
+                    runs.window_of(series, "request.returns"),
+                    [(iso_(t), r) for t, r in series] if series else None)
+                end = series[-1][0] if series else None
+                key = run_id or runs.suggested_run_id(stage, end, now)
+                out.append(runs.record_run(conn, policy=loaded.policy, strategy_id=sid, stage=stage,
+                                           run_id=key, sourced=sourced, actor=self.actor, now=now,
+                                           policy_hash=loaded.content_hash))
+        return out
+
+    def list_runs(self, world: str, *, strategy_id: str | None = None, stage: str | None = None,
+                  history: bool = False) -> list["RunRevision"]:
+        """Runs of a world, newest first (every revision with ``history``)."""
+        from qmtl_core import runs
+
+        if stage is not None:
+            check_stage(stage)
+        world_path(self.settings.worlds_dir, world)  # WorldNotFound for a typo, not an empty list
+        with self.store.read() as conn:
+            return runs.list_runs(conn, world_id=world, strategy_id=strategy_id, stage=stage,
+                                  history=history)
+
+    # -- risk hub ----------------------------------------------------------------------------------
+    def put_risk_snapshot(self, snapshot: "RiskSnapshot") -> tuple["StoredSnapshot", bool]:
+        """Store a snapshot (dedupe by content hash, conflict on changed content), emit the event."""
+        from qmtl_core import controlbus
+        from qmtl_core.risk import put_snapshot
+        from qmtl_core.store import schema
+
+        import sqlalchemy as sa
+
+        self.load_world(snapshot.world_id)  # the world must exist
+        now = self.clock()
+        with self.store.write() as conn:
+            t = schema.strategies
+            known = {r.strategy_id for r in conn.execute(
+                sa.select(t.c.strategy_id).where(t.c.world_id == snapshot.world_id))}
+            stored, created = put_snapshot(conn, snapshot, known_strategies=known, actor=self.actor,
+                                           now=now)
+        if created:
+            self.bus.publish(controlbus.risk_snapshot_updated(
+                world_id=snapshot.world_id, snapshot_hash=stored.content_hash,
+                as_of=snapshot.as_of, ttl_sec=snapshot.ttl_sec))
+        return stored, created
+
+    def risk_snapshot(self, world: str, *, version: str | None = None) -> tuple["StoredSnapshot", "Freshness"]:
+        """The latest (or a named) snapshot of a world and its freshness now."""
+        from qmtl_core.errors import NotFoundError
+        from qmtl_core.risk import freshness, get_snapshot, latest_snapshot
+
+        loaded = self.load_world(world)
+        with self.store.read() as conn:
+            stored = get_snapshot(conn, world, version) if version else latest_snapshot(conn, world)
+        if stored is None:
+            what = f"version {version!r}" if version else "any snapshot"
+            raise NotFoundError(f"world {world} has no risk snapshot {what}",
+                                hint="post one with: qmtl risk put FILE", code="risk_snapshot_missing")
+        return stored, freshness(stored, now=self.clock(), max_age=loaded.policy.risk.snapshot_max_age)
 
     # -- ledger ----------------------------------------------------------------------------------
     def audit_log(self, *, world: str | None = None, since: datetime | None = None,

@@ -1,0 +1,82 @@
+"""``qmtl risk``: the risk signal hub — post and read a world's risk snapshots."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from qmtl_cli._output import emit, table
+from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._state import state
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+app = typer.Typer(help="Post and read risk snapshots (the hub stores; producers compute).",
+                  no_args_is_help=True)
+
+
+@app.command("put")
+@command
+def put(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="Snapshot JSON file, or - for stdin.")],
+    json_output: JsonOption = False,
+) -> None:
+    """Store a snapshot. The same (world, version) and content again is a no-op (exit 0); the
+    same key with other content is a conflict (exit 4)."""
+    from pathlib import Path
+
+    from qmtl_core.errors import DataFileError
+    from qmtl_core.risk import load_snapshot_text
+
+    if file == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            text, source = Path(file).read_text(encoding="utf-8"), file
+        except FileNotFoundError:
+            raise DataFileError(f"{file}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataFileError(f"{file}: cannot read ({exc})") from None
+    snapshot = load_snapshot_text(text, source=source)
+    stored, created = state(ctx).service().put_risk_snapshot(snapshot)
+    data = {"world": snapshot.world_id, "version": snapshot.version, "created": created,
+            "content_hash": stored.content_hash, "as_of": stored.to_dict()["as_of"]}
+    emit(data, json_mode=state(ctx).json,
+         human=lambda c: c.print(
+             f"stored risk snapshot {snapshot.world_id} version {snapshot.version} "
+             f"(hash {stored.content_hash[:12]})" if created else
+             f"unchanged: risk snapshot {snapshot.world_id} version {snapshot.version} is already "
+             "stored with this content"))
+
+
+@app.command("show")
+@command
+def show(
+    ctx: typer.Context,
+    world: Annotated[str, typer.Argument(help="World name.")],
+    version: Annotated[Optional[str], typer.Option("--version", help="A stored version [default: "
+                                                                     "the newest as_of].")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show a world's risk snapshot and whether it is fresh enough to decide on now."""
+    stored, fresh = state(ctx).service().risk_snapshot(world, version=version)
+    doc = stored.to_dict()
+
+    def human(c: "Console") -> None:
+        colour = "green" if fresh.ok else "red"
+        c.print(f"[bold]{world}[/bold] risk snapshot {doc['version']}  as_of {doc['as_of']}  "
+                f"ttl {doc['ttl_sec']}s  [{colour}]{fresh.status}[/{colour}]"
+                + (f" ({fresh.reason}: {fresh.detail})" if fresh.reason else ""))
+        c.print(f"received {doc['recorded_at']} from {doc['recorded_by']}; produced by "
+                f"{doc['provenance']['actor']} for stage {doc['provenance']['stage']}; "
+                f"hash {doc['content_hash'][:12]}")
+        realized = doc.get("realized_returns") or {}
+        c.print(table(None, ["strategy", "weight", "realized returns"],
+                      [[s, f"{w:.4f}", len(realized.get(s, [])) or "-"]
+                       for s, w in sorted(doc["weights"].items())]))
+
+    emit({**doc, "freshness": fresh.to_dict()}, json_mode=state(ctx).json, human=human)

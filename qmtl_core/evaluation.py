@@ -1,0 +1,167 @@
+"""Offline cohort evaluation: metrics (vectorised) → gates → selection, as one pure function.
+
+This is what ``qmtl world evaluate W --returns F`` runs without touching the store, and what the
+recorded evaluation runs build on. Metric values given explicitly win over values computed from
+returns (DESIGN §5: values in the request first); each value records where it came from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmtl_core.datafiles import ReturnsTable
+from qmtl_core.errors import BadInputError
+from qmtl_core.policy import WorldPolicy
+from qmtl_core.policy._engine import GateResult, Status, evaluate_gates
+from qmtl_core.policy._selection import Candidate, SelectionResult, select
+
+SOURCE_GIVEN = "request.metrics"
+SOURCE_RETURNS = "request.returns"
+
+
+@dataclass(frozen=True)
+class StrategyReport:
+    """One strategy's metrics (with sources), gate results and selection decision."""
+
+    strategy_id: str
+    metrics: Mapping[str, float | None]
+    sources: Mapping[str, str]
+    gates: GateResult
+    selected: bool
+    selection_reason: str
+    rank: int | None
+
+    @property
+    def status(self) -> Status:
+        """The gate summary: pass, warn or fail."""
+        return self.gates.status
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"strategy_id": self.strategy_id, "status": self.status,
+                "selected": self.selected, "rank": self.rank,
+                "selection_reason": self.selection_reason,
+                "metrics": dict(self.metrics), "metric_sources": dict(self.sources),
+                "rules": [r.to_dict() for r in self.gates.rules]}
+
+
+@dataclass(frozen=True)
+class CohortEvaluation:
+    """The result of evaluating many strategies together at one stage."""
+
+    world: str
+    stage: str
+    policy_version: int
+    strategies: tuple[StrategyReport, ...]
+    selection: SelectionResult
+    previous_active: tuple[str, ...] = ()
+    n_trials: int | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def status(self) -> Status:
+        """``fail`` when any strategy failed a blocking gate, else ``warn`` if any warned, else pass."""
+        statuses = {s.status for s in self.strategies}
+        return "fail" if "fail" in statuses else ("warn" if "warn" in statuses else "pass")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        counts = {k: sum(1 for s in self.strategies if s.status == k) for k in ("pass", "warn", "fail")}
+        return {"world": self.world, "stage": self.stage, "policy_version": self.policy_version,
+                "status": self.status, "counts": counts, "n_trials": self.n_trials,
+                "previous_active": list(self.previous_active),
+                "selected": list(self.selection.selected),
+                "strategies": [s.to_dict() for s in self.strategies], "notes": list(self.notes)}
+
+
+def _clean(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def cohort_metrics(returns: ReturnsTable, periods_per_year: int,
+                   n_trials: int | None = None) -> dict[str, dict[str, float | None]]:
+    """Metrics of every strategy in ``returns`` through the vectorised cohort path.
+
+    With ``n_trials`` the deflated Sharpe ``dsr`` is added; the variance of the trials' Sharpe
+    ratios it needs is measured on this cohort (a second pass over the same kernel).
+    """
+    import numpy as np
+
+    from qmtl_core.metrics import compute_cohort
+
+    try:
+        arrays = compute_cohort(returns.matrix, periods_per_year)
+        if n_trials is not None:
+            sharpe = arrays["sharpe"][~np.isnan(arrays["sharpe"])]
+            variance = float(np.var(sharpe, ddof=1)) if sharpe.size > 1 else 0.0
+            arrays = compute_cohort(returns.matrix, periods_per_year, n_trials=n_trials,
+                                    trials_sharpe_variance=variance if n_trials > 1 else None)
+    except ValueError as exc:
+        raise BadInputError(f"returns cannot be measured: {exc}") from None
+    out: dict[str, dict[str, float | None]] = {}
+    for i, sid in enumerate(returns.strategies):
+        out[sid] = {name: _clean(values[i]) for name, values in arrays.items()}
+    return out
+
+
+def uses_metric(policy: WorldPolicy, name: str) -> bool:
+    """Whether any rule or selection step of ``policy`` reads metric ``name``."""
+    sel = policy.selection
+    return any(r.metric == name for r in policy.rules) or any(
+        step is not None and step.metric == name for step in (sel.top_k, sel.hysteresis))
+
+
+def evaluate_cohort(policy: WorldPolicy, *, stage: str,
+                    metrics: Mapping[str, Mapping[str, Any]] | None = None,
+                    returns: ReturnsTable | None = None,
+                    previous_active: Collection[str] = (),
+                    n_trials: int | None = None) -> CohortEvaluation:
+    """Gate and select a cohort; metrics come from ``metrics`` and/or are computed from ``returns``.
+
+    ``n_trials`` (for the deflated Sharpe ``dsr``) defaults, when a rule or the selection uses
+    ``dsr``, to the cohort's size: every strategy in the cohort is one trial of the same search.
+    """
+    if metrics is None and returns is None:
+        raise BadInputError("nothing to evaluate", hint="give returns or metrics")
+    given = {sid: dict(m) for sid, m in (metrics or {}).items()}
+    computed: dict[str, dict[str, float | None]] = {}
+    notes: list[str] = []
+    if returns is not None:
+        if n_trials is None and uses_metric(policy, "dsr"):
+            n_trials = len(returns.strategies)
+        computed = cohort_metrics(returns, policy.periods_per_year, n_trials)
+    ids = sorted(set(given) | set(computed))
+    rows = {sid: i for i, sid in enumerate(returns.strategies)} if returns is not None else {}
+
+    gates: dict[str, GateResult] = {}
+    merged: dict[str, dict[str, float | None]] = {}
+    sources: dict[str, dict[str, str]] = {}
+    for sid in ids:
+        values: dict[str, float | None] = {}
+        where: dict[str, str] = {}
+        for name, value in computed.get(sid, {}).items():
+            values[name], where[name] = value, SOURCE_RETURNS
+        for name, value in given.get(sid, {}).items():
+            values[name], where[name] = _clean(value), SOURCE_GIVEN
+        merged[sid], sources[sid] = values, where
+        gates[sid] = evaluate_gates(policy, values, stage=stage, strategy_id=sid, sources=where)
+
+    candidates = [Candidate(sid, gates[sid].status, merged[sid],
+                            returns.matrix[rows[sid]] if sid in rows else None) for sid in ids]
+    selection = select(policy.selection, candidates, previous_active)
+    unknown = sorted(set(previous_active) - set(ids))
+    if unknown:
+        notes.append("previously active but not in this cohort: " + ", ".join(unknown))
+    reports = tuple(
+        StrategyReport(sid, merged[sid], sources[sid], gates[sid],
+                       selection.decisions[sid].selected, selection.decisions[sid].reason,
+                       selection.decisions[sid].rank)
+        for sid in ids)
+    return CohortEvaluation(policy.world, stage, policy.policy_version, reports, selection,
+                            tuple(sorted(previous_active)), n_trials, tuple(notes))

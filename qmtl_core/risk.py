@@ -1,0 +1,339 @@
+"""The risk signal hub: storage-only risk snapshots per world, their dedupe, and their freshness.
+
+The hub computes nothing: producers post snapshots (weights, covariance, realized returns per
+strategy, stress, constraints) and decisions read them. A snapshot is identified by
+``(world_id, version)`` and a content hash over its canonical JSON: the same key and hash again
+is a no-op, the same key with other content is a conflict (exit 4) — a version never changes
+meaning once stored.
+
+Freshness (one function, used by every gate that needs the snapshot) answers fresh, stale or
+missing with a reason code:
+
+- ``risk_snapshot_missing``: the world has no snapshot;
+- ``risk_snapshot_expired``: more than ``ttl_sec`` since the hub received it (nobody refreshed it);
+- ``risk_snapshot_lagging``: its ``as_of`` is older than the world's ``risk.snapshot_max_age``
+  (the producer posted old data);
+- ``risk_snapshot_incomplete``: it does not cover the strategy in question.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qmtl_core.canonical import content_hash
+from qmtl_core.errors import BadInputError
+
+MAX_TTL_SEC = 86_400
+DEFAULT_TTL_SEC = 900
+WEIGHT_TOLERANCE = 1e-6
+
+MISSING = "risk_snapshot_missing"
+EXPIRED = "risk_snapshot_expired"
+LAGGING = "risk_snapshot_lagging"
+INCOMPLETE = "risk_snapshot_incomplete"
+
+
+class SnapshotError(BadInputError):
+    """A risk snapshot document is not valid."""
+
+    code = "invalid_risk_snapshot"
+
+
+def _aware(value: Any, what: str) -> datetime:
+    if isinstance(value, str):
+        raw = value.strip()
+        try:
+            value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{what} {raw!r} is not an ISO-8601 time") from None
+    if not isinstance(value, datetime):
+        raise ValueError(f"{what} must be an ISO-8601 time with a time zone")
+    if value.tzinfo is None:
+        raise ValueError(f"{what} {value.isoformat()!r} has no time zone (add Z or an offset)")
+    return value.astimezone(timezone.utc)
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is {value} (must be a finite number)")
+    return value
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReturnPoint(_Doc):
+    """One realized return of a strategy."""
+
+    ts: datetime
+    r: float
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts(cls, v: Any) -> datetime:
+        return _aware(v, "ts")
+
+    @field_validator("r")
+    @classmethod
+    def _r(cls, v: float) -> float:
+        return _finite(v, "r")
+
+
+class Provenance(_Doc):
+    """Who produced the snapshot and for which stage its realized returns are."""
+
+    actor: str = Field(min_length=1)
+    stage: Literal["backtest", "paper", "live"]
+
+
+class RiskSnapshot(_Doc):
+    """A world's risk snapshot as posted to the hub."""
+
+    world_id: str = Field(min_length=1)
+    version: str = Field(min_length=1, max_length=200)
+    as_of: datetime
+    ttl_sec: int = Field(DEFAULT_TTL_SEC, ge=1, le=MAX_TTL_SEC)
+    weights: dict[str, float]
+    covariance: dict[str, float] | None = None
+    covariance_ref: str | None = None
+    realized_returns: dict[str, list[ReturnPoint]] | None = None
+    realized_returns_ref: str | None = None
+    stress: dict[str, Any] = Field(default_factory=dict)
+    constraints: dict[str, Any] = Field(default_factory=dict)
+    provenance: Provenance
+
+    @field_validator("as_of", mode="before")
+    @classmethod
+    def _as_of(cls, v: Any) -> datetime:
+        return _aware(v, "as_of")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("weights is empty")
+        for name, w in v.items():
+            _finite(w, f"weight of {name!r}")
+        total = math.fsum(v.values())
+        if abs(total - 1.0) > WEIGHT_TOLERANCE:
+            raise ValueError(f"weights sum to {total:.9g}, not 1 (tolerance {WEIGHT_TOLERANCE:g})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RiskSnapshot":
+        if self.covariance is not None:
+            seen: dict[tuple[str, str], float] = {}
+            for key, value in self.covariance.items():
+                parts = key.split(",")
+                if len(parts) != 2 or not all(p.strip() for p in parts):
+                    raise ValueError(f"covariance key {key!r} must be 'a,b'")
+                a, b = (p.strip() for p in parts)
+                for name in (a, b):
+                    if name not in self.weights:
+                        raise ValueError(f"covariance key {key!r} names {name!r}, which has no weight")
+                _finite(value, f"covariance[{key!r}]")
+                if (b, a) in seen and not math.isclose(seen[(b, a)], value, rel_tol=1e-9, abs_tol=1e-15):
+                    raise ValueError(f"covariance is not symmetric: {a},{b}={value} but "
+                                     f"{b},{a}={seen[(b, a)]}")
+                if a == b and value < 0:
+                    raise ValueError(f"covariance[{key!r}] is a variance and cannot be negative")
+                seen[(a, b)] = value
+        if self.covariance is not None and self.covariance_ref is not None:
+            raise ValueError("give covariance or covariance_ref, not both")
+        if self.realized_returns is not None:
+            if self.realized_returns_ref is not None:
+                raise ValueError("give realized_returns or realized_returns_ref, not both")
+            for name, points in self.realized_returns.items():
+                for prev, cur in zip(points, points[1:]):
+                    if cur.ts <= prev.ts:
+                        raise ValueError(f"realized_returns[{name!r}]: ts {cur.ts.isoformat()} is "
+                                         "not after the one before it")
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        """The document as stored and hashed (times normalised to UTC ``Z``)."""
+        return json.loads(self.model_dump_json())
+
+    @property
+    def content_hash(self) -> str:
+        """Hash of the canonical document."""
+        return content_hash(self.canonical())
+
+    def covered(self) -> set[str]:
+        """Strategies the snapshot says something about."""
+        return set(self.weights) | set(self.realized_returns or {})
+
+    def returns_of(self, strategy_id: str) -> list[tuple[datetime, float]] | None:
+        """The strategy's realized returns, or ``None`` when the snapshot has none inline."""
+        if self.realized_returns is None or strategy_id not in self.realized_returns:
+            return None
+        return [(p.ts, p.r) for p in self.realized_returns[strategy_id]]
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "snapshot"
+
+
+def parse_snapshot(document: Any, *, source: str = "snapshot") -> RiskSnapshot:
+    """Validate a snapshot document; the first problem becomes one clear ``SnapshotError``."""
+    if not isinstance(document, Mapping):
+        raise SnapshotError(f"{source}: a risk snapshot must be a JSON object")
+    try:
+        return RiskSnapshot.model_validate(dict(document))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = str(first["msg"]).removeprefix("Value error, ")
+        more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise SnapshotError(f"{source}: {_where(tuple(first['loc']))}: {message}{more}",
+                            details={"errors": [{"loc": list(map(str, e["loc"])), "msg": e["msg"]}
+                                                for e in exc.errors()]}) from None
+
+
+def load_snapshot_text(text: str, *, source: str) -> RiskSnapshot:
+    """Parse a snapshot from JSON text (a file or stdin)."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SnapshotError(f"{source}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    return parse_snapshot(document, source=source)
+
+
+@dataclass(frozen=True)
+class StoredSnapshot:
+    """A snapshot as the hub holds it: the document plus when and by whom it was received."""
+
+    snapshot: RiskSnapshot
+    content_hash: str
+    recorded_at: datetime
+    recorded_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {**self.snapshot.canonical(), "content_hash": self.content_hash,
+                "recorded_at": self.recorded_at.isoformat().replace("+00:00", "Z"),
+                "recorded_by": self.recorded_by}
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """Whether a snapshot can be decided on: ``fresh``, ``stale`` or ``missing``, with a reason code."""
+
+    status: Literal["fresh", "stale", "missing"]
+    reason: str | None
+    detail: str
+    version: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True only when fresh."""
+        return self.status == "fresh"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"status": self.status, "reason": self.reason, "detail": self.detail,
+                "version": self.version}
+
+
+def freshness(stored: StoredSnapshot | None, *, now: datetime, max_age: timedelta,
+              strategy_id: str | None = None) -> Freshness:
+    """Is the snapshot fresh enough to decide on (for ``strategy_id``, when given)? Pure."""
+    if stored is None:
+        return Freshness("missing", MISSING, "the world has no risk snapshot")
+    snap = stored.snapshot
+    expires = stored.recorded_at + timedelta(seconds=snap.ttl_sec)
+    if now > expires:
+        return Freshness("stale", EXPIRED, f"snapshot {snap.version} expired at "
+                         f"{expires.isoformat()} (ttl {snap.ttl_sec}s)", snap.version)
+    lag = now - snap.as_of
+    if lag > max_age:
+        return Freshness("stale", LAGGING, f"snapshot {snap.version} as_of {snap.as_of.isoformat()} "
+                         f"lags {lag} (max {max_age})", snap.version)
+    if strategy_id is not None and strategy_id not in snap.covered():
+        return Freshness("stale", INCOMPLETE, f"snapshot {snap.version} does not cover strategy "
+                         f"{strategy_id}", snap.version)
+    return Freshness("fresh", None, f"snapshot {snap.version} as_of {snap.as_of.isoformat()}",
+                     snap.version)
+
+
+# --- store (the hub keeps snapshots; it computes nothing) ------------------------------------------
+def _stored(row: Any) -> StoredSnapshot:
+    from qmtl_core.timeutil import parse_instant
+
+    return StoredSnapshot(RiskSnapshot.model_validate(row.document), row.content_hash,
+                          parse_instant(row.recorded_at), row.recorded_by)
+
+
+def latest_snapshot(conn: Any, world_id: str) -> StoredSnapshot | None:
+    """The world's snapshot with the newest ``as_of`` (the latest received on a tie)."""
+    import sqlalchemy as sa
+
+    from qmtl_core.store import schema
+
+    t = schema.risk_snapshots
+    row = conn.execute(sa.select(t).where(t.c.world_id == world_id)
+                       .order_by(t.c.as_of.desc(), t.c.id.desc()).limit(1)).first()
+    return _stored(row) if row is not None else None
+
+
+def get_snapshot(conn: Any, world_id: str, version: str) -> StoredSnapshot | None:
+    """One stored version of a world's snapshot."""
+    import sqlalchemy as sa
+
+    from qmtl_core.store import schema
+
+    t = schema.risk_snapshots
+    row = conn.execute(sa.select(t).where(t.c.world_id == world_id, t.c.version == version)).first()
+    return _stored(row) if row is not None else None
+
+
+def put_snapshot(conn: Any, snapshot: RiskSnapshot, *, known_strategies: set[str], actor: str,
+                 now: datetime) -> tuple[StoredSnapshot, bool]:
+    """Store a snapshot inside a write transaction; ``(stored, created)``.
+
+    Same ``(world, version)`` and hash: nothing written, ``created`` False. Same key, other content:
+    ``IdempotencyConflict``. Strategies the world does not know are refused (a typo in a weight
+    would otherwise read as "covered").
+    """
+    import sqlalchemy as sa
+
+    from qmtl_core import ledger
+    from qmtl_core.errors import IdempotencyConflict
+    from qmtl_core.store import schema
+    from qmtl_core.timeutil import iso
+
+    unknown = sorted(snapshot.covered() - known_strategies)
+    if unknown:
+        raise SnapshotError(f"snapshot {snapshot.version}: strategy {unknown[0]!r} is not known in world "
+                            f"{snapshot.world_id}" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""),
+                            hint="submit or evaluate the strategy in this world first, or fix the name")
+    ledger.lock(conn)
+    digest = snapshot.content_hash
+    existing = get_snapshot(conn, snapshot.world_id, snapshot.version)
+    if existing is not None:
+        if existing.content_hash == digest:
+            return existing, False
+        raise IdempotencyConflict(
+            f"risk snapshot {snapshot.world_id} version {snapshot.version} already exists with other "
+            f"content (hash {existing.content_hash[:12]}, this one {digest[:12]})",
+            hint="post changed content under a new version")
+    conn.execute(sa.insert(schema.risk_snapshots).values(
+        world_id=snapshot.world_id, version=snapshot.version, as_of=iso(snapshot.as_of),
+        ttl_sec=snapshot.ttl_sec, content_hash=digest, document=snapshot.canonical(),
+        recorded_at=iso(now), recorded_by=actor))
+    ledger.append(conn, actor=actor, kind="risk.snapshot_updated", now=now, world=snapshot.world_id,
+                  subject=f"risk snapshot {snapshot.version}",
+                  reason=f"posted by {snapshot.provenance.actor} for stage {snapshot.provenance.stage}",
+                  payload={"version": snapshot.version, "as_of": iso(snapshot.as_of),
+                           "ttl_sec": snapshot.ttl_sec, "content_hash": digest,
+                           "strategies": sorted(snapshot.covered())})
+    stored = get_snapshot(conn, snapshot.world_id, snapshot.version)
+    assert stored is not None
+    return stored, True

@@ -1,0 +1,334 @@
+"""Evaluation runs: metric sourcing (pure), and recording runs with revisions (store).
+
+A run is keyed ``(world, strategy_id, stage, run_id)``. Posting the same key again with different
+content makes a new revision (history kept); the same content again is a no-op, so retries are
+safe. Every revision records the policy version, each metric's source, the rule results and the
+window of returns it was measured on.
+
+Sourcing, per metric, first source that has it wins (DESIGN §5):
+1. values in the request;
+2. returns in the request;
+3. realized returns for the **same stage** in a fresh risk snapshot;
+4. the previous run of the **same stage**.
+A paper run never takes backtest numbers. With nothing to source from, the run is recorded as
+``insufficient_data`` with the reasons each source was unavailable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from qmtl_core import ledger
+from qmtl_core.canonical import content_hash
+from qmtl_core.errors import BadInputError
+from qmtl_core.metric_names import RETURN_METRICS
+from qmtl_core.policy import WorldPolicy
+from qmtl_core.policy._engine import evaluate_gates
+from qmtl_core.risk import Freshness, StoredSnapshot
+from qmtl_core.store import schema
+from qmtl_core.timeutil import iso
+
+INSUFFICIENT = "insufficient_data"
+Returns = Sequence[tuple[datetime, float]]
+
+
+def suggested_run_id(stage: str, window_end: datetime | None, now: datetime) -> str:
+    """``<stage>-<UTC end of the data window>`` (or of ``now`` without data): ``paper-20260131``
+    for a window ending at midnight, else ``paper-20260131T143000Z``. The same data gives the
+    same id, so re-posting it is a revision of the same run, never a new run."""
+    at = (window_end if window_end is not None else now).astimezone(timezone.utc)
+    if (at.hour, at.minute, at.second, at.microsecond) == (0, 0, 0, 0):
+        return f"{stage}-{at:%Y%m%d}"
+    return f"{stage}-{at:%Y%m%dT%H%M%S}Z"
+
+
+@dataclass(frozen=True)
+class Window:
+    """The returns a run was measured on: span and number of observations."""
+
+    start: str | None
+    end: str | None
+    n_observations: int
+    source: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"start": self.start, "end": self.end, "n_observations": self.n_observations,
+                "source": self.source}
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    """The latest measured revision of the same stage, as a fallback source."""
+
+    run_id: str
+    revision: int
+    metrics: Mapping[str, float | None]
+    window: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Sourced:
+    """Metrics with their sources, the window, and why any source was not used."""
+
+    metrics: dict[str, float | None]
+    sources: dict[str, str]
+    window: Window
+    returns: list[tuple[str, float]] | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """True when no source gave anything."""
+        return not self.sources
+
+
+def _metrics_from_returns(series: Returns, periods_per_year: int) -> dict[str, float | None]:
+    import numpy as np
+
+    from qmtl_core.metrics import compute_metrics
+
+    try:
+        values = compute_metrics(np.array([r for _, r in series], dtype=np.float64), periods_per_year)
+    except ValueError as exc:
+        raise BadInputError(f"returns cannot be measured: {exc}") from None
+    return {k: (None if v is None or math.isnan(float(v)) else float(v)) for k, v in values.items()}
+
+
+def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
+                   metrics: Mapping[str, Any] | None = None, returns: Returns | None = None,
+                   snapshot: StoredSnapshot | None = None, snapshot_freshness: Freshness | None = None,
+                   previous: PreviousRun | None = None) -> Sourced:
+    """Pick each metric from the first source that has it; pure (no store, no clock)."""
+    chosen: dict[str, float | None] = {}
+    sources: dict[str, str] = {}
+    notes: list[str] = []
+    window = Window(None, None, 0, None)
+    used_returns: list[tuple[str, float]] | None = None
+
+    def take(values: Mapping[str, Any], source: str) -> None:
+        for name, value in values.items():
+            if name in sources:
+                continue
+            number = None if value is None else float(value)
+            chosen[name] = None if number is not None and math.isnan(number) else number
+            sources[name] = source
+
+    def from_series(series: Returns, source: str) -> None:
+        nonlocal window, used_returns
+        ordered = sorted(series)
+        take(_metrics_from_returns(ordered, periods_per_year), source)
+        window = Window(iso(ordered[0][0]), iso(ordered[-1][0]), len(ordered), source)
+        used_returns = [(iso(t), float(r)) for t, r in ordered]
+
+    if metrics:
+        take(metrics, "request.metrics")
+    if returns:
+        from_series(returns, "request.returns")
+    elif snapshot is None:
+        notes.append("no risk snapshot for the world")
+    else:
+        snap = snapshot.snapshot
+        series = snap.returns_of(strategy_id)
+        if snapshot_freshness is not None and not snapshot_freshness.ok:
+            notes.append(f"risk snapshot not used: {snapshot_freshness.reason} ({snapshot_freshness.detail})")
+        elif snap.provenance.stage != stage:
+            notes.append(f"risk snapshot {snap.version} holds {snap.provenance.stage} returns, "
+                         f"not {stage}")
+        elif not series:
+            notes.append(f"risk snapshot {snap.version} has no realized returns for {strategy_id}")
+        else:
+            from_series(series, f"risk_snapshot:{snap.version}")
+    if previous is not None:
+        before = set(sources)
+        take({k: v for k, v in previous.metrics.items() if k not in sources},
+             f"previous_run:{previous.run_id}#{previous.revision}")
+        if window.source is None and previous.window and set(sources) != before:
+            w = previous.window
+            window = Window(w.get("start"), w.get("end"), int(w.get("n_observations") or 0),
+                            f"previous_run:{previous.run_id}#{previous.revision}")
+    elif not sources:
+        notes.append(f"no previous {stage} run")
+    return Sourced(chosen, sources, window, used_returns, notes)
+
+
+def clean_number(value: Any) -> float | None:
+    """A metric value as float, ``None`` for absent or NaN."""
+    if value is None:
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.12g}")
+
+
+def window_of(series: Returns | None, source: str) -> Window:
+    """The window a series spans (empty window without data)."""
+    if not series:
+        return Window(None, None, 0, None)
+    return Window(iso(series[0][0]), iso(series[-1][0]), len(series), source)
+
+
+# --- store ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunRevision:
+    """One stored revision of an evaluation run."""
+
+    world_id: str
+    strategy_id: str
+    stage: str
+    run_id: str
+    revision: int
+    status: str
+    policy_version: int | None
+    metrics: dict[str, Any]
+    metric_sources: dict[str, str]
+    rule_results: list[dict[str, Any]]
+    window: dict[str, Any] | None
+    reason: str | None
+    content_hash: str
+    recorded_at: str
+    recorded_by: str
+    created: bool = True
+
+    def to_dict(self, *, with_rules: bool = True) -> dict[str, Any]:
+        """JSON form."""
+        out = {"world": self.world_id, "strategy_id": self.strategy_id, "stage": self.stage,
+               "run_id": self.run_id, "revision": self.revision, "status": self.status,
+               "policy_version": self.policy_version, "metrics": self.metrics,
+               "metric_sources": self.metric_sources, "window": self.window, "reason": self.reason,
+               "content_hash": self.content_hash, "recorded_at": self.recorded_at,
+               "recorded_by": self.recorded_by}
+        if with_rules:
+            out["rules"] = self.rule_results
+        return out
+
+
+def _revision(run: Any, rev: Any, created: bool = True) -> RunRevision:
+    return RunRevision(run.world_id, run.strategy_id, run.stage, run.run_id, rev.revision, rev.status,
+                       rev.policy_version, rev.metrics or {}, rev.metric_sources or {},
+                       rev.rule_results or [], rev.window, rev.reason, rev.content_hash,
+                       rev.recorded_at, rev.recorded_by, created)
+
+
+def ensure_strategy(conn: Connection, *, world_id: str, strategy_id: str, now: datetime,
+                    submitter: str | None = None, name: str | None = None) -> Any:
+    """The strategy's row, created at stage ``backtest`` the first time the world sees it."""
+    t = schema.strategies
+    row = conn.execute(sa.select(t).where(t.c.world_id == world_id, t.c.strategy_id == strategy_id)).first()
+    if row is None:
+        conn.execute(sa.insert(t).values(world_id=world_id, strategy_id=strategy_id, name=name,
+                                         stage="backtest", submitter=submitter, submitted_at=iso(now),
+                                         updated_at=iso(now)))
+        row = conn.execute(sa.select(t).where(t.c.world_id == world_id,
+                                              t.c.strategy_id == strategy_id)).one()
+    return row
+
+
+def previous_run(conn: Connection, *, world_id: str, strategy_id: str, stage: str,
+                 exclude_run: str | None = None) -> PreviousRun | None:
+    """The latest measured (not ``insufficient_data``) revision of the same stage."""
+    runs, revs = schema.evaluation_runs, schema.run_revisions
+    query = (sa.select(runs.c.run_id, revs.c.revision, revs.c.metrics, revs.c.window)
+             .join(revs, revs.c.run_pk == runs.c.id)
+             .where(runs.c.world_id == world_id, runs.c.strategy_id == strategy_id,
+                    runs.c.stage == stage, revs.c.status != INSUFFICIENT)
+             .order_by(revs.c.recorded_at.desc(), revs.c.id.desc()).limit(1))
+    if exclude_run is not None:
+        query = query.where(runs.c.run_id != exclude_run)
+    row = conn.execute(query).first()
+    if row is None:
+        return None
+    return PreviousRun(row.run_id, row.revision, row.metrics or {}, row.window)
+
+
+def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage: str, run_id: str,
+               sourced: Sourced, actor: str, now: datetime, policy_hash: str | None = None,
+               ledger_entry: bool = True) -> RunRevision:
+    """Gate the sourced metrics and store them as the run's next revision (or return the latest
+    revision unchanged when the content is identical). Call inside a write transaction."""
+    if sourced.empty:
+        status, rule_results = INSUFFICIENT, []
+        reason = "nothing to source metrics from: " + "; ".join(sourced.notes)
+    else:
+        gates = evaluate_gates(policy, sourced.metrics, stage=stage, strategy_id=strategy_id,
+                               sources=sourced.sources)
+        status, rule_results = gates.status, [r.to_dict() for r in gates.rules]
+        failing = [r["id"] for r in rule_results if r["status"] != "pass" and r["severity"] != "info"]
+        reason = ("rules not passing: " + ", ".join(failing)) if failing else "every rule passes"
+        if sourced.notes:
+            reason += " (" + "; ".join(sourced.notes) + ")"
+    body = {"status": status, "policy_version": policy.policy_version, "metrics": sourced.metrics,
+            "metric_sources": sourced.sources, "rule_results": rule_results,
+            "window": sourced.window.to_dict(), "returns": sourced.returns, "reason": reason}
+    # Float noise below 12 significant digits (1-D vs cohort kernels) is not new evidence.
+    digest = content_hash({**body, "metrics": {k: _rounded(v) for k, v in sourced.metrics.items()},
+                           "rule_results": [{**r, "observed": _rounded(r["observed"])} for r in rule_results]})
+    runs, revs = schema.evaluation_runs, schema.run_revisions
+    run = conn.execute(sa.select(runs).where(runs.c.world_id == policy.world, runs.c.strategy_id == strategy_id,
+                                             runs.c.stage == stage, runs.c.run_id == run_id)).first()
+    if run is not None:
+        latest = conn.execute(sa.select(revs).where(revs.c.run_pk == run.id,
+                                                    revs.c.revision == run.latest_revision)).one()
+        if latest.content_hash == digest:
+            return _revision(run, latest, created=False)
+        revision = run.latest_revision + 1
+        conn.execute(sa.update(runs).where(runs.c.id == run.id).values(latest_revision=revision,
+                                                                       updated_at=iso(now)))
+        run_pk = run.id
+    else:
+        revision = 1
+        run_pk = conn.execute(sa.insert(runs).values(
+            world_id=policy.world, strategy_id=strategy_id, stage=stage, run_id=run_id,
+            latest_revision=1, created_at=iso(now), updated_at=iso(now)).returning(runs.c.id)).scalar_one()
+    conn.execute(sa.insert(revs).values(
+        run_pk=run_pk, revision=revision, status=status, policy_version=policy.policy_version,
+        policy_hash=policy_hash, metrics=sourced.metrics, metric_sources=sourced.sources,
+        rule_results=rule_results, window=sourced.window.to_dict(), returns=sourced.returns,
+        reason=reason, content_hash=digest, recorded_at=iso(now), recorded_by=actor))
+    if ledger_entry:
+        ledger.append(conn, actor=actor, kind="run.recorded", now=now, world=policy.world,
+                      subject=f"{strategy_id} {stage} {run_id}#{revision}", reason=reason,
+                      payload={"strategy_id": strategy_id, "stage": stage, "run_id": run_id,
+                               "revision": revision, "status": status,
+                               "policy_version": policy.policy_version, "content_hash": digest})
+    run_row = conn.execute(sa.select(runs).where(runs.c.id == run_pk)).one()
+    rev_row = conn.execute(sa.select(revs).where(revs.c.run_pk == run_pk, revs.c.revision == revision)).one()
+    return _revision(run_row, rev_row)
+
+
+def list_runs(conn: Connection, *, world_id: str, strategy_id: str | None = None,
+              stage: str | None = None, history: bool = False) -> list[RunRevision]:
+    """Runs of a world (latest revision each, or every revision with ``history``), newest first."""
+    runs, revs = schema.evaluation_runs, schema.run_revisions
+    query = sa.select(runs, revs).join(revs, revs.c.run_pk == runs.c.id).where(runs.c.world_id == world_id)
+    if not history:
+        query = query.where(revs.c.revision == runs.c.latest_revision)
+    if strategy_id is not None:
+        query = query.where(runs.c.strategy_id == strategy_id)
+    if stage is not None:
+        query = query.where(runs.c.stage == stage)
+    query = query.order_by(runs.c.updated_at.desc(), runs.c.id.desc(), revs.c.revision.desc())
+    out = []
+    for row in conn.execute(query):
+        m = row._mapping
+        run = _Row(world_id=m["world_id"], strategy_id=m["strategy_id"], stage=m["stage"], run_id=m["run_id"])
+        out.append(_revision(run, row))
+    return out
+
+
+@dataclass(frozen=True)
+class _Row:
+    world_id: str
+    strategy_id: str
+    stage: str
+    run_id: str

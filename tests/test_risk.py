@@ -1,0 +1,174 @@
+"""The risk signal hub: snapshot validation, dedupe vs conflict, freshness reasons, CLI put/show."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from qmtl_core.risk import (
+    EXPIRED,
+    INCOMPLETE,
+    LAGGING,
+    MISSING,
+    SnapshotError,
+    StoredSnapshot,
+    freshness,
+    parse_snapshot,
+)
+from qmtl_core.store import open_store, schema
+from tests.cli_helpers import qmtl, qmtl_process
+
+NOW = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
+W = "demo-momentum"
+
+
+def _doc(**over: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "world_id": W, "version": "v1", "as_of": "2026-03-02T11:59:00Z", "ttl_sec": 900,
+        "weights": {"s1": 0.6, "s2": 0.4},
+        "covariance": {"s1,s1": 0.04, "s1,s2": 0.01, "s2,s1": 0.01, "s2,s2": 0.09},
+        "realized_returns": {"s1": [{"ts": "2026-03-01T00:00:00Z", "r": 0.01},
+                                    {"ts": "2026-03-02T00:00:00Z", "r": -0.005}]},
+        "stress": {"crash_2008": -0.31}, "constraints": {"max_weight": 0.7},
+        "provenance": {"actor": "risk-engine", "stage": "paper"},
+    }
+    doc.update(over)
+    return doc
+
+
+def _stored(doc: dict[str, Any], received: datetime = NOW) -> StoredSnapshot:
+    snap = parse_snapshot(doc)
+    return StoredSnapshot(snap, snap.content_hash, received, "tester")
+
+
+def test_valid_snapshot_round_trips_and_hash_ignores_spelling() -> None:
+    a = parse_snapshot(_doc())
+    b = parse_snapshot(_doc(as_of="2026-03-02T12:59:00+01:00"))
+    assert a.as_of == b.as_of and a.content_hash == b.content_hash
+    assert a.returns_of("s1")[0][1] == 0.01 and a.covered() == {"s1", "s2"}
+
+
+def test_freshness_fresh() -> None:
+    f = freshness(_stored(_doc()), now=NOW, max_age=timedelta(minutes=15), strategy_id="s1")
+    assert f.ok and f.reason is None and f.version == "v1"
+
+
+def test_freshness_missing() -> None:
+    f = freshness(None, now=NOW, max_age=timedelta(minutes=15))
+    assert (f.status, f.reason) == ("missing", MISSING)
+
+
+def test_freshness_expired_counts_from_receipt() -> None:
+    f = freshness(_stored(_doc(), received=NOW - timedelta(seconds=901)), now=NOW,
+                  max_age=timedelta(hours=1))
+    assert (f.status, f.reason) == ("stale", EXPIRED)
+
+
+def test_freshness_lagging_as_of() -> None:
+    f = freshness(_stored(_doc(as_of="2026-03-02T11:40:00Z")), now=NOW, max_age=timedelta(minutes=15))
+    assert (f.status, f.reason) == ("stale", LAGGING)
+
+
+def test_freshness_incomplete_for_an_uncovered_strategy() -> None:
+    f = freshness(_stored(_doc()), now=NOW, max_age=timedelta(minutes=15), strategy_id="s3")
+    assert (f.status, f.reason) == ("stale", INCOMPLETE)
+
+
+@pytest.mark.parametrize(("over", "fragment"), [
+    ({"weights": {"s1": 0.6, "s2": 0.3}}, "weights sum to 0.9, not 1"),
+    ({"as_of": "2026-03-02T11:59:00"}, "has no time zone"),
+    ({"as_of": "yesterday"}, "not an ISO-8601 time"),
+    ({"ttl_sec": 86401}, "ttl_sec"),
+    ({"ttl_sec": 0}, "ttl_sec"),
+    ({"covariance": {"s1,s2": 0.01, "s2,s1": 0.02}}, "not symmetric"),
+    ({"covariance": {"s1,s3": 0.01}}, "names 's3', which has no weight"),
+    ({"covariance": {"s1": 0.01}}, "must be 'a,b'"),
+    ({"realized_returns": {"s1": [{"ts": "2026-03-01T00:00:00Z", "r": float("nan")}]}}, "finite"),
+    ({"realized_returns": {"s1": [{"ts": "2026-03-02T00:00:00Z", "r": 0.1},
+                                  {"ts": "2026-03-01T00:00:00Z", "r": 0.1}]}}, "not after"),
+    ({"weights": {"s1": float("inf")}}, "finite"),
+    ({"extra_field": 1}, "extra_field"),
+    ({"provenance": {"actor": "x", "stage": "prod"}}, "provenance.stage"),
+    ({"covariance_ref": "s3://bucket/cov.parquet"}, "not both"),
+])
+def test_bad_snapshots_are_one_clear_line(over: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(SnapshotError) as caught:
+        parse_snapshot(_doc(**over))
+    line = caught.value.one_line()
+    assert fragment in line and "\n" not in line and caught.value.exit_code == 2
+
+
+@pytest.fixture
+def hub(qmtl_env: dict[str, str], tmp_path: Path) -> Path:
+    """A store where demo-momentum knows s1 and s2 (each has a backtest run)."""
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps({"s1": {"sharpe": 1.0}, "s2": {"sharpe": 1.0}}))
+    assert qmtl("world", "evaluate", W, "--record", "--metrics", str(metrics)).exit_code in (0, 10)
+    return tmp_path
+
+
+def _put(tmp_path: Path, doc: dict[str, Any], *args: str) -> Any:
+    path = tmp_path / "snap.json"
+    path.write_text(json.dumps(doc))
+    return qmtl_process("risk", "put", str(path), *args)
+
+
+def _count(url: str) -> int:
+    store = open_store(url)
+    with store.read() as conn:
+        n = conn.execute(sa.select(sa.func.count()).select_from(schema.risk_snapshots)).scalar()
+    store.dispose()
+    return int(n or 0)
+
+
+def test_put_dedupes_and_conflicts(hub: Path, qmtl_env: dict[str, str]) -> None:
+    doc = _doc(as_of=datetime.now(timezone.utc).isoformat())
+    first = _put(hub, doc, "--json")
+    assert first.exit_code == 0 and first.json()["created"] is True
+    same = _put(hub, doc)
+    assert same.exit_code == 0 and "unchanged" in same.stdout
+    other = _put(hub, {**doc, "weights": {"s1": 0.5, "s2": 0.5}})
+    assert other.exit_code == 4 and "already exists with other content" in other.stderr
+    assert _count(qmtl_env["QMTL_DATABASE_URL"]) == 1
+    shown = qmtl("risk", "show", W, "--json").json()
+    assert shown["version"] == "v1" and shown["freshness"]["status"] == "fresh"
+    human = qmtl("risk", "show", W)
+    assert human.exit_code == 0 and "fresh" in human.stdout
+    log = qmtl("audit", "log", "--kind", "risk.*", "--json").json()["entries"]
+    assert len(log) == 1 and log[0]["payload"]["version"] == "v1"
+
+
+def test_put_from_stdin(hub: Path) -> None:
+    ran = qmtl("risk", "put", "-", input=json.dumps(_doc(as_of=datetime.now(timezone.utc).isoformat())))
+    assert ran.exit_code == 0 and "stored risk snapshot" in ran.stdout
+
+
+@pytest.mark.parametrize(("doc", "code", "fragment"), [
+    (_doc(weights={"s1": 0.5, "zz": 0.5}, covariance=None), 2, "strategy 'zz' is not known"),
+    (_doc(as_of="2026-03-02T11:59:00"), 2, "has no time zone"),
+    (_doc(ttl_sec=100000), 2, "ttl_sec"),
+    (_doc(weights={"s1": 0.7, "s2": 0.7}), 2, "weights sum to 1.4"),
+    (_doc(world_id="nope"), 3, "world 'nope' not found"),
+])
+def test_bad_snapshots_store_nothing(hub: Path, qmtl_env: dict[str, str], doc: dict[str, Any], code: int,
+                                     fragment: str) -> None:
+    ran = _put(hub, doc)
+    assert ran.exit_code == code and fragment in ran.stderr and ran.stderr.count("\n") == 1
+    assert _count(qmtl_env["QMTL_DATABASE_URL"]) == 0
+
+
+def test_bad_json_names_line(hub: Path) -> None:
+    path = hub / "bad.json"
+    path.write_text('{\n  "world_id": "demo-momentum",\n  oops\n}')
+    ran = qmtl("risk", "put", str(path))
+    assert ran.exit_code == 2 and "bad.json:3:" in ran.stderr
+
+
+def test_show_missing_is_not_found(qmtl_env: dict[str, str]) -> None:
+    ran = qmtl("risk", "show", W)
+    assert ran.exit_code == 3 and "no risk snapshot" in ran.stderr

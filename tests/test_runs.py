@@ -1,0 +1,191 @@
+"""Evaluation runs on both backends: revisions, metric sourcing order, paper never borrows backtest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from qmtl_core.risk import parse_snapshot
+from qmtl_core.runs import suggested_run_id
+from qmtl_core.store import open_store, schema
+from tests._service import Clock, daily, make_service
+
+W = "demo-momentum"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def svc(store_url: str, worlds_dir: Path, tmp_path: Path, clock: Clock):  # type: ignore[no-untyped-def]
+    service = make_service(store_url, worlds_dir, tmp_path / "home", clock)
+    yield service
+    service.close()
+
+
+def _snapshot(clock: Clock, *, version: str = "v1", stage: str = "paper", returns: dict | None = None,  # type: ignore[type-arg]
+              weights: dict | None = None, ttl: int = 900, lag: timedelta = timedelta(0)) -> object:  # type: ignore[type-arg]
+    realized = {sid: [{"ts": t.isoformat(), "r": r} for t, r in pts] for sid, pts in (returns or {}).items()}
+    return parse_snapshot({"world_id": W, "version": version, "as_of": (clock.now - lag).isoformat(),
+                           "ttl_sec": ttl, "weights": weights or {"s1": 1.0},
+                           "realized_returns": realized, "provenance": {"actor": "risk-engine", "stage": stage}})
+
+
+def test_same_key_same_content_is_a_no_op_and_new_content_a_revision(svc) -> None:  # type: ignore[no-untyped-def]
+    first = svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="r1", returns=daily(600))
+    again = svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="r1", returns=daily(600))
+    assert (first.revision, first.created) == (1, True) and (again.revision, again.created) == (1, False)
+    changed = svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="r1", returns=daily(601))
+    assert changed.revision == 2 and changed.window["n_observations"] == 601
+    latest = svc.list_runs(W, strategy_id="s1")
+    history = svc.list_runs(W, strategy_id="s1", history=True)
+    assert [r.revision for r in latest] == [2] and [r.revision for r in history] == [2, 1]
+    assert all(r.policy_version == 1 and r.rule_results for r in history)
+    kinds = [e.kind for e in svc.audit_log(world=W)]
+    assert kinds.count("run.recorded") == 2
+
+
+def test_suggested_run_id_is_stable_and_data_based(svc) -> None:  # type: ignore[no-untyped-def]
+    run = svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(10))
+    assert run.run_id == "backtest-20260110"
+    t = daily(1)[0][0]
+    assert suggested_run_id("paper", t.replace(hour=14, minute=30), t) == "paper-20260101T143000Z"
+
+
+def test_request_metrics_win_over_request_returns(svc) -> None:  # type: ignore[no-untyped-def]
+    run = svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(600),
+                                metrics={"sharpe": 9.0, "n_trades": 50})
+    assert run.metrics["sharpe"] == 9.0 and run.metric_sources["sharpe"] == "request.metrics"
+    assert run.metric_sources["max_drawdown"] == "request.returns"
+    assert run.metric_sources["n_trades"] == "request.metrics"
+    sharpe_rule = next(r for r in run.rule_results if r["id"] == "sharpe")
+    assert sharpe_rule["source"] == "request.metrics" and sharpe_rule["observed"] == 9.0
+
+
+def test_paper_run_sources_realized_returns_from_a_fresh_same_stage_snapshot(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
+    svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(600))
+    paper_returns = daily(25, start=clock.now - timedelta(days=25), seed=3)
+    svc.put_risk_snapshot(_snapshot(clock, returns={"s1": paper_returns}))
+    run = svc.record_evaluation(W, strategy_id="s1", stage="paper")
+    assert run.status != "insufficient_data"
+    assert run.metric_sources["sharpe"] == "risk_snapshot:v1"
+    assert run.window["n_observations"] == 25 and run.window["source"] == "risk_snapshot:v1"
+
+
+def test_paper_never_borrows_backtest(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
+    svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(600))
+    # A snapshot with *backtest* returns is not paper evidence either.
+    svc.put_risk_snapshot(_snapshot(clock, stage="backtest", returns={"s1": daily(30)}))
+    run = svc.record_evaluation(W, strategy_id="s1", stage="paper")
+    assert run.status == "insufficient_data" and run.metrics == {}
+    assert "holds backtest returns, not paper" in run.reason and "no previous paper run" in run.reason
+
+
+def test_stale_snapshot_falls_back_to_previous_same_stage_run(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
+    svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(600))
+    svc.put_risk_snapshot(_snapshot(clock, returns={"s1": daily(25, seed=4)}))
+    first = svc.record_evaluation(W, strategy_id="s1", stage="paper", run_id="p1")
+    clock.advance(hours=2)  # past the 900 s TTL
+    later = svc.record_evaluation(W, strategy_id="s1", stage="paper", run_id="p2")
+    assert later.metric_sources["sharpe"] == "previous_run:p1#1"
+    assert later.metrics["sharpe"] == first.metrics["sharpe"]
+    assert "risk_snapshot_expired" in later.reason
+
+
+def test_nothing_to_source_is_insufficient_data_with_reasons(svc) -> None:  # type: ignore[no-untyped-def]
+    run = svc.record_evaluation(W, strategy_id="s9", stage="live")
+    assert run.status == "insufficient_data"
+    assert "no risk snapshot for the world" in run.reason and "no previous live run" in run.reason
+
+
+def test_cohort_goes_through_vectorised_path_and_matches_single(svc) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from qmtl_core.datafiles import ReturnsTable
+
+    series = {f"c{i}": daily(300, seed=i) for i in range(4)}
+    stamps = tuple(t for t, _ in series["c0"])
+    table = ReturnsTable(tuple(series), stamps, np.array([[r for _, r in s] for s in series.values()]))
+    cohort = svc.evaluate_cohort(W, stage="backtest", returns=table)
+    assert [r.strategy_id for r in cohort] == ["c0", "c1", "c2", "c3"]
+    single = svc.record_evaluation(W, strategy_id="c2", stage="backtest", returns=series["c2"])
+    assert single.run_id == cohort[2].run_id and single.created is False  # same evidence, same revision
+
+
+def test_unknown_stage_and_world(svc) -> None:  # type: ignore[no-untyped-def]
+    from qmtl_core.errors import UsageError, WorldNotFound
+
+    with pytest.raises(UsageError):
+        svc.record_evaluation(W, strategy_id="s1", stage="prod")
+    with pytest.raises(WorldNotFound):
+        svc.list_runs("nope")
+
+
+_WORKER = """
+import sys
+from pathlib import Path
+from tests._service import make_service, daily
+svc = make_service(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+rev = svc.record_evaluation("demo-momentum", strategy_id="s1", stage="backtest", run_id="same",
+                            returns=daily(300 + int(sys.argv[4]) % 2))
+print(rev.revision)
+svc.close()
+"""
+
+
+def test_eight_processes_recording_the_same_run(store_url: str, worlds_dir: Path, tmp_path: Path) -> None:
+    open_store(store_url).dispose()  # migrate once up front, as a deployed store would be
+    root = Path(__file__).resolve().parent.parent
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, store_url, str(worlds_dir),
+                               str(tmp_path / "home"), str(i)], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(8)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    store = open_store(store_url)
+    with store.read() as conn:
+        runs = conn.execute(sa.select(schema.evaluation_runs)).all()
+        revs = conn.execute(sa.select(schema.run_revisions.c.revision, schema.run_revisions.c.content_hash)
+                            .order_by(schema.run_revisions.c.revision)).all()
+    store.dispose()
+    assert len(runs) == 1 and runs[0].latest_revision == len(revs)
+    assert [r.revision for r in revs] == list(range(1, len(revs) + 1))
+    # Two distinct contents alternate, so consecutive revisions always differ.
+    assert all(a.content_hash != b.content_hash for a, b in zip(revs, revs[1:]))
+    assert 1 <= len(revs) <= 8
+
+
+def test_cli_evaluate_strategy_and_runs_json(qmtl_env: dict[str, str], tmp_path: Path) -> None:
+    from tests.cli_helpers import qmtl
+
+    returns = tmp_path / "r.csv"
+    returns.write_text("timestamp,s1\n" + "".join(f"2026-01-{d:02d},{0.001 * (-1) ** d + 0.002}\n"
+                                                   for d in range(1, 29)))
+    ran = qmtl("world", "evaluate", W, "--strategy", "s1", "--returns", str(returns), "--json")
+    assert ran.exit_code == 10  # too little history for the backtest gates
+    doc = ran.json()
+    assert doc["run_id"] == "backtest-20260128" and doc["revision"] == 1 and doc["created"] is True
+    runs = qmtl("world", "runs", W, "--json").json()["runs"]
+    assert [(r["strategy_id"], r["revision"]) for r in runs] == [("s1", 1)]
+    paper = qmtl("world", "evaluate", W, "--strategy", "s1", "--stage", "paper")
+    assert paper.exit_code == 12 and "insufficient_data" in paper.stdout
+    assert json.loads(qmtl("world", "runs", W, "--stage", "paper", "--json").stdout)["runs"][0]["status"] \
+        == "insufficient_data"
+
+
+def test_accepted_snapshot_emits_one_event(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
+    svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(10))
+    seen: list = []  # type: ignore[type-arg]
+    svc.bus.subscribe(seen.append, world_id=W)
+    _, created = svc.put_risk_snapshot(_snapshot(clock))
+    _, again = svc.put_risk_snapshot(_snapshot(clock))
+    assert (created, again) == (True, False)
+    assert [e.type for e in seen] == ["risk_snapshot_updated"]
+    assert seen[0].payload["world_id"] == W
