@@ -141,6 +141,42 @@ def test_backtest_arguments_are_validated(tmp_path: Path) -> None:
         run_backtest(PublishesBars(), five_bars())
 
 
+def test_multi_node_dag_windows_and_readiness() -> None:
+    calls: list[tuple[str, int, Any]] = []
+
+    class TwoStage(Strategy):
+        def setup(self) -> None:
+            price = StreamInput(name="price")
+
+            def ret(v: View) -> float | None:
+                c = v.input.close
+                r = float(c[-1] / c[0] - 1)
+                return None if c[-1] == 104.0 else r  # emits nothing on one bar
+
+            def vol(v: View) -> float:
+                calls.append(("vol", len(v.input), v.input.tolist()))
+                return float(np.std(v.input))
+
+            def sig(v: View) -> float:
+                calls.append(("sig", len(v[r_node]), float(v["vol"][-1])))
+                return 0.0
+
+            r_node = Node(price, ret, name="ret", period=2)
+            v_node = Node(r_node, vol, name="vol", period=2)
+            s_node = Node([r_node, v_node], sig, name="sig", period=1)
+            self.add_nodes(price, r_node, v_node, s_node, TradeOrderPublisherNode(s_node))
+
+    res = run_backtest(TwoStage(), five_bars())
+    rets = [c1 / c0 - 1 for c0, c1 in zip(CLOSES, CLOSES[1:])]  # bars 1..4; bar 3 (close 104) emits nothing
+    vols = [c for c in calls if c[0] == "vol"]
+    # vol needs two returns: first at bar 2, skips bar 3 (no new return), runs again at bar 4
+    assert [c[2] for c in vols] == [pytest.approx(rets[0:2]), pytest.approx([rets[1], rets[3]])]
+    sigs = [c for c in calls if c[0] == "sig"]
+    assert len(sigs) == 2 and all(c[1] == 1 for c in sigs)
+    # target 0 while flat is no fill; the bar-4 signal has no next open
+    assert res.fills == () and res.unfilled_orders == 1 and res.positions.tolist() == [0.0] * 5
+
+
 # --- no look-ahead --------------------------------------------------------------------------------
 def reachable_arrays(root: object) -> list[np.ndarray]:
     """Every numpy array reachable from ``root`` through attributes, slots, containers and .base
@@ -370,3 +406,29 @@ def test_parquet_needs_pyarrow_or_loads(write: Any) -> None:
                       "close": [10.5, 11.5], "volume": [1.0, 2.0]})
     pq.write_table(table, path)
     assert load_bars(path).close.tolist() == [10.5, 11.5]
+
+
+def test_backtest_never_reaches_the_execution_service_nor_restamps_nodes() -> None:
+    from qmtl_core.sdk import ComputeContext, Runner
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.orders: list[Any] = []
+
+        def post_order(self, order: Any) -> None:
+            self.orders.append(order)
+
+    service = Recorder()
+    Runner.reset()
+    try:
+        Runner.set_enable_trade_submission(True)
+        Runner.set_trade_execution_service(service)
+        strat = SMA.SmaCrossover()
+        live = ComputeContext(world_id="w", execution_domain="live", allow_live=True)
+        strat.apply_compute_context(live)
+        res = Runner.backtest(strat, GOOG_CSV)
+        assert res.n_trades > 0 and service.orders == []
+        assert all(n.compute_context is live for n in strat.nodes)
+        assert Runner.order_stats.as_dict() == {"published": 0, "failed": 0, "blocked": {}}
+    finally:
+        Runner.reset()

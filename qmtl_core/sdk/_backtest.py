@@ -12,6 +12,7 @@ fills, equity and returns are computed with numpy afterwards from the recorded p
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,8 @@ class _Step:
             fn if fn is not None and type(node).compute is Node.compute else node.compute)
         self.period = period
         self.inputs = inputs
-        self.values: list[Any] = []
+        # Only the last `keep` outputs are ever read (set to the largest consumer period below).
+        self.values: deque[Any] = deque(maxlen=1)
         self.n_emitted = 0
         self.last_t = -1
         # A node reading only the bar input is fresh every bar and ready from bar period-1 on,
@@ -119,7 +121,7 @@ class _Step:
         return fresh
 
     def window(self, t: int, period: int) -> Any:
-        vals = self.values[-period:]
+        vals = list(self.values)[-period:]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             arr = np.array(vals, dtype=np.float64)
             arr.flags.writeable = False
@@ -186,8 +188,9 @@ def run_backtest(strategy: Strategy, bars: Bars | str | Path, *, fee_bps: float 
     _check_costs(fee_bps, slippage_bps, initial_cash)
     data = bars if isinstance(bars, Bars) else load_bars(bars)
     nodes = strategy.build()
+    # The context goes to the views only: re-stamping the nodes would silently move a strategy
+    # object that is also running live in this process into the backtest domain.
     ctx = ComputeContext(world_id=world_id, execution_domain="backtest")
-    strategy.apply_compute_context(ctx)
 
     n = len(data)
     src_matrix = data.matrix()
@@ -225,6 +228,11 @@ def run_backtest(strategy: Strategy, bars: Bars | str | Path, *, fee_bps: float 
         step.view.bind()
         states[id(nd)] = step
         steps.append(step)
+
+    for step in [*steps, *publishers]:
+        for inp in step.inputs:
+            if isinstance(inp, _Step) and (inp.values.maxlen or 0) < step.period:
+                inp.values = deque(maxlen=step.period)
 
     broker = SimBroker(cash=initial_cash, fee_bps=fee_bps, slippage_bps=slippage_bps, timestamps=src_ts)
     opens = src_matrix[0].tolist()
