@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 import textwrap
+from datetime import datetime, timezone
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -224,10 +225,13 @@ def test_streaming_windows_match_backtest_shapes() -> None:
     sig = Node(price, lambda v: seen.append(v[price]) or None, name="spy", period=2)
     nums = Node(name="n", interval=60)
     after = Node(nums, lambda v: seen.append(v[nums]) or None, name="after", period=2)
+    stamps = [datetime(2026, 1, 2, 9, 30, tzinfo=timezone.utc), "2026-01-02T09:31:00Z"]
     for i in range(2):
-        Runner.feed_queue_data(price, "q", 60, i, bar(10.0 + i))
+        Runner.feed_queue_data(price, "q", 60, stamps[i], bar(10.0 + i))
         Runner.feed_queue_data(nums, "nq", 60, i, float(i))
     assert isinstance(seen[0], Bars) and seen[0].close.tolist() == [10.0, 11.0]
+    assert [str(t) for t in seen[0].timestamp] == ["2026-01-02T09:30:00.000000000",
+                                                   "2026-01-02T09:31:00.000000000"]
     assert isinstance(seen[1], np.ndarray) and seen[1].tolist() == [0.0, 1.0]
     assert not seen[1].flags.writeable
     assert after.inputs == (nums,)

@@ -20,13 +20,14 @@ import numpy as np
 
 from qmtl_core.canonical import content_hash
 from qmtl_core.domains import ComputeContext
-from qmtl_core.errors import BadInputError
+from qmtl_core.errors import BadInputError, QmtlError
 from qmtl_core.gateway import ComputeContextService, StrategySubmit, WorldClient
 from qmtl_core.sdk._backtest import BacktestResult, run_backtest
 from qmtl_core.sdk._bars import BAR_FIELDS, Bars
 from qmtl_core.sdk._node import Node, StreamInput, TradeOrderPublisherNode
 from qmtl_core.sdk._orders import Order, OrderStats, TradeExecutionService, normalize_orders, route_order
 from qmtl_core.sdk._strategy import Strategy, strategy_id
+from qmtl_core.timeutil import parse_instant
 
 __all__ = ["Runner", "SubmitResult", "SubmitHandler"]
 
@@ -48,6 +49,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _stamp_ns(stamp: Any) -> int:
+    """Epoch nanoseconds of a queue timestamp: epoch seconds, an aware datetime or ISO text."""
+    if _is_number(stamp):
+        return int(stamp * 1_000_000_000)
+    if isinstance(stamp, str):
+        stamp = parse_instant(stamp)
+    if isinstance(stamp, datetime):
+        if stamp.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return round(stamp.timestamp() * 1_000_000) * 1_000
+    raise TypeError(f"unsupported timestamp {stamp!r}")
+
+
 def _stream_window(upstream: Node | None, items: deque[tuple[Any, Any]] | None) -> Any:
     """A streaming window in the same shapes a backtest gives: Bars, a float array, or a tuple."""
     if not items:
@@ -56,11 +70,10 @@ def _stream_window(upstream: Node | None, items: deque[tuple[Any, Any]] | None) 
     payloads = [p for _, p in items]
     if isinstance(upstream, StreamInput) and all(isinstance(p, Mapping) for p in payloads):
         try:
-            ts = np.array([int(s) * 1_000_000_000 if _is_number(s) else np.datetime64(s, "ns")
-                           for s in stamps]).astype("datetime64[ns]")
+            ts = np.array([_stamp_ns(s) for s in stamps], dtype=np.int64).astype("datetime64[ns]")
             cols = {f: np.array([float(p[f]) for p in payloads]) for f in BAR_FIELDS}
-        except (KeyError, TypeError, ValueError):
-            return tuple(payloads)
+        except (KeyError, TypeError, ValueError, QmtlError):
+            return tuple(payloads)  # not bars after all: hand the payloads over as they are
         return Bars(timestamp=ts, **cols)
     if all(_is_number(p) for p in payloads):
         arr = np.array(payloads, dtype=np.float64)
