@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 DEMO_HOME := $(CURDIR)/.qmtl-demo
 QMTL   := QMTL_HOME=$(DEMO_HOME) QMTL_WORLDS_DIR=$(CURDIR)/worlds $(BIN)/qmtl
 PG_BIN := /usr/lib/postgresql/15/bin
+# Steps whose non-zero exit is part of the story (blocked, waiting, fail-closed) say so and go on.
+SAYEXIT := || echo "   (exit $$?: see Exit codes in README.md)"
 
 .PHONY: demo test install dev postgres bench docs clean
 
@@ -31,15 +33,28 @@ postgres:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; fi
 
+# The demo starts from an empty store each time, so it always tells the same story.
 demo: install
-	@echo "== validating the bundled worlds"
+	@rm -rf $(DEMO_HOME)
+	@echo "== 1. validate the bundled worlds (recorded as policy versions in $(DEMO_HOME)/qmtl.db)"
 	$(QMTL) world validate --all
-	@echo "== the worlds, recorded in the embedded store at $(DEMO_HOME)/qmtl.db"
 	$(QMTL) world list
-	@for w in $$(ls worlds/*.yaml | xargs -n1 basename | sed 's/\.yaml$$//'); do \
-	  echo "== world $$w"; $(QMTL) world show $$w || exit $$?; done
-	@echo "== the audit ledger"
-	$(QMTL) audit log --limit 10
+	@echo "== 2. gate and select eight GOOG strategies offline (nothing recorded)"
+	$(QMTL) world evaluate demo-momentum --returns worlds/data/demo-returns.csv $(SAYEXIT)
+	@echo "== 3. record their backtest runs (vectorised cohort path)"
+	$(QMTL) world evaluate demo-momentum --record --returns worlds/data/demo-returns.csv > /dev/null $(SAYEXIT)
+	@echo "== 4. the campaign loop's plan (changes nothing), then the loop acting on it"
+	$(QMTL) world campaign-loop --world demo-momentum --once $(SAYEXIT)
+	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
+	@echo "== 5. paper returns arrive through the risk hub; the paper window advances on data"
+	$(BIN)/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 12 | $(QMTL) risk put -
+	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
+	$(QMTL) world campaign demo-momentum --strategy sma_10_30
+	$(BIN)/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 35 | $(QMTL) risk put -
+	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
+	$(QMTL) world campaign demo-momentum --strategy sma_10_30
+	@echo "== 6. the audit ledger"
+	$(QMTL) audit log --limit 8
 	$(QMTL) audit verify
 
 test: dev postgres

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from qmtl_cli._state import CliState, set_current
-from qmtl_cli.commands import audit, config, risk, world, world_evaluate  # noqa: F401 (registers commands)
+from qmtl_cli.commands import audit, campaign, config, risk, world, world_evaluate  # noqa: F401 (registers commands)
 
 app = typer.Typer(
     name="qmtl",

@@ -306,6 +306,29 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
     return _revision(run_row, rev_row)
 
 
+def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: str | None,
+                        strategy_id: str, stage: str, run_id: str | None,
+                        metrics: Mapping[str, Any] | None, returns: Returns | None, actor: str,
+                        now: datetime) -> RunRevision:
+    """Source metrics (DESIGN §5) and record the run, inside the caller's write transaction."""
+    from qmtl_core.risk import freshness, latest_snapshot
+    from qmtl_core.timeutil import parse_instant
+
+    ledger.lock(conn)  # serialise with every writer: one run, consistent revisions
+    ensure_strategy(conn, world_id=policy.world, strategy_id=strategy_id, now=now, submitter=actor)
+    snapshot = None if returns else latest_snapshot(conn, policy.world)
+    fresh = (freshness(snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=strategy_id)
+             if snapshot is not None else None)
+    previous = previous_run(conn, world_id=policy.world, strategy_id=strategy_id, stage=stage)
+    sourced = source_metrics(stage=stage, periods_per_year=policy.periods_per_year,
+                             strategy_id=strategy_id, metrics=metrics, returns=returns,
+                             snapshot=snapshot, snapshot_freshness=fresh, previous=previous)
+    end = parse_instant(sourced.window.end) if sourced.window.end is not None else None
+    key = run_id or suggested_run_id(stage, end, now)
+    return record_run(conn, policy=policy, strategy_id=strategy_id, stage=stage, run_id=key,
+                      sourced=sourced, actor=actor, now=now, policy_hash=policy_hash)
+
+
 def list_runs(conn: Connection, *, world_id: str, strategy_id: str | None = None,
               stage: str | None = None, history: bool = False) -> list[RunRevision]:
     """Runs of a world (latest revision each, or every revision with ``history``), newest first."""

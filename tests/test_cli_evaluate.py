@@ -43,7 +43,7 @@ def test_explain_human_output(env: Path) -> None:
     ran = qmtl("world", "evaluate", "demo-momentum", "--returns", str(DEMO_RETURNS), "--explain")
     assert ran.exit_code == 10
     assert "short_hold" in ran.stdout and "below min 0.8" in ran.stdout
-    assert "selected (" in ran.stdout and "observed" in ran.stdout
+    assert "selected (" in ran.stdout and "(blocking, request.returns)" in ran.stdout
 
 
 def test_all_pass_exits_0_and_metrics_override_returns(env: Path) -> None:

@@ -15,7 +15,11 @@ from qmtl_core.timeutil import utcnow
 from qmtl_core.world_files import world_files, world_path
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
+    from qmtl_core.campaign import Action, CampaignView
     from qmtl_core.controlbus import ControlBus
+    from qmtl_core.service._campaign import WorldOutcome
     from qmtl_core.datafiles import ReturnsTable
     from qmtl_core.evaluation import CohortEvaluation
     from qmtl_core.risk import Freshness, RiskSnapshot, StoredSnapshot
@@ -219,34 +223,14 @@ class WorldService:
                           returns: Sequence[tuple[datetime, float]] | None = None) -> "RunRevision":
         """Record an evaluation run of one strategy at one stage, sourcing metrics per DESIGN §5."""
         from qmtl_core import runs
-        from qmtl_core.risk import freshness, latest_snapshot
 
         check_stage(stage)
         loaded = self.load_world(world)
-        now = self.clock()
         with self.store.write() as conn:
-            from qmtl_core import ledger
-
-            ledger.lock(conn)  # serialise with every writer: one run, consistent revisions
-            runs.ensure_strategy(conn, world_id=world, strategy_id=strategy_id, now=now,
-                                 submitter=self.actor)
-            snapshot = None if returns else latest_snapshot(conn, world)
-            fresh = (freshness(snapshot, now=now, max_age=loaded.policy.risk.snapshot_max_age,
-                               strategy_id=strategy_id) if snapshot is not None else None)
-            previous = runs.previous_run(conn, world_id=world, strategy_id=strategy_id, stage=stage,
-                                         exclude_run=run_id)
-            sourced = runs.source_metrics(stage=stage, periods_per_year=loaded.policy.periods_per_year,
-                                          strategy_id=strategy_id, metrics=metrics, returns=returns,
-                                          snapshot=snapshot, snapshot_freshness=fresh, previous=previous)
-            end = None
-            if sourced.window.end is not None:
-                from qmtl_core.timeutil import parse_instant
-
-                end = parse_instant(sourced.window.end)
-            key = run_id or runs.suggested_run_id(stage, end, now)
-            return runs.record_run(conn, policy=loaded.policy, strategy_id=strategy_id, stage=stage,
-                                   run_id=key, sourced=sourced, actor=self.actor, now=now,
-                                   policy_hash=loaded.content_hash)
+            return runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
+                                            strategy_id=strategy_id, stage=stage, run_id=run_id,
+                                            metrics=metrics, returns=returns, actor=self.actor,
+                                            now=self.clock())
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None" = None,
                         metrics: Mapping[str, Mapping[str, Any]] | None = None,
@@ -292,6 +276,43 @@ class WorldService:
         with self.store.read() as conn:
             return runs.list_runs(conn, world_id=world, strategy_id=strategy_id, stage=stage,
                                   history=history)
+
+    # -- campaign ----------------------------------------------------------------------------------
+    def campaign(self, world: str, *, strategy_id: str | None = None) -> list["CampaignView"]:
+        """Per strategy: phase, window progress on data, metrics vs gates, next action."""
+        from qmtl_core.campaign import campaign_view
+        from qmtl_core.errors import StrategyNotFound
+        from qmtl_core.service._campaign import load_state
+
+        loaded = self.load_world(world, record=False)
+        with self.store.read() as conn:
+            state = load_state(conn, loaded)
+        views = campaign_view(state, self.clock())
+        if strategy_id is not None:
+            views = [v for v in views if v.strategy_id == strategy_id]
+            if not views:
+                raise StrategyNotFound(f"strategy {strategy_id!r} is not in world {world}",
+                                       hint="qmtl world campaign W lists the world's strategies")
+        return views
+
+    def campaign_tick(self, world: str) -> list["Action"]:
+        """The recommended actions for a world now; changes nothing (POST /campaign/tick)."""
+        from qmtl_core.service._campaign import plan_world
+
+        return plan_world(self, world)[1]
+
+    def campaign_iteration(self, worlds: Sequence[str], *, execute: bool, holder: str,
+                           lease_ttl: "timedelta", on_action: Callable[[dict[str, Any]], None] | None = None,
+                           on_world: Callable[[str], None] | None = None) -> list["WorldOutcome"]:
+        """One pass of the campaign loop: plan, or execute under each world's lease."""
+        from qmtl_core.service._campaign import run_iteration
+
+        return run_iteration(self, worlds, execute_actions=execute, holder=holder, lease_ttl=lease_ttl,
+                             on_action=on_action, on_world=on_world)
+
+    def world_names(self) -> list[str]:
+        """Every world in the worlds directory."""
+        return [p.stem for p in world_files(self.settings.worlds_dir)]
 
     # -- risk hub ----------------------------------------------------------------------------------
     def put_risk_snapshot(self, snapshot: "RiskSnapshot") -> tuple["StoredSnapshot", bool]:

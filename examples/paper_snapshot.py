@@ -1,0 +1,50 @@
+"""Print a risk snapshot carrying a strategy's realized *paper* returns, for the demo.
+
+A real deployment has a risk engine post these; the demo stands one in. The returns are the
+strategy's last ``--days`` daily returns from ``worlds/data/demo-returns.csv`` (real GOOG prices),
+replayed as the most recent ``--days`` days ending now, so the snapshot is fresh and the paper
+window advances by exactly that much data. Pipe it to the hub:
+
+    .venv/bin/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 12 \\
+        | qmtl risk put -
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", required=True)
+    parser.add_argument("--strategy", required=True)
+    parser.add_argument("--days", type=int, required=True, help="paper days observed so far")
+    parser.add_argument("--returns", default=str(ROOT / "worlds/data/demo-returns.csv"))
+    args = parser.parse_args()
+    with open(args.returns, newline="") as fh:
+        column = [row[args.strategy] for row in csv.DictReader(fh) if row[args.strategy]]
+    values = [float(v) for v in column[-args.days:]]
+    now = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+    today = now.replace(hour=0, minute=0)
+    points = [{"ts": (today - timedelta(days=len(values) - 1 - i)).isoformat().replace("+00:00", "Z"),
+               "r": r} for i, r in enumerate(values)]
+    snapshot = {
+        "world_id": args.world,
+        "version": f"paper-{args.strategy}-{args.days}d-{now:%Y%m%dT%H%M}",
+        "as_of": now.isoformat().replace("+00:00", "Z"),
+        "ttl_sec": 3600,
+        "weights": {args.strategy: 1.0},
+        "realized_returns": {args.strategy: points},
+        "provenance": {"actor": "demo-risk-engine", "stage": "paper"},
+    }
+    print(json.dumps(snapshot, indent=2))
+
+
+if __name__ == "__main__":
+    main()

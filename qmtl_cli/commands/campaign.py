@@ -1,0 +1,188 @@
+"""``qmtl world campaign`` and ``qmtl world campaign-loop``: campaign state and the cron-safe loop."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from qmtl_cli._output import console, emit, styled, table
+from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._state import state
+from qmtl_cli.commands.world import app
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+ACTION_STYLE = {"evaluate": "cyan", "promote_to_paper": "green", "apply_live": "green",
+                "request_live_approval": "yellow", "demote": "magenta", "observe": "dim", "blocked": "red"}
+
+
+def _bar(done: float, total: float, width: int = 12) -> str:
+    if total <= 0:
+        return "█" * width
+    filled = max(0, min(width, int(round(width * done / total))))
+    return "█" * filled + "░" * (width - filled)
+
+
+def render_campaign(c: "Console", world: str, views: list[dict[str, Any]]) -> None:
+    """Human rendering of ``qmtl world campaign``."""
+    if not views:
+        c.print(f"world {world} has no strategies yet (submit one, or record a run with "
+                "qmtl world evaluate --strategy)")
+        return
+    for v in views:
+        c.print(f"[bold]{v['strategy_id']}[/bold]  {v['phase']}")
+        for p in v["progress"]:
+            span = p["span_seconds"]
+            window = p["window_seconds"] or 0
+            obs, need = p["n_observations"], p["min_observations"]
+            frac_span = span / window if window else 1.0
+            frac = min(frac_span, obs / need if need else 1.0)
+            mark = "[green]✓[/green]" if p["satisfied"] else " "
+            c.print(f"  {mark} {_bar(frac, 1.0)} {p['label']}")
+        nxt = v["next_action"]
+        if nxt is not None:
+            style = ACTION_STYLE.get(nxt["action"], "")
+            c.print(f"  next: [{style}]{nxt['action']}[/{style}] ({nxt['reason']}): {nxt['detail']}",
+                    markup=True)
+        failing = [r for r in v["rules"] if r.get("status") != "pass"]
+        for r in failing:
+            c.print(f"  {styled(r['status'])} {r['id']}: {r['reason']}")
+
+
+@app.command("campaign")
+@command
+def campaign(
+    ctx: typer.Context,
+    world: Annotated[str, typer.Argument(help="World name.")],
+    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show each strategy's campaign: phase, window progress measured on data, gates, next action."""
+    views = [v.to_dict() for v in state(ctx).service().campaign(world, strategy_id=strategy)]
+    emit({"world": world, "strategies": views}, json_mode=state(ctx).json,
+         human=lambda c: render_campaign(c, world, views))
+
+
+def _parse_interval(text: str) -> float:
+    from qmtl_core.errors import UsageError
+    from qmtl_core.policy import parse_duration
+
+    try:
+        seconds = parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise UsageError(f"--interval: {exc}") from None
+    if seconds <= 0:
+        raise UsageError("--interval must be longer than zero")
+    return seconds
+
+
+def _print_action(c: "Console", doc: dict[str, Any]) -> None:
+    style = ACTION_STYLE.get(doc["action"], "")
+    outcome = doc.get("outcome", "")
+    result = doc.get("result") or {}
+    extra = ""
+    if result.get("run_id"):
+        extra = f" -> run {result['run_id']}#{result['revision']} {result.get('run_status', '')}"
+    elif result.get("why"):
+        extra = f" ({result['why']})"
+    c.print(f"  {outcome:<9} [{style}]{doc['action']:<16}[/{style}] {doc['strategy_id']:<20} "
+            f"{doc['reason']}: {doc['detail']}{extra}", markup=True, highlight=False)
+
+
+@app.command("campaign-loop")
+@command
+def campaign_loop(
+    ctx: typer.Context,
+    worlds: Annotated[Optional[list[str]], typer.Option(
+        "--world", "-w", help="World to run (repeatable).")] = None,
+    all_worlds: Annotated[bool, typer.Option("--all", help="Every world in --worlds-dir.")] = False,
+    once: Annotated[bool, typer.Option("--once", help="One iteration, then exit (for cron).")] = False,
+    interval: Annotated[Optional[str], typer.Option(
+        "--interval", help="Run every INTERVAL (e.g. 1h, 15m) until --max-iterations.")] = None,
+    max_iterations: Annotated[Optional[int], typer.Option(
+        "--max-iterations", min=1, help="Stop after N iterations [default: run until interrupted].")] = None,
+    execute: Annotated[bool, typer.Option(
+        "--execute", help="Act on the plan; without it nothing is executed or written.")] = False,
+    lease_ttl: Annotated[str, typer.Option(
+        "--lease-ttl", help="How long a world's lease lasts without renewal (a crashed loop "
+                            "blocks others this long).")] = "10m",
+    json_output: JsonOption = False,
+) -> None:
+    """Tick worlds and (with --execute) act: evaluate, promote to paper; live goes to governance.
+
+    Plans by default. Each idempotency key executes at most once, ever; a per-world lease keeps two
+    loops off the same world. Exit: the most severe of 0 (done), 11 (waiting), 10 (blocked by
+    policy), 12 (evidence missing or stale) over the actions; 75 when every world was leased by
+    another loop. With --json, one JSON document per iteration (one per line).
+    """
+    from datetime import timedelta
+
+    from qmtl_core.errors import UsageError
+    from qmtl_core.service._campaign import iteration_exit, new_holder
+
+    if worlds and all_worlds:
+        raise UsageError("give --world or --all, not both")
+    if once and interval:
+        raise UsageError("give --once or --interval, not both")
+    if not once and not interval:
+        raise UsageError("give --once (cron) or --interval DURATION", hint="e.g. --once --execute")
+    if once and max_iterations not in (None, 1):
+        raise UsageError("--max-iterations does not go with --once")
+    pause = _parse_interval(interval) if interval else 0.0
+    ttl = timedelta(seconds=_parse_interval(lease_ttl))
+    st = state(ctx)
+    service = st.service()
+    targets = service.world_names() if all_worlds or not worlds else list(dict.fromkeys(worlds))
+    if not targets:
+        raise UsageError(f"no worlds in {st.settings().worlds_dir}")
+    holder = new_holder()
+    limit = 1 if once else max_iterations
+    iteration = 0
+    code = 0
+    out = console()
+    while True:
+        iteration += 1
+        started = service.clock()
+        live = None
+        if not st.json and out.is_terminal:
+            from rich.status import Status
+
+            live = Status("starting", console=out)
+            live.start()
+
+        def on_world(world: str) -> None:
+            if live is not None:
+                live.update(f"iteration {iteration}: {world}")
+            elif not st.json:
+                out.print(f"[bold]{world}[/bold]")
+
+        outcomes = service.campaign_iteration(targets, execute=execute, holder=holder, lease_ttl=ttl,
+                                              on_world=on_world)
+        if live is not None:
+            live.stop()
+        code = iteration_exit(outcomes)
+        doc = {"iteration": iteration, "started_at": started.isoformat(), "mode": "execute" if execute else "plan",
+               "holder": holder, "exit_code": code, "worlds": [o.to_dict() for o in outcomes]}
+        if st.json:
+            sys.stdout.write(json.dumps(doc, default=str) + "\n")
+            sys.stdout.flush()
+        else:
+            for o in outcomes:
+                if live is not None:
+                    out.print(f"[bold]{o.world}[/bold]")
+                if o.status == "busy":
+                    out.print(f"  busy: {o.message}")
+                    continue
+                for a in o.actions:
+                    _print_action(out, a)
+            word = "executed" if execute else "planned (nothing executed; add --execute to act)"
+            out.print(f"iteration {iteration}: {word}; exit {code}")
+        if limit is not None and iteration >= limit:
+            break
+        time.sleep(pause)
+    raise typer.Exit(code)

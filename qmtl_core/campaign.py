@@ -1,0 +1,373 @@
+"""Campaigns: where each strategy stands, measured on data, and what to do next. Pure functions.
+
+``tick(state, now)`` turns a ``WorldState`` (read from the store by the facade) into one
+``Action`` per strategy. Same state and ``now`` give identical actions, and every action carries an
+``idempotency_key`` hashed from the evidence it acts on: executing it changes the evidence, so a
+second tick never repeats it, and a key is executed at most once, ever (the store enforces that).
+
+Window progress is measured on the returns the stage's latest run was measured on (span of their
+timestamps and their number), never on the wall-clock time between calls: repeating a call with
+no new data does not move a window.
+
+Exit classes (DESIGN §10) come from the action's reason: 0 for work to do or nothing wrong, 11 for
+waiting (window incomplete, awaiting data), 10 for a policy block, 12 for missing or stale
+evidence (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from qmtl_core.canonical import content_hash
+from qmtl_core.policy import WorldPolicy
+from qmtl_core.policy._durations import format_duration
+from qmtl_core.risk import Freshness, StoredSnapshot, freshness
+from qmtl_core.runs import INSUFFICIENT, suggested_run_id
+from qmtl_core.timeutil import iso
+
+PHASES: dict[str, str] = {"backtest": "backtest_campaign", "paper": "paper_campaign",
+                          "live": "live_campaign"}
+
+#: Actions the loop executes; the others only report.
+EXECUTABLE = frozenset({"evaluate", "promote_to_paper", "request_live_approval", "apply_live", "demote"})
+
+WAITING_REASONS = frozenset({"window_incomplete", "awaiting_data", "approval_pending"})
+BLOCKED_REASONS = frozenset({"validation_failed", "backtest_window_incomplete", "allow_live_false",
+                             "promotion_disabled", "world_halted", "cooldown_active",
+                             "max_live_slots_exceeded", "not_in_paper", "paper_window_incomplete",
+                             "approval_required", "approvals_expired", "evidence_changed"})
+FAIL_CLOSED_REASONS = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
+                                 "risk_snapshot_incomplete", "insufficient_data", "governance_unavailable"})
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The latest revision of a strategy's latest run at one stage (no returns: tick stays cheap)."""
+
+    run_id: str
+    revision: int
+    status: str
+    policy_version: int | None
+    content_hash: str
+    metrics: Mapping[str, float | None]
+    rule_results: tuple[Mapping[str, Any], ...]
+    window_start: datetime | None
+    window_end: datetime | None
+    n_observations: int
+
+
+@dataclass(frozen=True)
+class StrategyState:
+    """One strategy in a world: its stage and the latest run of each stage."""
+
+    strategy_id: str
+    stage: str
+    runs: Mapping[str, RunSummary] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorldState:
+    """Everything ``tick`` needs about a world."""
+
+    world: str
+    policy: WorldPolicy
+    strategies: tuple[StrategyState, ...]
+    snapshot: StoredSnapshot | None = None
+    halted: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A stage's window measured on data: span of observed timestamps and their number."""
+
+    stage: str
+    span: timedelta
+    n_observations: int
+    window: timedelta | None
+    min_observations: int
+
+    @property
+    def satisfied(self) -> bool:
+        """Both the span and the number of observations reach the policy's window."""
+        return (self.n_observations >= max(self.min_observations, 1)
+                and (self.window is None or self.span >= self.window))
+
+    def label(self) -> str:
+        """E.g. ``paper 21/30d, 15/20 obs`` (span in the window's unit)."""
+        unit = format_duration(self.window)[-1] if self.window is not None else "d"
+        size = {"d": 86400, "h": 3600, "m": 60, "s": 1}[unit]
+        value = self.span.total_seconds() / size
+        span = f"{value:.0f}" if value == 0 or value >= 10 else f"{value:.1f}".rstrip("0").rstrip(".")
+        target = format_duration(self.window) if self.window is not None else unit
+        return f"{self.stage} {span}/{target}, {self.n_observations}/{self.min_observations} obs"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"stage": self.stage, "span_seconds": self.span.total_seconds(),
+                "window_seconds": self.window.total_seconds() if self.window is not None else None,
+                "n_observations": self.n_observations, "min_observations": self.min_observations,
+                "satisfied": self.satisfied, "label": self.label()}
+
+
+@dataclass(frozen=True)
+class Action:
+    """What tick recommends for one strategy (DESIGN §6)."""
+
+    action: str
+    world: str
+    strategy_id: str
+    stage: str
+    reason: str
+    detail: str
+    requires: tuple[str, ...]
+    idempotency_key: str
+    suggested_run_id: str | None = None
+    suggested_body: Mapping[str, Any] | None = None
+
+    @property
+    def executable(self) -> bool:
+        """Whether the loop executes this action (the others only report)."""
+        return self.action in EXECUTABLE
+
+    @property
+    def exit_class(self) -> int:
+        """0, 10, 11 or 12 (DESIGN §10) for this action."""
+        if self.reason in FAIL_CLOSED_REASONS:
+            return 12
+        if self.reason in BLOCKED_REASONS:
+            return 10
+        if self.reason in WAITING_REASONS:
+            return 11
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"action": self.action, "world": self.world, "strategy_id": self.strategy_id,
+                "stage": self.stage, "reason": self.reason, "detail": self.detail,
+                "requires": list(self.requires), "idempotency_key": self.idempotency_key,
+                "suggested_run_id": self.suggested_run_id,
+                "suggested_body": dict(self.suggested_body) if self.suggested_body is not None else None,
+                "exit_class": self.exit_class}
+
+
+#: Most severe first: what a whole run of actions exits with.
+_SEVERITY = (12, 10, 11, 0)
+
+
+def worst_exit(codes: list[int]) -> int:
+    """The most severe of 0/10/11/12 (12 fail-closed > 10 blocked > 11 waiting > 0)."""
+    for code in _SEVERITY:
+        if code in codes:
+            return code
+    return 0
+
+
+def progress(policy: WorldPolicy, stage: str, run: RunSummary | None) -> Progress:
+    """Window progress of ``stage`` measured on the data of its latest run."""
+    config = getattr(policy.campaign, stage, None)
+    window = getattr(config, "window", None)
+    minimum = int(getattr(config, "min_observations", 1) or 1)
+    if run is None or run.window_start is None or run.window_end is None:
+        return Progress(stage, timedelta(0), 0, window, minimum)
+    return Progress(stage, run.window_end - run.window_start, run.n_observations, window, minimum)
+
+
+def _key(world: str, strategy_id: str, action: str, stage: str, evidence: Mapping[str, Any]) -> str:
+    return content_hash({"world": world, "strategy_id": strategy_id, "action": action, "stage": stage,
+                         "evidence": evidence})
+
+
+def _snapshot_series(snapshot: StoredSnapshot | None, strategy_id: str) -> tuple[datetime, int] | None:
+    if snapshot is None:
+        return None
+    points = snapshot.snapshot.returns_of(strategy_id)
+    if not points:
+        return None
+    return points[-1][0], len(points)
+
+
+def _run_evidence(run: RunSummary | None) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return {"run_id": run.run_id, "revision": run.revision, "content_hash": run.content_hash}
+
+
+class _Ticker:
+    """One tick over one world; methods build each strategy's action."""
+
+    def __init__(self, state: WorldState, now: datetime) -> None:
+        self.state = state
+        self.policy = state.policy
+        self.now = now
+        self.snap = state.snapshot
+
+    def fresh(self, strategy_id: str) -> Freshness:
+        return freshness(self.snap, now=self.now, max_age=self.policy.risk.snapshot_max_age,
+                         strategy_id=strategy_id)
+
+    def make(self, s: StrategyState, action: str, reason: str, detail: str, *, stage: str | None = None,
+             requires: tuple[str, ...] = (), evidence: Mapping[str, Any] | None = None,
+             run_id: str | None = None, body: Mapping[str, Any] | None = None) -> Action:
+        stage = stage or s.stage
+        ev = {"policy_version": self.policy.policy_version, "reason": reason, **(evidence or {})}
+        return Action(action, self.state.world, s.strategy_id, stage, reason, detail, requires,
+                      _key(self.state.world, s.strategy_id, action, stage, ev), run_id, body)
+
+    def new_data(self, s: StrategyState, run: RunSummary | None, fresh: Freshness) -> Action | None:
+        """An ``evaluate`` when the fresh snapshot holds returns of this stage the run has not seen,
+        or when the policy changed since the run was gated."""
+        series = _snapshot_series(self.snap, s.strategy_id)
+        usable = (fresh.ok and self.snap is not None and series is not None
+                  and self.snap.snapshot.provenance.stage == s.stage)
+        if usable and series is not None and self.snap is not None and (
+                run is None or run.status == INSUFFICIENT or run.window_end is None
+                or (run.window_end, run.n_observations) != series):
+            run_id = suggested_run_id(s.stage, series[0], self.now)
+            version = self.snap.snapshot.version
+            return self.make(s, "evaluate", "new_data",
+                             f"risk snapshot {version} has {series[1]} {s.stage} returns up to "
+                             f"{iso(series[0])[:19]}Z not yet evaluated",
+                             requires=(f"risk_snapshot:{version}",),
+                             evidence={"snapshot": self.snap.content_hash, "series_end": iso(series[0]),
+                                       "series_n": series[1], "run": _run_evidence(run)},
+                             run_id=run_id,
+                             body={"strategy_id": s.strategy_id, "stage": s.stage, "run_id": run_id})
+        if run is not None and run.status != INSUFFICIENT and run.policy_version != self.policy.policy_version:
+            run_id = f"{run.run_id}-policy{self.policy.policy_version}"
+            return self.make(s, "evaluate", "policy_changed",
+                             f"run {run.run_id}#{run.revision} was gated under policy_version "
+                             f"{run.policy_version}, the world is at {self.policy.policy_version}",
+                             evidence={"run": _run_evidence(run)}, run_id=run_id,
+                             body={"strategy_id": s.strategy_id, "stage": s.stage, "run_id": run_id})
+        return None
+
+    def backtest(self, s: StrategyState) -> Action:
+        run = s.runs.get("backtest")
+        fresh = self.fresh(s.strategy_id)
+        evaluate = self.new_data(s, run, fresh)
+        if evaluate is not None:
+            return evaluate
+        ev = {"run": _run_evidence(run)}
+        if run is None or run.status == INSUFFICIENT:
+            return self.make(s, "blocked", "insufficient_data", "no measured backtest run: submit the "
+                             "strategy or record one with qmtl world evaluate --strategy", evidence=ev)
+        if run.status == "fail":
+            return self.make(s, "blocked", "validation_failed", _failing(run), evidence=ev)
+        prog = progress(self.policy, "backtest", run)
+        if not prog.satisfied:
+            return self.make(s, "blocked", "backtest_window_incomplete",
+                             f"{prog.label()}: the backtest covers too little data", evidence=ev)
+        body = {"strategy_id": s.strategy_id, "from_stage": "backtest", "to_stage": "paper",
+                "evidence": _run_evidence(run)}
+        return self.make(s, "promote_to_paper", "backtest_passed",
+                         f"{prog.label()}; backtest run {run.run_id}#{run.revision} {run.status}",
+                         stage="backtest", requires=(f"backtest_run:{run.run_id}#{run.revision}",),
+                         evidence=ev, body=body)
+
+    def paper(self, s: StrategyState) -> Action:
+        run = s.runs.get("paper")
+        fresh = self.fresh(s.strategy_id)
+        evaluate = self.new_data(s, run, fresh)
+        if evaluate is not None:
+            return evaluate
+        ev = {"run": _run_evidence(run), "snapshot": self.snap.content_hash if self.snap else None,
+              "freshness": fresh.reason}
+        if run is None or run.status == INSUFFICIENT:
+            if not fresh.ok and fresh.reason != "risk_snapshot_incomplete":
+                return self.make(s, "blocked", fresh.reason or "risk_snapshot_missing",
+                                 f"paper campaign stalled: {fresh.detail}", evidence=ev)
+            return self.make(s, "observe", "awaiting_data", "no paper returns observed yet",
+                             evidence=ev)
+        prog = progress(self.policy, "paper", run)
+        if not prog.satisfied:
+            return self.make(s, "observe", "window_incomplete", prog.label(), evidence=ev)
+        if run.status == "fail":
+            return self.make(s, "blocked", "validation_failed", _failing(run), evidence=ev)
+        return self.live_promotion(s, run, prog, fresh)
+
+    def live_promotion(self, s: StrategyState, run: RunSummary, prog: Progress, fresh: Freshness) -> Action:
+        ev = {"run": _run_evidence(run), "snapshot": self.snap.content_hash if self.snap else None}
+        if not self.policy.allow_live:
+            return self.make(s, "blocked", "allow_live_false", "the world sets allow_live: false",
+                             evidence=ev)
+        mode = self.policy.live_promotion.mode
+        if mode == "disabled":
+            return self.make(s, "blocked", "promotion_disabled", "live promotion is disabled in this world",
+                             evidence=ev)
+        return self.make(s, "blocked", "governance_unavailable",
+                         f"{prog.label()} and gates pass; live promotion ({mode}) needs governance, "
+                         "which this version of qmtl does not provide", evidence=ev)
+
+    def live(self, s: StrategyState) -> Action:
+        run = s.runs.get("live")
+        fresh = self.fresh(s.strategy_id)
+        evaluate = self.new_data(s, run, fresh)
+        if evaluate is not None:
+            return evaluate
+        ev = {"run": _run_evidence(run)}
+        if run is not None and run.status == "fail":
+            return self.make(s, "demote", "validation_failed", _failing(run), evidence=ev,
+                             body={"strategy_id": s.strategy_id, "from_stage": "live", "to_stage": "paper",
+                                   "evidence": _run_evidence(run)})
+        detail = progress(self.policy, "live", run).label() if run is not None else "no live run yet"
+        return self.make(s, "observe", "live_monitoring", detail, evidence=ev)
+
+
+def _failing(run: RunSummary) -> str:
+    failing = [r.get("reason", r.get("id")) for r in run.rule_results
+               if r.get("status") == "fail" and r.get("severity") == "blocking"]
+    return f"run {run.run_id}#{run.revision} fails: " + "; ".join(str(f) for f in failing)
+
+
+def tick(state: WorldState, now: datetime) -> list[Action]:
+    """The next action for every strategy of a world (retired ones excepted), by strategy id."""
+    ticker = _Ticker(state, now)
+    actions = []
+    for s in sorted(state.strategies, key=lambda x: x.strategy_id):
+        if s.stage == "backtest":
+            actions.append(ticker.backtest(s))
+        elif s.stage == "paper":
+            actions.append(ticker.paper(s))
+        elif s.stage == "live":
+            actions.append(ticker.live(s))
+    return actions
+
+
+@dataclass(frozen=True)
+class CampaignView:
+    """What ``qmtl world campaign`` shows for one strategy."""
+
+    strategy_id: str
+    stage: str
+    phase: str
+    progress: tuple[Progress, ...]
+    metrics: Mapping[str, float | None]
+    rule_results: tuple[Mapping[str, Any], ...]
+    next_action: Action | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"strategy_id": self.strategy_id, "stage": self.stage, "phase": self.phase,
+                "progress": [p.to_dict() for p in self.progress], "metrics": dict(self.metrics),
+                "rules": [dict(r) for r in self.rule_results],
+                "eligibility": self.next_action.detail if self.next_action else None,
+                "next_action": self.next_action.to_dict() if self.next_action else None}
+
+
+def campaign_view(state: WorldState, now: datetime) -> list[CampaignView]:
+    """Per strategy: phase, window progress of every stage it reached, metrics vs gates, next action."""
+    actions = {a.strategy_id: a for a in tick(state, now)}
+    out = []
+    order = ("backtest", "paper", "live")
+    for s in sorted(state.strategies, key=lambda x: x.strategy_id):
+        reached = order[: order.index(s.stage) + 1] if s.stage in order else order
+        current = s.runs.get(s.stage)
+        out.append(CampaignView(
+            s.strategy_id, s.stage, PHASES.get(s.stage, s.stage),
+            tuple(progress(state.policy, st, s.runs.get(st)) for st in reached),
+            current.metrics if current else {}, current.rule_results if current else (),
+            actions.get(s.strategy_id)))
+    return out

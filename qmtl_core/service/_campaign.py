@@ -1,0 +1,261 @@
+"""The side-effect half of campaigns: reading a world's state, leases, executing actions once.
+
+Every executed action runs in one write transaction together with the row that records its
+idempotency key (primary key of ``campaign_actions``): the key is stored if and only if the action
+took effect, so a crash mid-way leaves nothing half-done and the next loop redoes it, and a key
+already stored is never executed again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from qmtl_core import ledger, runs
+from qmtl_core.campaign import Action, RunSummary, StrategyState, WorldState, tick, worst_exit
+from qmtl_core.errors import ConflictError
+from qmtl_core.risk import latest_snapshot
+from qmtl_core.store import schema
+from qmtl_core.timeutil import iso, parse_instant
+
+if TYPE_CHECKING:
+    from qmtl_core.service._service import LoadedWorld, WorldService
+
+#: How many tick → execute rounds one iteration runs per world (evaluate, then promote, ...).
+MAX_ROUNDS = 5
+
+
+def new_holder() -> str:
+    """A lease holder id unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _time(text: str | None) -> datetime | None:
+    return parse_instant(text) if text else None
+
+
+def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
+    """Read what ``tick`` needs: strategies, the latest run revision per stage, snapshot, halt.
+
+    One query for all runs of the world, without their returns, so the cost is linear in the
+    number of strategies and flat in the length of their history.
+    """
+    world = loaded.world_id
+    st, er, rr = schema.strategies, schema.evaluation_runs, schema.run_revisions
+    stages = {r.strategy_id: r.stage for r in conn.execute(
+        sa.select(st.c.strategy_id, st.c.stage).where(st.c.world_id == world))}
+    query = (sa.select(er.c.strategy_id, er.c.stage, er.c.run_id, er.c.updated_at, er.c.id,
+                       rr.c.revision, rr.c.status, rr.c.policy_version, rr.c.content_hash,
+                       rr.c.metrics, rr.c.rule_results, rr.c.window)
+             .join(rr, sa.and_(rr.c.run_pk == er.c.id, rr.c.revision == er.c.latest_revision))
+             .where(er.c.world_id == world)
+             .order_by(er.c.updated_at, er.c.id))
+    latest: dict[str, dict[str, RunSummary]] = {}
+    for row in conn.execute(query):
+        window = row.window or {}
+        latest.setdefault(row.strategy_id, {})[row.stage] = RunSummary(
+            row.run_id, row.revision, row.status, row.policy_version, row.content_hash,
+            row.metrics or {}, tuple(row.rule_results or ()), _time(window.get("start")),
+            _time(window.get("end")), int(window.get("n_observations") or 0))
+    halted = conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar()
+    strategies = tuple(StrategyState(sid, stage, latest.get(sid, {})) for sid, stage in sorted(stages.items()))
+    return WorldState(world, loaded.policy, strategies, latest_snapshot(conn, world), bool(halted))
+
+
+# --- leases ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a world's campaign lease, until when."""
+
+    world: str
+    holder: str
+    expires_at: datetime
+    acquired: bool
+
+
+def acquire_lease(conn: Connection, world: str, holder: str, now: datetime, ttl: timedelta) -> Lease:
+    """Take (or renew) the world's lease unless another live holder has it; an expired one is taken over."""
+    ledger.lock(conn)  # one writer at a time on both backends: no lost race on the lease row
+    t = schema.leases
+    row = conn.execute(sa.select(t).where(t.c.world_id == world)).first()
+    expires = now + ttl
+    if row is not None and row.holder != holder and parse_instant(row.expires_at) > now:
+        return Lease(world, row.holder, parse_instant(row.expires_at), False)
+    if row is None:
+        conn.execute(sa.insert(t).values(world_id=world, holder=holder, acquired_at=iso(now),
+                                         expires_at=iso(expires)))
+    else:
+        if row.holder != holder:
+            ledger.append(conn, actor=holder, kind="campaign.lease_taken_over", now=now, world=world,
+                          subject=f"lease held by {row.holder}",
+                          reason=f"expired at {row.expires_at}")
+        conn.execute(sa.update(t).where(t.c.world_id == world).values(
+            holder=holder, acquired_at=iso(now) if row.holder != holder else row.acquired_at,
+            expires_at=iso(expires)))
+    return Lease(world, holder, expires, True)
+
+
+def release_lease(conn: Connection, world: str, holder: str) -> None:
+    """Give the lease back (only if we still hold it)."""
+    t = schema.leases
+    conn.execute(sa.delete(t).where(t.c.world_id == world, t.c.holder == holder))
+
+
+# --- execution --------------------------------------------------------------------------------------
+def executed(conn: Connection, key: str) -> bool:
+    """Whether an action with this idempotency key was ever executed."""
+    t = schema.campaign_actions
+    return conn.execute(sa.select(t.c.idempotency_key).where(t.c.idempotency_key == key)).first() is not None
+
+
+def _set_stage(conn: Connection, action: Action, *, expect: str, to: str, actor: str, now: datetime) -> dict[str, Any]:
+    t = schema.strategies
+    row = conn.execute(sa.select(t.c.stage).where(t.c.world_id == action.world,
+                                                  t.c.strategy_id == action.strategy_id)).first()
+    if row is None or row.stage != expect:
+        raise ConflictError(f"{action.strategy_id} is no longer in {expect} (now "
+                            f"{row.stage if row else 'unknown'}); the plan is stale",
+                            hint="run the loop again", code="stale_plan")
+    conn.execute(sa.update(t).where(t.c.world_id == action.world, t.c.strategy_id == action.strategy_id)
+                 .values(stage=to, updated_at=iso(now)))
+    kind = "strategy.promoted" if action.action == "promote_to_paper" else "strategy.demoted"
+    ledger.append(conn, actor=actor, kind=kind, now=now, world=action.world,
+                  subject=f"{action.strategy_id} {expect} -> {to}", reason=action.detail,
+                  payload={"strategy_id": action.strategy_id, "from": expect, "to": to,
+                           "evidence": (action.suggested_body or {}).get("evidence"),
+                           "idempotency_key": action.idempotency_key})
+    return {"from": expect, "to": to}
+
+
+def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: str, now: datetime) -> dict[str, Any]:
+    """Execute one action with its key, in the caller's write transaction. Returns the outcome."""
+    ledger.lock(conn)
+    if executed(conn, action.idempotency_key):
+        return {"status": "skipped", "why": "already_executed"}
+    if action.action == "evaluate":
+        rev = runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
+                                       strategy_id=action.strategy_id, stage=action.stage,
+                                       run_id=action.suggested_run_id, metrics=None, returns=None,
+                                       actor=actor, now=now)
+        result: dict[str, Any] = {"run_id": rev.run_id, "revision": rev.revision, "run_status": rev.status,
+                                  "created": rev.created}
+    elif action.action == "promote_to_paper":
+        result = _set_stage(conn, action, expect="backtest", to="paper", actor=actor, now=now)
+    elif action.action == "demote":
+        result = _set_stage(conn, action, expect="live", to="paper", actor=actor, now=now)
+    else:
+        return {"status": "not_executed", "why": f"{action.action} is not executed by the campaign loop"}
+    conn.execute(sa.insert(schema.campaign_actions).values(
+        idempotency_key=action.idempotency_key, world_id=action.world, strategy_id=action.strategy_id,
+        action=action.action, stage=action.stage, status="executed", result=result,
+        executed_at=iso(now), executed_by=actor))
+    ledger.append(conn, actor=actor, kind="campaign.executed", now=now, world=action.world,
+                  subject=f"{action.action} {action.strategy_id} ({action.stage})", reason=action.detail,
+                  payload={"idempotency_key": action.idempotency_key, "action": action.action,
+                           "result": result})
+    return {"status": "executed", **result}
+
+
+# --- one loop iteration -------------------------------------------------------------------------------
+@dataclass
+class WorldOutcome:
+    """What an iteration did for one world."""
+
+    world: str
+    status: str  # planned | executed | busy | error
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    holder: str | None = None
+    message: str | None = None
+    exit_code: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"world": self.world, "status": self.status, "exit_code": self.exit_code,
+                "holder": self.holder, "message": self.message, "actions": self.actions}
+
+
+def plan_world(service: "WorldService", world: str) -> tuple["LoadedWorld", list[Action]]:
+    """Tick one world from the store, changing nothing."""
+    loaded = service.load_world(world, record=False)
+    with service.store.read() as conn:
+        state = load_state(conn, loaded)
+    return loaded, tick(state, service.clock())
+
+
+def run_world(service: "WorldService", world: str, *, execute_actions: bool, holder: str,
+              lease_ttl: timedelta, on_action: Callable[[dict[str, Any]], None] | None = None) -> WorldOutcome:
+    """Plan (and with ``execute_actions``, execute) one world under its lease."""
+    from qmtl_core.errors import QmtlError
+
+    if not execute_actions:
+        _, actions = plan_world(service, world)
+        docs = [{**a.to_dict(), "outcome": "planned"} for a in actions]
+        return WorldOutcome(world, "planned", docs,
+                            exit_code=worst_exit([a.exit_class for a in actions]))
+    loaded = service.load_world(world)
+    with service.store.write() as conn:
+        lease = acquire_lease(conn, world, holder, service.clock(), lease_ttl)
+    if not lease.acquired:
+        return WorldOutcome(world, "busy", holder=lease.holder, exit_code=75,
+                            message=f"leased by {lease.holder} until {iso(lease.expires_at)[:19]}Z")
+    docs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    final: list[Action] = []
+    try:
+        for _ in range(MAX_ROUNDS):
+            with service.store.read() as conn:
+                final = tick(load_state(conn, loaded), service.clock())
+            todo = [a for a in final if a.executable and a.idempotency_key not in seen]
+            if not todo:
+                break
+            for action in todo:
+                seen.add(action.idempotency_key)
+                try:
+                    with service.store.write() as conn:
+                        if acquire_lease(conn, world, holder, service.clock(), lease_ttl).acquired is False:
+                            raise QmtlError("lost the lease mid-iteration", code="lease_lost")
+                        outcome = execute(conn, loaded, action, actor=service.actor, now=service.clock())
+                except ConflictError as exc:
+                    outcome = {"status": "skipped", "why": exc.code, "message": exc.message}
+                doc = {**action.to_dict(), "outcome": outcome["status"], "result": outcome}
+                docs.append(doc)
+                if on_action is not None:
+                    on_action(doc)
+    finally:
+        with service.store.write() as conn:
+            release_lease(conn, world, holder)
+    # Report the state the world is left in: what was done, then what still stands.
+    done = {d["idempotency_key"] for d in docs}
+    for action in final:
+        if action.idempotency_key not in done:
+            docs.append({**action.to_dict(), "outcome": "planned" if action.executable else "reported"})
+    pending = [a.exit_class for a in final if not a.executable]
+    return WorldOutcome(world, "executed", docs, exit_code=worst_exit(pending))
+
+
+def run_iteration(service: "WorldService", worlds: Sequence[str], *, execute_actions: bool, holder: str,
+                  lease_ttl: timedelta, on_action: Callable[[dict[str, Any]], None] | None = None,
+                  on_world: Callable[[str], None] | None = None) -> list[WorldOutcome]:
+    """One pass of the loop over ``worlds``."""
+    out = []
+    for world in worlds:
+        if on_world is not None:
+            on_world(world)
+        out.append(run_world(service, world, execute_actions=execute_actions, holder=holder,
+                             lease_ttl=lease_ttl, on_action=on_action))
+    return out
+
+
+def iteration_exit(outcomes: Sequence[WorldOutcome]) -> int:
+    """75 when every world was busy; else the most severe of the worlds' 0/10/11/12."""
+    if outcomes and all(o.status == "busy" for o in outcomes):
+        return 75
+    return worst_exit([o.exit_code for o in outcomes if o.status != "busy"])
