@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from qmtl_core.campaign import Action, CampaignView
     from qmtl_core.controlbus import ControlBus
+    from qmtl_core.domains import DecisionEnvelope
     from qmtl_core.service._campaign import WorldOutcome
     from qmtl_core.datafiles import ReturnsTable
     from qmtl_core.evaluation import CohortEvaluation
@@ -313,6 +314,38 @@ class WorldService:
     def world_names(self) -> list[str]:
         """Every world in the worlds directory."""
         return [p.stem for p in world_files(self.settings.worlds_dir)]
+
+    # -- decisions ---------------------------------------------------------------------------------
+    def decision(self, world: str, strategy_id: str) -> "DecisionEnvelope":
+        """The world's decision envelope for a strategy now; recorded when it changes (by etag)."""
+        import sqlalchemy as sa
+
+        from qmtl_core import ledger
+        from qmtl_core.governance import derive_decision
+        from qmtl_core.store import schema
+        from qmtl_core.timeutil import iso
+
+        loaded = self.load_world(world)
+        now = self.clock()
+        with self.store.write() as conn:
+            st = schema.strategies
+            row = conn.execute(sa.select(st.c.stage).where(st.c.world_id == world,
+                                                            st.c.strategy_id == strategy_id)).first()
+            halted = conn.execute(sa.select(schema.worlds.c.halted)
+                                  .where(schema.worlds.c.world_id == world)).scalar()
+            envelope = derive_decision(loaded.policy, strategy_id, stage=row.stage if row else None,
+                                       live_active=bool(row and row.stage == "live"), halted=bool(halted),
+                                       now=now)
+            d = schema.decisions
+            last = conn.execute(sa.select(d.c.etag).where(d.c.world_id == world, d.c.strategy_id == strategy_id)
+                                .order_by(d.c.id.desc()).limit(1)).scalar()
+            if last != envelope.etag:
+                ledger.lock(conn)
+                conn.execute(sa.insert(d).values(
+                    world_id=world, strategy_id=strategy_id, effective_mode=envelope.effective_mode,
+                    reason=envelope.reason, as_of=iso(now), ttl_sec=envelope.ttl_sec, etag=envelope.etag,
+                    policy_version=envelope.policy_version, created_at=iso(now)))
+        return envelope
 
     # -- risk hub ----------------------------------------------------------------------------------
     def put_risk_snapshot(self, snapshot: "RiskSnapshot") -> tuple["StoredSnapshot", bool]:
