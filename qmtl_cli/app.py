@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from qmtl_cli._state import CliState, set_current
-from qmtl_cli.commands import audit, campaign, config, risk, world, world_evaluate  # noqa: F401 (registers commands)
+from qmtl_cli.commands import audit, campaign, config, governance, risk, world, world_evaluate  # noqa: F401 (registers commands)
 
 app = typer.Typer(
     name="qmtl",
@@ -21,6 +21,7 @@ app = typer.Typer(
     epilog="Exit codes: 0 done, 1 bug, 2 bad input, 3 not found, 4 conflict, 10 blocked by policy, "
            "11 waiting, 12 fail-closed, 75 busy.",
 )
+governance.register(app)
 app.add_typer(world.app, name="world")
 app.add_typer(risk.app, name="risk")
 app.add_typer(audit.app, name="audit")

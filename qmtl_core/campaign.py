@@ -24,7 +24,7 @@ from typing import Any
 from qmtl_core.canonical import content_hash
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._durations import format_duration
-from qmtl_core.risk import Freshness, StoredSnapshot, freshness
+from qmtl_core.risk import INCOMPLETE, Freshness, StoredSnapshot, freshness
 from qmtl_core.runs import INSUFFICIENT, suggested_run_id
 from qmtl_core.timeutil import iso
 
@@ -34,13 +34,13 @@ PHASES: dict[str, str] = {"backtest": "backtest_campaign", "paper": "paper_campa
 #: Actions the loop executes; the others only report.
 EXECUTABLE = frozenset({"evaluate", "promote_to_paper", "request_live_approval", "apply_live", "demote"})
 
-WAITING_REASONS = frozenset({"window_incomplete", "awaiting_data", "approval_pending"})
+WAITING_REASONS = frozenset({"window_incomplete", "awaiting_data", "approval_pending", "approval_required"})
 BLOCKED_REASONS = frozenset({"validation_failed", "backtest_window_incomplete", "allow_live_false",
                              "promotion_disabled", "world_halted", "cooldown_active",
                              "max_live_slots_exceeded", "not_in_paper", "paper_window_incomplete",
-                             "approval_required", "approvals_expired", "evidence_changed"})
+                             "approvals_expired", "evidence_changed"})
 FAIL_CLOSED_REASONS = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
-                                 "risk_snapshot_incomplete", "insufficient_data", "governance_unavailable"})
+                                 "risk_snapshot_incomplete", "insufficient_data"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class StrategyState:
     strategy_id: str
     stage: str
     runs: Mapping[str, RunSummary] = field(default_factory=dict)
+    submitter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class WorldState:
     strategies: tuple[StrategyState, ...]
     snapshot: StoredSnapshot | None = None
     halted: bool = False
+    live_strategies: frozenset[str] = frozenset()
+    last_live_promotion_at: datetime | None = None
+    #: Open promotion requests by strategy (``qmtl_core.governance.RequestView``).
+    requests: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -203,10 +208,19 @@ class _Ticker:
         self.policy = state.policy
         self.now = now
         self.snap = state.snapshot
+        # ``freshness(snap, strategy_id=s)`` depends on ``s`` only through "does the snapshot cover
+        # it", and each call rebuilds the snapshot's covered set: O(strategies x snapshot) per tick.
+        # Ask once for the world, keep the set, and answer per strategy from them (same results).
+        self._world_fresh = freshness(self.snap, now=now, max_age=self.policy.risk.snapshot_max_age)
+        self._covered = self.snap.snapshot.covered() if self.snap is not None else set()
 
     def fresh(self, strategy_id: str) -> Freshness:
-        return freshness(self.snap, now=self.now, max_age=self.policy.risk.snapshot_max_age,
-                         strategy_id=strategy_id)
+        world = self._world_fresh
+        if world.ok and self.snap is not None and strategy_id not in self._covered:
+            version = self.snap.snapshot.version  # what freshness() answers for an uncovered strategy
+            return Freshness("stale", INCOMPLETE, f"snapshot {version} does not cover strategy "
+                             f"{strategy_id}", version)
+        return world
 
     def make(self, s: StrategyState, action: str, reason: str, detail: str, *, stage: str | None = None,
              requires: tuple[str, ...] = (), evidence: Mapping[str, Any] | None = None,
@@ -289,17 +303,38 @@ class _Ticker:
         return self.live_promotion(s, run, prog, fresh)
 
     def live_promotion(self, s: StrategyState, run: RunSummary, prog: Progress, fresh: Freshness) -> Action:
-        ev = {"run": _run_evidence(run), "snapshot": self.snap.content_hash if self.snap else None}
-        if not self.policy.allow_live:
-            return self.make(s, "blocked", "allow_live_false", "the world sets allow_live: false",
+        """Hand the paper → live step to the governance gate and turn its answer into an action."""
+        from qmtl_core.governance._gate import FAIL_CLOSED, GateInput, promotion_gate
+
+        request = self.state.requests.get(s.strategy_id)
+        gate = promotion_gate(GateInput(
+            self.policy, s.strategy_id, s.stage, run, self.snap, self.state.halted, self.state.live_strategies,
+            self.state.last_live_promotion_at, s.submitter, request), self.now)
+        ev = {"gate_evidence": gate.evidence_hash, "request": request.request_id if request else None,
+              "approvals": list(gate.valid_approvals), "codes": gate.codes}
+        detail = "; ".join(f"{r.code}: {r.detail}" for r in gate.reasons)
+        body = {"strategy_id": s.strategy_id, "from_stage": "paper", "to_stage": "live",
+                "evidence_hash": gate.evidence_hash}
+        if gate.allowed:
+            return self.make(s, "apply_live", "gates_pass", f"{prog.label()}; every gate passes"
+                             + (f"; approved by {', '.join(gate.valid_approvals)}" if gate.valid_approvals else ""),
+                             requires=("governance",) + ((f"request:{request.request_id}",) if request else ()),
+                             evidence=ev, body=body)
+        codes = set(gate.codes)
+        if codes <= {"approval_required", "approvals_expired"}:
+            if request is None:
+                return self.make(s, "request_live_approval", "approval_required",
+                                 f"{prog.label()}; every other gate passes: open a request for "
+                                 f"{self.policy.live_promotion.required_approvals} approvals",
+                                 requires=("approvers",), evidence=ev, body=body)
+            return self.make(s, "observe", "approval_pending", f"request {request.request_id}: {detail}",
                              evidence=ev)
-        mode = self.policy.live_promotion.mode
-        if mode == "disabled":
-            return self.make(s, "blocked", "promotion_disabled", "live promotion is disabled in this world",
-                             evidence=ev)
-        return self.make(s, "blocked", "governance_unavailable",
-                         f"{prog.label()} and gates pass; live promotion ({mode}) needs governance, "
-                         "which this version of qmtl does not provide", evidence=ev)
+        # A standing refusal says more than stale evidence (it will never pass); then fail-closed.
+        standing = ("allow_live_false", "promotion_disabled", "world_halted")
+        worst = (next((r for r in gate.reasons if r.code in standing), None)
+                 or next((r for r in gate.reasons if r.code in FAIL_CLOSED), None)
+                 or next(r for r in gate.reasons if r.code not in ("approval_required", "approvals_expired")))
+        return self.make(s, "blocked", worst.code, detail, evidence=ev)
 
     def live(self, s: StrategyState) -> Action:
         run = s.runs.get("live")

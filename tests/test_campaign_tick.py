@@ -124,7 +124,20 @@ def test_paper_window_incomplete_waits_and_complete_goes_to_governance() -> None
     assert a.detail == "paper 20/30d, 15/20 obs"
     done = StrategyState("s", "paper", {"paper": _run("paper", days=31, n=25, end=end)})
     b = _one(_world(done))
-    assert (b.action, b.reason, b.exit_class) == ("blocked", "governance_unavailable", 12)
+    assert (b.action, b.reason, b.exit_class) == ("blocked", "risk_snapshot_missing", 12)
+    snap = _snap({"s": 25})  # the same returns the paper run saw: no new data, fresh evidence
+    c = _one(_world(done, snapshot=snap))
+    assert (c.action, c.reason, c.exit_class) == ("request_live_approval", "approval_required", 11)
+    from qmtl_core.governance import Approval, RequestView
+
+    evidence = c.suggested_body["evidence_hash"]
+    waiting = RequestView("pr-1", "cron", evidence, NOW - timedelta(hours=1))
+    state = WorldState("w", POLICY, (done,), snap, requests={"s": waiting})
+    assert (_one(state).action, _one(state).reason) == ("observe", "approval_pending")
+    approved = RequestView("pr-1", "cron", evidence, NOW - timedelta(hours=1),
+                           (Approval("bob", "approve", evidence, NOW - timedelta(minutes=5)),))
+    d = _one(WorldState("w", POLICY, (done,), snap, requests={"s": approved}))
+    assert (d.action, d.exit_class) == ("apply_live", 0) and d.executable
     failed = StrategyState("s", "paper", {"paper": _run("paper", "fail", days=31, n=25, end=end)})
     assert _one(_world(failed)).reason == "validation_failed"
 

@@ -22,6 +22,8 @@ from sqlalchemy.engine import Connection
 from qmtl_core import ledger, runs
 from qmtl_core.campaign import Action, RunSummary, StrategyState, WorldState, tick, worst_exit
 from qmtl_core.errors import ConflictError
+from qmtl_core.governance._activations import set_stage
+from qmtl_core.governance._requests import apply_if_allowed, governance_state, promote
 from qmtl_core.risk import latest_snapshot
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso, parse_instant
@@ -45,29 +47,48 @@ def _time(text: str | None) -> datetime | None:
 def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
     """Read what ``tick`` needs: strategies, the latest run revision per stage, snapshot, halt.
 
-    One query for all runs of the world, without their returns, so the cost is linear in the
-    number of strategies and flat in the length of their history.
+    One query for the world's latest run per strategy and stage, without their returns, so the
+    cost is linear in the number of strategies and flat in the length of their history: neither
+    the returns stored per revision nor the runs a daily loop leaves behind are read or decoded.
     """
     world = loaded.world_id
     st, er, rr = schema.strategies, schema.evaluation_runs, schema.run_revisions
     stages = {r.strategy_id: r.stage for r in conn.execute(
         sa.select(st.c.strategy_id, st.c.stage).where(st.c.world_id == world))}
-    query = (sa.select(er.c.strategy_id, er.c.stage, er.c.run_id, er.c.updated_at, er.c.id,
+    # The latest run per (strategy, stage) by (updated_at, id), ranked in the database on the index
+    # alone; only the winners' revisions are fetched and their JSON decoded.
+    ranked = (sa.select(er.c.strategy_id, er.c.stage, er.c.run_id, rr.c.id.label("rev_pk"),
+                        sa.func.row_number().over(partition_by=(er.c.strategy_id, er.c.stage),
+                                                  order_by=(er.c.updated_at.desc(), er.c.id.desc()))
+                        .label("rank"))
+              .join(rr, sa.and_(rr.c.run_pk == er.c.id, rr.c.revision == er.c.latest_revision))
+              .where(er.c.world_id == world)
+              .subquery())
+    query = (sa.select(ranked.c.strategy_id, ranked.c.stage, ranked.c.run_id,
                        rr.c.revision, rr.c.status, rr.c.policy_version, rr.c.content_hash,
                        rr.c.metrics, rr.c.rule_results, rr.c.window)
-             .join(rr, sa.and_(rr.c.run_pk == er.c.id, rr.c.revision == er.c.latest_revision))
-             .where(er.c.world_id == world)
-             .order_by(er.c.updated_at, er.c.id))
+             .join(rr, rr.c.id == ranked.c.rev_pk)
+             .where(ranked.c.rank == 1))
     latest: dict[str, dict[str, RunSummary]] = {}
+    times: dict[str | None, datetime | None] = {}  # runs of one cohort share their window's ends
+
+    def at(text: str | None) -> datetime | None:
+        if text not in times:
+            times[text] = _time(text)
+        return times[text]
+
     for row in conn.execute(query):
         window = row.window or {}
         latest.setdefault(row.strategy_id, {})[row.stage] = RunSummary(
             row.run_id, row.revision, row.status, row.policy_version, row.content_hash,
-            row.metrics or {}, tuple(row.rule_results or ()), _time(window.get("start")),
-            _time(window.get("end")), int(window.get("n_observations") or 0))
+            row.metrics or {}, tuple(row.rule_results or ()), at(window.get("start")),
+            at(window.get("end")), int(window.get("n_observations") or 0))
     halted = conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar()
-    strategies = tuple(StrategyState(sid, stage, latest.get(sid, {})) for sid, stage in sorted(stages.items()))
-    return WorldState(world, loaded.policy, strategies, latest_snapshot(conn, world), bool(halted))
+    gov = governance_state(conn, world)
+    strategies = tuple(StrategyState(sid, stage, latest.get(sid, {}), gov["submitters"].get(sid))
+                       for sid, stage in sorted(stages.items()))
+    return WorldState(world, loaded.policy, strategies, latest_snapshot(conn, world), bool(halted),
+                      gov["live_strategies"], gov["last_live_promotion_at"], gov["requests"])
 
 
 # --- leases ------------------------------------------------------------------------------------------
@@ -116,30 +137,12 @@ def executed(conn: Connection, key: str) -> bool:
     return conn.execute(sa.select(t.c.idempotency_key).where(t.c.idempotency_key == key)).first() is not None
 
 
-def _set_stage(conn: Connection, action: Action, *, expect: str, to: str, actor: str, now: datetime) -> dict[str, Any]:
-    t = schema.strategies
-    row = conn.execute(sa.select(t.c.stage).where(t.c.world_id == action.world,
-                                                  t.c.strategy_id == action.strategy_id)).first()
-    if row is None or row.stage != expect:
-        raise ConflictError(f"{action.strategy_id} is no longer in {expect} (now "
-                            f"{row.stage if row else 'unknown'}); the plan is stale",
-                            hint="run the loop again", code="stale_plan")
-    conn.execute(sa.update(t).where(t.c.world_id == action.world, t.c.strategy_id == action.strategy_id)
-                 .values(stage=to, updated_at=iso(now)))
-    kind = "strategy.promoted" if action.action == "promote_to_paper" else "strategy.demoted"
-    ledger.append(conn, actor=actor, kind=kind, now=now, world=action.world,
-                  subject=f"{action.strategy_id} {expect} -> {to}", reason=action.detail,
-                  payload={"strategy_id": action.strategy_id, "from": expect, "to": to,
-                           "evidence": (action.suggested_body or {}).get("evidence"),
-                           "idempotency_key": action.idempotency_key})
-    return {"from": expect, "to": to}
-
-
 def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: str, now: datetime) -> dict[str, Any]:
     """Execute one action with its key, in the caller's write transaction. Returns the outcome."""
     ledger.lock(conn)
     if executed(conn, action.idempotency_key):
         return {"status": "skipped", "why": "already_executed"}
+    notify: list[dict[str, Any]] = []
     if action.action == "evaluate":
         rev = runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
                                        strategy_id=action.strategy_id, stage=action.stage,
@@ -148,9 +151,28 @@ def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: s
         result: dict[str, Any] = {"run_id": rev.run_id, "revision": rev.revision, "run_status": rev.status,
                                   "created": rev.created}
     elif action.action == "promote_to_paper":
-        result = _set_stage(conn, action, expect="backtest", to="paper", actor=actor, now=now)
+        evidence = (action.suggested_body or {}).get("evidence") or {}
+        version = set_stage(conn, policy=loaded.policy, strategy_id=action.strategy_id, expect="backtest", to="paper",
+                            actor=actor, now=now, kind="strategy.promoted", reason=action.detail,
+                            run_id=evidence.get("run_id"),
+                            payload={"evidence": evidence, "idempotency_key": action.idempotency_key})
+        result = {"from": "backtest", "to": "paper", "set_version": version}
     elif action.action == "demote":
-        result = _set_stage(conn, action, expect="live", to="paper", actor=actor, now=now)
+        version = set_stage(conn, policy=loaded.policy, strategy_id=action.strategy_id, expect="live", to="paper",
+                            actor=actor, now=now, kind="strategy.demoted", reason=action.detail,
+                            payload={"evidence": (action.suggested_body or {}).get("evidence"),
+                                     "idempotency_key": action.idempotency_key})
+        result = {"from": "live", "to": "paper", "set_version": version}
+    elif action.action in ("request_live_approval", "apply_live"):
+        if action.action == "request_live_approval":
+            outcome = promote(conn, loaded.policy, action.strategy_id, actor=actor, now=now,
+                              reason="campaign loop: paper window and gates satisfied")
+        else:
+            outcome = apply_if_allowed(conn, loaded.policy, action.strategy_id,
+                                       expected_evidence=(action.suggested_body or {}).get("evidence_hash"),
+                                       actor=actor, now=now)
+        result = {"governance": outcome.status, "request_id": outcome.request_id, "message": outcome.message}
+        notify = outcome.notify
     else:
         return {"status": "not_executed", "why": f"{action.action} is not executed by the campaign loop"}
     conn.execute(sa.insert(schema.campaign_actions).values(
@@ -161,7 +183,7 @@ def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: s
                   subject=f"{action.action} {action.strategy_id} ({action.stage})", reason=action.detail,
                   payload={"idempotency_key": action.idempotency_key, "action": action.action,
                            "result": result})
-    return {"status": "executed", **result}
+    return {"status": "executed", **result, **({"notify": notify} if notify else {})}
 
 
 # --- one loop iteration -------------------------------------------------------------------------------
@@ -225,6 +247,8 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                         outcome = execute(conn, loaded, action, actor=service.actor, now=service.clock())
                 except ConflictError as exc:
                     outcome = {"status": "skipped", "why": exc.code, "message": exc.message}
+                if outcome.get("notify"):
+                    outcome["notifications"] = service._notify(loaded, outcome.pop("notify"))
                 doc = {**action.to_dict(), "outcome": outcome["status"], "result": outcome}
                 docs.append(doc)
                 if on_action is not None:

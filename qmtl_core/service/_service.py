@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from qmtl_core.canonical import content_hash
 from qmtl_core.config import Settings
 from qmtl_core.errors import QmtlError, UsageError
+from qmtl_core.service._governance import GovernanceMixin
 from qmtl_core.timeutil import utcnow
 from qmtl_core.world_files import world_files, world_path
 
@@ -98,15 +99,23 @@ def policy_hash(policy: "WorldPolicy") -> str:
     return content_hash(policy.model_dump(mode="json"))
 
 
-class WorldService:
+class WorldService(GovernanceMixin):
     """Facade over policies, store and ledger; the only place state changes happen."""
 
     def __init__(self, settings: Settings, *, store: "Store | None" = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, actor: str | None = None) -> None:
         self.settings = settings
         self._store = store
         self.clock = clock
         self._bus: "ControlBus | None" = None
+        self._actor = actor
+
+    def as_actor(self, actor: str) -> "WorldService":
+        """The same facade (store, clock, bus) acting as ``actor``: the server uses it for the
+        token's actor; local mode never does (there the actor is the OS user)."""
+        other = WorldService(self.settings, store=self.store, clock=self.clock, actor=actor)
+        other._bus = self.bus
+        return other
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -129,8 +138,8 @@ class WorldService:
 
     @property
     def actor(self) -> str:
-        """Who is acting (the OS user in local mode)."""
-        return self.settings.identity()
+        """Who is acting: the OS user in local mode, the token's actor behind the server."""
+        return self._actor if self._actor is not None else self.settings.identity()
 
     def close(self) -> None:
         """Release the store's connections."""
@@ -320,32 +329,21 @@ class WorldService:
         """The world's decision envelope for a strategy now; recorded when it changes (by etag)."""
         import sqlalchemy as sa
 
-        from qmtl_core import ledger
-        from qmtl_core.governance import derive_decision
+        from qmtl_core.governance._activations import current_set, record_decision
         from qmtl_core.store import schema
-        from qmtl_core.timeutil import iso
 
         loaded = self.load_world(world)
-        now = self.clock()
         with self.store.write() as conn:
             st = schema.strategies
             row = conn.execute(sa.select(st.c.stage).where(st.c.world_id == world,
                                                             st.c.strategy_id == strategy_id)).first()
             halted = conn.execute(sa.select(schema.worlds.c.halted)
                                   .where(schema.worlds.c.world_id == world)).scalar()
-            envelope = derive_decision(loaded.policy, strategy_id, stage=row.stage if row else None,
-                                       live_active=bool(row and row.stage == "live"), halted=bool(halted),
-                                       now=now)
-            d = schema.decisions
-            last = conn.execute(sa.select(d.c.etag).where(d.c.world_id == world, d.c.strategy_id == strategy_id)
-                                .order_by(d.c.id.desc()).limit(1)).scalar()
-            if last != envelope.etag:
-                ledger.lock(conn)
-                conn.execute(sa.insert(d).values(
-                    world_id=world, strategy_id=strategy_id, effective_mode=envelope.effective_mode,
-                    reason=envelope.reason, as_of=iso(now), ttl_sec=envelope.ttl_sec, etag=envelope.etag,
-                    policy_version=envelope.policy_version, created_at=iso(now)))
-        return envelope
+            activation = current_set(conn, world)[1].get(strategy_id)
+            return record_decision(conn, loaded.policy, strategy_id, stage=row.stage if row else None,
+                                   live_active=activation is not None and activation.stage == "live",
+                                   halted=bool(halted), now=self.clock(),
+                                   activation_etag=activation.etag if activation else None)
 
     # -- risk hub ----------------------------------------------------------------------------------
     def put_risk_snapshot(self, snapshot: "RiskSnapshot") -> tuple["StoredSnapshot", bool]:

@@ -1,0 +1,238 @@
+"""Governance commands: ``qmtl promote|approve|reject`` and ``qmtl world decision|rollback|halt|resume|demote|history``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from qmtl_cli._output import emit, styled, table
+from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._state import state
+from qmtl_cli.commands.world import app as world_app
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from qmtl_core.governance._requests import Outcome
+
+ReasonOption = Annotated[Optional[str], typer.Option("--reason", "-r", help="Why (recorded in the ledger).")]
+
+
+def _age(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def render_outcome(c: "Console", outcome: "Outcome") -> None:
+    """A promotion/approval outcome with every gate reason."""
+    colour = {"applied": "green", "pending": "yellow", "planned": "cyan", "rejected": "magenta"}.get(
+        outcome.status, "red")
+    c.print(f"[{colour}]{outcome.status}[/{colour}]  {outcome.strategy_id} in {outcome.world}: {outcome.message}",
+            markup=True)
+    gate = outcome.gate
+    if gate is not None:
+        for r in gate.reasons:
+            c.print(f"  - {r.code}: {r.detail}", markup=False)
+        c.print(f"  evidence {gate.evidence_hash[:16]}"
+                + (f"; approvals counted: {', '.join(gate.valid_approvals)}" if gate.valid_approvals else ""))
+    for n in outcome.extra.get("notifications", []):
+        if not n["ok"]:
+            c.print(f"  notification {n['event']} not delivered: {n['error']} (recorded in the ledger)")
+
+
+def _finish(ctx: typer.Context, outcome: "Outcome") -> None:
+    from qmtl_core.errors import EvidenceChanged
+
+    if outcome.status == "voided":
+        raise EvidenceChanged(outcome.message, details=outcome.to_dict())
+    emit(outcome.to_dict(), json_mode=state(ctx).json, human=lambda c: render_outcome(c, outcome))
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
+
+
+def promote(
+    ctx: typer.Context,
+    strategy: Annotated[Optional[str], typer.Argument(help="Strategy id to take live.")] = None,
+    world: Annotated[Optional[str], typer.Option("--world", "-w", help="World name.")] = None,
+    reason: ReasonOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every block reason; write nothing.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List pending requests with age and approvals.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="With --list: closed requests too.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Ask to take a paper strategy live (or --list open requests).
+
+    The world's governance decides: manual_approval opens a request bound to the evidence (exit
+    11 until approved), auto_apply applies when every gate passes, and a block names every reason
+    (exit 10, or 12 when evidence is missing or stale). Blocks are recorded in the ledger.
+    """
+    from qmtl_core.errors import UsageError
+
+    service = state(ctx).service()
+    if list_:
+        if strategy is not None:
+            raise UsageError("--list takes no strategy")
+        rows = service.promotion_requests(world=world, include_closed=all_)
+
+        def human(c: "Console") -> None:
+            if not rows:
+                c.print("no pending promotion requests" if not all_ else "no promotion requests")
+                return
+            c.print(table(None, ["request", "world", "strategy", "status", "age", "approvals", "requester",
+                                 "evidence"],
+                          [[r["request_id"], r["world"], r["strategy_id"], r["status"], _age(r["age_seconds"]),
+                            f"{sum(1 for a in r['approvals'] if a['decision'] == 'approve')}/"
+                            f"{r.get('required_approvals') or '?'}", r["requester"], r["evidence_hash"][:12]]
+                           for r in rows]))
+
+        emit({"requests": rows}, json_mode=state(ctx).json, human=human)
+        return
+    if strategy is None or world is None:
+        raise UsageError("give STRATEGY and --world W (or --list)", hint="e.g. qmtl promote sma_10_30 --world demo")
+    _finish(ctx, service.promote(world, strategy, reason=reason, dry_run=dry_run))
+
+
+def approve(
+    ctx: typer.Context,
+    request: Annotated[str, typer.Argument(help="Request id (qmtl promote --list).")],
+    reason: ReasonOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Approve a promotion request as yourself (the OS user locally, the token's actor remotely).
+
+    You must be a listed approver, not the requester or the strategy's submitter; your approval
+    counts once and only for the evidence the request was opened on (changed evidence voids the
+    request: exit 4). The last required approval applies the promotion if every gate passes.
+    """
+    _finish(ctx, state(ctx).service().decide_request(request, decision="approve", reason=reason or ""))
+
+
+def reject(
+    ctx: typer.Context,
+    request: Annotated[str, typer.Argument(help="Request id (qmtl promote --list).")],
+    reason: ReasonOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Reject a promotion request as yourself (same rules as approve); the request closes."""
+    _finish(ctx, state(ctx).service().decide_request(request, decision="reject", reason=reason or ""))
+
+
+def _required_reason(reason: str | None, what: str) -> str:
+    from qmtl_core.errors import UsageError
+
+    if not reason or not reason.strip():
+        raise UsageError(f"{what} needs --reason", hint='e.g. --reason "broker outage"')
+    return reason.strip()
+
+
+@world_app.command("decision")
+@command
+def decision(
+    ctx: typer.Context,
+    world: Annotated[str, typer.Argument(help="World name.")],
+    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show decision envelopes: in which domain each strategy may execute now, and why."""
+    from qmtl_core.governance import envelope_to_dict
+
+    docs = [envelope_to_dict(e) for e in state(ctx).service().decisions(world, strategy_id=strategy)]
+
+    def human(c: "Console") -> None:
+        if not docs:
+            c.print(f"world {world} has no strategies")
+            return
+        c.print(table(None, ["strategy", "mode", "domain", "reason", "as_of", "ttl", "etag", "policy"],
+                      [[d["strategy_id"], d["effective_mode"], d["execution_domain"], d["reason"],
+                        str(d["as_of"])[:19] + "Z", f"{d['ttl_sec']}s", str(d["etag"])[:12], d["policy_version"]]
+                       for d in docs]))
+
+    emit({"world": world, "decisions": docs}, json_mode=state(ctx).json, human=human)
+
+
+@world_app.command("rollback")
+@command
+def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
+             reason: ReasonOption = None, json_output: JsonOption = False) -> None:
+    """Restore the previous activation set (as a new set; stages follow it)."""
+    result = state(ctx).service().rollback(world, reason=_required_reason(reason, "rollback"))
+    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
+        f"rolled back {world} to activation set {result['restored_set']} (now set {result['set_version']}); "
+        + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items()) or "no stage changed")))
+
+
+@world_app.command("halt")
+@command
+def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
+         reason: ReasonOption = None, json_output: JsonOption = False) -> None:
+    """Kill switch: every decision becomes compute-only and live actions are blocked, until resume."""
+    result = state(ctx).service().set_halted(world, halted=True, reason=_required_reason(reason, "halt"))
+    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
+        f"[red]halted[/red] {world}" if result["changed"] else f"{world} was already halted"))
+
+
+@world_app.command("resume")
+@command
+def resume(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
+           reason: ReasonOption = None, json_output: JsonOption = False) -> None:
+    """Lift the kill switch."""
+    result = state(ctx).service().set_halted(world, halted=False, reason=_required_reason(reason, "resume"))
+    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
+        f"resumed {world}" if result["changed"] else f"{world} was not halted"))
+
+
+@world_app.command("demote")
+@command
+def demote(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
+           strategy: Annotated[str, typer.Argument(help="Strategy id.")],
+           to: Annotated[str, typer.Option("--to", help="paper, backtest or retired.")] = "paper",
+           reason: ReasonOption = None, json_output: JsonOption = False) -> None:
+    """Take a strategy down a stage (default live → paper); other strategies are untouched."""
+    result = state(ctx).service().demote(world, strategy, to=to, reason=_required_reason(reason, "demote"))
+    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
+        f"demoted {strategy} to {to} in {world} (activation set {result['set_version']})"))
+
+
+@world_app.command("history")
+@command
+def history(
+    ctx: typer.Context,
+    world: Annotated[str, typer.Argument(help="World name.")],
+    at: Annotated[Optional[str], typer.Option("--at", help="A moment (ISO-8601 with zone, e.g. "
+                                                          "2026-01-31T00:00Z) [default: now].")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """What was live (and paper) then, and why: from the hash-chained ledger."""
+    from qmtl_core.timeutil import parse_instant
+
+    doc = state(ctx).service().history(world, at=parse_instant(at, what="--at") if at else None)
+
+    def human(c: "Console") -> None:
+        c.print(f"[bold]{world}[/bold] at {doc['at'] or 'now'}" + ("  [red]HALTED[/red]" if doc["halted"] else ""))
+        if not doc["activations"]:
+            c.print("nothing was paper or live")
+        for a in doc["activations"]:
+            why = a["why"] or {}
+            approvals = ", ".join(f"{x['actor']} ({x['reason']})" for x in why.get("approvals", []))
+            marker = "[green]●[/green]" if a["stage"] == "live" else "○"
+            c.print(f"  {marker} {a['strategy_id']}: {a['stage']} "
+                    f"(weight {a['weight']:.4g}, run {a['run_id'] or '-'}) since {a['activated_at'][:19]}Z")
+            if why:
+                c.print(f"      {why['kind']} #{why['seq']} by {why['actor']}: {why['reason']}"
+                        + (f"; approved by {approvals}" if approvals else ""), markup=False)
+
+    emit(doc, json_mode=state(ctx).json, human=human)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level governance commands to the root app."""
+    app.command("promote")(command(promote))
+    app.command("approve")(command(approve))
+    app.command("reject")(command(reject))
+
+
+__all__ = ["register", "Any"]

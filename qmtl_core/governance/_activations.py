@@ -1,0 +1,180 @@
+"""Activation sets: what is paper and live in a world, versioned so rollback restores the last one.
+
+Every change writes a whole new set (``set_version`` + 1) that copies every other strategy's row
+unchanged, moves the strategy's stage in ``strategies`` to match, records the decision envelope
+and appends a ledger entry whose payload carries the resulting set — all in the caller's one
+transaction. A crash at any point leaves the old set or the new one, never a mix, and
+``qmtl world history --at`` can answer from the ledger alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from qmtl_core import ledger
+from qmtl_core.canonical import content_hash
+from qmtl_core.errors import ConflictError
+from qmtl_core.governance._decision import derive_decision
+from qmtl_core.policy import WorldPolicy
+from qmtl_core.store import schema
+from qmtl_core.timeutil import iso
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One strategy's row in an activation set."""
+
+    strategy_id: str
+    stage: str
+    weight: float
+    run_id: str | None
+    etag: str
+    activated_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"strategy_id": self.strategy_id, "stage": self.stage, "weight": self.weight,
+                "run_id": self.run_id, "etag": self.etag, "activated_at": self.activated_at}
+
+
+def current_set(conn: Connection, world: str) -> tuple[int, dict[str, Activation]]:
+    """The newest activation set of a world: ``(set_version, {strategy: activation})``."""
+    sets, acts = schema.activation_sets, schema.activations
+    version = conn.execute(sa.select(sa.func.max(sets.c.set_version)).where(sets.c.world_id == world)).scalar()
+    if version is None:
+        return 0, {}
+    return int(version), read_set(conn, world, int(version))
+
+
+def read_set(conn: Connection, world: str, version: int) -> dict[str, Activation]:
+    """The rows of one activation set."""
+    acts = schema.activations
+    rows = conn.execute(sa.select(acts).where(acts.c.world_id == world, acts.c.set_version == version)
+                        .order_by(acts.c.strategy_id))
+    return {r.strategy_id: Activation(r.strategy_id, r.stage, float(r.weight), r.run_id, r.etag, r.activated_at)
+            for r in rows}
+
+
+def _activation_etag(world: str, a: dict[str, Any]) -> str:
+    return content_hash({"world": world, "strategy_id": a["strategy_id"], "stage": a["stage"],
+                         "weight": a["weight"], "run_id": a["run_id"]})
+
+
+def write_set(conn: Connection, *, policy: WorldPolicy, rows: dict[str, Activation], changed: dict[str, str | None],
+              actor: str, now: datetime, kind: str, subject: str, reason: str,
+              payload: dict[str, Any] | None = None) -> int:
+    """Store ``rows`` as the world's next set, move stages, record decisions, ledger it. Returns the version."""
+    world = policy.world
+    ledger.lock(conn)
+    version, _ = current_set(conn, world)
+    new_version = version + 1
+    set_etag = content_hash({"world": world, "rows": sorted((a.strategy_id, a.etag) for a in rows.values())})
+    conn.execute(sa.insert(schema.activation_sets).values(world_id=world, set_version=new_version,
+                                                          created_at=iso(now), created_by=actor,
+                                                          reason=reason, etag=set_etag))
+    if rows:
+        conn.execute(sa.insert(schema.activations), [
+            {"world_id": world, "set_version": new_version, "strategy_id": a.strategy_id, "stage": a.stage,
+             "weight": a.weight, "run_id": a.run_id, "etag": a.etag, "activated_at": a.activated_at}
+            for a in rows.values()])
+    halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar())
+    st = schema.strategies
+    for strategy_id, stage in changed.items():
+        new_stage = stage or "backtest"
+        conn.execute(sa.update(st).where(st.c.world_id == world, st.c.strategy_id == strategy_id)
+                     .values(stage=new_stage, updated_at=iso(now)))
+        a = rows.get(strategy_id)
+        record_decision(conn, policy, strategy_id, stage=new_stage, live_active=new_stage == "live",
+                        halted=halted, now=now, activation_etag=a.etag if a else None)
+    ledger.append(conn, actor=actor, kind=kind, now=now, world=world, subject=subject, reason=reason,
+                  payload={**(payload or {}), "set_version": new_version, "set_etag": set_etag,
+                           "changed": changed, "activations": [a.to_dict() for a in rows.values()]})
+    return new_version
+
+
+def record_decision(conn: Connection, policy: WorldPolicy, strategy_id: str, *, stage: str | None,
+                    live_active: bool, halted: bool, now: datetime, activation_etag: str | None = None) -> Any:
+    """Derive the strategy's decision envelope and store it when it differs from the last one."""
+    envelope = derive_decision(policy, strategy_id, stage=stage, live_active=live_active, halted=halted,
+                               now=now, activation_etag=activation_etag)
+    d = schema.decisions
+    last = conn.execute(sa.select(d.c.etag).where(d.c.world_id == policy.world, d.c.strategy_id == strategy_id)
+                        .order_by(d.c.id.desc()).limit(1)).scalar()
+    if last != envelope.etag:
+        conn.execute(sa.insert(d).values(
+            world_id=policy.world, strategy_id=strategy_id, effective_mode=envelope.effective_mode,
+            reason=envelope.reason, as_of=iso(now), ttl_sec=envelope.ttl_sec, etag=envelope.etag,
+            policy_version=envelope.policy_version, created_at=iso(now)))
+    return envelope
+
+
+def set_stage(conn: Connection, *, policy: WorldPolicy, strategy_id: str, expect: str | tuple[str, ...], to: str,
+              actor: str, now: datetime, kind: str, reason: str, run_id: str | None = None,
+              weight: float = 0.0, payload: dict[str, Any] | None = None) -> int:
+    """Move one strategy between stages as a new activation set; every other row is copied as is."""
+    st = schema.strategies
+    row = conn.execute(sa.select(st.c.stage).where(st.c.world_id == policy.world,
+                                                   st.c.strategy_id == strategy_id)).first()
+    allowed = (expect,) if isinstance(expect, str) else expect
+    if row is None or row.stage not in allowed:
+        raise ConflictError(f"{strategy_id} is {row.stage if row else 'not known'} in {policy.world}, not "
+                            f"{' or '.join(allowed)}", hint="check qmtl world campaign", code="stale_plan")
+    _, rows = current_set(conn, policy.world)
+    rows = dict(rows)
+    if to in ("paper", "live"):
+        values = {"strategy_id": strategy_id, "stage": to, "weight": float(weight), "run_id": run_id}
+        rows[strategy_id] = Activation(strategy_id, to, float(weight), run_id,
+                                       _activation_etag(policy.world, values), iso(now))
+    else:
+        rows.pop(strategy_id, None)
+    return write_set(conn, policy=policy, rows=rows, changed={strategy_id: to}, actor=actor, now=now, kind=kind,
+                     subject=f"{strategy_id} {row.stage} -> {to}", reason=reason,
+                     payload={"strategy_id": strategy_id, "from": row.stage, "to": to, **(payload or {})})
+
+
+def rollback(conn: Connection, *, policy: WorldPolicy, actor: str, now: datetime, reason: str) -> dict[str, Any]:
+    """Restore the previous activation set as a new set; stages follow it."""
+    world = policy.world
+    ledger.lock(conn)
+    version, rows = current_set(conn, world)
+    if version < 2:
+        raise ConflictError(f"world {world} has no previous activation set to roll back to",
+                            hint="qmtl world history shows the activation changes", code="nothing_to_roll_back")
+    previous = read_set(conn, world, version - 1)
+    changed: dict[str, str | None] = {}
+    for sid in set(rows) | set(previous):
+        before = rows[sid].stage if sid in rows else None
+        after = previous[sid].stage if sid in previous else None
+        if before != after:
+            changed[sid] = after
+    new_version = write_set(conn, policy=policy, rows=previous, changed=changed, actor=actor, now=now,
+                            kind="world.rollback", subject=f"activation set {version} -> {version - 1}",
+                            reason=reason, payload={"restored_set": version - 1, "from_set": version})
+    return {"from_set": version, "restored_set": version - 1, "set_version": new_version, "changed": changed}
+
+
+def set_halt(conn: Connection, *, policy: WorldPolicy, halted: bool, actor: str, now: datetime, reason: str) -> bool:
+    """Turn the kill switch on or off; decisions of every active strategy are re-derived. Returns
+    whether anything changed."""
+    world = policy.world
+    ledger.lock(conn)
+    w = schema.worlds
+    current = conn.execute(sa.select(w.c.halted).where(w.c.world_id == world)).scalar()
+    if bool(current) == halted:
+        return False
+    conn.execute(sa.update(w).where(w.c.world_id == world).values(
+        halted=halted, halted_reason=reason if halted else None, halted_by=actor if halted else None,
+        halted_at=iso(now) if halted else None))
+    _, rows = current_set(conn, world)
+    for a in rows.values():
+        record_decision(conn, policy, a.strategy_id, stage=a.stage, live_active=a.stage == "live", halted=halted,
+                        now=now, activation_etag=a.etag)
+    ledger.append(conn, actor=actor, kind="world.halted" if halted else "world.resumed", now=now, world=world,
+                  subject=world, reason=reason,
+                  payload={"halted": halted, "activations": [a.to_dict() for a in rows.values()]})
+    return True

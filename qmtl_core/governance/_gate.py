@@ -1,0 +1,218 @@
+"""The paper → live promotion gate (DESIGN §7): a pure function that names every reason it blocks.
+
+It never stops at the first reason: a reviewer (and ``qmtl promote --dry-run``) sees everything
+standing between a strategy and live at once. Missing or stale evidence blocks with a fail-closed
+reason code; a policy refusal with a policy code. Approvals count only for the exact evidence they
+were given on, only from listed approvers who are neither the requester nor the submitter, once
+per approver, and only within ``approval_ttl``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from qmtl_core.campaign import RunSummary, progress
+from qmtl_core.canonical import content_hash
+from qmtl_core.policy import WorldPolicy
+from qmtl_core.risk import StoredSnapshot, freshness
+from qmtl_core.timeutil import iso
+
+FAIL_CLOSED = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
+                         "risk_snapshot_incomplete"})
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One reason a promotion is blocked: a stable code and words for people."""
+
+    code: str
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON form."""
+        return {"code": self.code, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Approval:
+    """One approver's decision on a request, bound to the evidence hash they saw."""
+
+    approver: str
+    decision: str  # approve | reject
+    evidence_hash: str
+    created_at: datetime
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """An open promotion request as the gate sees it."""
+
+    request_id: str
+    requester: str
+    evidence_hash: str
+    created_at: datetime
+    approvals: tuple[Approval, ...] = ()
+
+
+@dataclass(frozen=True)
+class GateInput:
+    """Everything the gate decides on (read from the store by the facade)."""
+
+    policy: WorldPolicy
+    strategy_id: str
+    stage: str | None
+    paper_run: RunSummary | None
+    snapshot: StoredSnapshot | None
+    halted: bool = False
+    live_strategies: frozenset[str] = frozenset()
+    last_live_promotion_at: datetime | None = None
+    submitter: str | None = None
+    request: RequestView | None = None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Allowed, or every reason not; plus the evidence the decision was made on."""
+
+    allowed: bool
+    reasons: tuple[Reason, ...]
+    evidence: Mapping[str, Any]
+    evidence_hash: str
+    valid_approvals: tuple[str, ...] = ()
+    needs_approval: bool = False
+
+    @property
+    def codes(self) -> list[str]:
+        """The reason codes, in check order."""
+        return [r.code for r in self.reasons]
+
+    @property
+    def exit_code(self) -> int:
+        """0 allowed; 12 when evidence is missing or stale; 11 when only approvals are missing;
+        10 for any other policy block."""
+        if self.allowed:
+            return 0
+        codes = set(self.codes)
+        if codes & FAIL_CLOSED:
+            return 12
+        if codes <= {"approval_required"}:
+            return 11
+        return 10
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"allowed": self.allowed, "reasons": [r.to_dict() for r in self.reasons],
+                "evidence": dict(self.evidence), "evidence_hash": self.evidence_hash,
+                "valid_approvals": list(self.valid_approvals), "exit_code": self.exit_code}
+
+
+def evidence_of(g: GateInput) -> dict[str, Any]:
+    """What a promotion is decided on: paper run revision, metrics, window, policy, snapshot."""
+    run = g.paper_run
+    return {
+        "world": g.policy.world, "strategy_id": g.strategy_id, "policy_version": g.policy.policy_version,
+        "paper_run": None if run is None else {
+            "run_id": run.run_id, "revision": run.revision, "content_hash": run.content_hash,
+            "status": run.status, "metrics": dict(run.metrics),
+            "window": {"start": iso(run.window_start) if run.window_start else None,
+                       "end": iso(run.window_end) if run.window_end else None,
+                       "n_observations": run.n_observations}},
+        "snapshot": None if g.snapshot is None else snapshot_evidence(g.snapshot, g.strategy_id),
+    }
+
+
+def snapshot_evidence(stored: StoredSnapshot, strategy_id: str) -> dict[str, Any]:
+    """The part of a risk snapshot a promotion of ``strategy_id`` rests on, hashed.
+
+    Not the whole snapshot's hash: producers re-post every few minutes with a new ``as_of`` and
+    version, and binding approvals to that would void every approval at every refresh. What is
+    bound is the substance — the strategy's weight, its covariance entries, its realized returns,
+    the stress and constraints — so new risk *content* voids approvals and a routine refresh does not.
+    """
+    snap = stored.snapshot
+    doc = snap.canonical()
+    cov = {k: v for k, v in (doc.get("covariance") or {}).items() if strategy_id in k.split(",")}
+    substance = {"weight": snap.weights.get(strategy_id), "covariance": cov,
+                 "realized_returns": (doc.get("realized_returns") or {}).get(strategy_id),
+                 "stress": doc.get("stress"), "constraints": doc.get("constraints"),
+                 "stage": snap.provenance.stage}
+    return {"content_hash": content_hash(substance)}
+
+
+def count_approvals(g: GateInput, evidence_hash: str, now: datetime) -> tuple[list[str], list[Reason]]:
+    """Approvers whose approval counts now, and notes on the ones that do not."""
+    lp = g.policy.live_promotion
+    request = g.request
+    if request is None:
+        return [], []
+    valid: list[str] = []
+    expired: list[str] = []
+    notes: list[Reason] = []
+    for a in sorted(request.approvals, key=lambda x: x.created_at):
+        if a.decision != "approve" or a.approver in valid:
+            continue
+        if a.approver not in lp.approvers or a.approver in (request.requester, g.submitter):
+            continue  # refused when given; never counts even if the store says otherwise
+        if a.evidence_hash != evidence_hash:
+            continue
+        if a.created_at + lp.approval_ttl < now:
+            expired.append(a.approver)
+            continue
+        valid.append(a.approver)
+    if expired and len(valid) < lp.required_approvals:
+        notes.append(Reason("approvals_expired", f"approvals by {', '.join(expired)} are older than "
+                            f"approval_ttl"))
+    return valid, notes
+
+
+def promotion_gate(g: GateInput, now: datetime) -> GateResult:
+    """Decide a paper → live promotion now; pure."""
+    policy = g.policy
+    lp = policy.live_promotion
+    reasons: list[Reason] = []
+    if not policy.allow_live:
+        reasons.append(Reason("allow_live_false", "the world sets allow_live: false"))
+    if lp.mode == "disabled":
+        reasons.append(Reason("promotion_disabled", "live promotion is disabled in this world"
+                              + ("" if policy.governance is not None else " (no governance section)")))
+    if g.halted:
+        reasons.append(Reason("world_halted", "the world is halted (qmtl world resume to lift it)"))
+    if g.stage != "paper":
+        reasons.append(Reason("not_in_paper", f"the strategy is in {g.stage or 'no stage (unknown)'}, "
+                              "not paper: paper observation is never skipped"))
+    run = g.paper_run
+    prog = progress(policy, "paper", run)
+    if not prog.satisfied:
+        reasons.append(Reason("paper_window_incomplete", prog.label()))
+    if run is None or run.status not in ("pass", "warn"):
+        why = "no paper evaluation" if run is None else f"paper run {run.run_id}#{run.revision} is {run.status}"
+        reasons.append(Reason("validation_failed", why))
+    fresh = freshness(g.snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=g.strategy_id)
+    if not fresh.ok:
+        reasons.append(Reason(fresh.reason or "risk_snapshot_missing", fresh.detail))
+    if g.last_live_promotion_at is not None and g.last_live_promotion_at + lp.cooldown > now:
+        reasons.append(Reason("cooldown_active", f"last live promotion at {iso(g.last_live_promotion_at)[:19]}Z; "
+                              f"cooldown until {iso(g.last_live_promotion_at + lp.cooldown)[:19]}Z"))
+    others = g.live_strategies - {g.strategy_id}
+    if len(others) >= lp.max_live_slots:
+        reasons.append(Reason("max_live_slots_exceeded", f"{len(others)} of {lp.max_live_slots} live slots "
+                              "are taken"))
+    evidence = evidence_of(g)
+    digest = content_hash(evidence)
+    valid: list[str] = []
+    needs = lp.mode == "manual_approval"
+    if needs:
+        if g.request is not None and g.request.evidence_hash != digest:
+            reasons.append(Reason("evidence_changed", f"request {g.request.request_id} was opened on evidence "
+                                  f"{g.request.evidence_hash[:12]}, which is now {digest[:12]}"))
+        else:
+            valid, notes = count_approvals(g, digest, now)
+            reasons.extend(notes)
+            if len(valid) < lp.required_approvals:
+                reasons.append(Reason("approval_required", f"{len(valid)} of {lp.required_approvals} "
+                                      "approvals"))
+    return GateResult(not reasons, tuple(reasons), evidence, digest, tuple(valid), needs)

@@ -1,0 +1,347 @@
+"""Promotion requests and approvals in the store, and the flows that use the gate.
+
+Each flow runs inside the caller's write transaction (the ledger lock taken first), so reading the
+evidence, deciding and writing the outcome cannot interleave with another writer. A flow never
+raises after writing: it returns an ``Outcome`` and the caller raises, once the transaction has
+committed, whatever exit the outcome calls for — a voided request stays voided.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from qmtl_core import ledger
+from qmtl_core.campaign import RunSummary
+from qmtl_core.errors import BlockedError, ConflictError, RequestNotFound
+from qmtl_core.governance._activations import current_set, set_stage
+from qmtl_core.governance._gate import Approval, GateInput, GateResult, RequestView, promotion_gate
+from qmtl_core.policy import WorldPolicy
+from qmtl_core.risk import latest_snapshot
+from qmtl_core.store import schema
+from qmtl_core.timeutil import iso, parse_instant
+
+
+@dataclass
+class Outcome:
+    """What a governance flow did: ``applied``, ``pending``, ``blocked``, ``rejected``, ``voided``, ``planned``."""
+
+    status: str
+    world: str
+    strategy_id: str
+    gate: GateResult | None = None
+    request_id: str | None = None
+    message: str = ""
+    exit_code: int = 0
+    notify: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"status": self.status, "world": self.world, "strategy_id": self.strategy_id,
+                "request_id": self.request_id, "message": self.message, "exit_code": self.exit_code,
+                "gate": self.gate.to_dict() if self.gate else None, **self.extra}
+
+
+# --- reading ------------------------------------------------------------------------------------------
+def _time(text: str | None) -> datetime | None:
+    return parse_instant(text) if text else None
+
+
+def request_view(conn: Connection, row: Any) -> RequestView:
+    """A request row with its approvals, as the gate sees it."""
+    a = schema.approvals
+    approvals = tuple(Approval(r.approver, r.decision, r.evidence_hash, parse_instant(r.created_at), r.reason)
+                      for r in conn.execute(sa.select(a).where(a.c.request_id == row.request_id).order_by(a.c.id)))
+    return RequestView(row.request_id, row.requester, row.evidence_hash, parse_instant(row.created_at), approvals)
+
+
+def pending_request(conn: Connection, world: str, strategy_id: str) -> Any:
+    """The open request for a strategy, or ``None``."""
+    t = schema.promotion_requests
+    return conn.execute(sa.select(t).where(t.c.world_id == world, t.c.strategy_id == strategy_id,
+                                           t.c.status == "pending").order_by(t.c.created_at.desc()).limit(1)).first()
+
+
+def governance_state(conn: Connection, world: str) -> dict[str, Any]:
+    """What tick and the gate need besides runs: submitters, live set, last promotion, open requests."""
+    st, t = schema.strategies, schema.promotion_requests
+    submitters = {r.strategy_id: r.submitter for r in conn.execute(
+        sa.select(st.c.strategy_id, st.c.submitter).where(st.c.world_id == world))}
+    _, rows = current_set(conn, world)
+    live = frozenset(sid for sid, a in rows.items() if a.stage == "live")
+    last = conn.execute(sa.select(sa.func.max(t.c.decided_at)).where(t.c.world_id == world,
+                                                                      t.c.status == "applied")).scalar()
+    requests = {r.strategy_id: request_view(conn, r) for r in conn.execute(
+        sa.select(t).where(t.c.world_id == world, t.c.status == "pending").order_by(t.c.created_at))}
+    return {"submitters": submitters, "live_strategies": live, "last_live_promotion_at": _time(last),
+            "requests": requests}
+
+
+def paper_run_summary(conn: Connection, world: str, strategy_id: str) -> RunSummary | None:
+    """The latest revision of the strategy's latest paper run."""
+    er, rr = schema.evaluation_runs, schema.run_revisions
+    row = conn.execute(
+        sa.select(er.c.run_id, rr.c.revision, rr.c.status, rr.c.policy_version, rr.c.content_hash,
+                  rr.c.metrics, rr.c.rule_results, rr.c.window)
+        .join(rr, sa.and_(rr.c.run_pk == er.c.id, rr.c.revision == er.c.latest_revision))
+        .where(er.c.world_id == world, er.c.strategy_id == strategy_id, er.c.stage == "paper")
+        .order_by(er.c.updated_at.desc(), er.c.id.desc()).limit(1)).first()
+    if row is None:
+        return None
+    w = row.window or {}
+    return RunSummary(row.run_id, row.revision, row.status, row.policy_version, row.content_hash, row.metrics or {},
+                      tuple(row.rule_results or ()), _time(w.get("start")), _time(w.get("end")),
+                      int(w.get("n_observations") or 0))
+
+
+def gate_input(conn: Connection, policy: WorldPolicy, strategy_id: str, *, request: RequestView | None) -> GateInput:
+    """Read the gate's inputs for one strategy."""
+    world = policy.world
+    st = schema.strategies
+    row = conn.execute(sa.select(st.c.stage, st.c.submitter).where(st.c.world_id == world,
+                                                                   st.c.strategy_id == strategy_id)).first()
+    gov = governance_state(conn, world)
+    halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar())
+    return GateInput(policy, strategy_id, row.stage if row else None, paper_run_summary(conn, world, strategy_id),
+                     latest_snapshot(conn, world), halted, gov["live_strategies"], gov["last_live_promotion_at"],
+                     row.submitter if row else None, request)
+
+
+# --- writing ------------------------------------------------------------------------------------------
+def _new_request(conn: Connection, *, policy: WorldPolicy, strategy_id: str, gate: GateResult, requester: str,
+                 reason: str | None, status: str, now: datetime) -> str:
+    request_id = f"pr-{uuid.uuid4().hex[:12]}"
+    conn.execute(sa.insert(schema.promotion_requests).values(
+        request_id=request_id, world_id=policy.world, strategy_id=strategy_id, evidence_hash=gate.evidence_hash,
+        evidence={**gate.evidence, "reasons": [r.to_dict() for r in gate.reasons]}, requester=requester,
+        reason=reason, status=status, created_at=iso(now), decided_at=iso(now) if status != "pending" else None))
+    return request_id
+
+
+def _close(conn: Connection, request_id: str, status: str, now: datetime) -> None:
+    t = schema.promotion_requests
+    conn.execute(sa.update(t).where(t.c.request_id == request_id).values(status=status, decided_at=iso(now)))
+
+
+def _event(kind: str, outcome: Outcome, **extra: Any) -> dict[str, Any]:
+    return {"event": kind, "world": outcome.world, "strategy_id": outcome.strategy_id,
+            "request_id": outcome.request_id, "message": outcome.message, **extra}
+
+
+def _apply(conn: Connection, policy: WorldPolicy, strategy_id: str, gate: GateResult, request_id: str, actor: str,
+           now: datetime, snapshot_weight: float) -> int:
+    run = (gate.evidence.get("paper_run") or {})
+    version = set_stage(conn, policy=policy, strategy_id=strategy_id, expect="paper", to="live", actor=actor,
+                        now=now, kind="promotion.applied", reason=f"request {request_id}: every gate passes",
+                        run_id=run.get("run_id"), weight=snapshot_weight,
+                        payload={"request_id": request_id, "evidence_hash": gate.evidence_hash,
+                                 "approvals": list(gate.valid_approvals)})
+    _close(conn, request_id, "applied", now)
+    return version
+
+
+def _weight(conn: Connection, world: str, strategy_id: str) -> float:
+    snap = latest_snapshot(conn, world)
+    return float(snap.snapshot.weights.get(strategy_id, 0.0)) if snap is not None else 0.0
+
+
+def _blocked(conn: Connection, policy: WorldPolicy, strategy_id: str, gate: GateResult, actor: str,
+             reason: str | None, now: datetime) -> Outcome:
+    request_id = _new_request(conn, policy=policy, strategy_id=strategy_id, gate=gate, requester=actor,
+                              reason=reason, status="blocked", now=now)
+    codes = [r.code for r in gate.reasons if r.code not in ("approval_required", "approvals_expired")] or gate.codes
+    ledger.append(conn, actor=actor, kind="promotion.blocked", now=now, world=policy.world, subject=strategy_id,
+                  reason=", ".join(codes), payload={"request_id": request_id, "reasons": [r.to_dict() for r in gate.reasons],
+                                                    "evidence_hash": gate.evidence_hash})
+    out = Outcome("blocked", policy.world, strategy_id, gate, request_id,
+                  "blocked: " + "; ".join(f"{r.code} ({r.detail})" for r in gate.reasons), gate.exit_code)
+    out.notify.append(_event("promotion.blocked", out, reasons=codes))
+    return out
+
+
+def promote(conn: Connection, policy: WorldPolicy, strategy_id: str, *, actor: str, reason: str | None,
+            now: datetime, dry_run: bool = False) -> Outcome:
+    """``qmtl promote``: decide, and open a request, apply, or record the block."""
+    world = policy.world
+    if not dry_run:
+        ledger.lock(conn)
+    notes: list[dict[str, Any]] = []
+    pending = pending_request(conn, world, strategy_id)
+    view = request_view(conn, pending) if pending is not None else None
+    gate = promotion_gate(gate_input(conn, policy, strategy_id, request=view), now)
+    if view is not None and "evidence_changed" in gate.codes and not dry_run:
+        _close(conn, view.request_id, "void", now)
+        ledger.append(conn, actor=actor, kind="promotion.voided", now=now, world=world, subject=strategy_id,
+                      reason="evidence_changed", payload={"request_id": view.request_id,
+                                                          "old_evidence_hash": view.evidence_hash})
+        notes.append({"event": "promotion.voided", "world": world, "strategy_id": strategy_id,
+                      "request_id": view.request_id})
+        view = None
+        gate = promotion_gate(gate_input(conn, policy, strategy_id, request=None), now)
+    if dry_run:
+        status = "allowed" if gate.allowed else "blocked"
+        return Outcome("planned", world, strategy_id, gate, view.request_id if view else None,
+                       f"dry run: {status}" + ("" if gate.allowed else ": " + ", ".join(gate.codes)),
+                       gate.exit_code)
+    others = [r for r in gate.reasons if r.code not in ("approval_required", "approvals_expired")]
+    if others:
+        out = _blocked(conn, policy, strategy_id, gate, actor, reason, now)
+        out.notify[:0] = notes
+        return out
+    if gate.allowed:
+        request_id = view.request_id if view else _new_request(conn, policy=policy, strategy_id=strategy_id, gate=gate,
+                                                                requester=actor, reason=reason, status="pending",
+                                                                now=now)
+        version = _apply(conn, policy, strategy_id, gate, request_id, actor, now, _weight(conn, world, strategy_id))
+        out = Outcome("applied", world, strategy_id, gate, request_id,
+                      f"{strategy_id} is live in {world} (activation set {version})", 0)
+        out.notify = notes + [_event("promotion.applied", out, set_version=version)]
+        return out
+    if view is not None:
+        return Outcome("pending", world, strategy_id, gate, view.request_id,
+                       f"request {view.request_id} is pending: {len(gate.valid_approvals)} of "
+                       f"{policy.live_promotion.required_approvals} approvals", 11, notes)
+    request_id = _new_request(conn, policy=policy, strategy_id=strategy_id, gate=gate, requester=actor,
+                              reason=reason, status="pending", now=now)
+    ledger.append(conn, actor=actor, kind="promotion.requested", now=now, world=world, subject=strategy_id,
+                  reason=reason or "live promotion requested",
+                  payload={"request_id": request_id, "evidence_hash": gate.evidence_hash,
+                           "required_approvals": policy.live_promotion.required_approvals})
+    out = Outcome("pending", world, strategy_id, gate, request_id,
+                  f"opened request {request_id}: needs {policy.live_promotion.required_approvals} approvals from "
+                  f"{', '.join(policy.live_promotion.approvers)}", 11)
+    out.notify = notes + [_event("promotion.requested", out, evidence_hash=gate.evidence_hash)]
+    return out
+
+
+def load_request(conn: Connection, request_id: str) -> Any:
+    """A request row; ``RequestNotFound`` when there is none."""
+    t = schema.promotion_requests
+    row = conn.execute(sa.select(t).where(t.c.request_id == request_id)).first()
+    if row is None:
+        raise RequestNotFound(f"no promotion request {request_id!r}", hint="qmtl promote --list shows open requests")
+    return row
+
+
+def _check_approver(policy: WorldPolicy, row: Any, actor: str, submitter: str | None) -> None:
+    lp = policy.live_promotion
+    if actor not in lp.approvers:
+        raise BlockedError(f"{actor} is not an approver in world {policy.world}",
+                           hint=f"approvers: {', '.join(lp.approvers) or 'none'}", code="not_an_approver")
+    if actor == row.requester:
+        raise BlockedError(f"{actor} opened request {row.request_id} and cannot approve or reject it",
+                           hint="another approver must decide (four eyes)", code="requester_cannot_approve")
+    if submitter is not None and actor == submitter:
+        raise BlockedError(f"{actor} submitted {row.strategy_id} and cannot approve its promotion",
+                           hint="another approver must decide (four eyes)", code="submitter_cannot_approve")
+
+
+def decide(conn: Connection, policy: WorldPolicy, row: Any, *, actor: str, decision: str, reason: str,
+           now: datetime) -> Outcome:
+    """``qmtl approve`` / ``qmtl reject`` on a pending request."""
+    ledger.lock(conn)
+    world, strategy_id = row.world_id, row.strategy_id
+    if row.status != "pending":
+        raise ConflictError(f"request {row.request_id} is {row.status}, not pending", code="request_closed",
+                            hint="qmtl promote --list shows open requests")
+    submitter = conn.execute(sa.select(schema.strategies.c.submitter).where(
+        schema.strategies.c.world_id == world, schema.strategies.c.strategy_id == strategy_id)).scalar()
+    _check_approver(policy, row, actor, submitter)
+    view = request_view(conn, row)
+    gate = promotion_gate(gate_input(conn, policy, strategy_id, request=view), now)
+    if "evidence_changed" in gate.codes:
+        _close(conn, row.request_id, "void", now)
+        ledger.append(conn, actor=actor, kind="promotion.voided", now=now, world=world, subject=strategy_id,
+                      reason="evidence_changed", payload={"request_id": row.request_id,
+                                                          "old_evidence_hash": row.evidence_hash,
+                                                          "new_evidence_hash": gate.evidence_hash})
+        out = Outcome("voided", world, strategy_id, gate, row.request_id,
+                      f"the evidence changed since request {row.request_id} was opened ({row.evidence_hash[:12]} -> "
+                      f"{gate.evidence_hash[:12]}); the request is void, open a new one with qmtl promote", 4)
+        out.notify.append(_event("promotion.voided", out))
+        return out
+    if decision == "reject":
+        conn.execute(sa.insert(schema.approvals).values(request_id=row.request_id, approver=actor, decision="reject",
+                                                        reason=reason, evidence_hash=row.evidence_hash,
+                                                        created_at=iso(now)))
+        _close(conn, row.request_id, "rejected", now)
+        ledger.append(conn, actor=actor, kind="promotion.rejected", now=now, world=world, subject=strategy_id,
+                      reason=reason, payload={"request_id": row.request_id, "evidence_hash": row.evidence_hash})
+        out = Outcome("rejected", world, strategy_id, gate, row.request_id, f"request {row.request_id} rejected", 0)
+        out.notify.append(_event("promotion.rejected", out, actor=actor, reason=reason))
+        return out
+    already = any(a.approver == actor and a.decision == "approve" and a.evidence_hash == row.evidence_hash
+                  for a in view.approvals)
+    notify: list[dict[str, Any]] = []
+    if not already:
+        conn.execute(sa.insert(schema.approvals).values(request_id=row.request_id, approver=actor, decision="approve",
+                                                        reason=reason, evidence_hash=row.evidence_hash,
+                                                        created_at=iso(now)))
+        ledger.append(conn, actor=actor, kind="promotion.approved", now=now, world=world, subject=strategy_id,
+                      reason=reason, payload={"request_id": row.request_id, "evidence_hash": row.evidence_hash})
+        notify.append({"event": "promotion.approved", "world": world, "strategy_id": strategy_id,
+                       "request_id": row.request_id, "actor": actor, "reason": reason})
+        view = request_view(conn, row)
+        gate = promotion_gate(gate_input(conn, policy, strategy_id, request=view), now)
+    if gate.allowed:
+        version = _apply(conn, policy, strategy_id, gate, row.request_id, actor, now, _weight(conn, world, strategy_id))
+        out = Outcome("applied", world, strategy_id, gate, row.request_id,
+                      f"approved; {strategy_id} is live in {world} (activation set {version})", 0)
+        out.notify = notify + [_event("promotion.applied", out, set_version=version)]
+        return out
+    note = "already approved by you (counts once); " if already else "approved; "
+    out = Outcome("pending", world, strategy_id, gate, row.request_id,
+                  note + f"{len(gate.valid_approvals)} of {policy.live_promotion.required_approvals} approvals"
+                  + ("" if set(gate.codes) <= {"approval_required"} else
+                     "; still blocked: " + ", ".join(c for c in gate.codes if c != "approval_required")),
+                  gate.exit_code, notify)
+    return out
+
+
+def list_requests(conn: Connection, *, world: str | None, include_closed: bool) -> list[dict[str, Any]]:
+    """Requests (pending only unless ``include_closed``), newest first, with approvals so far."""
+    t = schema.promotion_requests
+    q = sa.select(t).order_by(t.c.created_at.desc())
+    if world is not None:
+        q = q.where(t.c.world_id == world)
+    if not include_closed:
+        q = q.where(t.c.status == "pending")
+    out = []
+    for row in conn.execute(q):
+        view = request_view(conn, row)
+        out.append({"request_id": row.request_id, "world": row.world_id, "strategy_id": row.strategy_id,
+                    "status": row.status, "requester": row.requester, "reason": row.reason,
+                    "created_at": row.created_at, "decided_at": row.decided_at,
+                    "evidence_hash": row.evidence_hash,
+                    "reasons": (row.evidence or {}).get("reasons", []),
+                    "approvals": [{"approver": a.approver, "decision": a.decision, "reason": a.reason,
+                                   "evidence_hash": a.evidence_hash, "at": iso(a.created_at)} for a in view.approvals]})
+    return out
+
+
+def apply_if_allowed(conn: Connection, policy: WorldPolicy, strategy_id: str, *, expected_evidence: str | None,
+                     actor: str, now: datetime) -> Outcome:
+    """The campaign loop's ``apply_live``: apply only if the gate allows it on the planned evidence."""
+    ledger.lock(conn)
+    pending = pending_request(conn, policy.world, strategy_id)
+    view = request_view(conn, pending) if pending is not None else None
+    gate = promotion_gate(gate_input(conn, policy, strategy_id, request=view), now)
+    if expected_evidence is not None and gate.evidence_hash != expected_evidence:
+        raise ConflictError(f"the evidence for {strategy_id} changed since the plan", code="stale_plan",
+                            hint="run the loop again")
+    if not gate.allowed:
+        return _blocked(conn, policy, strategy_id, gate, actor, "campaign loop", now)
+    request_id = view.request_id if view else _new_request(conn, policy=policy, strategy_id=strategy_id, gate=gate,
+                                                            requester=actor, reason="auto_apply", status="pending",
+                                                            now=now)
+    version = _apply(conn, policy, strategy_id, gate, request_id, actor, now, _weight(conn, policy.world, strategy_id))
+    out = Outcome("applied", policy.world, strategy_id, gate, request_id,
+                  f"{strategy_id} is live in {policy.world} (activation set {version})", 0)
+    out.notify.append(_event("promotion.applied", out, set_version=version))
+    return out

@@ -1,0 +1,187 @@
+"""The governance half of the ``WorldService`` facade: promote, approve, reject, apply, rollback,
+halt, resume, demote, decisions and history. Transactions and notifications live here; decisions
+are made by the pure gate in ``qmtl_core.governance``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qmtl_core.domains import DecisionEnvelope
+    from qmtl_core.governance._requests import Outcome
+    from qmtl_core.service._service import LoadedWorld, WorldService
+
+
+class GovernanceMixin:
+    """Governance methods of ``WorldService`` (mixed in; uses its store, clock and actor)."""
+
+    # -- notifications ------------------------------------------------------------------------------
+    def _notify(self: "WorldService", loaded: "LoadedWorld", events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Deliver events to the world's webhook after the decision committed; record failures."""
+        url = loaded.policy.notifications.webhook
+        if not events or url is None:
+            return []
+        from qmtl_core import ledger
+        from qmtl_core.governance._notify import deliver
+
+        now = self.clock()
+        stamped = [{**e, "ts": now.isoformat(), "actor": self.actor} for e in events]
+        results = deliver(str(url), stamped, **self._notify_options)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            with self.store.write() as conn:
+                for r in failed:
+                    ledger.append(conn, actor=self.actor, kind="notification.failed", now=now,
+                                  world=loaded.world_id, subject=r.event,
+                                  reason=f"{r.error} after {r.attempts} attempt(s)",
+                                  payload={"url": str(url), "event": r.event, "attempts": r.attempts})
+        return [{"event": r.event, "ok": r.ok, "attempts": r.attempts, "error": r.error} for r in results]
+
+    _notify_options: dict[str, Any] = {}
+
+    def _finish(self: "WorldService", loaded: "LoadedWorld", outcome: "Outcome") -> "Outcome":
+        outcome.extra["notifications"] = self._notify(loaded, outcome.notify)
+        return outcome
+
+    # -- promotion ----------------------------------------------------------------------------------
+    def promote(self: "WorldService", world: str, strategy_id: str, *, reason: str | None = None,
+                dry_run: bool = False) -> "Outcome":
+        """Decide a live promotion: open a request, apply, or record the block (dry run: write nothing)."""
+        from qmtl_core.governance._requests import promote
+
+        loaded = self.load_world(world, record=not dry_run)
+        self._require_strategy(world, strategy_id)
+        if dry_run:
+            with self.store.read() as conn:
+                return promote(conn, loaded.policy, strategy_id, actor=self.actor, reason=reason, now=self.clock(),
+                               dry_run=True)
+        with self.store.write() as conn:
+            outcome = promote(conn, loaded.policy, strategy_id, actor=self.actor, reason=reason, now=self.clock())
+        return self._finish(loaded, outcome)
+
+    def decide_request(self: "WorldService", request_id: str, *, decision: str, reason: str) -> "Outcome":
+        """Approve or reject a request as the calling identity."""
+        from qmtl_core.errors import UsageError
+        from qmtl_core.governance._requests import decide, load_request
+
+        if not reason or not reason.strip():
+            raise UsageError("--reason is required", hint='say why, e.g. --reason "paper sharpe 1.4 over 30d"')
+        with self.store.read() as conn:
+            world = load_request(conn, request_id).world_id
+        loaded = self.load_world(world)
+        with self.store.write() as conn:
+            row = load_request(conn, request_id)
+            outcome = decide(conn, loaded.policy, row, actor=self.actor, decision=decision, reason=reason.strip(),
+                             now=self.clock())
+        return self._finish(loaded, outcome)
+
+    def promotion_requests(self: "WorldService", *, world: str | None = None,
+                           include_closed: bool = False) -> list[dict[str, Any]]:
+        """Requests with age and approvals so far (pending only unless ``include_closed``)."""
+        from qmtl_core.governance._requests import list_requests
+
+        if world is not None:
+            self.load_world(world, record=False)
+        with self.store.read() as conn:
+            rows = list_requests(conn, world=world, include_closed=include_closed)
+        now = self.clock()
+        from qmtl_core.timeutil import parse_instant
+
+        for r in rows:
+            r["age_seconds"] = (now - parse_instant(r["created_at"])).total_seconds()
+            try:
+                lp = self.load_world(r["world"], record=False).policy.live_promotion
+                r["required_approvals"] = lp.required_approvals
+                r["approvers"] = list(lp.approvers)
+            except Exception:  # a world file removed since: the request still lists
+                r["required_approvals"] = None
+        return rows
+
+    # -- activations --------------------------------------------------------------------------------
+    def activations(self: "WorldService", world: str) -> dict[str, Any]:
+        """The world's current activation set."""
+        from qmtl_core.governance._activations import current_set
+
+        self.load_world(world, record=False)
+        with self.store.read() as conn:
+            version, rows = current_set(conn, world)
+        return {"world": world, "set_version": version, "activations": [a.to_dict() for a in rows.values()]}
+
+    def rollback(self: "WorldService", world: str, *, reason: str) -> dict[str, Any]:
+        """Restore the previous activation set."""
+        from qmtl_core.governance._activations import rollback
+
+        loaded = self.load_world(world)
+        with self.store.write() as conn:
+            result = rollback(conn, policy=loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
+        result["notifications"] = self._notify(loaded, [{"event": "world.rollback", "world": world, **result}])
+        return result
+
+    def set_halted(self: "WorldService", world: str, *, halted: bool, reason: str) -> dict[str, Any]:
+        """The persisted kill switch (``halted=True``) or lifting it."""
+        from qmtl_core.governance._activations import set_halt
+
+        loaded = self.load_world(world)
+        with self.store.write() as conn:
+            changed = set_halt(conn, policy=loaded.policy, halted=halted, actor=self.actor, now=self.clock(),
+                               reason=reason)
+        event = "world.halted" if halted else "world.resumed"
+        sent = self._notify(loaded, [{"event": event, "world": world, "reason": reason}]) if changed else []
+        return {"world": world, "halted": halted, "changed": changed, "notifications": sent}
+
+    def demote(self: "WorldService", world: str, strategy_id: str, *, reason: str, to: str = "paper") -> dict[str, Any]:
+        """Take a strategy down a stage (live → paper, paper → backtest, or to ``retired``)."""
+        from qmtl_core.errors import UsageError
+        from qmtl_core.governance._activations import set_stage
+
+        expect = {"paper": ("live",), "backtest": ("paper", "live"), "retired": ("backtest", "paper", "live")}
+        if to not in expect:
+            raise UsageError(f"cannot demote to {to!r}", hint="use paper, backtest or retired")
+        loaded = self.load_world(world)
+        self._require_strategy(world, strategy_id)
+        with self.store.write() as conn:
+            version = set_stage(conn, policy=loaded.policy, strategy_id=strategy_id, expect=expect[to], to=to,
+                                actor=self.actor, now=self.clock(), kind="strategy.demoted", reason=reason)
+        sent = self._notify(loaded, [{"event": "strategy.demoted", "world": world, "strategy_id": strategy_id,
+                                      "to": to, "reason": reason}])
+        return {"world": world, "strategy_id": strategy_id, "to": to, "set_version": version, "notifications": sent}
+
+    def decisions(self: "WorldService", world: str, *, strategy_id: str | None = None) -> list["DecisionEnvelope"]:
+        """Decision envelopes now for one strategy or every strategy of the world."""
+        import sqlalchemy as sa
+
+        from qmtl_core.store import schema
+
+        self.load_world(world, record=False)
+        if strategy_id is not None:
+            return [self.decision(world, strategy_id)]
+        with self.store.read() as conn:
+            ids = [r.strategy_id for r in conn.execute(sa.select(schema.strategies.c.strategy_id)
+                                                       .where(schema.strategies.c.world_id == world)
+                                                       .order_by(schema.strategies.c.strategy_id))]
+        return [self.decision(world, sid) for sid in ids]
+
+    def history(self: "WorldService", world: str, *, at: datetime | None = None) -> dict[str, Any]:
+        """What was live then, and why (from the ledger)."""
+        from qmtl_core import ledger
+        from qmtl_core.governance._history import history_at
+
+        self.load_world(world, record=False)
+        with self.store.read() as conn:
+            entries = ledger.entries(conn, world=world)
+        return {"world": world, **history_at(entries, at)}
+
+    def _require_strategy(self: "WorldService", world: str, strategy_id: str) -> None:
+        import sqlalchemy as sa
+
+        from qmtl_core.errors import StrategyNotFound
+        from qmtl_core.store import schema
+
+        t = schema.strategies
+        with self.store.read() as conn:
+            found = conn.execute(sa.select(t.c.strategy_id).where(t.c.world_id == world,
+                                                                  t.c.strategy_id == strategy_id)).first()
+        if found is None:
+            raise StrategyNotFound(f"strategy {strategy_id!r} is not in world {world}",
+                                   hint="qmtl world campaign W lists the world's strategies")
