@@ -7,6 +7,7 @@ QMTL   := QMTL_HOME=$(DEMO_HOME) QMTL_WORLDS_DIR=$(CURDIR)/worlds $(BIN)/qmtl
 PG_BIN := /usr/lib/postgresql/15/bin
 # Steps whose non-zero exit is part of the story (blocked, waiting, fail-closed) say so and go on.
 SAYEXIT := || echo "   (exit $$?: see Exit codes in README.md)"
+FIRST_REQUEST := $(QMTL) promote --list --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["requests"][0]["request_id"])'
 
 .PHONY: demo test install dev postgres bench docs clean
 
@@ -53,7 +54,15 @@ demo: install
 	$(BIN)/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 35 | $(QMTL) risk put -
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	$(QMTL) world campaign demo-momentum --strategy sma_10_30
-	@echo "== 6. the audit ledger"
+	@echo "== 6. governance: the loop opened a live request; two approvers sign it (local identity = login name)"
+	$(QMTL) promote --list
+	@echo '$$ LOGNAME=alice qmtl approve REQUEST --reason "paper window clean"'
+	@LOGNAME=alice $(QMTL) approve $$($(FIRST_REQUEST)) --reason "paper window clean" $(SAYEXIT)
+	@echo '$$ LOGNAME=bob qmtl approve REQUEST --reason "agreed"'
+	@LOGNAME=bob $(QMTL) approve $$($(FIRST_REQUEST)) --reason "agreed" $(SAYEXIT)
+	$(QMTL) world decision demo-momentum --strategy sma_10_30
+	$(QMTL) world history demo-momentum
+	@echo "== 7. the audit ledger"
 	$(QMTL) audit log --limit 8
 	$(QMTL) audit verify
 
