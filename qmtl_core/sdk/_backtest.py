@@ -178,19 +178,24 @@ def _check_costs(fee_bps: float, slippage_bps: float, initial_cash: float) -> No
 
 def run_backtest(strategy: Strategy, bars: Bars | str | Path, *, fee_bps: float = 0.0,
                  slippage_bps: float = 0.0, initial_cash: float = 1.0,
-                 world_id: str = "backtest") -> BacktestResult:
+                 world_id: str = "backtest", context: ComputeContext | None = None) -> BacktestResult:
     """Run ``strategy`` over ``bars`` (a :class:`Bars` or a CSV/Parquet path).
 
     Each bar t: orders emitted on bar t-1 fill at bar t's open (slippage against the order, fee
     on the notional, both in bps); then every node computes with data up to bar t's close.
-    Orders emitted on the last bar are not filled (counted in ``unfilled_orders``).
+    Orders emitted on the last bar are not filled (counted in ``unfilled_orders``); what each
+    publisher emitted on it is in ``extra["last_signals"]`` as ``(publisher, signal)`` pairs.
+
+    ``context`` is what compute functions see as ``view.context`` (default: the ``backtest``
+    domain of ``world_id``); paper simulation passes its ``dryrun`` context. Fills are simulated
+    either way: nothing here reaches an execution service.
     """
     _check_costs(fee_bps, slippage_bps, initial_cash)
     data = bars if isinstance(bars, Bars) else load_bars(bars)
     nodes = strategy.build()
     # The context goes to the views only: re-stamping the nodes would silently move a strategy
     # object that is also running live in this process into the backtest domain.
-    ctx = ComputeContext(world_id=world_id, execution_domain="backtest")
+    ctx = context if context is not None else ComputeContext(world_id=world_id, execution_domain="backtest")
 
     n = len(data)
     src_matrix = data.matrix()
@@ -240,6 +245,8 @@ def run_backtest(strategy: Strategy, bars: Bars | str | Path, *, fee_bps: float 
     pub_sources = [p.inputs[0] for p in publishers]
     _loop(n, src_matrix, src_ts, wbuf, wts, source, steps, pub_sources, broker, opens, pending)
     unfilled = len(pending)
+    last_signals = tuple((p.node, p.inputs[0].values[-1]) for p in publishers  # type: ignore[union-attr]
+                         if n and p.inputs[0].last_t == n - 1)
 
     positions, cash = _forward_fill(n, broker.changes, initial_cash)
     equity = cash + positions * src_matrix[3]
@@ -251,7 +258,7 @@ def run_backtest(strategy: Strategy, bars: Bars | str | Path, *, fee_bps: float 
         trades=tuple(broker.trades), open_trades=tuple(broker.open_trades()),
         fills=tuple(broker.fills), unfilled_orders=unfilled, fee_bps=float(fee_bps),
         slippage_bps=float(slippage_bps), initial_cash=float(initial_cash),
-        extra={"skipped_orders": broker.skipped})
+        extra={"skipped_orders": broker.skipped, "last_signals": last_signals})
 
 
 def _loop(n: int, src_matrix: npt.NDArray[np.float64], src_ts: npt.NDArray[np.datetime64],

@@ -7,10 +7,11 @@ fail-closed defaults (tests call it between cases).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,9 @@ class SubmitResult:
     world_id: str
     context: ComputeContext
     dag: dict[str, Any]
+    #: With a world service connected (:meth:`Runner.use_world_service`): the recorded
+    #: ``qmtl_core.submit.Submission`` (backtest run, status, next step).
+    submission: Any = None
 
 
 SubmitHandler = Callable[[Strategy, str, "str | None"], SubmitResult]
@@ -145,6 +149,26 @@ class Runner:
             cls._trade_execution_service = service
 
     @classmethod
+    @contextlib.contextmanager
+    def trading(cls, service: TradeExecutionService) -> Iterator[None]:
+        """Within the block: submission enabled and orders the gate lets through go to ``service``;
+        the previous settings come back afterwards. The gate still decides every order."""
+        with cls._lock:
+            previous = (cls._enable_trade_submission, cls._trade_execution_service)
+        cls.set_trade_execution_service(service)
+        cls.set_enable_trade_submission(True)
+        try:
+            yield
+        finally:
+            with cls._lock:
+                cls._enable_trade_submission, cls._trade_execution_service = previous
+
+    @classmethod
+    def has_trade_execution_service(cls) -> bool:
+        """Whether an execution service is set (the gate still decides whether orders reach it)."""
+        return cls._trade_execution_service is not None
+
+    @classmethod
     def set_world_client(cls, client: WorldClient | None) -> None:
         """The world service ``submit`` asks for decisions (``None``: no world, fail closed)."""
         cls._world_client = client
@@ -153,6 +177,18 @@ class Runner:
     def set_submit_handler(cls, handler: SubmitHandler | None) -> None:
         """Replace how ``submit`` registers a strategy (the service layer plugs in here)."""
         cls._submit_handler = handler
+
+    @classmethod
+    def use_world_service(cls, service: Any, *, data: str | Path | None = None) -> None:
+        """Make :meth:`submit` record submissions in ``service`` (a ``WorldService``) exactly as
+        ``qmtl submit`` does: backtest on ``data`` (default: the bundled GOOG bars), record the
+        backtest run, resolve the context from the world's decision. ``None`` disconnects."""
+        if service is None:
+            cls.set_submit_handler(None)
+            return
+        from qmtl_core.submit import connect_runner
+
+        connect_runner(service, data=data)
 
     @classmethod
     def reset(cls) -> None:
@@ -234,6 +270,14 @@ class Runner:
             return len(node.cache[key]) >= node.period
         return all(len(node.cache.get((up.node_id, up.interval), ())) >= node.period
                    for up in node.inputs)
+
+    @classmethod
+    def publish(cls, node: TradeOrderPublisherNode, signal: Any, timestamp: Any) -> list[Order]:
+        """Turn what ``node``'s signal emitted into orders and send each through the order gate
+        (in ``node``'s compute context); returns the stamped orders, sent or blocked."""
+        if not isinstance(node, TradeOrderPublisherNode):
+            raise BadInputError(f"{node!r} is not a TradeOrderPublisherNode")
+        return cls._publish(node, signal, timestamp)
 
     @classmethod
     def _publish(cls, node: TradeOrderPublisherNode, signal: Any, timestamp: Any) -> list[Order]:

@@ -324,6 +324,75 @@ class WorldService(GovernanceMixin):
         """Every world in the worlds directory."""
         return [p.stem for p in world_files(self.settings.worlds_dir)]
 
+    # -- submissions -------------------------------------------------------------------------------
+    def strategy_info(self, world: str, strategy_id: str) -> dict[str, Any] | None:
+        """The world's row for a strategy (stage, name, code_hash, submitter, meta ...); ``None``
+        when the world has never seen it."""
+        import sqlalchemy as sa
+
+        from qmtl_core.store import schema
+
+        world_path(self.settings.worlds_dir, world)
+        t = schema.strategies
+        with self.store.read() as conn:
+            row = conn.execute(sa.select(t).where(t.c.world_id == world,
+                                                  t.c.strategy_id == strategy_id)).first()
+        return None if row is None else dict(row._mapping)
+
+    def register_strategy(self, world: str, *, strategy_id: str, name: str | None = None,
+                          code_hash: str | None = None, meta: Mapping[str, Any] | None = None,
+                          expect_meta: Mapping[str, Any] | None = None, kind: str = "strategy.submitted",
+                          reason: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Create or update a strategy's row: name, code hash, and ``meta`` merged key by key.
+
+        ``expect_meta`` maps meta keys to the values they must still hold (``None``: absent), else
+        ``ConflictError`` (a concurrent writer got there first). A ledger entry ``kind`` is written
+        only when something changed, so an unchanged resubmission changes nothing. Returns the row
+        and whether it changed.
+        """
+        import sqlalchemy as sa
+
+        from qmtl_core import ledger, runs
+        from qmtl_core.errors import ConflictError
+        from qmtl_core.store import schema
+        from qmtl_core.timeutil import iso
+
+        self.load_world(world)
+        now = self.clock()
+        t = schema.strategies
+        key = (t.c.world_id == world) & (t.c.strategy_id == strategy_id)
+        with self.store.write() as conn:
+            ledger.lock(conn)
+            created = conn.execute(sa.select(t.c.strategy_id).where(key)).first() is None
+            row = runs.ensure_strategy(conn, world_id=world, strategy_id=strategy_id, now=now,
+                                       submitter=self.actor, name=name)
+            old_meta = dict(row.meta or {})
+            for k, v in (expect_meta or {}).items():
+                if old_meta.get(k) != v:
+                    raise ConflictError(f"strategy {strategy_id} in {world} changed meanwhile ({k})",
+                                        hint="another process updated it; run the command again",
+                                        code="concurrent_update")
+            values: dict[str, Any] = {}
+            if name is not None and name != row.name:
+                values["name"] = name
+            if code_hash is not None and code_hash != row.code_hash:
+                values["code_hash"] = code_hash
+            new_meta = {**old_meta, **(meta or {})}
+            if new_meta != old_meta:
+                values["meta"] = new_meta
+            if values or created:
+                if values:
+                    conn.execute(sa.update(t).where(key).values(**values, updated_at=iso(now)))
+                changed = sorted(set(values) - {"meta"}) + sorted(k for k in new_meta
+                                                                  if new_meta.get(k) != old_meta.get(k))
+                ledger.append(conn, actor=self.actor, kind=kind, now=now, world=world,
+                              subject=f"{strategy_id} {name or row.name or ''}".strip(),
+                              reason=reason or ("first submission" if created else "changed: " + ", ".join(changed)),
+                              payload={"strategy_id": strategy_id, "name": name or row.name,
+                                       "code_hash": code_hash or row.code_hash, "changed": changed})
+            out = dict(conn.execute(sa.select(t).where(key)).one()._mapping)
+        return out, bool(values) or created
+
     # -- decisions ---------------------------------------------------------------------------------
     def decision(self, world: str, strategy_id: str) -> "DecisionEnvelope":
         """The world's decision envelope for a strategy now; recorded when it changes (by etag)."""
