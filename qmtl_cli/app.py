@@ -9,6 +9,7 @@ import typer
 
 from qmtl_cli._state import CliState, set_current
 from qmtl_cli.commands import audit, campaign, config, governance, risk, world, world_evaluate  # noqa: F401 (registers commands)
+from qmtl_cli.commands import submit
 
 app = typer.Typer(
     name="qmtl",
@@ -26,6 +27,8 @@ app.add_typer(world.app, name="world")
 app.add_typer(risk.app, name="risk")
 app.add_typer(audit.app, name="audit")
 app.add_typer(config.app, name="config")
+app.command("submit")(submit.submit_command)
+app.command("run")(submit.run_command)
 
 
 def _version(value: bool) -> None:

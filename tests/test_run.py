@@ -1,0 +1,266 @@
+"""`qmtl run`: new bars fed in the domain the world decides; paper campaigns advance on real data."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmtl_core.domains import DecisionEnvelope
+from qmtl_core.sdk import Runner
+from qmtl_core.service import WorldService
+from tests.cli_helpers import qmtl, qmtl_process
+
+ROOT = Path(__file__).resolve().parent.parent
+SMA = ROOT / "examples/strategies/sma_crossover.py"
+GOOG = ROOT / "worlds/data/GOOG.csv"
+WORLD = "paper-test"
+POLICY = """\
+world: paper-test
+policy_version: 1
+allow_live: true
+periods_per_year: 252
+costs: {fee_bps: 1.0, slippage_bps: 2.0}
+rules:
+  - {id: sharpe, metric: sharpe, min: 0.3, stages: [backtest]}
+  - {id: drawdown, metric: max_drawdown, max: 0.5}
+  - {id: trades, metric: n_trades, min: 1, severity: soft}
+campaign:
+  backtest: {window: 365d, min_observations: 200}
+  paper: {window: 30d, min_observations: 20}
+governance:
+  live_promotion: {mode: disabled}
+risk: {snapshot_max_age: 1h, decision_ttl: 10m}
+"""
+ALWAYS_LONG = """\
+from qmtl_core.sdk import Node, StreamInput, Strategy, TradeOrderPublisherNode
+
+
+class AlwaysLong(Strategy):
+    def setup(self) -> None:
+        price = StreamInput(name="price", interval="1d")
+        target = Node(input=price, compute_fn=lambda view: 1.0, name="long")
+        self.add_nodes(price, target, TradeOrderPublisherNode(target, symbol="GOOG"))
+"""
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runner() -> Iterator[None]:
+    Runner.reset()
+    yield
+    Runner.reset()
+
+
+@pytest.fixture
+def env(qmtl_env: dict[str, str], worlds_dir: Path) -> dict[str, str]:
+    (worlds_dir / f"{WORLD}.yaml").write_text(POLICY)
+    return qmtl_env
+
+
+def _bars(tmp: Path, name: str, first: str, last: str) -> tuple[Path, int]:
+    """GOOG bars with first <= date <= last, as a CSV; returns the path and the number of bars."""
+    header, *rows = GOOG.read_text().splitlines()
+    keep = [r for r in rows if first <= r[:10] <= last]
+    path = tmp / name
+    path.write_text("\n".join([header, *keep]) + "\n")
+    return path, len(keep)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> dict[str, tuple[Path, int]]:
+    return {"hist": _bars(tmp_path, "hist.csv", "2004-01-01", "2012-06-01"),
+            "a": _bars(tmp_path, "a.csv", "2012-06-04", "2012-10-04"),
+            "b": _bars(tmp_path, "b.csv", "2012-09-27", "2013-03-01"),
+            "overlap_b": _bars(tmp_path, "ob.csv", "2012-09-27", "2012-10-04")}
+
+
+class Broker:
+    """A local HTTP endpoint recording every order POSTed to it."""
+
+    def __init__(self) -> None:
+        self.orders: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.orders.append({"body": json.loads(body), "key": self.headers.get("Idempotency-Key")})
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/orders"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    b = Broker()
+    yield b
+    b.close()
+
+
+def _submit_and_promote(args: list[str], hist: Path) -> str:
+    sub = qmtl("submit", *args, "--world", WORLD, "--data", str(hist), "--json")
+    assert sub.exit_code == 0, sub.stderr
+    assert sub.json()["status"] == "pending"
+    loop = qmtl("world", "campaign-loop", "--world", WORLD, "--once", "--execute", "--json")
+    assert '"promote_to_paper"' in loop.stdout, loop.stdout + loop.stderr
+    return str(sub.json()["strategy_id"])
+
+
+def _paper_progress(sid: str) -> dict[str, Any]:
+    doc = qmtl("world", "campaign", WORLD, "--strategy", sid, "--json").json()
+    (view,) = doc["strategies"]
+    assert view["stage"] == "paper" and view["phase"] == "paper_campaign"
+    return next(p for p in view["progress"] if p["stage"] == "paper")
+
+
+def test_run_advances_the_paper_campaign_on_new_bars(env: dict[str, str], data: dict[str, tuple[Path, int]],
+                                                     broker: Broker) -> None:
+    hist, _ = data["hist"]
+    # still in backtest: nothing to feed, and the message says why
+    early = qmtl("submit", str(SMA), "--world", WORLD, "--data", str(hist))
+    assert early.exit_code == 0
+    refused = qmtl("run", str(SMA), "--world", WORLD, "--data", str(data["a"][0]))
+    assert refused.exit_code == 10
+    assert "has SmaCrossover" in refused.stderr and "in backtest" in refused.stderr
+    assert "campaign-loop --world paper-test --once --execute" in refused.stderr
+
+    sid = _submit_and_promote([str(SMA)], hist)
+    assert _paper_progress(sid)["n_observations"] == 0
+    resubmit = qmtl("submit", str(SMA), "--world", WORLD, "--data", str(hist), "--json").json()
+    assert (resubmit["status"], resubmit["stage"], resubmit["execution_domain"]) == ("active", "paper", "dryrun")
+
+    a, n_a = data["a"]
+    first = qmtl("run", str(SMA), "--world", WORLD, "--data", str(a), "--broker-webhook", broker.url, "--json")
+    assert first.exit_code == 0, first.stderr
+    doc = first.json()
+    assert (doc["stage"], doc["execution_domain"], doc["decision"]["effective_mode"]) == ("paper", "dryrun", "paper")
+    assert doc["bars"] == {"new": n_a, "duplicates": 0, "first_new": "2012-06-04T00:00:00.000000Z",
+                           "last_new": "2012-10-04T00:00:00.000000Z", "total_fed": n_a}
+    run = doc["run"]
+    assert (run["stage"], run["run_id"], run["revision"]) == ("paper", "paper-from-20120604", 1)
+    assert run["window"]["n_observations"] == n_a and run["metrics"]["n_trades"] == doc["n_trades"]
+    assert run["metric_sources"]["n_trades"] == "request.metrics"
+    assert "--broker-webhook not used" in doc["note"] and broker.orders == []
+    assert doc["orders"]["published"] == 0
+    progress = _paper_progress(sid)
+    assert progress["n_observations"] == n_a and progress["span_seconds"] > 30 * 86400
+
+    # overlapping bars: the ones already fed are dropped, the rest appended to the same run
+    b, n_b = data["b"]
+    n_overlap = data["overlap_b"][1]
+    second = qmtl("run", str(SMA), "--world", WORLD, "--data", str(b), "--json").json()
+    assert second["bars"]["new"] == n_b - n_overlap and second["bars"]["duplicates"] == n_overlap
+    assert second["bars"]["total_fed"] == n_a + n_b - n_overlap
+    run2 = second["run"]
+    assert (run2["run_id"], run2["revision"]) == ("paper-from-20120604", 2)
+    assert run2["window"]["start"] == run["window"]["start"]
+    assert run2["window"]["n_observations"] == n_a + n_b - n_overlap
+    assert run2["window"]["end"].startswith("2013-03-01")
+    assert run2["metrics"]["n_trades"] >= run["metrics"]["n_trades"]
+    assert _paper_progress(sid)["n_observations"] == n_a + n_b - n_overlap
+
+    # the same bars again: nothing new, no new revision
+    again = qmtl("run", str(SMA), "--world", WORLD, "--data", str(b), "--json").json()
+    assert again["bars"]["new"] == 0 and again["run"]["revision"] == 2 and "nothing new" in again["note"]
+    history = qmtl("world", "runs", WORLD, "--stage", "paper", "--history", "--json").json()["runs"]
+    assert [r["revision"] for r in history] == [2, 1]
+
+    human = qmtl("run", str(SMA), "--world", WORLD, "--data", str(b))
+    assert human.exit_code == 0 and "nothing new" in human.stdout and "domain    dryrun" in human.stdout
+    campaign = qmtl("world", "campaign", WORLD, "--strategy", sid)
+    assert "paper_campaign" in campaign.stdout and f"{n_a + n_b - n_overlap}/20 obs" in campaign.stdout
+
+
+def test_run_refuses_old_or_changed_bars(env: dict[str, str], data: dict[str, tuple[Path, int]],
+                                         tmp_path: Path) -> None:
+    hist, _ = data["hist"]
+    _submit_and_promote([str(SMA)], hist)
+    # paper bars must come after everything the strategy was backtested on
+    inside = qmtl("run", str(SMA), "--world", WORLD, "--data", str(hist))
+    assert inside.exit_code == 2
+    assert "is not after the data the strategy was backtested on (up to 2012-06-01" in inside.stderr
+    a, _ = data["a"]
+    assert qmtl("run", str(SMA), "--world", WORLD, "--data", str(a)).exit_code == 0
+    old = qmtl_process("run", str(SMA), "--world", WORLD, "--data", str(hist))
+    assert old.exit_code == 2
+    assert old.stderr.strip().splitlines() == [
+        f"qmtl: error: {hist}: bar 2004-08-19T00:00:00Z is older than the last bar already fed "
+        "(2012-10-04T00:00:00Z) and was never fed; qmtl run only appends new bars "
+        "(pass only bars after 2012-10-04T00:00:00Z)"]
+    # a bar that was fed cannot come back different
+    header, *rows = a.read_text().splitlines()
+    changed = tmp_path / "changed.csv"
+    last = rows[-1].split(",")
+    last[4] = str(float(last[4]) + 1.0)
+    changed.write_text("\n".join([header, ",".join(last)]) + "\n")
+    diff = qmtl("run", str(SMA), "--world", WORLD, "--data", str(changed), "--json")
+    assert diff.exit_code == 2 and diff.json()["error"] == "bar_changed"
+    assert len(qmtl("world", "runs", WORLD, "--stage", "paper", "--history", "--json").json()["runs"]) == 1
+
+
+def test_run_needs_a_submitted_strategy(env: dict[str, str], data: dict[str, tuple[Path, int]]) -> None:
+    ran = qmtl("run", str(SMA), "--world", WORLD, "--data", str(data["a"][0]), "--json")
+    assert ran.exit_code == 3
+    assert ran.json()["error"] == "strategy_not_submitted"
+    assert "qmtl submit FILE --world paper-test" in ran.stderr
+
+
+def _live_decision(self: WorldService, world: str, strategy_id: str) -> DecisionEnvelope:
+    return DecisionEnvelope(world, strategy_id, "live", "live_activation", datetime.now(timezone.utc),
+                            600, "etag-live-test", 1, allow_live=True)
+
+
+def test_live_orders_go_only_through_the_gate_to_the_broker(env: dict[str, str], data: dict[str, tuple[Path, int]],
+                                                            tmp_path: Path, broker: Broker,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    strat = tmp_path / "always_long.py"
+    strat.write_text(ALWAYS_LONG)
+    hist, _ = data["hist"]
+    # buy-and-hold fails the drawdown gate: still submitted (known to the world), which is all run needs
+    assert qmtl("submit", str(strat), "--world", WORLD, "--data", str(hist)).exit_code == 10
+    # the world decides live for it (governance is another part of qmtl: stand in for its decision)
+    monkeypatch.setattr(WorldService, "decision", _live_decision)
+    one, _ = _bars(tmp_path, "one.csv", "2012-06-04", "2012-06-04")
+    no_broker = qmtl("run", str(strat), "--world", WORLD, "--data", str(one))
+    assert no_broker.exit_code == 12 and "no broker is configured" in no_broker.stderr
+    several = qmtl("run", str(strat), "--world", WORLD, "--data", str(data["a"][0]),
+                   "--broker-webhook", broker.url)
+    assert several.exit_code == 2 and "live runs take one new bar at a time" in several.stderr
+    assert broker.orders == []
+
+    ran = qmtl("run", str(strat), "--world", WORLD, "--data", str(one), "--broker-webhook", broker.url, "--json")
+    assert ran.exit_code == 0, ran.stderr
+    doc = ran.json()
+    assert (doc["stage"], doc["execution_domain"], doc["run"]) == ("live", "live", None)
+    assert doc["orders"]["published"] == 1 and doc["orders"]["blocked"] == {}
+    (posted,) = broker.orders
+    order = posted["body"]
+    assert (order["action"], order["target"], order["symbol"]) == ("TARGET", 1.0, "GOOG")
+    assert (order["world_id"], order["execution_domain"], order["strategy_id"]) == (WORLD, "live", doc["strategy_id"])
+    assert posted["key"] == order["client_order_id"]
+    assert "realized live returns come from the broker" in doc["note"]
+    # the process-wide switch is back off after the run
+    assert Runner.trade_submission_enabled() is False and not Runner.has_trade_execution_service()
+    # the bar is fed: sending it again posts nothing
+    again = qmtl("run", str(strat), "--world", WORLD, "--data", str(one), "--broker-webhook", broker.url, "--json")
+    assert again.exit_code == 0 and again.json()["bars"]["new"] == 0 and len(broker.orders) == 1
