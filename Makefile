@@ -9,7 +9,7 @@ PG_BIN := /usr/lib/postgresql/15/bin
 SAYEXIT := || echo "   (exit $$?: see Exit codes in README.md)"
 FIRST_REQUEST := $(QMTL) promote --list --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["requests"][0]["request_id"])'
 
-.PHONY: demo test install dev postgres bench docs clean
+.PHONY: demo test install dev postgres browser bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ postgres:
 	else echo "installing PostgreSQL server binaries (apt-get install -y postgresql)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; fi
+
+# The report test opens a report in headless Chromium: install it (and its driver) when missing.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	else echo "installing headless Chromium for the report test (apt-get install -y chromium chromium-driver)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; fi
 
 # The demo starts from an empty store each time, so it always tells the same story.
 demo: install
@@ -66,7 +73,7 @@ demo: install
 	$(QMTL) audit log --limit 8
 	$(QMTL) audit verify
 
-test: dev postgres
+test: dev postgres browser
 	PATH="$$PATH:$(PG_BIN)" $(BIN)/python -m pytest -n auto -W error -q
 
 bench: dev

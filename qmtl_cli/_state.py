@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 if TYPE_CHECKING:
     from qmtl_core.config import Settings
     from qmtl_core.service import WorldService
+    from qmtl_core.service._client import HttpClient, LocalClient
+
+#: Tests only: builds the httpx transport remote mode uses (an in-process ASGI transport).
+TRANSPORT_FACTORY: Any = None
 
 
 @dataclass
@@ -24,6 +28,7 @@ class CliState:
     debug: bool = False
     _settings: "Settings | None" = field(default=None, repr=False)
     _service: "WorldService | None" = field(default=None, repr=False)
+    _client: "LocalClient | HttpClient | None" = field(default=None, repr=False)
 
     def settings(self) -> "Settings":
         """Settings resolved from options, environment and config file."""
@@ -35,24 +40,47 @@ class CliState:
         return self._settings
 
     def service(self) -> "WorldService":
-        """The ``WorldService`` for this invocation (local mode)."""
+        """The in-process ``WorldService`` (commands that only ever work on the local store)."""
         if self._service is None:
             settings = self.settings()
             if settings.server:
                 from qmtl_core.errors import UsageError
 
-                raise UsageError(f"remote mode (--server {settings.server}) is not available in "
-                                 "this version of qmtl",
-                                 hint="unset --server/QMTL_SERVER/config 'server' to use the local store")
+                raise UsageError(f"this command works on the local store only, not with --server {settings.server}",
+                                 hint="run it on the server host, or unset --server/QMTL_SERVER")
             from qmtl_core.service import WorldService
 
             self._service = WorldService(settings)
         return self._service
 
+    def client(self) -> "LocalClient | HttpClient":
+        """The facade as documents: in-process, or over HTTP with --server (remote mode)."""
+        if self._client is None:
+            settings = self.settings()
+            if settings.server:
+                from qmtl_core.service._client import HttpClient
+
+                transport = TRANSPORT_FACTORY(settings.server) if TRANSPORT_FACTORY is not None else None
+                self._client = HttpClient(settings.server, settings.token, transport=transport)
+            else:
+                from qmtl_core.service._client import LocalClient
+
+                self._client = LocalClient(self.service())
+        return self._client
+
+    @property
+    def remote(self) -> bool:
+        """Whether commands go to a server."""
+        return bool(self.settings().server)
+
     def close(self) -> None:
-        """Release resources held by the service."""
+        """Release resources held by the service or the HTTP client."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         if self._service is not None:
             self._service.close()
+            self._service = None
 
 
 _current = CliState()

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from qmtl_cli._state import CliState, set_current
-from qmtl_cli.commands import audit, campaign, config, governance, risk, world, world_evaluate  # noqa: F401 (registers commands)
+from qmtl_cli.commands import audit, campaign, config, governance, report, risk, serve, world, world_evaluate  # noqa: F401 (registers commands)
 from qmtl_cli.commands import submit
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app = typer.Typer(
            "11 waiting, 12 fail-closed, 75 busy.",
 )
 governance.register(app)
+serve.register(app)
 app.add_typer(world.app, name="world")
 app.add_typer(risk.app, name="risk")
 app.add_typer(audit.app, name="audit")

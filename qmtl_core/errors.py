@@ -40,6 +40,8 @@ __all__ = [
     "StoreUnavailable",
     "BusyError",
     "LeaseHeld",
+    "Unauthorized",
+    "Forbidden",
 ]
 
 
@@ -122,6 +124,12 @@ class ConfigError(BadInputError):
     """The qmtl configuration (config.toml, environment) is invalid."""
 
     code = "invalid_config"
+
+
+class Unauthorized(ConfigError):
+    """Remote mode: no token, or a token the server does not accept."""
+
+    code = "unauthorized"
 
 
 class StoreVersionError(BadInputError):
@@ -212,6 +220,12 @@ class PromotionRefused(BlockedError):
     """A promotion was refused by governance."""
 
     code = "promotion_refused"
+
+
+class Forbidden(BlockedError):
+    """Remote mode: the token's role may not do this."""
+
+    code = "forbidden"
 
 
 # --- 11: waiting --------------------------------------------------------------------------------

@@ -197,13 +197,17 @@ def parse_snapshot(document: Any, *, source: str = "snapshot") -> RiskSnapshot:
                                                 for e in exc.errors()]}) from None
 
 
-def load_snapshot_text(text: str, *, source: str) -> RiskSnapshot:
-    """Parse a snapshot from JSON text (a file or stdin)."""
+def json_document(text: str, *, source: str) -> Any:
+    """JSON text (a file or stdin) as a document; bad JSON names line and column."""
     try:
-        document = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise SnapshotError(f"{source}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
-    return parse_snapshot(document, source=source)
+
+
+def load_snapshot_text(text: str, *, source: str) -> RiskSnapshot:
+    """Parse a snapshot from JSON text (a file or stdin)."""
+    return parse_snapshot(json_document(text, source=source), source=source)
 
 
 @dataclass(frozen=True)

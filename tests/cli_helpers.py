@@ -27,9 +27,25 @@ class Ran:
         return json.loads(self.stdout)
 
 
+#: ``local`` or ``remote``; set per test by the ``both_modes`` marker (see ``tests/conftest.py``).
+MODE = "local"
+
+#: Commands that work on local files or the local store only, whatever the mode.
+LOCAL_ONLY = {("config",), ("world", "validate"), ("world", "schema"), ("token",), ("serve",), ("submit",),
+              ("run",), ("world", "report")}
+
+
+def _local_only(args: tuple[str, ...]) -> bool:
+    words = [a for a in args if not a.startswith("-")]
+    return any(tuple(words[: len(key)]) == key for key in LOCAL_ONLY)
+
+
 def qmtl(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Ran:
-    """Run ``qmtl ARGS`` in-process (CliRunner)."""
-    result = CliRunner().invoke(app, list(args), env=env, input=input, catch_exceptions=False)
+    """Run ``qmtl ARGS`` in-process (CliRunner); in remote mode through the HTTP API (``tests/_remote.py``)."""
+    argv = list(args)
+    if MODE == "remote" and "--server" not in argv and not _local_only(args):
+        argv = ["--server", "http://qmtl.test", *argv]
+    result = CliRunner().invoke(app, argv, env=env, input=input, catch_exceptions=False)
     return Ran(result.exit_code, result.stdout, result.stderr)
 
 

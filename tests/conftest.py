@@ -55,3 +55,18 @@ def qmtl_env(tmp_path: Path, worlds_dir: Path, store_url: str, monkeypatch: pyte
     monkeypatch.setenv("QMTL_WORLDS_DIR", str(worlds_dir))
     monkeypatch.setenv("QMTL_DATABASE_URL", store_url)
     return {**os.environ}
+
+
+@pytest.fixture(params=["local", "remote"])
+def cli_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """CLI tests that use this run twice: on the local store, and through the HTTP API (the real
+    ``qmtl serve`` app behind an in-process transport, ``tests/_remote.py``)."""
+    from tests import _remote, cli_helpers
+
+    mode = str(request.param)
+    monkeypatch.setattr(cli_helpers, "MODE", mode)
+    if mode == "remote":
+        import qmtl_cli._state
+
+        monkeypatch.setattr(qmtl_cli._state, "TRANSPORT_FACTORY", _remote.factory)
+    return mode

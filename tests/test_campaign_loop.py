@@ -229,6 +229,7 @@ def test_killed_loop_is_taken_over_after_the_lease_expires(svc, store_url: str, 
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("cli_mode")
 def test_cli_usage_and_json_per_iteration(qmtl_env: dict[str, str], camp_dir: Path) -> None:
     assert qmtl("world", "campaign-loop", "--world", WORLD).exit_code == 2  # neither --once nor --interval
     assert qmtl("world", "campaign-loop", "--once", "--interval", "1h").exit_code == 2
@@ -241,6 +242,7 @@ def test_cli_usage_and_json_per_iteration(qmtl_env: dict[str, str], camp_dir: Pa
     assert qmtl("world", "campaign-loop", "--world", "nope", "--once").exit_code == 3
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_cli_campaign_view(qmtl_env: dict[str, str], camp_dir: Path, tmp_path: Path) -> None:
     returns = tmp_path / "r.csv"
     rng = np.random.default_rng(1)

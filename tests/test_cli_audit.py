@@ -11,6 +11,8 @@ from qmtl_core import ledger
 from qmtl_core.store import open_store, schema
 from tests.cli_helpers import qmtl, qmtl_process
 
+pytestmark = pytest.mark.usefixtures("cli_mode")
+
 
 @pytest.fixture
 def filled(store_url: str, monkeypatch: pytest.MonkeyPatch) -> str:

@@ -83,9 +83,12 @@ def test_environment_variables_feed_global_options(tmp_path: Path, monkeypatch: 
     assert json.loads(qmtl("config", "get", "token").stdout)["value"] == "abc"
 
 
-def test_server_option_refuses_rather_than_acting_locally(tmp_path: Path) -> None:
+def test_unreachable_server_is_one_line_and_never_acts_locally(tmp_path: Path) -> None:
     ran = qmtl("--server", "http://127.0.0.1:9", "audit", "verify")
-    assert ran.exit_code == 2 and "remote mode" in ran.stderr
+    assert ran.exit_code == 12 and "cannot reach qmtl server http://127.0.0.1:9" in ran.stderr
+    assert ran.stderr.count("\n") == 1 and not (tmp_path / "home" / "qmtl.db").exists()
+    local_only = qmtl("--server", "http://127.0.0.1:9", "token", "list")
+    assert local_only.exit_code == 2 and "local store only" in local_only.stderr
 
 
 def test_usage_error_exits_2() -> None:

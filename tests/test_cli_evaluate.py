@@ -10,6 +10,8 @@ import pytest
 from tests.cli_helpers import qmtl, qmtl_process
 from tests.conftest import EXAMPLE_WORLDS
 
+pytestmark = pytest.mark.usefixtures("cli_mode")
+
 DEMO_RETURNS = EXAMPLE_WORLDS / "data" / "demo-returns.csv"
 
 

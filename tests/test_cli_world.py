@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 from tests.cli_helpers import qmtl, qmtl_process
+
+pytestmark = pytest.mark.usefixtures("cli_mode")
 
 
 def test_validate_all_json(qmtl_env: dict[str, str]) -> None:
@@ -68,5 +72,5 @@ def test_changed_policy_needs_a_new_version_and_is_ledgered_with_a_diff(
 
 
 def test_missing_worlds_dir_is_bad_input(tmp_path: Path) -> None:
-    ran = qmtl("--worlds-dir", str(tmp_path / "nope"), "world", "list")
+    ran = qmtl_process("--worlds-dir", str(tmp_path / "nope"), "world", "list")  # a local option
     assert ran.exit_code == 2 and "does not exist" in ran.stderr

@@ -74,6 +74,7 @@ def _as(user: str) -> dict[str, str]:
     return {"LOGNAME": user, "USER": user}
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_cli_promote_approve_list_decision_history(ready_world: dict[str, str]) -> None:
     dry = qmtl("promote", "a", "--world", "gov", "--dry-run", "--json")
     assert dry.exit_code == 11 and dry.json()["gate"]["reasons"][0]["code"] == "approval_required"
@@ -103,6 +104,7 @@ def test_cli_promote_approve_list_decision_history(ready_world: dict[str, str]) 
     assert qmtl("audit", "verify").exit_code == 0
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_cli_halt_resume_demote_rollback_reject(ready_world: dict[str, str]) -> None:
     assert qmtl("world", "halt", "gov").exit_code == 2  # --reason required
     assert qmtl("world", "halt", "gov", "--reason", "broker outage").exit_code == 0

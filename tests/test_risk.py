@@ -126,6 +126,7 @@ def _count(url: str) -> int:
     return int(n or 0)
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_put_dedupes_and_conflicts(hub: Path, qmtl_env: dict[str, str]) -> None:
     doc = _doc(as_of=datetime.now(timezone.utc).isoformat())
     first = _put(hub, doc, "--json")
@@ -143,6 +144,7 @@ def test_put_dedupes_and_conflicts(hub: Path, qmtl_env: dict[str, str]) -> None:
     assert len(log) == 1 and log[0]["payload"]["version"] == "v1"
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_put_from_stdin(hub: Path) -> None:
     ran = qmtl("risk", "put", "-", input=json.dumps(_doc(as_of=datetime.now(timezone.utc).isoformat())))
     assert ran.exit_code == 0 and "stored risk snapshot" in ran.stdout
@@ -155,6 +157,7 @@ def test_put_from_stdin(hub: Path) -> None:
     (_doc(weights={"s1": 0.7, "s2": 0.7}), 2, "weights sum to 1.4"),
     (_doc(world_id="nope"), 3, "world 'nope' not found"),
 ])
+@pytest.mark.usefixtures("cli_mode")
 def test_bad_snapshots_store_nothing(hub: Path, qmtl_env: dict[str, str], doc: dict[str, Any], code: int,
                                      fragment: str) -> None:
     ran = _put(hub, doc)
@@ -162,6 +165,7 @@ def test_bad_snapshots_store_nothing(hub: Path, qmtl_env: dict[str, str], doc: d
     assert _count(qmtl_env["QMTL_DATABASE_URL"]) == 0
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_bad_json_names_line(hub: Path) -> None:
     path = hub / "bad.json"
     path.write_text('{\n  "world_id": "demo-momentum",\n  oops\n}')
@@ -169,6 +173,7 @@ def test_bad_json_names_line(hub: Path) -> None:
     assert ran.exit_code == 2 and "bad.json:3:" in ran.stderr
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_show_missing_is_not_found(qmtl_env: dict[str, str]) -> None:
     ran = qmtl("risk", "show", W)
     assert ran.exit_code == 3 and "no risk snapshot" in ran.stderr

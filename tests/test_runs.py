@@ -162,6 +162,7 @@ def test_eight_processes_recording_the_same_run(store_url: str, worlds_dir: Path
     assert 1 <= len(revs) <= 8
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_cli_evaluate_strategy_and_runs_json(qmtl_env: dict[str, str], tmp_path: Path) -> None:
     from tests.cli_helpers import qmtl
 

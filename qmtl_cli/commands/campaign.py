@@ -28,14 +28,21 @@ def _bar(done: float, total: float, width: int = 12) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
-def render_campaign(c: "Console", world: str, views: list[dict[str, Any]]) -> None:
-    """Human rendering of ``qmtl world campaign``."""
+def render_campaign(c: "Console", world: str, views: list[dict[str, Any]],
+                    curves: dict[str, list[float]] | None = None) -> None:
+    """Human rendering of ``qmtl world campaign`` (``curves``: each strategy's chained returns, drawn
+    as a sparkline coloured by its gates' pass/warn/fail)."""
+    from qmtl_cli._sparkline import gate_status, styled_sparkline
+
     if not views:
         c.print(f"world {world} has no strategies yet (submit one, or record a run with "
                 "qmtl world evaluate --strategy)")
         return
     for v in views:
-        c.print(f"[bold]{v['strategy_id']}[/bold]  {v['phase']}")
+        status = gate_status(v["rules"])
+        spark = styled_sparkline((curves or {}).get(v["strategy_id"], []), status, width=24)
+        c.print(f"[bold]{v['strategy_id']}[/bold]  {v['phase']}" + (f"  {spark}" if spark else "")
+                + (f"  {styled(status)}" if status else ""))
         for p in v["progress"]:
             span = p["span_seconds"]
             window = p["window_seconds"] or 0
@@ -63,9 +70,13 @@ def campaign(
     json_output: JsonOption = False,
 ) -> None:
     """Show each strategy's campaign: phase, window progress measured on data, gates, next action."""
-    views = [v.to_dict() for v in state(ctx).service().campaign(world, strategy_id=strategy)]
-    emit({"world": world, "strategies": views}, json_mode=state(ctx).json,
-         human=lambda c: render_campaign(c, world, views))
+    views = state(ctx).client().campaign(world, strategy_id=strategy)["strategies"]
+    def human(c: "Console") -> None:
+        from qmtl_cli._sparkline import strategy_curves
+
+        render_campaign(c, world, views, strategy_curves(state(ctx), world, strategy) if views else None)
+
+    emit({"world": world, "strategies": views}, json_mode=state(ctx).json, human=human)
 
 
 def _parse_interval(text: str) -> float:
@@ -120,10 +131,10 @@ def campaign_loop(
     policy), 12 (evidence missing or stale) over the actions; 75 when every world was leased by
     another loop. With --json, one JSON document per iteration (one per line).
     """
-    from datetime import timedelta
+    from datetime import datetime, timezone
 
     from qmtl_core.errors import UsageError
-    from qmtl_core.service._campaign import iteration_exit, new_holder
+    from qmtl_core.service._campaign import new_holder, worst_outcome
 
     if worlds and all_worlds:
         raise UsageError("give --world or --all, not both")
@@ -134,12 +145,12 @@ def campaign_loop(
     if once and max_iterations not in (None, 1):
         raise UsageError("--max-iterations does not go with --once")
     pause = _parse_interval(interval) if interval else 0.0
-    ttl = timedelta(seconds=_parse_interval(lease_ttl))
+    ttl = _parse_interval(lease_ttl)
     st = state(ctx)
-    service = st.service()
-    targets = service.world_names() if all_worlds or not worlds else list(dict.fromkeys(worlds))
+    client = st.client()
+    targets = client.world_names() if all_worlds or not worlds else list(dict.fromkeys(worlds))
     if not targets:
-        raise UsageError(f"no worlds in {st.settings().worlds_dir}")
+        raise UsageError("no worlds to run", hint="add policy files to --worlds-dir")
     holder = new_holder()
     limit = 1 if once else max_iterations
     iteration = 0
@@ -147,38 +158,33 @@ def campaign_loop(
     out = console()
     while True:
         iteration += 1
-        started = service.clock()
+        started = datetime.now(timezone.utc)
         live = None
         if not st.json and out.is_terminal:
             from rich.status import Status
 
             live = Status("starting", console=out)
             live.start()
-
-        def on_world(world: str) -> None:
+        outcomes = []
+        for world in targets:
             if live is not None:
                 live.update(f"iteration {iteration}: {world}")
-            elif not st.json:
-                out.print(f"[bold]{world}[/bold]")
-
-        outcomes = service.campaign_iteration(targets, execute=execute, holder=holder, lease_ttl=ttl,
-                                              on_world=on_world)
+            outcomes.append(client.campaign_run(world, execute=execute, holder=holder, lease_ttl_seconds=ttl))
         if live is not None:
             live.stop()
-        code = iteration_exit(outcomes)
+        code = worst_outcome(outcomes)
         doc = {"iteration": iteration, "started_at": started.isoformat(), "mode": "execute" if execute else "plan",
-               "holder": holder, "exit_code": code, "worlds": [o.to_dict() for o in outcomes]}
+               "holder": holder, "exit_code": code, "worlds": outcomes}
         if st.json:
             sys.stdout.write(json.dumps(doc, default=str) + "\n")
             sys.stdout.flush()
         else:
             for o in outcomes:
-                if live is not None:
-                    out.print(f"[bold]{o.world}[/bold]")
-                if o.status == "busy":
-                    out.print(f"  busy: {o.message}")
+                out.print(f"[bold]{o['world']}[/bold]")
+                if o["status"] == "busy":
+                    out.print(f"  busy: {o['message']}")
                     continue
-                for a in o.actions:
+                for a in o["actions"]:
                     _print_action(out, a)
             word = "executed" if execute else "planned (nothing executed; add --execute to act)"
             out.print(f"iteration {iteration}: {word}; exit {code}")

@@ -14,8 +14,6 @@ from qmtl_cli.commands.world import app as world_app
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from qmtl_core.governance._requests import Outcome
-
 ReasonOption = Annotated[Optional[str], typer.Option("--reason", "-r", help="Why (recorded in the ledger).")]
 
 
@@ -27,31 +25,28 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def render_outcome(c: "Console", outcome: "Outcome") -> None:
+def render_outcome(c: "Console", outcome: dict[str, Any]) -> None:
     """A promotion/approval outcome with every gate reason."""
     colour = {"applied": "green", "pending": "yellow", "planned": "cyan", "rejected": "magenta"}.get(
-        outcome.status, "red")
-    c.print(f"[{colour}]{outcome.status}[/{colour}]  {outcome.strategy_id} in {outcome.world}: {outcome.message}",
-            markup=True)
-    gate = outcome.gate
+        outcome["status"], "red")
+    c.print(f"[{colour}]{outcome['status']}[/{colour}]  {outcome['strategy_id']} in {outcome['world']}: "
+            f"{outcome['message']}", markup=True)
+    gate = outcome.get("gate")
     if gate is not None:
-        for r in gate.reasons:
-            c.print(f"  - {r.code}: {r.detail}", markup=False)
-        c.print(f"  evidence {gate.evidence_hash[:16]}"
-                + (f"; approvals counted: {', '.join(gate.valid_approvals)}" if gate.valid_approvals else ""))
-    for n in outcome.extra.get("notifications", []):
+        for r in gate["reasons"]:
+            c.print(f"  - {r['code']}: {r['detail']}", markup=False)
+        approvals = gate.get("valid_approvals") or []
+        c.print(f"  evidence {gate['evidence_hash'][:16]}"
+                + (f"; approvals counted: {', '.join(approvals)}" if approvals else ""))
+    for n in outcome.get("notifications", []):
         if not n["ok"]:
             c.print(f"  notification {n['event']} not delivered: {n['error']} (recorded in the ledger)")
 
 
-def _finish(ctx: typer.Context, outcome: "Outcome") -> None:
-    from qmtl_core.errors import EvidenceChanged
-
-    if outcome.status == "voided":
-        raise EvidenceChanged(outcome.message, details=outcome.to_dict())
-    emit(outcome.to_dict(), json_mode=state(ctx).json, human=lambda c: render_outcome(c, outcome))
-    if outcome.exit_code:
-        raise typer.Exit(outcome.exit_code)
+def _finish(ctx: typer.Context, outcome: dict[str, Any]) -> None:
+    emit(outcome, json_mode=state(ctx).json, human=lambda c: render_outcome(c, outcome))
+    if outcome["exit_code"]:
+        raise typer.Exit(outcome["exit_code"])
 
 
 def promote(
@@ -72,11 +67,18 @@ def promote(
     """
     from qmtl_core.errors import UsageError
 
-    service = state(ctx).service()
+    client = state(ctx).client()
     if list_:
         if strategy is not None:
             raise UsageError("--list takes no strategy")
-        rows = service.promotion_requests(world=world, include_closed=all_)
+        listing = client.promotions(world=world, include_closed=all_)
+        rows = listing["requests"]
+        from qmtl_core.report import request_report  # the report an approver reads: path, current or stale
+
+        for r in rows:
+            if r["status"] == "pending":
+                r["report"] = request_report(state(ctx).settings().home, r["world"], r["strategy_id"],
+                                             r["evidence_hash"])
 
         def human(c: "Console") -> None:
             if not rows:
@@ -88,12 +90,17 @@ def promote(
                             f"{sum(1 for a in r['approvals'] if a['decision'] == 'approve')}/"
                             f"{r.get('required_approvals') or '?'}", r["requester"], r["evidence_hash"][:12]]
                            for r in rows]))
+            for r in rows:
+                if "report" in r:
+                    rep = r["report"]
+                    how = "" if rep["state"] == "current" else f" (write it: {rep['command']})"
+                    c.print(f"report {r['request_id']}: {rep['path']} [{rep['state']}]{how}", markup=False)
 
-        emit({"requests": rows}, json_mode=state(ctx).json, human=human)
+        emit(listing, json_mode=state(ctx).json, human=human)
         return
     if strategy is None or world is None:
         raise UsageError("give STRATEGY and --world W (or --list)", hint="e.g. qmtl promote sma_10_30 --world demo")
-    _finish(ctx, service.promote(world, strategy, reason=reason, dry_run=dry_run))
+    _finish(ctx, client.promote(world, strategy, reason=reason, dry_run=dry_run))
 
 
 def approve(
@@ -108,7 +115,7 @@ def approve(
     counts once and only for the evidence the request was opened on (changed evidence voids the
     request: exit 4). The last required approval applies the promotion if every gate passes.
     """
-    _finish(ctx, state(ctx).service().decide_request(request, decision="approve", reason=reason or ""))
+    _finish(ctx, state(ctx).client().decide(request, decision="approve", reason=reason or ""))
 
 
 def reject(
@@ -118,7 +125,7 @@ def reject(
     json_output: JsonOption = False,
 ) -> None:
     """Reject a promotion request as yourself (same rules as approve); the request closes."""
-    _finish(ctx, state(ctx).service().decide_request(request, decision="reject", reason=reason or ""))
+    _finish(ctx, state(ctx).client().decide(request, decision="reject", reason=reason or ""))
 
 
 def _required_reason(reason: str | None, what: str) -> str:
@@ -138,9 +145,8 @@ def decision(
     json_output: JsonOption = False,
 ) -> None:
     """Show decision envelopes: in which domain each strategy may execute now, and why."""
-    from qmtl_core.governance import envelope_to_dict
-
-    docs = [envelope_to_dict(e) for e in state(ctx).service().decisions(world, strategy_id=strategy)]
+    data = state(ctx).client().decisions(world, strategy_id=strategy)
+    docs = data["decisions"]
 
     def human(c: "Console") -> None:
         if not docs:
@@ -151,7 +157,7 @@ def decision(
                         str(d["as_of"])[:19] + "Z", f"{d['ttl_sec']}s", str(d["etag"])[:12], d["policy_version"]]
                        for d in docs]))
 
-    emit({"world": world, "decisions": docs}, json_mode=state(ctx).json, human=human)
+    emit(data, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("rollback")
@@ -159,7 +165,7 @@ def decision(
 def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
              reason: ReasonOption = None, json_output: JsonOption = False) -> None:
     """Restore the previous activation set (as a new set; stages follow it)."""
-    result = state(ctx).service().rollback(world, reason=_required_reason(reason, "rollback"))
+    result = state(ctx).client().rollback(world, reason=_required_reason(reason, "rollback"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
         f"rolled back {world} to activation set {result['restored_set']} (now set {result['set_version']}); "
         + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items()) or "no stage changed")))
@@ -170,7 +176,7 @@ def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="Worl
 def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
          reason: ReasonOption = None, json_output: JsonOption = False) -> None:
     """Kill switch: every decision becomes compute-only and live actions are blocked, until resume."""
-    result = state(ctx).service().set_halted(world, halted=True, reason=_required_reason(reason, "halt"))
+    result = state(ctx).client().set_halted(world, halted=True, reason=_required_reason(reason, "halt"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
         f"[red]halted[/red] {world}" if result["changed"] else f"{world} was already halted"))
 
@@ -180,7 +186,7 @@ def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World na
 def resume(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
            reason: ReasonOption = None, json_output: JsonOption = False) -> None:
     """Lift the kill switch."""
-    result = state(ctx).service().set_halted(world, halted=False, reason=_required_reason(reason, "resume"))
+    result = state(ctx).client().set_halted(world, halted=False, reason=_required_reason(reason, "resume"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
         f"resumed {world}" if result["changed"] else f"{world} was not halted"))
 
@@ -192,7 +198,7 @@ def demote(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World 
            to: Annotated[str, typer.Option("--to", help="paper, backtest or retired.")] = "paper",
            reason: ReasonOption = None, json_output: JsonOption = False) -> None:
     """Take a strategy down a stage (default live → paper); other strategies are untouched."""
-    result = state(ctx).service().demote(world, strategy, to=to, reason=_required_reason(reason, "demote"))
+    result = state(ctx).client().demote(world, strategy, to=to, reason=_required_reason(reason, "demote"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
         f"demoted {strategy} to {to} in {world} (activation set {result['set_version']})"))
 
@@ -209,7 +215,7 @@ def history(
     """What was live (and paper) then, and why: from the hash-chained ledger."""
     from qmtl_core.timeutil import parse_instant
 
-    doc = state(ctx).service().history(world, at=parse_instant(at, what="--at") if at else None)
+    doc = state(ctx).client().history(world, at=parse_instant(at, what="--at") if at else None)
 
     def human(c: "Console") -> None:
         c.print(f"[bold]{world}[/bold] at {doc['at'] or 'now'}" + ("  [red]HALTED[/red]" if doc["halted"] else ""))

@@ -30,7 +30,7 @@ def put(
     from pathlib import Path
 
     from qmtl_core.errors import DataFileError
-    from qmtl_core.risk import load_snapshot_text
+    from qmtl_core.risk import json_document
 
     if file == "-":
         text, source = sys.stdin.read(), "<stdin>"
@@ -41,15 +41,13 @@ def put(
             raise DataFileError(f"{file}: no such file") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise DataFileError(f"{file}: cannot read ({exc})") from None
-    snapshot = load_snapshot_text(text, source=source)
-    stored, created = state(ctx).service().put_risk_snapshot(snapshot)
-    data = {"world": snapshot.world_id, "version": snapshot.version, "created": created,
-            "content_hash": stored.content_hash, "as_of": stored.to_dict()["as_of"]}
+    document = json_document(text, source=source)
+    data = state(ctx).client().risk_put(document, source=source)
     emit(data, json_mode=state(ctx).json,
          human=lambda c: c.print(
-             f"stored risk snapshot {snapshot.world_id} version {snapshot.version} "
-             f"(hash {stored.content_hash[:12]})" if created else
-             f"unchanged: risk snapshot {snapshot.world_id} version {snapshot.version} is already "
+             f"stored risk snapshot {data['world']} version {data['version']} "
+             f"(hash {data['content_hash'][:12]})" if data["created"] else
+             f"unchanged: risk snapshot {data['world']} version {data['version']} is already "
              "stored with this content"))
 
 
@@ -63,14 +61,14 @@ def show(
     json_output: JsonOption = False,
 ) -> None:
     """Show a world's risk snapshot and whether it is fresh enough to decide on now."""
-    stored, fresh = state(ctx).service().risk_snapshot(world, version=version)
-    doc = stored.to_dict()
+    doc = state(ctx).client().risk_show(world, version=version)
+    fresh = doc["freshness"]
 
     def human(c: "Console") -> None:
-        colour = "green" if fresh.ok else "red"
+        colour = "green" if fresh["ok"] else "red"
         c.print(f"[bold]{world}[/bold] risk snapshot {doc['version']}  as_of {doc['as_of']}  "
-                f"ttl {doc['ttl_sec']}s  [{colour}]{fresh.status}[/{colour}]"
-                + (f" ({fresh.reason}: {fresh.detail})" if fresh.reason else ""))
+                f"ttl {doc['ttl_sec']}s  [{colour}]{fresh['status']}[/{colour}]"
+                + (f" ({fresh['reason']}: {fresh['detail']})" if fresh["reason"] else ""))
         c.print(f"received {doc['recorded_at']} from {doc['recorded_by']}; produced by "
                 f"{doc['provenance']['actor']} for stage {doc['provenance']['stage']}; "
                 f"hash {doc['content_hash'][:12]}")
@@ -79,4 +77,4 @@ def show(
                       [[s, f"{w:.4f}", len(realized.get(s, [])) or "-"]
                        for s, w in sorted(doc["weights"].items())]))
 
-    emit({**doc, "freshness": fresh.to_dict()}, json_mode=state(ctx).json, human=human)
+    emit(doc, json_mode=state(ctx).json, human=human)

@@ -17,11 +17,6 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Validate, inspect and run worlds (one YAML policy each).", no_args_is_help=True)
 
 
-def _promotion_mode(document: dict[str, Any]) -> str:
-    governance = document.get("governance") or {}
-    return (governance.get("live_promotion") or {}).get("mode", "disabled")
-
-
 @app.command("validate")
 @command
 def validate(
@@ -69,22 +64,12 @@ def schema(ctx: typer.Context, json_output: JsonOption = False) -> None:
 @command
 def list_(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """List the worlds in --worlds-dir with their policy version and live settings."""
-    worlds = state(ctx).service().list_worlds()
-    rows = []
-    for w in worlds:
-        doc = w.policy.model_dump(mode="json") if w.policy is not None else {}
-        rows.append({
-            "world": w.world, "path": w.path, "valid": w.ok, "error": w.error,
-            "policy_version": doc.get("policy_version"), "allow_live": doc.get("allow_live"),
-            "live_promotion": _promotion_mode(doc) if w.ok else None,
-            "rules": len(doc.get("rules", [])) if w.ok else None,
-            "content_hash": w.record.content_hash if w.record else None,
-            "description": doc.get("description"),
-        })
+    doc = state(ctx).client().worlds()
+    rows = doc["worlds"]
 
     def human(c: "Console") -> None:
         if not rows:
-            c.print(f"no worlds in {state(ctx).settings().worlds_dir}")
+            c.print(f"no worlds in {doc['worlds_dir']}")
             return
         c.print(table(None, ["world", "version", "allow_live", "live promotion", "rules", "status"],
                       [[r["world"], r["policy_version"], r["allow_live"], r["live_promotion"],
@@ -93,7 +78,7 @@ def list_(ctx: typer.Context, json_output: JsonOption = False) -> None:
             if not r["valid"]:
                 c.print(f"[red]invalid[/red] {r['error']}")
 
-    emit({"worlds": rows}, json_mode=state(ctx).json, human=human)
+    emit(doc, json_mode=state(ctx).json, human=human)
 
 
 @app.command("show")
@@ -104,19 +89,17 @@ def show(
     json_output: JsonOption = False,
 ) -> None:
     """Show a world's policy, gates and recorded policy versions."""
-    service = state(ctx).service()
-    loaded = service.load_world(world)
-    history = service.policy_history(world)
-    doc = loaded.policy.model_dump(mode="json")
-    data = {"world": loaded.world_id, "path": str(loaded.path), "content_hash": loaded.content_hash,
-            "policy": doc, "policy_versions": [h.to_dict() for h in history]}
+    data = state(ctx).client().world(world)
+    doc = data["policy"]
+    history = data["policy_versions"]
 
     def human(c: "Console") -> None:
-        c.print(f"[bold]{loaded.world_id}[/bold]  policy_version {doc['policy_version']}  "
-                f"({loaded.path})")
+        c.print(f"[bold]{data['world']}[/bold]  policy_version {doc['policy_version']}  ({data['path']})")
         if doc.get("description"):
             c.print(doc["description"], markup=False)
-        mode = _promotion_mode(doc)
+        from qmtl_core.service._client import promotion_mode
+
+        mode = promotion_mode(doc)
         c.print(f"allow_live: {doc['allow_live']}   live promotion: {mode}   "
                 f"periods_per_year: {doc.get('periods_per_year')}")
         c.print(table("gates", ["id", "metric", "min", "max", "severity", "stages"],
@@ -128,9 +111,9 @@ def show(
                           [[k, ", ".join(f"{a}={b}" for a, b in (v or {}).items())]
                            for k, v in campaign.items() if v]))
         c.print(table("recorded policy versions", ["version", "hash", "recorded", "by"],
-                      [[h.policy_version, h.content_hash[:12], h.recorded_at[:19] + "Z",
-                        h.recorded_by] for h in history]))
-        if loaded.newly_recorded:
+                      [[h["policy_version"], h["content_hash"][:12], h["recorded_at"][:19] + "Z",
+                        h["recorded_by"]] for h in history]))
+        if data.get("newly_recorded"):
             c.print(f"recorded new policy version {doc['policy_version']} in the store")
 
     emit(data, json_mode=state(ctx).json, human=human)

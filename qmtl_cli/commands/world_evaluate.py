@@ -15,7 +15,6 @@ from qmtl_cli.commands.world import app
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from qmtl_core.evaluation import CohortEvaluation
 
 STAGES = ("backtest", "paper", "live")
 
@@ -38,9 +37,8 @@ def explain_rules(c: "Console", rules: list[dict[str, Any]]) -> None:
                 f"[dim]({r['severity']}{source})[/dim]")
 
 
-def render_evaluation(c: "Console", result: "CohortEvaluation", *, explain: bool) -> None:
+def render_evaluation(c: "Console", doc: dict[str, Any], *, explain: bool) -> None:
     """Human rendering: a summary table, or per strategy and rule with ``explain``."""
-    doc = result.to_dict()
     c.print(f"world [bold]{doc['world']}[/bold]  stage {doc['stage']}  policy_version "
             f"{doc['policy_version']}  strategies {len(doc['strategies'])}  "
             f"pass {doc['counts']['pass']} / warn {doc['counts']['warn']} / fail {doc['counts']['fail']}")
@@ -114,12 +112,17 @@ def evaluate(
     if run_id is not None:
         raise UsageError("--run-id needs --strategy or --record")
     active = [p.strip() for item in previous_active or [] for p in item.split(",") if p.strip()]
-    result = state(ctx).service().evaluate_offline(world, stage=stage, returns_path=returns,
-                                                   metrics_path=metrics, previous_active=active,
-                                                   n_trials=trials)
-    emit(result.to_dict(), json_mode=state(ctx).json,
-         human=lambda c: render_evaluation(c, result, explain=explain))
-    if result.status == "fail":
+    from qmtl_core.datafiles import read_metrics, read_returns
+
+    if returns is None and metrics is None:
+        raise UsageError("give --returns FILE or --metrics FILE to evaluate",
+                         hint="e.g. qmtl world evaluate W --returns returns.csv --explain")
+    table_in = read_returns(returns) if returns is not None else None
+    metrics_in = read_metrics(metrics) if metrics is not None else None
+    result = state(ctx).client().evaluate_offline(world, stage=stage, returns=table_in, metrics=metrics_in,
+                                                  previous_active=active, n_trials=trials)
+    emit(result, json_mode=state(ctx).json, human=lambda c: render_evaluation(c, result, explain=explain))
+    if result["status"] == "fail":
         raise typer.Exit(10)
 
 
@@ -168,26 +171,24 @@ def _record_runs(ctx: typer.Context, world: str, *, strategy: str | None, stage:
                  returns: Path | None, metrics: Path | None, explain: bool) -> None:
     from qmtl_core.errors import UsageError
 
-    service = state(ctx).service()
+    client = state(ctx).client()
     if strategy is not None:
-        revision = service.record_evaluation(
+        docs = [client.record_evaluation(
             world, strategy_id=strategy, stage=stage, run_id=run_id,
             metrics=_strategy_metrics(metrics, strategy) if metrics is not None else None,
-            returns=_strategy_returns(returns, strategy) if returns is not None else None)
-        revisions = [revision]
+            returns=_strategy_returns(returns, strategy) if returns is not None else None)]
     else:
         if returns is None and metrics is None:
             raise UsageError("--record needs --returns FILE or --metrics FILE")
         from qmtl_core.datafiles import read_metrics, read_returns
 
-        revisions = service.evaluate_cohort(
+        docs = client.evaluate_cohort(
             world, stage=stage, run_id=run_id,
             returns=read_returns(returns) if returns is not None else None,
-            metrics=read_metrics(metrics) if metrics is not None else None)
-    docs = [{**r.to_dict(), "created": r.created} for r in revisions]
+            metrics=read_metrics(metrics) if metrics is not None else None)["runs"]
     emit(docs[0] if strategy is not None else {"runs": docs}, json_mode=state(ctx).json,
          human=lambda c: render_runs(c, docs, explain=explain or strategy is not None))
-    statuses = {r.status for r in revisions}
+    statuses = {d["status"] for d in docs}
     if "fail" in statuses:
         raise typer.Exit(10)
     if "insufficient_data" in statuses:
@@ -205,15 +206,19 @@ def runs(
     json_output: JsonOption = False,
 ) -> None:
     """List evaluation runs (latest revision each; --history for all), newest first."""
-    revisions = state(ctx).service().list_runs(world, strategy_id=strategy, stage=stage, history=history)
-    docs = [r.to_dict(with_rules=True) for r in revisions]
+    docs = state(ctx).client().runs(world, strategy_id=strategy, stage=stage, history=history)["runs"]
 
     def human(c: "Console") -> None:
         if not docs:
             c.print("no evaluation runs match")
             return
-        c.print(table(None, ["strategy", "stage", "run", "status", "sharpe", "max_dd", "obs", "recorded"],
+        from qmtl_cli._sparkline import run_curves, styled_sparkline
+
+        curves = run_curves(state(ctx), world, strategy_id=strategy, stage=stage, history=history)
+        c.print(table(None, ["strategy", "stage", "run", "status", "equity", "sharpe", "max_dd", "obs", "recorded"],
                       [[d["strategy_id"], d["stage"], f"{d['run_id']}#{d['revision']}", styled(d["status"]),
+                        styled_sparkline(curves.get((d["strategy_id"], d["stage"], d["run_id"], d["revision"]), []),
+                                         d["status"]),
                         _fmt(d["metrics"].get("sharpe")), _fmt(d["metrics"].get("max_drawdown")),
                         (d["window"] or {}).get("n_observations"), d["recorded_at"][:16] + "Z"]
                        for d in docs]))

@@ -280,6 +280,11 @@ def run_iteration(service: "WorldService", worlds: Sequence[str], *, execute_act
 
 def iteration_exit(outcomes: Sequence[WorldOutcome]) -> int:
     """75 when every world was busy; else the most severe of the worlds' 0/10/11/12."""
-    if outcomes and all(o.status == "busy" for o in outcomes):
+    return worst_outcome([o.to_dict() for o in outcomes])
+
+
+def worst_outcome(outcomes: Sequence[dict[str, Any]]) -> int:
+    """``iteration_exit`` over outcome documents (what the CLI gets, locally or over HTTP)."""
+    if outcomes and all(o["status"] == "busy" for o in outcomes):
         return 75
-    return worst_exit([o.exit_code for o in outcomes if o.status != "busy"])
+    return worst_exit([int(o["exit_code"]) for o in outcomes if o["status"] != "busy"])

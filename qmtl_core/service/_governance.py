@@ -185,3 +185,53 @@ class GovernanceMixin:
         if found is None:
             raise StrategyNotFound(f"strategy {strategy_id!r} is not in world {world}",
                                    hint="qmtl world campaign W lists the world's strategies")
+
+    def run_returns(self: "WorldService", world: str, *, strategy_id: str | None = None, stage: str | None = None,
+                    history: bool = False, latest_per_stage: bool = False,
+                    at: datetime | None = None) -> list[dict[str, Any]]:
+        """Read-only: the returns stored with run revisions, for charts (reports, sparklines).
+
+        The same rows as ``list_runs`` (latest revision of each run; every revision with ``history``),
+        or with ``latest_per_stage`` one row per strategy and stage: the latest revision of its latest
+        run, as ``load_state`` picks it. With ``at``, only revisions recorded at or before it count (newest
+        recorded first; with ``latest_per_stage``, the newest per strategy and stage). Each row:
+        ``{strategy_id, stage, run_id, revision, recorded_at, returns: [[iso_ts, r], ...]}``.
+        Only the chosen revisions' returns are read and decoded.
+        """
+        import sqlalchemy as sa
+
+        from qmtl_core.service._service import check_stage
+        from qmtl_core.store import schema
+        from qmtl_core.timeutil import iso
+        from qmtl_core.world_files import world_path
+
+        if stage is not None:
+            check_stage(stage)
+        world_path(self.settings.worlds_dir, world)
+        er, rr = schema.evaluation_runs, schema.run_revisions
+        query = (sa.select(rr.c.id, er.c.strategy_id, er.c.stage, er.c.run_id, rr.c.revision, rr.c.recorded_at)
+                 .join(er, rr.c.run_pk == er.c.id).where(er.c.world_id == world))
+        if strategy_id is not None:
+            query = query.where(er.c.strategy_id == strategy_id)
+        if stage is not None:
+            query = query.where(er.c.stage == stage)
+        if at is not None:
+            query = query.where(rr.c.recorded_at <= iso(at)).order_by(rr.c.recorded_at.desc(), rr.c.id.desc())
+        else:
+            if not history:
+                query = query.where(rr.c.revision == er.c.latest_revision)
+            query = query.order_by(er.c.updated_at.desc(), er.c.id.desc(), rr.c.revision.desc())
+        with self.store.read() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+            if latest_per_stage:
+                seen: set[tuple[str, str]] = set()
+                rows = [r for r in rows if (r["strategy_id"], r["stage"]) not in seen
+                        and not seen.add((r["strategy_id"], r["stage"]))]  # type: ignore[func-returns-value]
+            returns: dict[int, Any] = {}
+            ids = [r["id"] for r in rows]
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                returns.update(conn.execute(sa.select(rr.c.id, rr.c.returns).where(rr.c.id.in_(chunk))).all())
+        return [{"strategy_id": r["strategy_id"], "stage": r["stage"], "run_id": r["run_id"],
+                 "revision": r["revision"], "recorded_at": r["recorded_at"],
+                 "returns": returns.get(r["id"]) or []} for r in rows]

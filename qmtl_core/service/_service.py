@@ -211,23 +211,6 @@ class WorldService(GovernanceMixin):
             return policy_history(conn, world)
 
     # -- evaluation ------------------------------------------------------------------------------
-    def evaluate_offline(self, world: str, *, stage: str, returns_path: Path | None = None,
-                         metrics_path: Path | None = None, previous_active: Sequence[str] = (),
-                         n_trials: int | None = None) -> "CohortEvaluation":
-        """Gate and select strategies from files, recording nothing (a dry evaluation)."""
-        from qmtl_core.datafiles import read_metrics, read_returns
-        from qmtl_core.errors import UsageError
-        from qmtl_core.evaluation import evaluate_cohort
-
-        if returns_path is None and metrics_path is None:
-            raise UsageError("give --returns FILE or --metrics FILE to evaluate",
-                             hint="e.g. qmtl world evaluate W --returns returns.csv --explain")
-        loaded = self.load_world(world, record=False)
-        returns = read_returns(returns_path) if returns_path is not None else None
-        metrics = read_metrics(metrics_path) if metrics_path is not None else None
-        return evaluate_cohort(loaded.policy, stage=stage, metrics=metrics, returns=returns,
-                               previous_active=previous_active, n_trials=n_trials)
-
     def record_evaluation(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
                           metrics: Mapping[str, Any] | None = None,
                           returns: Sequence[tuple[datetime, float]] | None = None) -> "RunRevision":
@@ -446,8 +429,8 @@ class WorldService(GovernanceMixin):
         with self.store.read() as conn:
             stored = get_snapshot(conn, world, version) if version else latest_snapshot(conn, world)
         if stored is None:
-            what = f"version {version!r}" if version else "any snapshot"
-            raise NotFoundError(f"world {world} has no risk snapshot {what}",
+            what = f" version {version!r}" if version else ""
+            raise NotFoundError(f"world {world} has no risk snapshot{what}",
                                 hint="post one with: qmtl risk put FILE", code="risk_snapshot_missing")
         return stored, freshness(stored, now=self.clock(), max_age=loaded.policy.risk.snapshot_max_age)
 

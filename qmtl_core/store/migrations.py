@@ -36,8 +36,13 @@ def _initial(conn: Connection) -> None:
     schema.metadata.create_all(conn)
 
 
+def _api_tokens(conn: Connection) -> None:
+    schema.api_tokens.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _initial),
+    Migration(2, "api tokens for qmtl serve", _api_tokens),
 ]
 
 

@@ -226,3 +226,15 @@ ledger_head = sa.Table(
     sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=False),
     sa.Column("hash", Hash, nullable=False),
 )
+
+#: Bearer tokens of ``qmtl serve`` (schema v2): only a hash is stored; the token is shown once.
+api_tokens = sa.Table(
+    "api_tokens", metadata,
+    sa.Column("token_hash", Hash, primary_key=True),
+    sa.Column("token_id", sa.String(32), nullable=False, unique=True),
+    sa.Column("actor", Name, nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("created_by", Name, nullable=False),
+    sa.Column("revoked_at", Time),
+)

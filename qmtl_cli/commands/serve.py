@@ -1,0 +1,148 @@
+"""``qmtl serve``, ``qmtl token`` and ``qmtl events``: remote mode."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from qmtl_cli._output import console, emit, table
+from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._state import state
+
+token_app = typer.Typer(help="Create, list and revoke bearer tokens for qmtl serve (on the server's store).",
+                        no_args_is_help=True)
+events_app = typer.Typer(help="Follow control events from a qmtl serve.", no_args_is_help=True)
+
+
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8765,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")] = 1,
+    json_output: JsonOption = False,
+) -> None:
+    """Run the WorldService HTTP API (OpenAPI docs at /docs) over this host's store settings.
+
+    Every change needs a bearer token (qmtl token create); state lives only in the store, so
+    several servers and cron loops on several hosts can share one PostgreSQL (QMTL_DATABASE_URL).
+    """
+    import uvicorn
+
+    from qmtl_core.service._http import create_app
+
+    settings = state(ctx).service().settings  # local settings: the server owns the store
+    state(ctx).service().store  # open (and migrate) the store before taking requests
+    app = create_app(settings)
+    sys.stderr.write(f"qmtl serve: http://{host}:{port} (docs at /docs), store {app.state.service.store.backend}\n")
+    uvicorn.run(app, host=host, port=port, workers=1 if workers == 1 else workers, log_level="warning",
+                access_log=False)
+
+
+@token_app.command("create")
+@command
+def token_create(
+    ctx: typer.Context,
+    actor: Annotated[str, typer.Option("--actor", help="Who the token acts as (written in the ledger).")],
+    role: Annotated[str, typer.Option("--role", help="reader, submitter, approver or operator.")],
+    json_output: JsonOption = False,
+) -> None:
+    """Create a token and print it once (only its hash is stored)."""
+    from qmtl_core.service._auth import create_token
+
+    service = state(ctx).service()
+    with service.store.write() as conn:
+        token_id, token = create_token(conn, actor=actor, role=role, created_by=service.actor, now=service.clock())
+    emit({"token_id": token_id, "actor": actor, "role": role, "token": token}, json_mode=state(ctx).json,
+         human=lambda c: c.print(f"{token}\n(token {token_id} for {actor} as {role}; shown once — store it now, "
+                                 "e.g. export QMTL_TOKEN=...)", markup=False))
+
+
+@token_app.command("list")
+@command
+def token_list(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """List tokens (never their secrets)."""
+    from qmtl_core.service._auth import list_tokens
+
+    with state(ctx).service().store.read() as conn:
+        rows = list_tokens(conn)
+    emit({"tokens": rows}, json_mode=state(ctx).json, human=lambda c: c.print(
+        table(None, ["token", "actor", "role", "created", "by", "revoked"],
+              [[r["token_id"], r["actor"], r["role"], r["created_at"][:19] + "Z", r["created_by"],
+                (r["revoked_at"] or "")[:19]] for r in rows])) if rows else c.print("no tokens"))
+
+
+@token_app.command("revoke")
+@command
+def token_revoke(ctx: typer.Context, token_id: Annotated[str, typer.Argument(help="Token id (qmtl token list).")],
+                 json_output: JsonOption = False) -> None:
+    """Stop accepting a token."""
+    from qmtl_core.service._auth import revoke_token
+
+    service = state(ctx).service()
+    with service.store.write() as conn:
+        revoke_token(conn, token_id=token_id, revoked_by=service.actor, now=service.clock())
+    emit({"token_id": token_id, "revoked": True}, json_mode=state(ctx).json,
+         human=lambda c: c.print(f"revoked token {token_id}"))
+
+
+@events_app.command("tail")
+@command
+def events_tail(
+    ctx: typer.Context,
+    world: Annotated[Optional[str], typer.Option("--world", "-w", help="Only this world.")] = None,
+    domain: Annotated[Optional[str], typer.Option("--domain", help="Only this execution domain.")] = None,
+    since: Annotated[int, typer.Option("--since", min=0, help="Start after this ledger sequence number.")] = 0,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1,
+                                                 help="Stop after N events [default: follow].")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Follow control events (/events WebSocket) from --server, one line (or JSON object) each."""
+    from urllib.parse import urlencode
+
+    from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+    from websockets.sync.client import connect
+
+    from qmtl_core.errors import StoreUnavailable, Unauthorized, UsageError
+
+    st = state(ctx)
+    settings = st.settings()
+    if not settings.server:
+        raise UsageError("events tail follows a qmtl serve", hint="pass --server URL (and QMTL_TOKEN)")
+    base = settings.server.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    query = urlencode({k: v for k, v in {"world": world, "domain": domain, "since": since}.items() if v is not None})
+    headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+    seen = 0
+    out = None if st.json else console()
+    try:
+        with connect(f"{base}/events?{query}", additional_headers=headers, open_timeout=10) as ws:
+            while limit is None or seen < limit:
+                event = json.loads(ws.recv())
+                seen += 1
+                if st.json:
+                    sys.stdout.write(json.dumps(event) + "\n")
+                    sys.stdout.flush()
+                else:
+                    assert out is not None
+                    out.print(f"{event['seq']:>6} {event['ts'][:19]}Z {event['type']:<22} {event['world_id'] or '-'}"
+                              f" {event.get('execution_domain') or '-':<8} {event['actor']}: {event['subject']}"
+                              f" ({event['reason']})", markup=False)
+    except InvalidStatus as exc:
+        raise StoreUnavailable(f"{settings.server} refused the event stream: HTTP {exc.response.status_code}") from None
+    except ConnectionClosed as exc:
+        if exc.rcvd is not None and exc.rcvd.code in (4401, 4403):
+            raise Unauthorized(f"the server refused the token: {exc.rcvd.reason}") from None
+        raise StoreUnavailable(f"event stream from {settings.server} closed: {exc}") from None
+    except (OSError, WebSocketException) as exc:
+        raise StoreUnavailable(f"cannot follow events at {settings.server}: {exc}",
+                               hint="check --server and that qmtl serve is running") from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve``, ``token`` and ``events`` to the root app."""
+    app.command("serve")(command(serve))
+    app.add_typer(token_app, name="token")
+    app.add_typer(events_app, name="events")
+

@@ -1,0 +1,105 @@
+"""Bearer tokens for ``qmtl serve``: actors and roles, stored hashed in the shared store.
+
+A token is ``qmtl_<id>_<secret>``; only ``sha256(token)`` is stored, so a leaked database does not
+leak usable tokens, and every ``qmtl serve`` process on every host sharing the store accepts the
+same tokens. Roles are sets of permissions (an approver cannot submit, a submitter cannot approve):
+
+- ``reader``: every GET;
+- ``submitter``: reader + evaluations, risk snapshots, campaign ticks, promotion requests;
+- ``approver``: reader + approve / reject;
+- ``operator``: everything (campaign runs, halt, resume, rollback, demote, promotion requests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from qmtl_core import ledger
+from qmtl_core.errors import Forbidden, NotFoundError, Unauthorized, UsageError
+from qmtl_core.store import schema
+from qmtl_core.timeutil import iso
+
+ROLES = ("reader", "submitter", "approver", "operator")
+
+#: What each role may do; a route names the permission it needs.
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "reader": frozenset({"read"}),
+    "submitter": frozenset({"read", "evaluate", "risk", "tick", "promote"}),
+    "approver": frozenset({"read", "approve"}),
+    "operator": frozenset({"read", "evaluate", "risk", "tick", "promote", "operate"}),
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as."""
+
+    actor: str
+    role: str
+    token_id: str
+
+    def require(self, permission: str) -> None:
+        """Refuse (403) unless the role grants ``permission``."""
+        if permission not in PERMISSIONS.get(self.role, frozenset()):
+            allowed = [r for r, p in PERMISSIONS.items() if permission in p]
+            raise Forbidden(f"{self.actor} ({self.role}) may not {permission}",
+                            hint=f"needs a token with role {' or '.join(allowed)}")
+
+
+def token_hash(token: str) -> str:
+    """What the store keeps of a token."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def create_token(conn: Connection, *, actor: str, role: str, created_by: str, now: datetime) -> tuple[str, str]:
+    """A new token for ``actor`` with ``role``; returns ``(token_id, token)`` — the token only this once."""
+    if role not in ROLES:
+        raise UsageError(f"unknown role {role!r}", hint="use " + ", ".join(ROLES))
+    if not actor.strip():
+        raise UsageError("--actor must not be empty")
+    token_id = secrets.token_hex(6)
+    token = f"qmtl_{token_id}_{secrets.token_urlsafe(32)}"
+    conn.execute(sa.insert(schema.api_tokens).values(token_hash=token_hash(token), token_id=token_id, actor=actor,
+                                                     role=role, created_at=iso(now), created_by=created_by))
+    ledger.append(conn, actor=created_by, kind="token.created", now=now, subject=f"token {token_id}",
+                  reason=f"{actor} as {role}", payload={"token_id": token_id, "actor": actor, "role": role})
+    return token_id, token
+
+
+def revoke_token(conn: Connection, *, token_id: str, revoked_by: str, now: datetime) -> None:
+    """Stop accepting a token."""
+    t = schema.api_tokens
+    row = conn.execute(sa.select(t).where(t.c.token_id == token_id)).first()
+    if row is None:
+        raise NotFoundError(f"no token {token_id!r}", hint="qmtl token list shows token ids")
+    if row.revoked_at is None:
+        conn.execute(sa.update(t).where(t.c.token_id == token_id).values(revoked_at=iso(now)))
+        ledger.append(conn, actor=revoked_by, kind="token.revoked", now=now, subject=f"token {token_id}",
+                      reason=f"{row.actor} as {row.role}", payload={"token_id": token_id})
+
+
+def list_tokens(conn: Connection) -> list[dict[str, Any]]:
+    """Every token (never the secret)."""
+    t = schema.api_tokens
+    return [{"token_id": r.token_id, "actor": r.actor, "role": r.role, "created_at": r.created_at,
+             "created_by": r.created_by, "revoked_at": r.revoked_at}
+            for r in conn.execute(sa.select(t).order_by(t.c.created_at))]
+
+
+def authenticate(conn: Connection, header: str | None) -> Principal:
+    """The principal of an ``Authorization: Bearer ...`` header; 401 when missing or not accepted."""
+    if not header or not header.lower().startswith("bearer "):
+        raise Unauthorized("no bearer token", hint="set QMTL_TOKEN (qmtl token create prints one)")
+    token = header.split(None, 1)[1].strip()
+    t = schema.api_tokens
+    row = conn.execute(sa.select(t).where(t.c.token_hash == token_hash(token))).first()
+    if row is None or row.revoked_at is not None:
+        raise Unauthorized("the token is not valid (unknown or revoked)", hint="ask for a new token")
+    return Principal(row.actor, row.role, row.token_id)

@@ -1,0 +1,295 @@
+"""``qmtl serve``: the WorldService HTTP API (FastAPI) over the same facade the CLI uses locally.
+
+Handlers only authenticate, check the role and call ``LocalClient``; errors travel as the same
+JSON document the CLI prints with ``--json`` (``{error, message, exit_code, hint, details}``), so a
+remote CLI exits exactly as a local one would. State lives only in the store (leases, unique keys,
+the ledger), never in this process: any number of servers on any number of hosts can share one
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from fastapi import Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from qmtl_core._version import __version__
+from qmtl_core.config import Settings
+from qmtl_core.errors import QmtlError
+from qmtl_core.service._auth import Principal, authenticate
+from qmtl_core.service._client import LocalClient, returns_from_doc, table_from_doc
+from qmtl_core.service._service import WorldService
+from qmtl_core.timeutil import parse_instant, utcnow
+
+#: HTTP status per exit code family (the body's ``exit_code`` is what the CLI exits with).
+STATUS = {1: 500, 2: 400, 3: 404, 4: 409, 10: 422, 11: 409, 12: 503, 75: 423}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvaluateBody(_Body):
+    """``POST /worlds/{id}/evaluate``: one strategy at one stage; metrics are sourced when absent."""
+
+    strategy_id: str = Field(min_length=1)
+    stage: str = "backtest"
+    run_id: str | None = None
+    metrics: dict[str, float | None] | None = None
+    returns: list[list[Any]] | None = Field(None, description="[[ISO timestamp, return], ...]")
+
+
+class CohortBody(_Body):
+    """``POST /worlds/{id}/evaluate-cohort``: many strategies through the vectorised path."""
+
+    stage: str = "backtest"
+    record: bool = True
+    run_id: str | None = None
+    returns: dict[str, Any] | None = Field(None, description="{strategies, timestamps, matrix}")
+    metrics: dict[str, dict[str, float | None]] | None = None
+    previous_active: list[str] = Field(default_factory=list)
+    n_trials: int | None = Field(None, ge=1)
+
+
+class RunBody(_Body):
+    """``POST /worlds/{id}/campaign/run``: one campaign-loop iteration over the world."""
+
+    execute: bool = False
+    holder: str = Field(min_length=1)
+    lease_ttl_seconds: float = Field(600, gt=0, le=86400)
+
+
+class PromoteBody(_Body):
+    """``POST /worlds/{id}/promotions``."""
+
+    strategy_id: str = Field(min_length=1)
+    reason: str | None = None
+    dry_run: bool = False
+
+
+class ReasonBody(_Body):
+    """A change that needs a reason."""
+
+    reason: str = ""
+
+
+class DemoteBody(_Body):
+    """``POST /worlds/{id}/demote``."""
+
+    strategy_id: str = Field(min_length=1)
+    to: str = "paper"
+    reason: str = ""
+
+
+def _error_response(exc: QmtlError) -> JSONResponse:
+    status = {"unauthorized": 401, "forbidden": 403}.get(exc.code) or STATUS.get(exc.exit_code, 400)
+    return JSONResponse(status_code=status, content=exc.to_dict())
+
+
+def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> FastAPI:
+    """The API over one ``WorldService`` (shared store, per-request actor)."""
+    app = FastAPI(title="qmtl WorldService", version=__version__,
+                  description="Worlds, evaluation runs, campaigns, governance and the risk hub.")
+    base = WorldService(settings, clock=clock)
+
+    @app.exception_handler(QmtlError)
+    async def _qmtl_error(request: Request, exc: QmtlError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(status_code=400, content={"error": "bad_input", "exit_code": 2,
+                                                      "message": f"request {where}: {first.get('msg')}"})
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=500, content={
+            "error": "internal_error", "exit_code": 1,
+            "message": f"internal error on the server: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+
+    def principal(request: Request) -> Principal:
+        with base.store.read() as conn:
+            return authenticate(conn, request.headers.get("authorization"))
+
+    def client(permission: str) -> Callable[..., LocalClient]:
+        def dependency(who: Principal = Depends(principal)) -> LocalClient:
+            who.require(permission)
+            return LocalClient(base.as_actor(who.actor))
+        return dependency
+
+    read, evaluate, risk, tick, promote, approve, operate = (
+        client("read"), client("evaluate"), client("risk"), client("tick"), client("promote"), client("approve"),
+        client("operate"))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """Liveness: the process answers and the store opens."""
+        with base.store.read():
+            pass
+        return {"ok": True, "version": __version__, "store": base.store.backend}
+
+    @app.get("/worlds")
+    def worlds(c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Every world with its version and live settings."""
+        return c.worlds()
+
+    @app.get("/worlds/{world}")
+    def world(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """A world's policy and recorded policy versions."""
+        return c.world(world)
+
+    @app.post("/worlds/{world}/evaluate")
+    def evaluate_one(world: str, body: EvaluateBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
+        """Record an evaluation run (a new revision when the key exists with other content)."""
+        return c.record_evaluation(world, strategy_id=body.strategy_id, stage=body.stage, run_id=body.run_id,
+                                   metrics=body.metrics, returns=returns_from_doc(body.returns))
+
+    @app.post("/worlds/{world}/evaluate-cohort")
+    def evaluate_cohort(world: str, body: CohortBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
+        """Evaluate many strategies (vectorised); ``record: false`` gates and selects, recording nothing."""
+        table = table_from_doc(body.returns)
+        if body.record:
+            return c.evaluate_cohort(world, stage=body.stage, returns=table, metrics=body.metrics, run_id=body.run_id)
+        return c.evaluate_offline(world, stage=body.stage, returns=table, metrics=body.metrics,
+                                  previous_active=body.previous_active, n_trials=body.n_trials)
+
+    @app.get("/worlds/{world}/runs")
+    def runs(world: str, strategy: str | None = None, stage: str | None = None, history: bool = False,
+             c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Evaluation runs, newest first."""
+        return c.runs(world, strategy_id=strategy, stage=stage, history=history)
+
+    @app.get("/worlds/{world}/campaign")
+    def campaign(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Campaign state per strategy."""
+        return c.campaign(world, strategy_id=strategy)
+
+    @app.post("/worlds/{world}/campaign/tick")
+    def campaign_tick(world: str, c: LocalClient = Depends(tick)) -> dict[str, Any]:
+        """The recommended actions now; side-effect free."""
+        return c.campaign_tick(world)
+
+    @app.post("/worlds/{world}/campaign/run")
+    def campaign_run(world: str, body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
+        """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``)."""
+        who.require("operate" if body.execute else "tick")
+        return LocalClient(base.as_actor(who.actor)).campaign_run(
+            world, execute=body.execute, holder=body.holder, lease_ttl_seconds=body.lease_ttl_seconds)
+
+    @app.get("/worlds/{world}/decision")
+    def decision(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Decision envelopes now."""
+        return c.decisions(world, strategy_id=strategy)
+
+    @app.get("/worlds/{world}/activations")
+    def activations(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """The current activation set."""
+        return c.activations(world)
+
+    @app.get("/worlds/{world}/history")
+    def history(world: str, at: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """What was live at a moment, and why."""
+        return c.history(world, at=parse_instant(at, what="at") if at else None)
+
+    @app.post("/worlds/{world}/promotions")
+    def promote_(world: str, body: PromoteBody, c: LocalClient = Depends(promote)) -> dict[str, Any]:
+        """Ask for a live promotion (manual: a request; auto: apply; else the block reasons)."""
+        return c.promote(world, body.strategy_id, reason=body.reason, dry_run=body.dry_run)
+
+    @app.get("/promotions")
+    def promotions(world: str | None = None, all: bool = Query(False), c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Promotion requests (pending unless ``all``)."""
+        return c.promotions(world=world, include_closed=all)
+
+    @app.post("/promotions/{request_id}/approve")
+    def approve_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
+        """Approve as the token's actor."""
+        return c.decide(request_id, decision="approve", reason=body.reason)
+
+    @app.post("/promotions/{request_id}/reject")
+    def reject_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
+        """Reject as the token's actor."""
+        return c.decide(request_id, decision="reject", reason=body.reason)
+
+    @app.post("/worlds/{world}/rollback")
+    def rollback(world: str, body: ReasonBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:
+        """Restore the previous activation set."""
+        return c.rollback(world, reason=body.reason)
+
+    @app.post("/worlds/{world}/halt")
+    def halt(world: str, body: ReasonBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:
+        """The kill switch."""
+        return c.set_halted(world, halted=True, reason=body.reason)
+
+    @app.post("/worlds/{world}/resume")
+    def resume(world: str, body: ReasonBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:
+        """Lift the kill switch."""
+        return c.set_halted(world, halted=False, reason=body.reason)
+
+    @app.post("/worlds/{world}/demote")
+    def demote(world: str, body: DemoteBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:
+        """Take a strategy down a stage."""
+        return c.demote(world, body.strategy_id, reason=body.reason, to=body.to)
+
+    @app.post("/risk-hub/snapshots")
+    def risk_put(document: dict[str, Any] = Body(...), c: LocalClient = Depends(risk)) -> dict[str, Any]:
+        """Store a risk snapshot (same key + same content: no-op; other content: 409)."""
+        return c.risk_put(document, source="request")
+
+    @app.get("/risk-hub/worlds/{world}")
+    def risk_show(world: str, version: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """A world's snapshot and its freshness now."""
+        return c.risk_show(world, version=version)
+
+    @app.get("/audit")
+    def audit_log(world: str | None = None, since: str | None = None, kind: str | None = None,
+                  limit: int | None = Query(None, ge=1), c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Ledger entries, oldest first."""
+        return c.audit_log(world=world, since=parse_instant(since, what="since") if since else None, kind=kind,
+                           limit=limit)
+
+    @app.get("/audit/verify")
+    def audit_verify(c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Verify the hash chain (409 naming the first broken entry)."""
+        return c.audit_verify()
+
+    @app.websocket("/events")
+    async def events(ws: WebSocket, world: str | None = None, domain: str | None = None,
+                     since: int = 0, token: str | None = None) -> None:
+        """Control events derived from the shared ledger (so every server sees every host's changes),
+        filtered by world and execution domain, as JSON messages."""
+        from qmtl_core.service._events import entries_after, event_from_entry
+
+        header = ws.headers.get("authorization") or (f"Bearer {token}" if token else None)
+        try:
+            with base.store.read() as conn:
+                authenticate(conn, header).require("read")
+        except QmtlError as exc:
+            await ws.close(code=4401 if exc.code == "unauthorized" else 4403, reason=exc.message[:120])
+            return
+        await ws.accept()
+        last = since
+        try:
+            while True:
+                with base.store.read() as conn:
+                    fresh = entries_after(conn, last, world=world)
+                for entry in fresh:
+                    last = entry.seq
+                    event = event_from_entry(entry)
+                    if domain is not None and event.get("execution_domain") not in (None, domain):
+                        continue
+                    await ws.send_json(event)
+                await asyncio.sleep(0.25)
+        except (WebSocketDisconnect, RuntimeError):
+            return
+
+    app.state.service = base
+    return app
