@@ -38,7 +38,7 @@ def serve(
     app = create_app(settings)
     sys.stderr.write(f"qmtl serve: http://{host}:{port} (docs at /docs), store {app.state.service.store.backend}\n")
     uvicorn.run(app, host=host, port=port, workers=1 if workers == 1 else workers, log_level="warning",
-                access_log=False)
+                access_log=False, timeout_graceful_shutdown=5)
 
 
 @token_app.command("create")

@@ -95,9 +95,10 @@ def list_tokens(conn: Connection) -> list[dict[str, Any]]:
 
 def authenticate(conn: Connection, header: str | None) -> Principal:
     """The principal of an ``Authorization: Bearer ...`` header; 401 when missing or not accepted."""
-    if not header or not header.lower().startswith("bearer "):
+    parts = (header or "").split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer" or not parts[1].strip():
         raise Unauthorized("no bearer token", hint="set QMTL_TOKEN (qmtl token create prints one)")
-    token = header.split(None, 1)[1].strip()
+    token = parts[1].strip()
     t = schema.api_tokens
     row = conn.execute(sa.select(t).where(t.c.token_hash == token_hash(token))).first()
     if row is None or row.revoked_at is not None:

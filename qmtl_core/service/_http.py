@@ -287,7 +287,12 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
                     if domain is not None and event.get("execution_domain") not in (None, domain):
                         continue
                     await ws.send_json(event)
-                await asyncio.sleep(0.25)
+                try:  # wait for the next poll, noticing at once when the client goes away
+                    message = await asyncio.wait_for(ws.receive(), timeout=0.25)
+                    if message.get("type") == "websocket.disconnect":
+                        return
+                except asyncio.TimeoutError:
+                    pass
         except (WebSocketDisconnect, RuntimeError):
             return
 

@@ -80,6 +80,27 @@ class WorldSummary:
 
 STAGES = ("backtest", "paper", "live")
 
+#: Parsed policies by file identity (path, mtime, size): a server answering many requests parses a
+#: file again only when it changed on disk.
+_POLICY_CACHE: dict[tuple[str, int, int], tuple["WorldPolicy", str]] = {}
+
+
+def _parsed_policy(path: Path, load: Callable[[Path], "WorldPolicy"]) -> tuple["WorldPolicy", str]:
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    if key is not None and key in _POLICY_CACHE:
+        return _POLICY_CACHE[key]
+    policy = load(path)
+    value = (policy, policy_hash(policy))
+    if key is not None:
+        if len(_POLICY_CACHE) > 1000:
+            _POLICY_CACHE.clear()
+        _POLICY_CACHE[key] = value
+    return value
+
 
 def check_stage(stage: str) -> None:
     """Refuse a stage name that is not backtest, paper or live."""
@@ -168,15 +189,21 @@ class WorldService(GovernanceMixin):
         from qmtl_core.policy import load_policy_file
 
         path = world_path(self.settings.worlds_dir, world)
-        policy = load_policy_file(path)
-        loaded = LoadedWorld(policy, path, policy_hash(policy))
+        policy, digest = _parsed_policy(path, load_policy_file)
+        loaded = LoadedWorld(policy, path, digest)
         if record:
             self._record(loaded)
         return loaded
 
     def _record(self, loaded: LoadedWorld) -> None:
-        from qmtl_core.service._policies import record_policy
+        from qmtl_core.service._policies import _record as as_record
+        from qmtl_core.service._policies import latest_policy, record_policy
 
+        with self.store.read() as conn:  # the common case: already recorded, no write lock needed
+            latest = latest_policy(conn, loaded.world_id)
+        if latest is not None and latest.content_hash == loaded.content_hash:
+            loaded.record, loaded.newly_recorded = as_record(latest), False
+            return
         try:
             text = loaded.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):  # validated a moment ago; a race with an editor
