@@ -422,3 +422,12 @@ def test_json_document_is_serialisable(world: dict[str, Any]) -> None:
     assert doc["rank_metric"] == "sharpe" and doc["policy"]["mode"] == "manual_approval"
     a = next(s for s in report.strategies if s.strategy_id == "a")
     assert a.to_dict(returns=True)["runs"]["live"]["returns"][0][1] == pytest.approx(-0.0018)
+
+
+def test_untrusted_text_is_escaped() -> None:
+    from qmtl_core.report._render import _environment
+
+    html = _environment().get_template("_entry.html.j2").render(t={
+        "kind": "promotion.approved", "ts": "2026-03-02T12:00:00Z", "seq": 1, "strategy_id": "a<i>",
+        "actor": "mallory", "reason": "<script>alert(1)</script>", "codes": ["<x>"], "extra": ""})
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "a&lt;i&gt;" in html

@@ -85,8 +85,9 @@ def report(
         update(0, None, f"reading {world}")
         data = collect(service, world, strategy=strategy, at=when, top=top)
         if not data.strategies:
-            message = (f"world {world} has no strategies{' at ' + data.at if data.at else ' yet'}: nothing to "
-                       "report (submit one, or record a run with qmtl world evaluate --strategy)")
+            message = (f"world {world} had no strategy with a recorded run at {data.at}: nothing to report"
+                       if data.at else f"world {world} has no strategies yet: nothing to report (submit one, "
+                                       "or record a run with qmtl world evaluate --strategy)")
             emit({"world": world, "at": data.at, "format": fmt, "path": None, "files": [],
                   "strategies_total": 0, "message": message}, json_mode=st.json,
                  human=lambda c: c.print(message, markup=False))
@@ -105,7 +106,8 @@ def report(
     def human(c: "Console") -> None:
         shown = len(data.full)
         what = "report" if fmt == "html" else f"{len(files)} PNG files in"
-        c.print(f"wrote {what} {target}  ({len(data.strategies)} strategies, {shown} in full"
+        n = len(data.strategies)
+        c.print(f"wrote {what} {target}  ({n} {'strategy' if n == 1 else 'strategies'}, {shown} in full"
                 + (f", as of {data.at}" if data.at else "") + ")", markup=False, highlight=False)
         for p in data.pending:
             c.print(f"  pending {p['request_id']} {p['strategy_id']}: evidence {p['evidence_hash']}", markup=False)

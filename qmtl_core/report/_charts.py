@@ -28,7 +28,7 @@ ROLLING = 63
 #: Longest series drawn point for point; longer ones keep every k-th point (the ends are kept).
 MAX_POINTS = 1500
 
-_RC = {"svg.fonttype": "none", "svg.hashsalt": "qmtl-report", "font.size": 8.5, "axes.titlesize": 9,
+_RC: Any = {"svg.fonttype": "none", "svg.hashsalt": "qmtl-report", "font.size": 8.5, "axes.titlesize": 9,
        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.25,
        "path.simplify": True, "path.simplify_threshold": 0.5, "legend.frameon": False,
        "font.family": ["DejaVu Sans", "sans-serif"]}

@@ -9,8 +9,9 @@ on 2004-2013 prices and paper trading now), labelled with dates.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,16 +35,19 @@ class Chained:
         return slice(self.bounds[i], self.bounds[i + 1])
 
 
-def chain(segments: dict[str, Sequence[Sequence[object]]]) -> Chained:
+def chain(segments: Mapping[str, Sequence[Sequence[Any]]]) -> Chained:
     """Chain ``{stage: [[iso_ts, r], ...]}`` in stage order (empty stages are left out)."""
-    stages, bounds, stamps, values = [], [0], [], []
+    stages: list[str] = []
+    bounds = [0]
+    stamps: list[str] = []
+    values: list[float] = []
     for stage in STAGE_ORDER:
         points = segments.get(stage) or []
         if not points:
             continue
         stages.append(stage)
         stamps.extend(str(p[0]) for p in points)
-        values.extend(float(p[1]) for p in points)  # type: ignore[arg-type]
+        values.extend(float(p[1]) for p in points)
         bounds.append(len(values))
     r = np.asarray(values, dtype=np.float64)
     return Chained(tuple(stages), tuple(bounds), tuple(stamps), np.nan_to_num(r, nan=0.0))
@@ -83,7 +87,7 @@ def rolling_sharpe(returns: np.ndarray, window: int = 63, periods_per_year: int 
     return out
 
 
-def monthly_returns(chained: Chained) -> list[dict[str, object]]:
+def monthly_returns(chained: Chained) -> list[dict[str, Any]]:
     """Compounded return per calendar month, one row per (stage, year):
     ``{stage, year, months: [r or None] * 12, total}``; the total compounds that row's months."""
     rows: dict[tuple[str, int], list[float | None]] = {}
