@@ -69,7 +69,17 @@ demo: install
 	@LOGNAME=bob $(QMTL) approve $$($(FIRST_REQUEST)) --reason "agreed" $(SAYEXIT)
 	$(QMTL) world decision demo-momentum --strategy sma_10_30
 	$(QMTL) world history demo-momentum
-	@echo "== 7. the audit ledger"
+	@echo "== 7. submit strategy files; paper-trade one on bars that arrive after its backtest"
+	$(QMTL) submit examples/strategies/sma_crossover.py --world demo-momentum $(SAYEXIT)
+	@mkdir -p $(DEMO_HOME)
+	head -n 1963 worlds/data/GOOG.csv > $(DEMO_HOME)/history.csv
+	(head -n 1 worlds/data/GOOG.csv; tail -n +1964 worlds/data/GOOG.csv) > $(DEMO_HOME)/new-bars.csv
+	$(QMTL) submit examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/history.csv $(SAYEXIT)
+	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
+	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv $(SAYEXIT)
+	$(QMTL) world campaign demo-momentum
+	$(QMTL) submit examples/strategies/mean_reversion.py --world research-sandbox --param allow_short=false --domain shadow $(SAYEXIT)
+	@echo "== 8. the audit ledger"
 	$(QMTL) audit log --limit 8
 	$(QMTL) audit verify
 
