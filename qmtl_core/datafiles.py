@@ -112,18 +112,23 @@ def _read_rows(path: Path) -> tuple[list[str], Iterable[tuple[int, list[Any]]]]:
     return header, rows()
 
 
-def _parquet_rows(path: Path) -> tuple[list[str], Iterable[tuple[int, list[Any]]]]:
+def read_parquet_table(path: Path) -> Any:
+    """A Parquet file as a ``pyarrow.Table``; a missing pyarrow or a broken file is one clear error."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataFileError(f"{path}: reading Parquet needs pyarrow",
                             hint="pip install 'qmtl[parquet]' or convert the file to CSV") from None
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except FileNotFoundError:
         raise DataFileError(f"{path}: no such file") from None
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataFileError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _parquet_rows(path: Path) -> tuple[list[str], Iterable[tuple[int, list[Any]]]]:
+    table = read_parquet_table(path)
     columns = table.to_pydict()
     header = list(columns)
     n = table.num_rows
@@ -196,11 +201,7 @@ def _long(path: Path, header: list[str], rows: Iterable[tuple[int, list[Any]]], 
 
     cells_by_key: dict[tuple[str, datetime], float] = {}
     for line, cells in rows:
-        if len(cells) != len(header):
-            raise DataFileError(f"{path}:{line}: {len(cells)} cells but the header has {len(header)}")
-        strategy = str(cells[s_col]).strip()
-        if not strategy:
-            raise DataFileError(f"{path}:{line}:{header[s_col]}: empty strategy name")
+        strategy = _strategy_cell(path, line, cells, header, s_col)
         stamp = parse_timestamp(str(cells[t_col]), where=f"{path}:{line}:{header[t_col]}")
         if (strategy, stamp) in cells_by_key:
             raise DataFileError(f"{path}:{line}: a second return for {strategy} at {cells[t_col]}")
@@ -220,6 +221,16 @@ def _long(path: Path, header: list[str], rows: Iterable[tuple[int, list[Any]]], 
         matrix[s_index[s], t_index[t]] = v
     _check_no_holes(path, names, stamps, matrix)
     return ReturnsTable(names, stamps, matrix)
+
+
+def _strategy_cell(path: Path, line: int, cells: list[Any], header: list[str], s_col: int) -> str:
+    """The row's strategy name, after checking the row has as many cells as the header."""
+    if len(cells) != len(header):
+        raise DataFileError(f"{path}:{line}: {len(cells)} cells but the header has {len(header)}")
+    strategy = str(cells[s_col]).strip()
+    if not strategy:
+        raise DataFileError(f"{path}:{line}:{header[s_col]}: empty strategy name")
+    return strategy
 
 
 def _check_no_holes(path: Path, names: Sequence[str], stamps: Sequence[datetime], matrix: "np.ndarray") -> None:
@@ -261,11 +272,7 @@ def read_metrics(path: Path | str) -> dict[str, dict[str, float]]:
             _check_metric_name(name, where=f"{path}:1:{i + 1}")
     out: dict[str, dict[str, float]] = {}
     for line, cells in rows:
-        if len(cells) != len(header):
-            raise DataFileError(f"{path}:{line}: {len(cells)} cells but the header has {len(header)}")
-        strategy = str(cells[s_col]).strip()
-        if not strategy:
-            raise DataFileError(f"{path}:{line}:{header[s_col]}: empty strategy name")
+        strategy = _strategy_cell(path, line, cells, header, s_col)
         if strategy in out:
             raise DataFileError(f"{path}:{line}: strategy {strategy!r} appears twice")
         out[strategy] = {header[i]: _number(cells[i], where=f"{path}:{line}:{header[i]}")

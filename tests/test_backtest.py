@@ -395,7 +395,7 @@ def test_parquet_needs_pyarrow_or_loads(write: Any) -> None:
     except ImportError:
         with pytest.raises(DataFileError, match="pyarrow") as info:
             load_bars(write("not really parquet", name="bars.parquet"))
-        assert "pip install pyarrow" in info.value.one_line()
+        assert "pip install 'qmtl[parquet]'" in info.value.one_line()
         return
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -218,16 +218,10 @@ def _load_csv(path: Path) -> Bars:
 
 
 def _load_parquet(path: Path) -> Bars:
+    from qmtl_core.datafiles import read_parquet_table
+
     source = str(path)
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataFileError(f"{source}: reading Parquet needs the pyarrow package, which is not installed",
-                            hint="pip install pyarrow, or convert the file to CSV") from None
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a broken file
-        raise DataFileError(f"{source}: not a readable Parquet file ({exc})") from None
+    table = read_parquet_table(path)
     names = {n.strip().lower(): n for n in table.column_names}
     missing = [c for c in COLUMNS if c not in names]
     if missing:
