@@ -259,3 +259,51 @@ def test_cli_campaign_view(qmtl_env: dict[str, str], camp_dir: Path, tmp_path: P
     assert qmtl("world", "campaign", WORLD, "--strategy", "zzz").exit_code == 3
     plan = qmtl("world", "campaign-loop", "--all", "--once")
     assert plan.exit_code == 0 and "promote_to_paper" in plan.stdout and "nothing executed" in plan.stdout
+
+
+# --- property: executing the plan, then ticking again, never repeats an action ---------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 4), means=st.lists(st.sampled_from([0.003, -0.003]), min_size=4, max_size=4),
+       days=st.sampled_from([0, 3, 9, 12]), mode=st.sampled_from(["manual_approval", "auto_apply", "disabled"]))
+def test_property_execute_then_tick_repeats_nothing(tmp_path_factory: pytest.TempPathFactory, n: int,
+                                                    means: list[float], days: int, mode: str) -> None:
+    from tests.test_governance import policy_text
+
+    root = tmp_path_factory.mktemp("prop")
+    (root / "worlds").mkdir()
+    (root / "worlds" / "gov.yaml").write_text(policy_text(mode=mode))
+    svc = make_service(f"sqlite:///{root / 's.db'}", root / "worlds", root / "home", Clock(T0))
+    try:
+        rng = np.random.default_rng(n)
+        ids = tuple(f"s{i}" for i in range(n))
+        stamps = tuple(datetime(2024, 1, 1, tzinfo=timezone.utc) + timedelta(days=i) for i in range(400))
+        matrix = np.vstack([rng.normal(means[i], 0.01, 400) for i in range(n)])
+        svc.evaluate_cohort("gov", stage="backtest", returns=ReturnsTable(ids, stamps, matrix))
+        loop = lambda: svc.campaign_iteration(["gov"], execute=True, holder="h",  # noqa: E731
+                                              lease_ttl=timedelta(minutes=5))[0]
+        loop()
+        if days:
+            now = svc.clock()
+            svc.put_risk_snapshot(parse_snapshot({
+                "world_id": "gov", "version": "p", "as_of": now.isoformat(), "ttl_sec": 3600,
+                "weights": {sid: 1.0 / n for sid in ids},
+                "realized_returns": {sid: [{"ts": (now - timedelta(days=days - i)).isoformat(), "r": 0.002}
+                                           for i in range(days)] for sid in ids},
+                "provenance": {"actor": "risk", "stage": "paper"}}))
+        executed: set[str] = set()
+        for _ in range(4):
+            out = loop()
+            keys = [a["idempotency_key"] for a in out.actions if a["outcome"] == "executed"]
+            assert not set(keys) & executed, "an executed key came back"
+            executed |= set(keys)
+        first, second = svc.campaign_tick("gov"), svc.campaign_tick("gov")
+        assert [a.to_dict() for a in first] == [a.to_dict() for a in second]  # deterministic
+        assert not [a for a in first if a.executable and a.idempotency_key in executed]
+        assert not [a for a in first if a.executable]  # a fixed point: nothing left to do
+        assert svc.audit_verify().ok
+    finally:
+        svc.close()
