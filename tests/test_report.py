@@ -431,3 +431,30 @@ def test_untrusted_text_is_escaped() -> None:
         "kind": "promotion.approved", "ts": "2026-03-02T12:00:00Z", "seq": 1, "strategy_id": "a<i>",
         "actor": "mallory", "reason": "<script>alert(1)</script>", "codes": ["<x>"], "extra": ""})
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "a&lt;i&gt;" in html
+
+
+def test_many_activations_fold_away_live_first() -> None:
+    from qmtl_core.report._assemble import Report, StrategyReport
+    from qmtl_core.report._render import ACTIVATION_LIMIT, render_html
+
+    n = ACTIVATION_LIMIT + 5
+    acts = [{"strategy_id": f"p{i:02d}", "stage": "paper", "weight": 0.0, "run_id": None, "etag": "e",
+             "activated_at": "2026-03-02T12:00:00Z", "why": None} for i in range(n - 1)]
+    acts.append({"strategy_id": "z-live", "stage": "live", "weight": 0.5, "run_id": "r", "etag": "e",
+                 "activated_at": "2026-03-02T12:00:00Z", "why": None})
+    strategies = [StrategyReport(a["strategy_id"], a["stage"], {}, [], None, a, [], []) for a in acts]
+    strategies[-1].full, strategies[-1].section = True, "live"
+    report = Report(world="w", generated_at="2026-03-02T12:00:00.000000Z", at=None,
+                    policy={"policy_version": 1, "allow_live": True, "mode": "auto_apply", "approvers": [],
+                            "required_approvals": 1, "max_live_slots": 1, "periods_per_year": 252,
+                            "description": None},
+                    rank_metric="sharpe", rank_order="desc", strategies=strategies, activations=acts, set_version=3,
+                    halted=True, timeline=[], pending=[], top=10)
+    html = render_html(report)
+    parsed = Tables()
+    parsed.feed(html)
+    first, rest = tables(parsed, "activations")
+    assert first["rows"][0][:2] == ["z-live", "live"] and len(first["rows"]) == ACTIVATION_LIMIT
+    assert len(rest["rows"]) == 5 and "<details><summary>5 more" in html and "HALTED" in html
+    assert "no stored returns to chart" in html  # a strategy with no runs still renders
+    assert '<a href="#s-z-live">z-live</a>' in html and '<a href="#s-p00">' not in html  # links only to sections

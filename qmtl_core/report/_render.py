@@ -17,6 +17,8 @@ Progress = Callable[[int, int, str], None]
 
 #: The world timeline shows at most this many (latest) entries; each strategy shows all of its own.
 TIMELINE_LIMIT = 500
+#: Activations listed before the rest fold away (live first, then by weight).
+ACTIVATION_LIMIT = 25
 STAGE_RANK = {"backtest": 0, "paper": 1, "live": 2, "retired": -1}
 STATUS_RANK = {"fail": 0, "insufficient_data": 1, "no_run": 1, "warn": 2, "pass": 3}
 
@@ -28,8 +30,17 @@ def _environment() -> Any:
                       autoescape=select_autoescape(["html", "j2"], default_for_string=True, default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=_num, pct=_pct, pct1=_pct1, sortv=_sortv, heat=_heat, anchor=safe_name,
-                       fraction=_fraction)
+                       fraction=_fraction, link=_link)
     return env
+
+
+def _link(strategy_id: str, full_ids: set[str]) -> Any:
+    """The strategy's name, linked to its section when it is shown in full."""
+    from markupsafe import Markup, escape
+
+    if strategy_id in full_ids:
+        return Markup('<a href="#s-{}">{}</a>').format(safe_name(strategy_id), strategy_id)
+    return escape(strategy_id)
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -123,6 +134,9 @@ def render_html(report: Report, *, progress: Progress | None = None) -> str:
         r=report, full=full, summary=sorted(report.strategies, key=lambda s: rank_key(s, report.rank_order)),
         charts=charts, monthly=monthly, scale=scale, sparks=sparks,
         timeline=list(reversed(timeline)), timeline_cut=len(timeline) < len(report.timeline),
+        full_ids={s.strategy_id for s in full}, activation_limit=ACTIVATION_LIMIT,
+        activations=sorted(report.activations, key=lambda a: (a.get("stage") != "live", -float(a.get("weight") or 0),
+                                                              a["strategy_id"])),
         key_metrics=KEY_METRICS, stage_rank=_Default(STAGE_RANK, -1), status_rank=_Default(STATUS_RANK, 1),
         version=__version__)
 
