@@ -61,7 +61,8 @@ demo: install
 	$(BIN)/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 35 | $(QMTL) risk put -
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	$(QMTL) world campaign demo-momentum --strategy sma_10_30
-	@echo "== 6. governance: the loop opened a live request; two approvers sign it (local identity = login name)"
+	@echo "== 6. governance: the loop opened a live request; the approvers read its report, then two sign it"
+	$(QMTL) world report demo-momentum --strategy sma_10_30
 	$(QMTL) promote --list
 	@echo '$$ LOGNAME=alice qmtl approve REQUEST --reason "paper window clean"'
 	@LOGNAME=alice $(QMTL) approve $$($(FIRST_REQUEST)) --reason "paper window clean" $(SAYEXIT)
@@ -69,6 +70,9 @@ demo: install
 	@LOGNAME=bob $(QMTL) approve $$($(FIRST_REQUEST)) --reason "agreed" $(SAYEXIT)
 	$(QMTL) world decision demo-momentum --strategy sma_10_30
 	$(QMTL) world history demo-momentum
+	@echo "== live returns arrive; the loop records the live run (monitoring)"
+	$(BIN)/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 10 --stage live | $(QMTL) risk put -
+	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	@echo "== 7. submit strategy files; paper-trade one on bars that arrive after its backtest"
 	$(QMTL) submit examples/strategies/sma_crossover.py --world demo-momentum $(SAYEXIT)
 	@mkdir -p $(DEMO_HOME)
@@ -79,7 +83,10 @@ demo: install
 	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv $(SAYEXIT)
 	$(QMTL) world campaign demo-momentum
 	$(QMTL) submit examples/strategies/mean_reversion.py --world research-sandbox --param allow_short=false --domain shadow $(SAYEXIT)
-	@echo "== 8. the audit ledger"
+	@echo "== 8. runs with equity sparklines, and the world's report"
+	$(QMTL) world runs demo-momentum --strategy sma_10_30
+	$(QMTL) world report demo-momentum --out $(DEMO_HOME)/report.html
+	@echo "== 9. the audit ledger"
 	$(QMTL) audit log --limit 8
 	$(QMTL) audit verify
 

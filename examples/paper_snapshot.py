@@ -1,4 +1,5 @@
-"""Print a risk snapshot carrying a strategy's realized *paper* returns, for the demo.
+"""Print a risk snapshot carrying a strategy's realized paper (or, with --stage live, live) returns,
+for the demo.
 
 A real deployment has a risk engine post these; the demo stands one in. The returns are the
 strategy's last ``--days`` daily returns from ``worlds/data/demo-returns.csv`` (real GOOG prices),
@@ -26,6 +27,8 @@ def main() -> None:
     parser.add_argument("--strategy", required=True)
     parser.add_argument("--days", type=int, required=True, help="paper days observed so far")
     parser.add_argument("--returns", default=str(ROOT / "worlds/data/demo-returns.csv"))
+    parser.add_argument("--stage", default="paper", choices=["paper", "live"],
+                        help="which stage's realized returns these are")
     args = parser.parse_args()
     with open(args.returns, newline="") as fh:
         column = [row[args.strategy] for row in csv.DictReader(fh) if row[args.strategy]]
@@ -36,12 +39,12 @@ def main() -> None:
                "r": r} for i, r in enumerate(values)]
     snapshot = {
         "world_id": args.world,
-        "version": f"paper-{args.strategy}-{args.days}d-{now:%Y%m%dT%H%M}",
+        "version": f"{args.stage}-{args.strategy}-{args.days}d-{now:%Y%m%dT%H%M}",
         "as_of": now.isoformat().replace("+00:00", "Z"),
         "ttl_sec": 3600,
         "weights": {args.strategy: 1.0},
         "realized_returns": {args.strategy: points},
-        "provenance": {"actor": "demo-risk-engine", "stage": "paper"},
+        "provenance": {"actor": "demo-risk-engine", "stage": args.stage},
     }
     print(json.dumps(snapshot, indent=2))
 
