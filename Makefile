@@ -93,8 +93,19 @@ demo: install
 test: dev postgres browser
 	PATH="$$PATH:$(PG_BIN)" $(BIN)/python -m pytest -n auto -W error -q
 
-bench: dev
+# Each benchmark prints its numbers against a reference measured in the same run.
+bench: dev postgres
 	$(BIN)/python benchmarks/cli_startup.py
+	$(BIN)/python benchmarks/metrics_cohort.py
+	$(BIN)/python benchmarks/evaluate.py
+	$(BIN)/python benchmarks/campaign_tick.py
+	$(BIN)/python benchmarks/backtest.py
+	$(BIN)/python benchmarks/report.py
+	PATH="$$PATH:$(PG_BIN)" $(BIN)/python benchmarks/serve_load.py
+
+# docs/cli.md is generated from every command's --help (tests/test_docs.py keeps it current).
+docs: dev
+	$(BIN)/python docs/gen_cli_docs.py
 
 clean:
 	rm -rf $(DEMO_HOME) .pytest_cache .hypothesis
