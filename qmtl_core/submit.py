@@ -1,7 +1,11 @@
 """Submitting a strategy to a world, and feeding a submitted strategy new bars.
 
 One code path behind ``qmtl submit``, ``qmtl run`` and ``Runner.submit(strategy, world=...)``
-(once :func:`connect_runner` / ``Runner.use_world_service`` plugged a ``WorldService`` in):
+(once :func:`connect_runner` / ``Runner.use_world_service`` plugged a ``WorldService`` or a client
+in). Everything the world knows is read and written through a *client*: ``LocalClient`` (the
+facade in-process) or ``HttpClient`` (a ``qmtl serve``), both answering in the same JSON documents.
+The strategy file is imported, backtested and fed here, in the caller's process; a server only
+ever receives documents (the strategy's row, evaluation runs), never code:
 
 - :func:`submit_strategy`: stable strategy id → compute context from the world's decision →
   backtest with the policy's costs → the backtest evaluation run (idempotent: same code and data
@@ -18,7 +22,13 @@ One code path behind ``qmtl submit``, ``qmtl run`` and ``Runner.submit(strategy,
 
 The bars fed so far live in the strategy's row (``meta["feed"]``), written after the run is
 recorded and compare-and-set against what was read, so a crash in between heals on the next run
-and two concurrent runs cannot both append.
+and two concurrent runs cannot both append (also across hosts: the check runs in the store).
+
+Control-bus announcements (``queue_update`` for the strategy's input queues) are published on the
+in-process bus of a ``LocalClient``'s service only. Through ``HttpClient`` the queue names are
+still computed and reported, but nothing is published: the bus is in-process, and subscribers of a
+``qmtl serve`` follow ``/events``, which streams the ``strategy.submitted`` / ``strategy.fed`` and
+``run.recorded`` ledger entries a submission writes.
 """
 
 from __future__ import annotations
@@ -52,20 +62,28 @@ if TYPE_CHECKING:
     from qmtl_core.campaign import Action
     from qmtl_core.runs import RunRevision
     from qmtl_core.service import WorldService
+    from qmtl_core.service._client import HttpClient, LocalClient
+
+    Client = LocalClient | HttpClient
 
 __all__ = [
     "DEFAULT_BARS",
+    "ClientWorldClient",
     "FeedResult",
-    "ServiceWorldClient",
     "Submission",
+    "action_from_doc",
+    "as_client",
     "connect_runner",
     "default_data",
     "defined_strategies",
+    "envelope_from_doc",
     "feed_strategy",
     "load_strategy_file",
     "parse_params",
     "pick_strategy",
     "resolve_context",
+    "run_from_doc",
+    "strategy_row",
     "submit_strategy",
 ]
 
@@ -230,29 +248,99 @@ def instantiate(cls: type[Strategy], params: Mapping[str, Any], *, shown: str | 
     return strategy
 
 
-# --- the world's decision -----------------------------------------------------------------------------
-class ServiceWorldClient:
-    """The gateway's ``WorldClient`` over a ``WorldService`` (local mode).
+# --- the world, through a client -----------------------------------------------------------------------
+def as_client(target: "WorldService | Client") -> "Client":
+    """A ``LocalClient`` over a ``WorldService``; a client (``LocalClient``/``HttpClient``) as it is."""
+    from qmtl_core.service import WorldService
+    from qmtl_core.service._client import LocalClient
+
+    return LocalClient(target) if isinstance(target, WorldService) else target
+
+
+def _clock(client: "Client") -> Any:
+    """The facade's clock in-process (tests move it); the wall clock on a remote client."""
+    from qmtl_core.timeutil import utcnow
+
+    service = getattr(client, "service", None)
+    return getattr(service, "clock", utcnow)
+
+
+def _costs(client: "Client", world: str) -> tuple[float, float]:
+    """The world's ``(fee_bps, slippage_bps)`` from its policy document (recording a new policy
+    version as every evaluation does)."""
+    costs = client.world(world)["policy"].get("costs") or {}
+    return float(costs.get("fee_bps", 0.0)), float(costs.get("slippage_bps", 0.0))
+
+
+def strategy_row(client: "Client", world: str, sid: str) -> dict[str, Any] | None:
+    """The world's row for a strategy, ``None`` when the world has never seen it."""
+    try:
+        return dict(client.strategy(world, sid))
+    except StrategyNotFound as exc:
+        if exc.code == StrategyNotFound.code:
+            return None
+        raise
+
+
+def envelope_from_doc(doc: Mapping[str, Any]) -> DecisionEnvelope:
+    """Inverse of ``envelope_to_dict``."""
+    as_of = doc.get("as_of")
+    return DecisionEnvelope(world_id=str(doc["world_id"]), strategy_id=str(doc["strategy_id"]),
+                            effective_mode=str(doc["effective_mode"]), reason=str(doc["reason"]),
+                            as_of=parse_instant(str(as_of), what="decision as_of") if as_of else None,
+                            ttl_sec=int(doc["ttl_sec"]), etag=str(doc["etag"]),
+                            policy_version=int(doc["policy_version"]), allow_live=bool(doc.get("allow_live")))
+
+
+def run_from_doc(doc: Mapping[str, Any]) -> "RunRevision":
+    """A run revision from its document (``created`` as the document says; true when absent)."""
+    from qmtl_core.runs import RunRevision
+
+    return RunRevision(doc["world"], doc["strategy_id"], doc["stage"], doc["run_id"], int(doc["revision"]),
+                       doc["status"], doc.get("policy_version"), dict(doc.get("metrics") or {}),
+                       dict(doc.get("metric_sources") or {}), list(doc.get("rules") or []), doc.get("window"),
+                       doc.get("reason"), doc["content_hash"], doc["recorded_at"], doc["recorded_by"],
+                       bool(doc.get("created", True)))
+
+
+def action_from_doc(doc: Mapping[str, Any] | None) -> "Action | None":
+    """A campaign action from its document."""
+    if doc is None:
+        return None
+    from qmtl_core.campaign import Action
+
+    body = doc.get("suggested_body")
+    return Action(action=doc["action"], world=doc["world"], strategy_id=doc["strategy_id"], stage=doc["stage"],
+                  reason=doc["reason"], detail=doc["detail"], requires=tuple(doc.get("requires") or ()),
+                  idempotency_key=doc["idempotency_key"], suggested_run_id=doc.get("suggested_run_id"),
+                  suggested_body=dict(body) if body is not None else None)
+
+
+class ClientWorldClient:
+    """The gateway's ``WorldClient`` over a document client (``LocalClient`` or ``HttpClient``).
 
     A strategy the world has never seen has no decision (``None``), which the context service
     resolves to ``backtest`` / ``decision_unavailable``.
     """
 
-    def __init__(self, service: "WorldService") -> None:
-        self.service = service
+    def __init__(self, client: "Client") -> None:
+        self.client = client
         #: the envelopes handed out, by (world, strategy id)
         self.envelopes: dict[tuple[str, str], DecisionEnvelope] = {}
 
     def get_decision(self, world_id: str, strategy_id: str) -> DecisionEnvelope | None:
         """The world's current decision for the strategy, ``None`` when it does not know it."""
-        if self.service.strategy_info(world_id, strategy_id) is None:
+        if strategy_row(self.client, world_id, strategy_id) is None:
             return None
-        envelope = self.service.decision(world_id, strategy_id)
+        docs = self.client.decisions(world_id, strategy_id=strategy_id)["decisions"]
+        if not docs:
+            return None
+        envelope = envelope_from_doc(docs[0])
         self.envelopes[(world_id, strategy_id)] = envelope
         return envelope
 
 
-def resolve_context(service: "WorldService", strategy: Strategy, world: str, sid: str,
+def resolve_context(client: "Client", strategy: Strategy, world: str, sid: str,
                     requested: str | None = None) -> tuple[ComputeContext, DecisionEnvelope | None]:
     """The strategy's compute context from the world's decision (an explicit ``shadow`` is kept)."""
     ids = sorted(n.node_id for n in strategy.build())
@@ -260,9 +348,9 @@ def resolve_context(service: "WorldService", strategy: Strategy, world: str, sid
         dag_json=strategy.dag_json(),
         meta={"execution_domain": requested} if requested else {},
         world_id=world, node_ids_crc32=zlib.crc32(",".join(ids).encode()), strategy_id=sid)
-    client = ServiceWorldClient(service)
-    ctx = ComputeContextService(world_client=client, clock=service.clock).build_sync(submit)
-    return ctx, client.envelopes.get((world, sid))
+    decisions = ClientWorldClient(client)
+    ctx = ComputeContextService(world_client=decisions, clock=_clock(client)).build_sync(submit)
+    return ctx, decisions.envelopes.get((world, sid))
 
 
 def _envelope_doc(envelope: DecisionEnvelope | None) -> dict[str, Any] | None:
@@ -297,14 +385,27 @@ def _trades_since(result: BacktestResult, start: datetime | None) -> int:
     return len(trades) if start is None else sum(1 for t in trades if t.entry_time >= start)
 
 
-def default_data(service: "WorldService") -> Path:
-    """``<worlds dir>/data/GOOG.csv``, else the copy bundled with qmtl's source tree."""
-    for candidate in (service.settings.worlds_dir / "data" / DEFAULT_BARS,
-                      Path(__file__).resolve().parent.parent / "worlds" / "data" / DEFAULT_BARS):
-        if candidate.is_file():
+def default_data(worlds_dir: Path | None) -> Path:
+    """``<worlds dir>/data/GOOG.csv``, else the copy bundled with qmtl's source tree.
+
+    Always a file on this machine: with a remote client the bars are read and backtested here, so
+    ``worlds_dir`` is the *local* worlds directory (``--worlds-dir`` / ``QMTL_WORLDS_DIR``), not the
+    server's.
+    """
+    bundled = Path(__file__).resolve().parent.parent / "worlds" / "data" / DEFAULT_BARS
+    local = worlds_dir / "data" / DEFAULT_BARS if worlds_dir is not None else None
+    for candidate in (local, bundled):
+        if candidate is not None and candidate.is_file():
             return candidate
-    raise DataFileError(f"no default bars: {service.settings.worlds_dir / 'data' / DEFAULT_BARS} does not exist",
+    raise DataFileError(f"no default bars: {local or bundled} does not exist",
                         hint="pass --data FILE (CSV/Parquet with timestamp,open,high,low,close,volume)")
+
+
+def _worlds_dir(client: "Client", worlds_dir: Path | None) -> Path | None:
+    if worlds_dir is not None:
+        return worlds_dir
+    service = getattr(client, "service", None)  # a LocalClient: its settings' worlds directory
+    return service.settings.worlds_dir if service is not None else None
 
 
 def _bars_doc(bars: Bars) -> dict[str, list[Any]]:
@@ -371,9 +472,9 @@ def _new_bars(old: Bars | None, new: Bars, floor: datetime | None, source: str) 
     return new, 0
 
 
-def _next_action(service: "WorldService", world: str, sid: str) -> "Action | None":
-    views = service.campaign(world, strategy_id=sid)
-    return views[0].next_action if views else None
+def _next_action(client: "Client", world: str, sid: str) -> "Action | None":
+    views = client.campaign(world, strategy_id=sid)["strategies"]
+    return action_from_doc(views[0].get("next_action")) if views else None
 
 
 def _action_doc(action: "Action | None") -> dict[str, Any] | None:
@@ -451,61 +552,68 @@ class Submission:
         }
 
 
-def _announce(service: "WorldService", strategy: Strategy, world: str, domain: str) -> tuple[str, ...]:
-    """Publish the strategy's input queues in its world/domain namespace on the control bus."""
-    from qmtl_core.controlbus import input_queue
+def _announce(client: "Client", strategy: Strategy, world: str, domain: str) -> tuple[str, ...]:
+    """The strategy's input queues in its world/domain namespace, published on the control bus of
+    an in-process facade (a remote client publishes nothing: see the module docstring)."""
+    from qmtl_core.controlbus import ControlBus, input_queue
 
+    service = getattr(client, "service", None)
+    # Remote: a private bus nobody subscribes to, so the events are built and checked exactly as
+    # in-process (same queues reported) but go nowhere.
+    bus = service.bus if service is not None else ControlBus(history=64)
     out = []
     for node in strategy.build():
         if node.inputs:
             continue
         try:
             queue = input_queue(world, domain, node.name)
-            service.bus.publish_queue_update(tags=[node.name], interval=node.interval,
-                                             queues=[{"queue": queue, "global": False}],
-                                             world_id=world, execution_domain=domain)
+            bus.publish_queue_update(tags=[node.name], interval=node.interval,
+                                     queues=[{"queue": queue, "global": False}],
+                                     world_id=world, execution_domain=domain)
         except BadInputError:  # a name that cannot be a queue: nothing to announce
             continue
         out.append(queue)
     return tuple(out)
 
 
-def submit_strategy(service: "WorldService", strategy: Strategy, world: str, *,
+def submit_strategy(client: "Client | WorldService", strategy: Strategy, world: str, *,
                     data: str | Path | None = None, execution_domain: str | None = None,
-                    source_file: str | None = None) -> Submission:
+                    source_file: str | None = None, worlds_dir: Path | None = None) -> Submission:
     """Submit ``strategy`` to ``world``: id, context, backtest, backtest run, status, next step.
 
-    Idempotent: unchanged code, parameters and data give the same strategy id, the same run id and
-    no new revision (nothing is written, not even a ledger entry).
+    ``client`` is a ``LocalClient`` or an ``HttpClient`` (a ``WorldService`` is wrapped in a
+    ``LocalClient``); the backtest runs here either way. Without ``data`` the bars are
+    ``<worlds_dir>/data/GOOG.csv`` (default: a local client's worlds directory), else the copy
+    bundled with qmtl. Idempotent: unchanged code, parameters and data give the same strategy id,
+    the same run id and no new revision (nothing is written, not even a ledger entry).
     """
-    loaded = service.load_world(world)
+    client = as_client(client)
+    fee_bps, slippage_bps = _costs(client, world)
     cls = type(strategy)
     files = _files_of(cls)
     shown = {f: source_file for f in files} if source_file else None
     with user_code(files, shown):
         sid = strategy_id(strategy)
-    ctx, envelope = resolve_context(service, strategy, world, sid, execution_domain)
+    ctx, envelope = resolve_context(client, strategy, world, sid, execution_domain)
     strategy.apply_compute_context(ctx)
-    path = Path(data) if data is not None else default_data(service)
+    path = Path(data) if data is not None else default_data(_worlds_dir(client, worlds_dir))
     bars = load_bars(path)
     if len(bars) < 2:
         raise DataFileError(f"{path}: {len(bars)} bar(s); a backtest needs at least two",
                             hint="pass a longer price history with --data")
-    costs = loaded.policy.costs
     with user_code(files, shown):
-        result = run_backtest(strategy, bars, fee_bps=costs.fee_bps, slippage_bps=costs.slippage_bps,
-                              world_id=world)
+        result = run_backtest(strategy, bars, fee_bps=fee_bps, slippage_bps=slippage_bps, world_id=world)
     params = dict(strategy.__dict__.get("params", {}))
     code_hash = sha256_hex(strategy_source(cls))
-    info, registered = service.register_strategy(
+    registered = client.register_strategy(
         world, strategy_id=sid, name=cls.__qualname__, code_hash=code_hash,
         meta={"submission": {"class": cls.__qualname__, "file": source_file, "params": params,
                              "data": str(path)}})
-    run = service.record_evaluation(world, strategy_id=sid, stage="backtest",
-                                    metrics={"n_trades": result.n_trades},
-                                    returns=realized_returns(result))
-    queues = _announce(service, strategy, world, ctx.execution_domain)
-    stage = str(info["stage"])
+    run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage="backtest",
+                                                metrics={"n_trades": result.n_trades},
+                                                returns=realized_returns(result)))
+    queues = _announce(client, strategy, world, ctx.execution_domain)
+    stage = str(registered["strategy"]["stage"])
     if run.status == "fail" or stage == "retired":
         status = "rejected"
     elif stage in ("paper", "live"):
@@ -515,16 +623,19 @@ def submit_strategy(service: "WorldService", strategy: Strategy, world: str, *,
     return Submission(world=world, strategy_id=sid, name=cls.__qualname__, params=params,
                       source_file=source_file, code_hash=code_hash, context=ctx, decision=envelope,
                       stage=stage, status=status, run=run, backtest=result, data=str(path),
-                      queues=queues, next_action=_next_action(service, world, sid),
-                      registered=registered, dag=strategy.dag())
+                      queues=queues, next_action=_next_action(client, world, sid),
+                      registered=bool(registered["changed"]), dag=strategy.dag())
 
 
-def connect_runner(service: "WorldService", *, data: str | Path | None = None) -> None:
-    """Make ``Runner.submit(strategy, world=...)`` record submissions in ``service``, exactly like
-    ``qmtl submit`` (the returned ``SubmitResult.submission`` holds the :class:`Submission`)."""
+def connect_runner(target: "WorldService | Client", *, data: str | Path | None = None) -> None:
+    """Make ``Runner.submit(strategy, world=...)`` record submissions exactly like ``qmtl submit``,
+    in a ``WorldService`` (in-process) or through a client (``HttpClient``: a ``qmtl serve``; the
+    backtest still runs in this process). The returned ``SubmitResult.submission`` holds the
+    :class:`Submission`."""
+    client = as_client(target)
 
     def handler(strategy: Strategy, world: str, execution_domain: str | None) -> SubmitResult:
-        return submit_strategy(service, strategy, world, data=data,
+        return submit_strategy(client, strategy, world, data=data,
                                execution_domain=execution_domain).result()
 
     Runner.set_submit_handler(handler)
@@ -600,7 +711,7 @@ def _nothing_to_feed(world: str, name: str, sid: str, ctx: ComputeContext,
                         hint=f"see qmtl world decision {world} and qmtl world campaign {world}", code=why)
 
 
-def feed_strategy(service: "WorldService", strategy: Strategy, world: str, data: str | Path, *,
+def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: str, data: str | Path, *,
                   source_file: str | None = None,
                   execution_service: TradeExecutionService | None = None) -> FeedResult:
     """Feed the bars in ``data`` to a submitted strategy in the domain its world decides.
@@ -610,24 +721,26 @@ def feed_strategy(service: "WorldService", strategy: Strategy, world: str, data:
     ``live``: the same replay, then the orders of the bar that just closed go through the one order
     gate to ``execution_service`` (else the one set on ``Runner``; none: fail closed, exit 12; one
     new bar per run). Anything else: nothing to feed (``BlockedError``, exit 10). Bars already fed
-    are dropped; older ones are refused.
+    are dropped; older ones are refused. ``client`` as for :func:`submit_strategy`: the replay and
+    the order gate run here, the server (if any) only stores the run and the fed bars.
     """
+    client = as_client(client)
     if execution_service is not None:
         with Runner.trading(execution_service):
-            return feed_strategy(service, strategy, world, data, source_file=source_file)
-    loaded = service.load_world(world)
+            return feed_strategy(client, strategy, world, data, source_file=source_file)
+    fee_bps, slippage_bps = _costs(client, world)
     cls = type(strategy)
     files = _files_of(cls)
     shown = {f: source_file for f in files} if source_file else None
     with user_code(files, shown):
         sid = strategy_id(strategy)
     name = cls.__qualname__
-    info = service.strategy_info(world, sid)
+    info = strategy_row(client, world, sid)
     if info is None:
         raise StrategyNotFound(f"strategy {name} ({sid[:12]}) is not in world {world}",
                                hint=f"submit it first (qmtl submit FILE --world {world}), with the same "
                                     "--strategy/--param as here", code="strategy_not_submitted")
-    ctx, envelope = resolve_context(service, strategy, world, sid)
+    ctx, envelope = resolve_context(client, strategy, world, sid)
     stage = FEED_STAGE.get(ctx.execution_domain)
     if stage is None:
         raise _nothing_to_feed(world, name, sid, ctx, envelope)
@@ -641,27 +754,27 @@ def feed_strategy(service: "WorldService", strategy: Strategy, world: str, data:
     floor = None
     if old is None:
         # Paper must be new data: after everything the strategy was backtested on in this world.
-        ends = [parse_instant(r.window["end"]) for r in service.list_runs(world, strategy_id=sid, stage="backtest")
-                if r.window and r.window.get("end")]
+        backtests = client.runs(world, strategy_id=sid, stage="backtest")["runs"]
+        ends = [parse_instant(r["window"]["end"]) for r in backtests if r.get("window") and r["window"].get("end")]
         floor = max(ends) if ends else None
     incoming = load_bars(data)
     fresh, duplicates = _new_bars(old, incoming, floor, str(data))
     before = Runner.order_stats.as_dict()
     if not len(fresh):
-        previous = service.list_runs(world, strategy_id=sid, stage=stage)
+        previous = client.runs(world, strategy_id=sid, stage=stage)["runs"]
+        latest = run_from_doc({**previous[0], "created": False}) if previous else None
         return FeedResult(world, sid, name, ctx, envelope, stage, str(data), 0, duplicates, None, None,
-                          len(old) if old is not None else 0, previous[0] if previous else None, None,
-                          (), _stats_delta(before, before), _next_action(service, world, sid),
+                          len(old) if old is not None else 0, latest, None,
+                          (), _stats_delta(before, before), _next_action(client, world, sid),
                           note=f"nothing new: every bar in {data} was already fed")
     if stage == "live" and len(fresh) > 1:
         raise BadInputError(f"{data}: {len(fresh)} new bars; live runs take one new bar at a time (the "
                             "bar that just closed), so no order is sent for a bar already past",
                             hint="feed each bar as it closes", code="live_one_bar")
     bars = _concat(old, fresh)
-    costs = loaded.policy.costs
     strategy.apply_compute_context(ctx)
     with user_code(files, shown):
-        result = run_backtest(strategy, bars, fee_bps=costs.fee_bps, slippage_bps=costs.slippage_bps,
+        result = run_backtest(strategy, bars, fee_bps=fee_bps, slippage_bps=slippage_bps,
                               world_id=world, context=ctx)
     # The orders of the bar that just closed go through the one gate: sent only in live with
     # submission enabled, allow_live and a service; in dryrun the gate blocks and counts them and
@@ -680,9 +793,10 @@ def feed_strategy(service: "WorldService", strategy: Strategy, world: str, data:
         start = parse_instant(stage_doc["start"])
         series = [(t, r) for t, r in realized_returns(result) if t >= start]
         n_trades = _trades_since(result, start)
-        run = service.record_evaluation(world, strategy_id=sid, stage="paper", run_id=stage_doc["run_id"],
-                                        metrics={"n_trades": n_trades}, returns=series)
-    service.register_strategy(
+        run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage="paper",
+                                                    run_id=stage_doc["run_id"], metrics={"n_trades": n_trades},
+                                                    returns=series))
+    client.register_strategy(
         world, strategy_id=sid, meta={"feed": {"bars": _bars_doc(bars), "runs": {**runs_doc, stage: stage_doc}}},
         expect_meta={"feed": feed}, kind="strategy.fed",
         reason=f"{len(fresh)} new bar(s) {iso(first_new)[:10]}..{iso(_to_datetime(fresh.timestamp[-1]))[:10]} "
@@ -693,7 +807,7 @@ def feed_strategy(service: "WorldService", strategy: Strategy, world: str, data:
                 "the broker through the risk hub (qmtl risk put)")
     return FeedResult(world, sid, name, ctx, envelope, stage, str(data), len(fresh), duplicates,
                       iso(first_new), iso(_to_datetime(fresh.timestamp[-1])), len(bars), run, n_trades,
-                      tuple(orders), stats, _next_action(service, world, sid), note=note)
+                      tuple(orders), stats, _next_action(client, world, sid), note=note)
 
 
 def _run_id(stage: str, start: datetime) -> str:

@@ -31,8 +31,8 @@ class Ran:
 MODE = "local"
 
 #: Commands that work on local files or the local store only, whatever the mode.
-LOCAL_ONLY = {("config",), ("world", "validate"), ("world", "schema"), ("token",), ("serve",), ("submit",),
-              ("run",), ("world", "report")}
+LOCAL_ONLY = {("config",), ("world", "validate"), ("world", "schema"), ("token",), ("serve",),
+              ("world", "report")}
 
 
 def _local_only(args: tuple[str, ...]) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -16,10 +18,13 @@ from qmtl_core.domains import DecisionEnvelope
 from qmtl_core.sdk import Runner
 from qmtl_core.service import WorldService
 from tests.cli_helpers import qmtl, qmtl_process
+from tests.test_serve import real_server  # noqa: F401 - fixture: a real qmtl serve on a free port
 
 ROOT = Path(__file__).resolve().parent.parent
 SMA = ROOT / "examples/strategies/sma_crossover.py"
 GOOG = ROOT / "worlds/data/GOOG.csv"
+
+pytestmark = pytest.mark.usefixtures("cli_mode")  # every CLI call: local store, then through the HTTP API
 WORLD = "paper-test"
 POLICY = """\
 world: paper-test
@@ -264,3 +269,50 @@ def test_live_orders_go_only_through_the_gate_to_the_broker(env: dict[str, str],
     # the bar is fed: sending it again posts nothing
     again = qmtl("run", str(strat), "--world", WORLD, "--data", str(one), "--broker-webhook", broker.url, "--json")
     assert again.exit_code == 0 and again.json()["bars"]["new"] == 0 and len(broker.orders) == 1
+
+
+@pytest.mark.parametrize("cli_mode", ["remote"], indirect=True)
+def test_submit_and_run_against_a_real_server(env: dict[str, str], data: dict[str, tuple[Path, int]],
+                                              real_server: tuple[str, str, dict[str, str]],
+                                              tmp_path: Path) -> None:
+    """Real processes over a socket: the client has no store and no worlds of its own, loads and
+    backtests the strategy itself, and the server records what it is sent."""
+    url, token, server_env = real_server
+    client_env = {k: v for k, v in server_env.items() if k not in ("QMTL_DATABASE_URL", "QMTL_WORLDS_DIR")}
+    client_env.update({"QMTL_SERVER": url, "QMTL_TOKEN": token, "QMTL_HOME": str(tmp_path / "client-home")})
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "qmtl_cli", *args], env=client_env, capture_output=True,
+                              text=True, cwd=ROOT, timeout=120)
+
+    # default bars come from the *client's* worlds dir (data/GOOG.csv there), not the server's
+    mine = tmp_path / "client-worlds"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "GOOG.csv").write_text("".join(GOOG.read_text().splitlines(keepends=True)[:501]))
+    local_bars = cli("--worlds-dir", str(mine), "submit", str(SMA), "--world", "research-sandbox", "--json")
+    assert local_bars.returncode in (0, 10), local_bars.stderr
+    assert json.loads(local_bars.stdout)["backtest"]["bars"] == 500
+    assert json.loads(local_bars.stdout)["backtest"]["data"] == str(mine / "data" / "GOOG.csv")
+
+    hist, _ = data["hist"]
+    sub = cli("submit", str(SMA), "--world", WORLD, "--data", str(hist), "--json")
+    assert sub.returncode == 0, sub.stderr
+    assert json.loads(sub.stdout)["status"] == "pending"
+    loop = cli("world", "campaign-loop", "--world", WORLD, "--once", "--execute", "--json")
+    assert '"promote_to_paper"' in loop.stdout, loop.stdout + loop.stderr  # (then 12: no risk snapshot yet)
+    a, n_a = data["a"]
+    fed = cli("run", str(SMA), "--world", WORLD, "--data", str(a), "--json")
+    assert fed.returncode == 0, fed.stderr
+    doc = json.loads(fed.stdout)
+    assert (doc["execution_domain"], doc["bars"]["new"]) == ("dryrun", n_a)
+    assert (doc["run"]["run_id"], doc["run"]["revision"], doc["run"]["window"]["n_observations"]) == (
+        "paper-from-20120604", 1, n_a)
+    again = cli("run", str(SMA), "--world", WORLD, "--data", str(a))
+    assert again.returncode == 0 and "nothing new" in again.stdout and "#1" in again.stdout
+    old = cli("run", str(SMA), "--world", WORLD, "--data", str(hist))
+    assert old.returncode == 2 and old.stderr.count("\n") == 1 and "was never fed" in old.stderr
+    # every change is the token's actor's, on the server's store
+    entries = json.loads(cli("audit", "log", "--world", WORLD, "--json").stdout)["entries"]
+    kinds = [e["kind"] for e in entries if e["actor"] == "otto"]
+    assert {"strategy.submitted", "run.recorded", "strategy.fed"} <= set(kinds)
+    assert all(e["actor"] == "otto" for e in entries if e["kind"].startswith(("strategy.", "run.")))

@@ -20,6 +20,8 @@ SMA = ROOT / "examples/strategies/sma_crossover.py"
 MR = ROOT / "examples/strategies/mean_reversion.py"
 GOOG = ROOT / "worlds/data/GOOG.csv"
 
+pytestmark = pytest.mark.usefixtures("cli_mode")  # every CLI call: local store, then through the HTTP API
+
 
 @pytest.fixture(autouse=True)
 def _fresh_runner() -> Iterator[None]:
@@ -225,10 +227,17 @@ def test_no_strategy_or_several_exit_2_listing_them(qmtl_env: dict[str, str], tm
      "        self.add_nodes(price, sig, TradeOrderPublisherNode(sig))\n", 7, "ZeroDivisionError"),
 ])
 def test_broken_strategy_file_is_one_line_naming_file_and_line(qmtl_env: dict[str, str], tmp_path: Path,
-                                                               text: str, line: int, what: str) -> None:
+                                                               text: str, line: int, what: str,
+                                                               cli_mode: str) -> None:
     path = tmp_path / "broken.py"
     path.write_text(text)
-    ran = qmtl_process("submit", str(path), "--world", "research-sandbox")
+    if cli_mode == "remote" and what == "ZeroDivisionError":
+        # raised while backtesting, which needs the world's costs from the server: through the API
+        ran = qmtl("submit", str(path), "--world", "research-sandbox")
+    else:
+        # remote: a server that does not exist, since the file is imported here before any request
+        server = ["--server", "http://127.0.0.1:9"] if cli_mode == "remote" else []
+        ran = qmtl_process(*server, "submit", str(path), "--world", "research-sandbox")
     assert ran.exit_code == 2
     lines = ran.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in ran.stderr, ran.stderr
@@ -249,9 +258,115 @@ def test_bad_inputs(qmtl_env: dict[str, str], tmp_path: Path) -> None:
     assert bars.exit_code == 2 and "no such bars file" in bars.stderr
 
 
+@pytest.mark.parametrize("cli_mode", ["local"], indirect=True)  # remote, real process: tests/test_run.py
 def test_submit_json_before_the_subcommand_and_in_a_real_process(qmtl_env: dict[str, str]) -> None:
     ran = qmtl_process("--json", "submit", str(SMA), "--world", "research-sandbox")
     assert ran.exit_code == 0, ran.stderr
     doc = ran.json()  # exactly one JSON document on stdout
     assert doc["status"] == "pending" and doc["run"]["rules"]
     assert {r["id"] for r in doc["run"]["rules"]} >= {"sharpe", "drawdown"}
+
+
+# --- the same submission in both modes ------------------------------------------------------------------
+@pytest.mark.parametrize("cli_mode", ["local"], indirect=True)  # this test switches modes itself
+def test_local_and_remote_submissions_print_the_same(qmtl_env: dict[str, str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """On one store: the first submission local, then the same through the HTTP API and back; once
+    nothing changes any more, both modes print byte for byte the same (human and JSON)."""
+    import qmtl_cli._state
+    from tests import _remote
+
+    monkeypatch.setattr(qmtl_cli._state, "TRANSPORT_FACTORY", _remote.factory)
+    remote = ("--server", _remote.SERVER)
+    args = ("submit", str(SMA), "--world", "demo-momentum", "--param", "allow_short=false")
+    first = qmtl(*args, "--json")
+    assert first.exit_code == 0 and first.json()["registered"] is True
+    log_before = qmtl("audit", "log", "--json").stdout
+    outs = {mode: [qmtl(*extra, *args, "--json"), qmtl(*extra, *args)] for mode, extra in
+            (("remote", remote), ("local", ()))}
+    for ran in (*outs["remote"], *outs["local"]):
+        assert ran.exit_code == 0, ran.stderr
+    docs = {mode: ran[0].json() for mode, ran in outs.items()}
+    for d in docs.values():  # the decision is taken as of each call
+        assert d["decision"]["as_of"] is not None
+        d["decision"]["as_of"] = None
+    assert docs["remote"] == docs["local"]  # JSON
+    assert outs["remote"][1].stdout == outs["local"][1].stdout  # human
+    doc = outs["remote"][0].json()
+    assert (doc["registered"], doc["run"]["created"], doc["run"]["revision"]) == (False, False, 1)
+    assert doc["run"]["run_id"] == first.json()["run"]["run_id"]
+    assert qmtl("audit", "log", "--json").stdout == log_before  # nothing recorded by either mode
+    # a rejected submission exits 10 through the API as well, naming the failed gate
+    rejected = qmtl(*remote, "submit", str(SMA), "--world", "demo-momentum")
+    assert rejected.exit_code == 10 and "fail  drawdown  max_drawdown 0.3325" in rejected.stdout
+
+
+@pytest.mark.parametrize("cli_mode", ["local"], indirect=True)
+def test_runner_submit_through_an_http_client(qmtl_env: dict[str, str]) -> None:
+    """``Runner.use_world_service`` also takes a client: the backtest runs here, the run is recorded
+    by the server (and is the very run the CLI then finds)."""
+    from qmtl_core.service._client import HttpClient
+    from tests._remote import SERVER, InProcessServer
+
+    transport = InProcessServer()
+    client = HttpClient(SERVER, None, transport=transport)
+    try:
+        Runner.use_world_service(client)
+        strat = pick_strategy(load_strategy_file(SMA), SMA)()
+        res = Runner.submit(strat, world="research-sandbox")
+        sub = res.submission
+        assert (res.context.execution_domain, res.context.downgrade_reason) == ("backtest", "decision_unavailable")
+        assert (sub.status, sub.run.run_id, sub.run.revision, sub.run.created) == (
+            "pending", "backtest-20130301", 1, True)
+        assert sub.data.endswith("GOOG.csv") and sub.queues == ("research-sandbox.backtest.price",)
+        assert sub.next_action is not None and sub.next_action.action == "promote_to_paper"
+    finally:
+        client.close()  # closes the transport (and the server's store) too
+    cli = qmtl("submit", str(SMA), "--world", "research-sandbox", "--json").json()
+    assert (cli["strategy_id"], cli["run"]["revision"], cli["run"]["created"]) == (res.strategy_id, 1, False)
+
+
+@pytest.mark.parametrize("cli_mode", ["local"], indirect=True)  # raw HTTP, no CLI
+def test_submission_routes_roles_and_not_found(qmtl_env: dict[str, str]) -> None:
+    import httpx
+
+    from qmtl_core.service._auth import create_token
+    from tests._remote import SERVER, InProcessServer
+
+    server = InProcessServer()
+    svc = server.app.state.service
+    with svc.store.write() as conn:
+        tokens = {role: create_token(conn, actor=f"{role}-1", role=role, created_by="admin", now=svc.clock())[1]
+                  for role in ("reader", "submitter", "approver")}
+    http = httpx.Client(base_url=SERVER, transport=server)
+    try:
+        def call(method: str, path: str, role: str | None, body: Any = None) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {tokens[role]}"} if role else {"Authorization": "Bearer "}
+            return http.request(method, path, json=body, headers=headers)
+
+        body = {"strategy_id": "abc", "name": "X", "meta": {"submission": {"params": {}}}}
+        assert call("POST", "/worlds/research-sandbox/strategies", None, body).status_code == 401
+        for role in ("reader", "approver"):
+            refused = call("POST", "/worlds/research-sandbox/strategies", role, body)
+            assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+        made = call("POST", "/worlds/research-sandbox/strategies", "submitter", body)
+        assert made.status_code == 200 and made.json()["changed"] is True
+        row = made.json()["strategy"]
+        assert (row["stage"], row["name"], row["submitter"]) == ("backtest", "X", "submitter-1")
+        again = call("POST", "/worlds/research-sandbox/strategies", "submitter", body).json()
+        assert again["changed"] is False
+        assert call("GET", "/worlds/research-sandbox/strategies/abc", "reader").json()["meta"] == body["meta"]
+        missing = call("GET", "/worlds/research-sandbox/strategies/nope", "reader")
+        assert missing.status_code == 404 and missing.json()["error"] == "strategy_not_found"
+        no_world = call("GET", "/worlds/no-such-world/strategies/abc", "reader")
+        assert no_world.status_code == 404 and no_world.json()["error"] == "world_not_found"
+        # compare-and-set on meta: a stale expectation is a conflict (exit 4), nothing written
+        stale = call("POST", "/worlds/research-sandbox/strategies", "submitter",
+                     {"strategy_id": "abc", "meta": {"feed": {"bars": {}}}, "expect_meta": {"feed": {"x": 1}},
+                      "kind": "strategy.fed"})
+        assert stale.status_code == 409 and stale.json()["exit_code"] == 4
+        # the ledger kind is one of the two a submission writes, nothing else
+        odd = call("POST", "/worlds/research-sandbox/strategies", "submitter", {**body, "kind": "strategy.promoted"})
+        assert odd.status_code == 400 and odd.json()["exit_code"] == 2
+    finally:
+        http.close()  # closes the transport (and the server's store) too

@@ -1,7 +1,9 @@
 """``qmtl submit`` and ``qmtl run``: hand a strategy file to a world, then feed it new bars.
 
-Thin on purpose: load the file, call ``qmtl_core.submit``, render. The same core functions back
-``Runner.submit(strategy, world=...)`` in-process.
+Thin on purpose: load the file, call ``qmtl_core.submit`` with the invocation's client, render.
+The strategy is always imported, backtested and fed in this process; with ``--server`` only its
+documents (the strategy's row, evaluation runs) go to the server, so output and exit codes are the
+same in both modes. The same core functions back ``Runner.submit(strategy, world=...)``.
 """
 
 from __future__ import annotations
@@ -144,8 +146,9 @@ def submit_command(
     strategy: ClassOpt = None,
     param: ParamOpt = None,
     data: Annotated[Optional[Path], typer.Option(
-        "--data", help="Bars to backtest on (CSV/Parquet: timestamp,open,high,low,close,volume) "
-                       "[default: <worlds dir>/data/GOOG.csv].")] = None,
+        "--data", help="Bars to backtest on (CSV/Parquet: timestamp,open,high,low,close,volume), read on "
+                       "this machine, also with --server [default: <worlds dir>/data/GOOG.csv of the local "
+                       "--worlds-dir, else the copy bundled with qmtl].")] = None,
     domain: Annotated[Optional[str], typer.Option(
         "--domain", help="Ask for an execution domain: shadow (live inputs, orders off) is kept; "
                          "any other request can only lower what the world decides.")] = None,
@@ -156,12 +159,16 @@ def submit_command(
     The strategy id is a content hash of the code, parameters and DAG, so submitting unchanged code
     and data again changes nothing. Exit 0 accepted (pending or active), 10 rejected by a blocking
     gate, 2 bad input (a broken file names file:line; none or several strategies are listed).
+
+    With --server the strategy still runs here (the server never executes strategy code); the
+    world's costs and decision come from the server and the run is recorded there.
     """
     from qmtl_core.submit import submit_strategy
 
     instance = _load(file, strategy, param)
-    sub = submit_strategy(state(ctx).service(), instance, world, data=data, execution_domain=domain,
-                          source_file=str(file))
+    st = state(ctx)
+    sub = submit_strategy(st.client(), instance, world, data=data, execution_domain=domain,
+                          source_file=str(file), worlds_dir=st.settings().worlds_dir)
     doc = sub.to_dict()
     doc["next_step"] = next_step(doc["next_action"], world=world, args=_same_args(file, strategy, param),
                                  strategy_id=sub.strategy_id)
@@ -192,13 +199,16 @@ def run_command(
     Live: the last bar's orders go through the order gate to --broker-webhook. Exit 0 done, 10 when
     the world has the strategy in backtest (nothing to feed) or the run fails a gate, 3 not
     submitted, 2 bad or old bars, 12 live without a broker.
+
+    With --server the bars are read and replayed here and live orders go from here to the broker;
+    the server stores the paper run and the bars fed so far.
     """
     from qmtl_core.sdk import WebhookExecutionService
     from qmtl_core.submit import feed_strategy
 
     hook = WebhookExecutionService(broker_webhook) if broker_webhook else None
     instance = _load(file, strategy, param)
-    res = feed_strategy(state(ctx).service(), instance, world, data, source_file=str(file),
+    res = feed_strategy(state(ctx).client(), instance, world, data, source_file=str(file),
                         execution_service=hook)
     doc = res.to_dict()
     if hook is not None and res.context.execution_domain != "live":

@@ -154,6 +154,30 @@ class LocalClient:
         revs = self.service.list_runs(world, strategy_id=strategy_id, stage=stage, history=history)
         return {"runs": [r.to_dict() for r in revs]}
 
+    # -- submissions (qmtl submit / qmtl run; the strategy itself runs on the client) -------------------
+    def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
+        """The world's row for a strategy (stage, name, code_hash, submitter, meta ...);
+        ``StrategyNotFound`` (exit 3, HTTP 404) when the world has never seen it."""
+        from qmtl_core.errors import StrategyNotFound
+
+        self.service.load_world(world, record=False)  # an unknown world is world_not_found
+        row = self.service.strategy_info(world, strategy_id)
+        if row is None:
+            raise StrategyNotFound(f"world {world} has no strategy {strategy_id}",
+                                   hint=f"qmtl world campaign {world} lists its strategies")
+        return row
+
+    def register_strategy(self, world: str, *, strategy_id: str, name: str | None = None,
+                          code_hash: str | None = None, meta: Mapping[str, Any] | None = None,
+                          expect_meta: Mapping[str, Any] | None = None, kind: str = "strategy.submitted",
+                          reason: str | None = None) -> dict[str, Any]:
+        """Create or update a strategy's row (``meta`` merged key by key, compare-and-set on
+        ``expect_meta``); ``{strategy: row, changed}``."""
+        row, changed = self.service.register_strategy(world, strategy_id=strategy_id, name=name,
+                                                      code_hash=code_hash, meta=meta, expect_meta=expect_meta,
+                                                      kind=kind, reason=reason)
+        return {"strategy": row, "changed": changed}
+
     # -- campaign -------------------------------------------------------------------------------------
     def campaign(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
         """``qmtl world campaign``."""
@@ -357,6 +381,20 @@ class HttpClient:
              history: bool = False) -> dict[str, Any]:
         return self._call("GET", f"/worlds/{world}/runs",
                           params={"strategy": strategy_id, "stage": stage, "history": history})
+
+    # -- submissions ----------------------------------------------------------------------------------
+    def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/worlds/{world}/strategies/{strategy_id}")
+
+    def register_strategy(self, world: str, *, strategy_id: str, name: str | None = None,
+                          code_hash: str | None = None, meta: Mapping[str, Any] | None = None,
+                          expect_meta: Mapping[str, Any] | None = None, kind: str = "strategy.submitted",
+                          reason: str | None = None) -> dict[str, Any]:
+        return self._call("POST", f"/worlds/{world}/strategies", confirm=True, body={
+            "strategy_id": strategy_id, "name": name, "code_hash": code_hash,
+            "meta": dict(meta) if meta is not None else None,
+            "expect_meta": dict(expect_meta) if expect_meta is not None else None, "kind": kind,
+            "reason": reason})
 
     # -- campaign -------------------------------------------------------------------------------------
     def campaign(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:

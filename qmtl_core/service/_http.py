@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
@@ -63,6 +63,20 @@ class RunBody(_Body):
     execute: bool = False
     holder: str = Field(min_length=1)
     lease_ttl_seconds: float = Field(600, gt=0, le=86400)
+
+
+class StrategyBody(_Body):
+    """``POST /worlds/{id}/strategies``: create or update a submitted strategy's row (``qmtl submit``
+    and ``qmtl run`` load and backtest the strategy on the client; only this document is sent)."""
+
+    strategy_id: str = Field(min_length=1)
+    name: str | None = None
+    code_hash: str | None = None
+    meta: dict[str, Any] | None = Field(None, description="merged key by key into the row's meta")
+    expect_meta: dict[str, Any] | None = Field(
+        None, description="meta keys and the values they must still hold (null: absent), else 409")
+    kind: Literal["strategy.submitted", "strategy.fed"] = "strategy.submitted"
+    reason: str | None = None
 
 
 class PromoteBody(_Body):
@@ -166,6 +180,18 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
              c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Evaluation runs, newest first."""
         return c.runs(world, strategy_id=strategy, stage=stage, history=history)
+
+    @app.get("/worlds/{world}/strategies/{strategy_id}")
+    def strategy(world: str, strategy_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """A strategy's row in the world (404 when the world has never seen it)."""
+        return c.strategy(world, strategy_id)
+
+    @app.post("/worlds/{world}/strategies")
+    def register_strategy(world: str, body: StrategyBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
+        """Register a submission (or the bars fed to it); unchanged content changes nothing."""
+        return c.register_strategy(world, strategy_id=body.strategy_id, name=body.name, code_hash=body.code_hash,
+                                   meta=body.meta, expect_meta=body.expect_meta, kind=body.kind,
+                                   reason=body.reason)
 
     @app.get("/worlds/{world}/campaign")
     def campaign(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
