@@ -74,12 +74,8 @@ def gate_status(rules: Iterable[dict[str, object]]) -> str | None:
 
 
 def stored_returns(st: object, world: str, **query: object) -> list[dict[str, object]]:
-    """The returns stored with runs (``WorldService.run_returns``) for sparklines; ``[]`` in remote
-    mode (the HTTP API does not serve returns), so tables simply show no curve there."""
-    settings = st.settings()  # type: ignore[attr-defined]
-    if getattr(settings, "server", None):
-        return []
-    return st.service().run_returns(world, **query)  # type: ignore[attr-defined, no-any-return]
+    """The returns stored with runs, from the local store or the server (``GET /worlds/{id}/returns``)."""
+    return st.client().run_returns(world, **query)["runs"]  # type: ignore[attr-defined, no-any-return]
 
 
 def run_curves(st: object, world: str, **query: object) -> dict[tuple[str, str, str, int], list[float]]:

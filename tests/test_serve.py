@@ -193,3 +193,28 @@ def test_cli_against_a_real_server(real_server) -> None:  # type: ignore[no-unty
     assert bad.returncode == 2 and "token is not valid" in bad.stderr
     ledger = run("audit", "log", "--json")
     assert {e["actor"] for e in json.loads(ledger.stdout)["entries"] if e["kind"] == "run.recorded"} == {"otto"}
+
+
+def test_local_and_remote_print_the_same(qmtl_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI renders the same documents in both modes: byte-identical output on the same store."""
+    import qmtl_cli._state
+
+    from tests import _remote
+    from tests.cli_helpers import qmtl
+    from tests.test_cli_evaluate import DEMO_RETURNS
+
+    assert qmtl("world", "evaluate", "demo-momentum", "--record", "--returns", str(DEMO_RETURNS)).exit_code == 10
+    assert qmtl("world", "campaign-loop", "--world", "demo-momentum", "--once", "--execute").exit_code in (10, 12)
+    monkeypatch.setattr(qmtl_cli._state, "TRANSPORT_FACTORY", _remote.factory)
+    commands = [("world", "runs", "demo-momentum"), ("world", "campaign", "demo-momentum"),
+                ("world", "decision", "demo-momentum", "--json"), ("world", "history", "demo-momentum"),
+                ("promote", "--list"), ("audit", "log"), ("world", "list"),
+                ("world", "evaluate", "demo-momentum", "--returns", str(DEMO_RETURNS), "--explain")]
+    for args in commands:
+        local = qmtl(*args)
+        remote = qmtl("--server", _remote.SERVER, *args)
+        if "decision" in args:  # as_of is the moment of asking
+            strip = lambda doc: [{k: v for k, v in d.items() if k != "as_of"} for d in doc["decisions"]]  # noqa: E731
+            assert strip(local.json()) == strip(remote.json())
+        else:
+            assert (local.exit_code, local.stdout) == (remote.exit_code, remote.stdout), args

@@ -178,6 +178,12 @@ class LocalClient:
                                                       kind=kind, reason=reason)
         return {"strategy": row, "changed": changed}
 
+    def run_returns(self, world: str, *, strategy_id: str | None = None, stage: str | None = None,
+                    history: bool = False, latest_per_stage: bool = False) -> dict[str, Any]:
+        """The returns stored with run revisions (sparklines, charts)."""
+        return {"runs": self.service.run_returns(world, strategy_id=strategy_id, stage=stage, history=history,
+                                                 latest_per_stage=latest_per_stage)}
+
     # -- campaign -------------------------------------------------------------------------------------
     def campaign(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
         """``qmtl world campaign``."""
@@ -395,6 +401,11 @@ class HttpClient:
             "meta": dict(meta) if meta is not None else None,
             "expect_meta": dict(expect_meta) if expect_meta is not None else None, "kind": kind,
             "reason": reason})
+
+    def run_returns(self, world: str, *, strategy_id: str | None = None, stage: str | None = None,
+                    history: bool = False, latest_per_stage: bool = False) -> dict[str, Any]:
+        return self._call("GET", f"/worlds/{world}/returns", params={
+            "strategy": strategy_id, "stage": stage, "history": history, "latest_per_stage": latest_per_stage})
 
     # -- campaign -------------------------------------------------------------------------------------
     def campaign(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:

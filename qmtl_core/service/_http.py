@@ -193,6 +193,13 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
                                    meta=body.meta, expect_meta=body.expect_meta, kind=body.kind,
                                    reason=body.reason)
 
+    @app.get("/worlds/{world}/returns")
+    def returns(world: str, strategy: str | None = None, stage: str | None = None, history: bool = False,
+                latest_per_stage: bool = False, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """The returns stored with run revisions (for sparklines and charts)."""
+        return c.run_returns(world, strategy_id=strategy, stage=stage, history=history,
+                             latest_per_stage=latest_per_stage)
+
     @app.get("/worlds/{world}/campaign")
     def campaign(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Campaign state per strategy."""
