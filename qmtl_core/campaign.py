@@ -16,7 +16,7 @@ evidence (fail closed).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,18 +45,43 @@ FAIL_CLOSED_REASONS = frozenset({"risk_snapshot_missing", "risk_snapshot_expired
 
 @dataclass(frozen=True)
 class RunSummary:
-    """The latest revision of a strategy's latest run at one stage (no returns: tick stays cheap)."""
+    """The latest revision of a strategy's latest run at one stage (no returns: tick stays cheap).
+
+    ``metrics`` and ``rule_results`` may be given as the store's raw JSON text: they are decoded
+    on first use, because a tick over a large world needs them for few strategies.
+    """
 
     run_id: str
     revision: int
     status: str
     policy_version: int | None
     content_hash: str
-    metrics: Mapping[str, float | None]
-    rule_results: tuple[Mapping[str, Any], ...]
+    raw_metrics: Mapping[str, float | None] | str | None
+    raw_rule_results: Sequence[Mapping[str, Any]] | str | None
     window_start: datetime | None
     window_end: datetime | None
     n_observations: int
+
+    @property
+    def metrics(self) -> Mapping[str, float | None]:
+        """The run's metrics (decoded once)."""
+        return self._decoded("raw_metrics", dict)
+
+    @property
+    def rule_results(self) -> tuple[Mapping[str, Any], ...]:
+        """The run's rule results (decoded once)."""
+        return self._decoded("raw_rule_results", tuple)
+
+    def _decoded(self, name: str, kind: type) -> Any:
+        value = getattr(self, name)
+        if isinstance(value, (str, bytes)):
+            from qmtl_core.store.engine import json_loads
+
+            value = json_loads(value)
+        if not isinstance(value, kind):
+            value = kind(value or ())
+        object.__setattr__(self, name, value)
+        return value
 
 
 @dataclass(frozen=True)

@@ -268,11 +268,21 @@ def freshness(stored: StoredSnapshot | None, *, now: datetime, max_age: timedelt
 
 
 # --- store (the hub keeps snapshots; it computes nothing) ------------------------------------------
+#: Validated snapshots by content hash: a stored snapshot never changes, so a process that reads it
+#: again (the campaign loop, a server) validates it once.
+_VALIDATED: dict[str, RiskSnapshot] = {}
+
+
 def _stored(row: Any) -> StoredSnapshot:
     from qmtl_core.timeutil import parse_instant
 
-    return StoredSnapshot(RiskSnapshot.model_validate(row.document), row.content_hash,
-                          parse_instant(row.recorded_at), row.recorded_by)
+    snapshot = _VALIDATED.get(row.content_hash)
+    if snapshot is None:
+        snapshot = RiskSnapshot.model_validate(row.document)
+        if len(_VALIDATED) > 256:
+            _VALIDATED.clear()
+        _VALIDATED[row.content_hash] = snapshot
+    return StoredSnapshot(snapshot, row.content_hash, parse_instant(row.recorded_at), row.recorded_by)
 
 
 def latest_snapshot(conn: Any, world_id: str) -> StoredSnapshot | None:

@@ -134,11 +134,14 @@ def snapshot_evidence(stored: StoredSnapshot, strategy_id: str) -> dict[str, Any
     the stress and constraints — so new risk *content* voids approvals and a routine refresh does not.
     """
     snap = stored.snapshot
-    doc = snap.canonical()
-    cov = {k: v for k, v in (doc.get("covariance") or {}).items() if strategy_id in k.split(",")}
+    # Built from the model directly (not a dump of the whole snapshot): the cost is this strategy's
+    # data, not the snapshot's, which matters when a world has many paper strategies.
+    cov = {k: v for k, v in (snap.covariance or {}).items() if strategy_id in (p.strip() for p in k.split(","))}
+    points = (snap.realized_returns or {}).get(strategy_id)
     substance = {"weight": snap.weights.get(strategy_id), "covariance": cov,
-                 "realized_returns": (doc.get("realized_returns") or {}).get(strategy_id),
-                 "stress": doc.get("stress"), "constraints": doc.get("constraints"),
+                 "realized_returns": None if points is None else
+                 [{"ts": p.ts.isoformat(), "r": p.r} for p in points],
+                 "stress": snap.stress, "constraints": snap.constraints,
                  "stage": snap.provenance.stage}
     return {"content_hash": content_hash(substance)}
 

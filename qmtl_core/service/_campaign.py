@@ -64,9 +64,12 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
               .join(rr, sa.and_(rr.c.run_pk == er.c.id, rr.c.revision == er.c.latest_revision))
               .where(er.c.world_id == world)
               .subquery())
+    # Metrics and rule results come back as raw JSON (on SQLite; PostgreSQL's driver decodes JSONB
+    # itself) and are decoded only for the strategies whose action needs them.
     query = (sa.select(ranked.c.strategy_id, ranked.c.stage, ranked.c.run_id,
                        rr.c.revision, rr.c.status, rr.c.policy_version, rr.c.content_hash,
-                       rr.c.metrics, rr.c.rule_results, rr.c.window)
+                       sa.type_coerce(rr.c.metrics, sa.Text).label("metrics"),
+                       sa.type_coerce(rr.c.rule_results, sa.Text).label("rule_results"), rr.c.window)
              .join(rr, rr.c.id == ranked.c.rev_pk)
              .where(ranked.c.rank == 1))
     latest: dict[str, dict[str, RunSummary]] = {}
@@ -81,7 +84,7 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
         window = row.window or {}
         latest.setdefault(row.strategy_id, {})[row.stage] = RunSummary(
             row.run_id, row.revision, row.status, row.policy_version, row.content_hash,
-            row.metrics or {}, tuple(row.rule_results or ()), at(window.get("start")),
+            row.metrics, row.rule_results, at(window.get("start")),
             at(window.get("end")), int(window.get("n_observations") or 0))
     halted = conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar()
     gov = governance_state(conn, world)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -15,6 +17,17 @@ from qmtl_core.errors import ConfigError
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 #: Execution option marking a connection whose transaction will write.
 WRITE_OPTION = "qmtl_write"
+
+
+def json_loads(text: str | bytes) -> Any:
+    """Decode a JSON column: orjson (several times faster on the campaign tick's hot path), falling
+    back to the standard library for the non-standard tokens (NaN) it refuses."""
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def redact_url(url: str) -> str:
@@ -38,14 +51,16 @@ def create_engine(url: str) -> Engine:
         return _sqlite_engine(url)
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                            json_deserializer=json_loads)
 
 
 def _sqlite_engine(url: str) -> Engine:
     path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ""
     if path and path != ":memory:":
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+                              json_deserializer=json_loads)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
