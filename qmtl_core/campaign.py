@@ -206,8 +206,14 @@ def progress(policy: WorldPolicy, stage: str, run: RunSummary | None) -> Progres
 
 
 def _key(world: str, strategy_id: str, action: str, stage: str, evidence: Mapping[str, Any]) -> str:
-    return content_hash({"world": world, "strategy_id": strategy_id, "action": action, "stage": stage,
-                         "evidence": evidence})
+    """sha256 of the action and its evidence as sorted-key JSON. orjson, not ``canonical_json``:
+    a tick hashes one key per strategy, and these keys are compared only with keys made here."""
+    import hashlib
+
+    import orjson
+
+    doc = {"world": world, "strategy_id": strategy_id, "action": action, "stage": stage, "evidence": evidence}
+    return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def _snapshot_series(snapshot: StoredSnapshot | None, strategy_id: str) -> tuple[datetime, int] | None:
