@@ -273,12 +273,25 @@ def freshness(stored: StoredSnapshot | None, *, now: datetime, max_age: timedelt
 _VALIDATED: dict[str, RiskSnapshot] = {}
 
 
-def _stored(row: Any) -> StoredSnapshot:
+def _load(conn: Any, where: Any, order: Any = None) -> StoredSnapshot | None:
+    """The snapshot row ``where`` selects; its document is read and validated only the first time
+    this process sees its content hash (a stored snapshot never changes)."""
+    import sqlalchemy as sa
+
+    from qmtl_core.store import schema
     from qmtl_core.timeutil import parse_instant
 
+    t = schema.risk_snapshots
+    query = sa.select(t.c.id, t.c.content_hash, t.c.recorded_at, t.c.recorded_by).where(where)
+    if order is not None:
+        query = query.order_by(*order)
+    row = conn.execute(query.limit(1)).first()
+    if row is None:
+        return None
     snapshot = _VALIDATED.get(row.content_hash)
     if snapshot is None:
-        snapshot = RiskSnapshot.model_validate(row.document)
+        document = conn.execute(sa.select(t.c.document).where(t.c.id == row.id)).scalar_one()
+        snapshot = RiskSnapshot.model_validate(document)
         if len(_VALIDATED) > 256:
             _VALIDATED.clear()
         _VALIDATED[row.content_hash] = snapshot
@@ -287,25 +300,18 @@ def _stored(row: Any) -> StoredSnapshot:
 
 def latest_snapshot(conn: Any, world_id: str) -> StoredSnapshot | None:
     """The world's snapshot with the newest ``as_of`` (the latest received on a tie)."""
-    import sqlalchemy as sa
-
     from qmtl_core.store import schema
 
     t = schema.risk_snapshots
-    row = conn.execute(sa.select(t).where(t.c.world_id == world_id)
-                       .order_by(t.c.as_of.desc(), t.c.id.desc()).limit(1)).first()
-    return _stored(row) if row is not None else None
+    return _load(conn, t.c.world_id == world_id, (t.c.as_of.desc(), t.c.id.desc()))
 
 
 def get_snapshot(conn: Any, world_id: str, version: str) -> StoredSnapshot | None:
     """One stored version of a world's snapshot."""
-    import sqlalchemy as sa
-
     from qmtl_core.store import schema
 
     t = schema.risk_snapshots
-    row = conn.execute(sa.select(t).where(t.c.world_id == world_id, t.c.version == version)).first()
-    return _stored(row) if row is not None else None
+    return _load(conn, (t.c.world_id == world_id) & (t.c.version == version))
 
 
 def put_snapshot(conn: Any, snapshot: RiskSnapshot, *, known_strategies: set[str], actor: str,

@@ -69,7 +69,10 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
     query = (sa.select(ranked.c.strategy_id, ranked.c.stage, ranked.c.run_id,
                        rr.c.revision, rr.c.status, rr.c.policy_version, rr.c.content_hash,
                        sa.type_coerce(rr.c.metrics, sa.Text).label("metrics"),
-                       sa.type_coerce(rr.c.rule_results, sa.Text).label("rule_results"), rr.c.window)
+                       sa.type_coerce(rr.c.rule_results, sa.Text).label("rule_results"),
+                       rr.c.window["start"].as_string().label("w_start"),
+                       rr.c.window["end"].as_string().label("w_end"),
+                       rr.c.window["n_observations"].as_integer().label("w_n"))
              .join(rr, rr.c.id == ranked.c.rev_pk)
              .where(ranked.c.rank == 1))
     latest: dict[str, dict[str, RunSummary]] = {}
@@ -80,12 +83,10 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
             times[text] = _time(text)
         return times[text]
 
-    for row in conn.execute(query):
-        window = row.window or {}
+    for row in conn.execute(query):  # the window's fields are extracted by the database, not decoded here
         latest.setdefault(row.strategy_id, {})[row.stage] = RunSummary(
             row.run_id, row.revision, row.status, row.policy_version, row.content_hash,
-            row.metrics, row.rule_results, at(window.get("start")),
-            at(window.get("end")), int(window.get("n_observations") or 0))
+            row.metrics, row.rule_results, at(row.w_start), at(row.w_end), int(row.w_n or 0))
     halted = conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar()
     gov = governance_state(conn, world)
     strategies = tuple(StrategyState(sid, stage, latest.get(sid, {}), gov["submitters"].get(sid))
