@@ -38,7 +38,7 @@ WAITING_REASONS = frozenset({"window_incomplete", "awaiting_data", "approval_pen
 BLOCKED_REASONS = frozenset({"validation_failed", "backtest_window_incomplete", "allow_live_false",
                              "promotion_disabled", "world_halted", "cooldown_active",
                              "max_live_slots_exceeded", "not_in_paper", "paper_window_incomplete",
-                             "approvals_expired", "evidence_changed"})
+                             "approvals_expired", "evidence_changed", "validation_stale"})
 FAIL_CLOSED_REASONS = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
                                  "risk_snapshot_incomplete", "insufficient_data"})
 
@@ -92,6 +92,9 @@ class StrategyState:
     stage: str
     runs: Mapping[str, RunSummary] = field(default_factory=dict)
     submitter: str | None = None
+    #: When the strategy last changed stage: part of every action's evidence, so an action taken
+    #: before a rollback or a re-promotion is not mistaken for one already taken in this stay.
+    stage_since: str | None = None
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,8 @@ class _Ticker:
              requires: tuple[str, ...] = (), evidence: Mapping[str, Any] | None = None,
              run_id: str | None = None, body: Mapping[str, Any] | None = None) -> Action:
         stage = stage or s.stage
-        ev = {"policy_version": self.policy.policy_version, "reason": reason, **(evidence or {})}
+        ev = {"policy_version": self.policy.policy_version, "reason": reason, "stage_since": s.stage_since,
+              **(evidence or {})}
         return Action(action, self.state.world, s.strategy_id, stage, reason, detail, requires,
                       _key(self.state.world, s.strategy_id, action, stage, ev), run_id, body)
 

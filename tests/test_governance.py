@@ -359,3 +359,72 @@ def test_unknown_strategy_and_request(svc) -> None:  # type: ignore[no-untyped-d
         svc.decide_request("pr-nope", decision="approve", reason="x")
     with pytest.raises(ConflictError, match="no previous activation set"):
         svc.rollback("gov", reason="x")
+
+
+# --- regressions from review -------------------------------------------------------------------------
+def test_paper_run_gated_under_an_older_policy_cannot_go_live(svc) -> None:  # type: ignore[no-untyped-def]
+    s = Setup(svc, "auto")
+    s.ready("a")
+    tighter = policy_text("auto", mode="auto_apply", version=2).replace(
+        "  - {id: sharpe, metric: sharpe, min: 0.3}",
+        "  - {id: sharpe, metric: sharpe, min: 0.3}\n  - {id: strict, metric: sharpe, min: 50, stages: [paper]}")
+    (svc.settings.worlds_dir / "auto.yaml").write_text(tighter)
+    out = svc.promote("auto", "a")
+    assert out.status == "blocked" and "validation_stale" in out.gate.codes
+    s.loop()  # the loop re-evaluates under version 2: the run now fails, and nothing goes live
+    assert {v.strategy_id: v.stage for v in svc.campaign("auto")} == {"a": "paper"}
+
+
+def test_a_strategy_rolled_back_to_live_while_failing_is_demoted_again(svc) -> None:  # type: ignore[no-untyped-def]
+    s = Setup(svc, "auto")
+    s.ready("a")
+    assert svc.promote("auto", "a").status == "applied"
+    svc.record_evaluation("auto", strategy_id="a", stage="live", metrics={"sharpe": -1.0})
+    first = s.loop()
+    assert [a["action"] for a in first.actions if a["outcome"] == "executed"] == ["demote"]
+    svc.rollback("auto", reason="undo")  # back to live, still failing
+    svc.clock.advance(hours=1)
+    again = s.loop()
+    assert [a["action"] for a in again.actions if a["outcome"] == "executed"] == ["demote"]
+    assert {v.strategy_id: v.stage for v in svc.campaign("auto")} == {"a": "paper"}
+
+
+def test_a_blocked_apply_does_not_use_up_its_key(svc, worlds: Path) -> None:  # type: ignore[no-untyped-def]
+    (worlds / "auto.yaml").write_text(policy_text("auto", mode="auto_apply", slots=1, cooldown="0s"))
+    s = Setup(svc, "auto")
+    s.ready("a", "b")
+    first = s.loop()
+    outcomes = {(a["strategy_id"], a["action"]): a["outcome"] for a in first.actions}
+    assert outcomes[("a", "apply_live")] == "executed" and outcomes[("b", "apply_live")] == "blocked"
+    svc.demote("auto", "a", to="retired", reason="free the slot")
+    svc.clock.advance(minutes=1)
+    s.loop()
+    assert {v.strategy_id: v.stage for v in svc.campaign("auto")}["b"] == "live"
+
+
+def test_an_expired_approval_can_be_renewed(svc) -> None:  # type: ignore[no-untyped-def]
+    s = Setup(svc)
+    s.ready("a")
+    rid = svc.as_actor("carol").promote("gov", "a").request_id
+    svc.as_actor("alice").decide_request(rid, decision="approve", reason="ok")
+    svc.clock.advance(hours=73)
+    s.snapshot(["a"], 12, version="same-later", end=T0)
+    renewed = svc.as_actor("alice").decide_request(rid, decision="approve", reason="still ok")
+    assert renewed.gate.valid_approvals == ("alice",) and "approvals_expired" not in renewed.gate.codes
+    assert svc.as_actor("bob").decide_request(rid, decision="approve", reason="ok").status == "applied"
+
+
+def test_a_decision_on_a_request_read_before_a_reject_sees_the_reject(svc) -> None:  # type: ignore[no-untyped-def]
+    from qmtl_core.governance._requests import decide, load_request
+
+    Setup(svc).ready("a")
+    rid = svc.as_actor("carol").promote("gov", "a").request_id
+    svc.as_actor("alice").decide_request(rid, decision="approve", reason="ok")
+    with svc.store.read() as conn:
+        stale = load_request(conn, rid)  # bob's process read the row ...
+    svc.as_actor("alice").decide_request(rid, decision="reject", reason="changed my mind")  # ... then a reject lands
+    loaded = svc.load_world("gov")
+    with pytest.raises(ConflictError, match="rejected, not pending"):
+        with svc.store.write() as conn:
+            decide(conn, loaded.policy, stale, actor="bob", decision="approve", reason="ok", now=svc.clock())
+    assert {v.strategy_id: v.stage for v in svc.campaign("gov")} == {"a": "paper"}

@@ -117,6 +117,7 @@ def set_stage(conn: Connection, *, policy: WorldPolicy, strategy_id: str, expect
               actor: str, now: datetime, kind: str, reason: str, run_id: str | None = None,
               weight: float = 0.0, payload: dict[str, Any] | None = None) -> int:
     """Move one strategy between stages as a new activation set; every other row is copied as is."""
+    ledger.lock(conn)  # before reading the stage and the current set, so no concurrent change is lost
     st = schema.strategies
     row = conn.execute(sa.select(st.c.stage).where(st.c.world_id == policy.world,
                                                    st.c.strategy_id == strategy_id)).first()

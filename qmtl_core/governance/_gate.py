@@ -117,7 +117,7 @@ def evidence_of(g: GateInput) -> dict[str, Any]:
         "world": g.policy.world, "strategy_id": g.strategy_id, "policy_version": g.policy.policy_version,
         "paper_run": None if run is None else {
             "run_id": run.run_id, "revision": run.revision, "content_hash": run.content_hash,
-            "status": run.status, "metrics": dict(run.metrics),
+            "status": run.status, "policy_version": run.policy_version, "metrics": dict(run.metrics),
             "window": {"start": iso(run.window_start) if run.window_start else None,
                        "end": iso(run.window_end) if run.window_end else None,
                        "n_observations": run.n_observations}},
@@ -194,6 +194,10 @@ def promotion_gate(g: GateInput, now: datetime) -> GateResult:
     if run is None or run.status not in ("pass", "warn"):
         why = "no paper evaluation" if run is None else f"paper run {run.run_id}#{run.revision} is {run.status}"
         reasons.append(Reason("validation_failed", why))
+    elif run.policy_version != policy.policy_version:
+        reasons.append(Reason("validation_stale", f"paper run {run.run_id}#{run.revision} was gated under "
+                              f"policy_version {run.policy_version}, the world is at {policy.policy_version}: "
+                              "re-evaluate it (the campaign loop does)"))
     fresh = freshness(g.snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=g.strategy_id)
     if not fresh.ok:
         reasons.append(Reason(fresh.reason or "risk_snapshot_missing", fresh.detail))

@@ -73,14 +73,14 @@ def governance_state(conn: Connection, world: str) -> dict[str, Any]:
     st, t = schema.strategies, schema.promotion_requests
     submitters = {r.strategy_id: r.submitter for r in conn.execute(
         sa.select(st.c.strategy_id, st.c.submitter).where(st.c.world_id == world))}
-    _, rows = current_set(conn, world)
+    set_version, rows = current_set(conn, world)
     live = frozenset(sid for sid, a in rows.items() if a.stage == "live")
     last = conn.execute(sa.select(sa.func.max(t.c.decided_at)).where(t.c.world_id == world,
                                                                       t.c.status == "applied")).scalar()
     requests = {r.strategy_id: request_view(conn, r) for r in conn.execute(
         sa.select(t).where(t.c.world_id == world, t.c.status == "pending").order_by(t.c.created_at))}
     return {"submitters": submitters, "live_strategies": live, "last_live_promotion_at": _time(last),
-            "requests": requests}
+            "requests": requests, "set_version": set_version}
 
 
 def paper_run_summary(conn: Connection, world: str, strategy_id: str) -> RunSummary | None:
@@ -242,10 +242,23 @@ def _check_approver(policy: WorldPolicy, row: Any, actor: str, submitter: str | 
                            hint="another approver must decide (four eyes)", code="submitter_cannot_approve")
 
 
+def _vote(conn: Connection, row: Any, *, actor: str, decision: str, reason: str, now: datetime) -> None:
+    """Record an approver's decision on the request's evidence: a new row, or the approver's earlier
+    one on the same evidence brought up to date (a renewal after ``approval_ttl``, or a change of mind)."""
+    a = schema.approvals
+    key = (a.c.request_id == row.request_id) & (a.c.approver == actor) & (a.c.evidence_hash == row.evidence_hash)
+    if conn.execute(sa.select(a.c.id).where(key)).first() is None:
+        conn.execute(sa.insert(a).values(request_id=row.request_id, approver=actor, decision=decision, reason=reason,
+                                         evidence_hash=row.evidence_hash, created_at=iso(now)))
+    else:
+        conn.execute(sa.update(a).where(key).values(decision=decision, reason=reason, created_at=iso(now)))
+
+
 def decide(conn: Connection, policy: WorldPolicy, row: Any, *, actor: str, decision: str, reason: str,
            now: datetime) -> Outcome:
     """``qmtl approve`` / ``qmtl reject`` on a pending request."""
     ledger.lock(conn)
+    row = load_request(conn, row.request_id)  # re-read under the lock: a concurrent reject or apply wins
     world, strategy_id = row.world_id, row.strategy_id
     if row.status != "pending":
         raise ConflictError(f"request {row.request_id} is {row.status}, not pending", code="request_closed",
@@ -267,22 +280,19 @@ def decide(conn: Connection, policy: WorldPolicy, row: Any, *, actor: str, decis
         out.notify.append(_event("promotion.voided", out))
         return out
     if decision == "reject":
-        conn.execute(sa.insert(schema.approvals).values(request_id=row.request_id, approver=actor, decision="reject",
-                                                        reason=reason, evidence_hash=row.evidence_hash,
-                                                        created_at=iso(now)))
+        _vote(conn, row, actor=actor, decision="reject", reason=reason, now=now)
         _close(conn, row.request_id, "rejected", now)
         ledger.append(conn, actor=actor, kind="promotion.rejected", now=now, world=world, subject=strategy_id,
                       reason=reason, payload={"request_id": row.request_id, "evidence_hash": row.evidence_hash})
         out = Outcome("rejected", world, strategy_id, gate, row.request_id, f"request {row.request_id} rejected", 0)
         out.notify.append(_event("promotion.rejected", out, actor=actor, reason=reason))
         return out
+    ttl = policy.live_promotion.approval_ttl
     already = any(a.approver == actor and a.decision == "approve" and a.evidence_hash == row.evidence_hash
-                  for a in view.approvals)
+                  and a.created_at + ttl >= now for a in view.approvals)  # an expired one may be renewed
     notify: list[dict[str, Any]] = []
     if not already:
-        conn.execute(sa.insert(schema.approvals).values(request_id=row.request_id, approver=actor, decision="approve",
-                                                        reason=reason, evidence_hash=row.evidence_hash,
-                                                        created_at=iso(now)))
+        _vote(conn, row, actor=actor, decision="approve", reason=reason, now=now)
         ledger.append(conn, actor=actor, kind="promotion.approved", now=now, world=world, subject=strategy_id,
                       reason=reason, payload={"request_id": row.request_id, "evidence_hash": row.evidence_hash})
         notify.append({"event": "promotion.approved", "world": world, "strategy_id": strategy_id,

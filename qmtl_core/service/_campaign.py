@@ -53,8 +53,10 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
     """
     world = loaded.world_id
     st, er, rr = schema.strategies, schema.evaluation_runs, schema.run_revisions
-    stages = {r.strategy_id: r.stage for r in conn.execute(
-        sa.select(st.c.strategy_id, st.c.stage).where(st.c.world_id == world))}
+    stages: dict[str, str] = {}
+    since: dict[str, str] = {}
+    for r in conn.execute(sa.select(st.c.strategy_id, st.c.stage, st.c.updated_at).where(st.c.world_id == world)):
+        stages[r.strategy_id], since[r.strategy_id] = r.stage, r.updated_at
     # The latest run per (strategy, stage) by (updated_at, id), ranked in the database on the index
     # alone; only the winners' revisions are fetched and their JSON decoded.
     ranked = (sa.select(er.c.strategy_id, er.c.stage, er.c.run_id, rr.c.id.label("rev_pk"),
@@ -89,7 +91,10 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
             row.metrics, row.rule_results, at(row.w_start), at(row.w_end), int(row.w_n or 0))
     halted = conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar()
     gov = governance_state(conn, world)
-    strategies = tuple(StrategyState(sid, stage, latest.get(sid, {}), gov["submitters"].get(sid))
+    # A strategy's stay in its stage: when it last moved, and under which activation set (which
+    # tells two moves apart even within one clock tick).
+    strategies = tuple(StrategyState(sid, stage, latest.get(sid, {}), gov["submitters"].get(sid),
+                                     f"{since.get(sid)}#{gov['set_version']}")
                        for sid, stage in sorted(stages.items()))
     return WorldState(world, loaded.policy, strategies, latest_snapshot(conn, world), bool(halted),
                       gov["live_strategies"], gov["last_live_promotion_at"], gov["requests"])
@@ -177,6 +182,10 @@ def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: s
                                        actor=actor, now=now)
         result = {"governance": outcome.status, "request_id": outcome.request_id, "message": outcome.message}
         notify = outcome.notify
+        if outcome.status == "blocked":
+            # The block is recorded (ledger), but the key stays free: when the block clears, the
+            # same evidence must be able to go live.
+            return {"status": "blocked", **result, **({"notify": notify} if notify else {})}
     else:
         return {"status": "not_executed", "why": f"{action.action} is not executed by the campaign loop"}
     conn.execute(sa.insert(schema.campaign_actions).values(

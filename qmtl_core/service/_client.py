@@ -334,6 +334,11 @@ class HttpClient:
         clean = {k: v for k, v in (params or {}).items() if v is not None and v is not False}
         try:
             response = self._http.request(method, path, params=clean, json=body)
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            from qmtl_core.errors import ConfigError
+
+            raise ConfigError(f"--server {self.server!r} is not a usable URL ({exc})",
+                              hint="use e.g. http://qmtl.internal:8765") from None
         except httpx.ConnectError as exc:
             raise StoreUnavailable(f"cannot reach qmtl server {self.server}: {exc}",
                                    hint="check --server / QMTL_SERVER and that qmtl serve is running") from None
