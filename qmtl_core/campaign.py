@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from qmtl_core.canonical import content_hash
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._durations import format_duration
 from qmtl_core.risk import INCOMPLETE, Freshness, StoredSnapshot, freshness

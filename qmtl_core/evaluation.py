@@ -7,7 +7,6 @@ returns (DESIGN §5: values in the request first); each value records where it c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from qmtl_core.datafiles import ReturnsTable
 from qmtl_core.errors import BadInputError
 from qmtl_core.policy import WorldPolicy
-from qmtl_core.policy._engine import GateResult, Status, evaluate_gates
+from qmtl_core.policy._engine import GateResult, Status, clean_number, evaluate_gates
 from qmtl_core.policy._selection import Candidate, SelectionResult, select
 
 SOURCE_GIVEN = "request.metrics"
@@ -77,13 +76,6 @@ class CohortEvaluation:
                 "strategies": [s.to_dict() for s in self.strategies], "notes": list(self.notes)}
 
 
-def _clean(value: Any) -> float | None:
-    if value is None:
-        return None
-    number = float(value)
-    return None if math.isnan(number) else number
-
-
 def cohort_metrics(returns: ReturnsTable, periods_per_year: int,
                    n_trials: int | None = None) -> dict[str, dict[str, float | None]]:
     """Metrics of every strategy in ``returns`` through the vectorised cohort path.
@@ -106,8 +98,21 @@ def cohort_metrics(returns: ReturnsTable, periods_per_year: int,
         raise BadInputError(f"returns cannot be measured: {exc}") from None
     out: dict[str, dict[str, float | None]] = {}
     for i, sid in enumerate(returns.strategies):
-        out[sid] = {name: _clean(values[i]) for name, values in arrays.items()}
+        out[sid] = {name: clean_number(values[i]) for name, values in arrays.items()}
     return out
+
+
+def merge_metrics(computed: Mapping[str, float | None], given: Mapping[str, Any]
+                  ) -> tuple[dict[str, float | None], dict[str, str]]:
+    """One strategy's metrics from returns, overridden by values given in the request, with the
+    source of each (DESIGN §5: values in the request first)."""
+    values: dict[str, float | None] = {}
+    where: dict[str, str] = {}
+    for name, value in computed.items():
+        values[name], where[name] = value, SOURCE_RETURNS
+    for name, value in given.items():
+        values[name], where[name] = clean_number(value), SOURCE_GIVEN
+    return values, where
 
 
 def uses_metric(policy: WorldPolicy, name: str) -> bool:
@@ -143,12 +148,7 @@ def evaluate_cohort(policy: WorldPolicy, *, stage: str,
     merged: dict[str, dict[str, float | None]] = {}
     sources: dict[str, dict[str, str]] = {}
     for sid in ids:
-        values: dict[str, float | None] = {}
-        where: dict[str, str] = {}
-        for name, value in computed.get(sid, {}).items():
-            values[name], where[name] = value, SOURCE_RETURNS
-        for name, value in given.get(sid, {}).items():
-            values[name], where[name] = _clean(value), SOURCE_GIVEN
+        values, where = merge_metrics(computed.get(sid, {}), given.get(sid, {}))
         merged[sid], sources[sid] = values, where
         gates[sid] = evaluate_gates(policy, values, stage=stage, strategy_id=sid, sources=where)
 

@@ -16,7 +16,6 @@ A paper run never takes backtest numbers. With nothing to source from, the run i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,9 +27,8 @@ from sqlalchemy.engine import Connection
 from qmtl_core import ledger
 from qmtl_core.canonical import content_hash
 from qmtl_core.errors import BadInputError
-from qmtl_core.metric_names import RETURN_METRICS
 from qmtl_core.policy import WorldPolicy
-from qmtl_core.policy._engine import evaluate_gates
+from qmtl_core.policy._engine import clean_number, evaluate_gates
 from qmtl_core.risk import Freshness, StoredSnapshot
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso
@@ -99,7 +97,7 @@ def _metrics_from_returns(series: Returns, periods_per_year: int) -> dict[str, f
         values = compute_metrics(np.array([r for _, r in series], dtype=np.float64), periods_per_year)
     except ValueError as exc:
         raise BadInputError(f"returns cannot be measured: {exc}") from None
-    return {k: (None if v is None or math.isnan(float(v)) else float(v)) for k, v in values.items()}
+    return {k: clean_number(v) for k, v in values.items()}
 
 
 def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
@@ -117,15 +115,14 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
         for name, value in values.items():
             if name in sources:
                 continue
-            number = None if value is None else float(value)
-            chosen[name] = None if number is not None and math.isnan(number) else number
+            chosen[name] = clean_number(value)
             sources[name] = source
 
     def from_series(series: Returns, source: str) -> None:
         nonlocal window, used_returns
         ordered = sorted(series)
         take(_metrics_from_returns(ordered, periods_per_year), source)
-        window = Window(iso(ordered[0][0]), iso(ordered[-1][0]), len(ordered), source)
+        window = window_of(ordered, source)
         used_returns = [(iso(t), float(r)) for t, r in ordered]
 
     if metrics:
@@ -157,14 +154,6 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
     elif not sources:
         notes.append(f"no previous {stage} run")
     return Sourced(chosen, sources, window, used_returns, notes)
-
-
-def clean_number(value: Any) -> float | None:
-    """A metric value as float, ``None`` for absent or NaN."""
-    if value is None:
-        return None
-    number = float(value)
-    return None if math.isnan(number) else number
 
 
 def _rounded(value: float | None) -> float | None:

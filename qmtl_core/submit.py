@@ -576,6 +576,18 @@ def _announce(client: "Client", strategy: Strategy, world: str, domain: str) -> 
     return tuple(out)
 
 
+def _prepare(client: "Client", strategy: Strategy, world: str, source_file: str | None
+             ) -> tuple[float, float, set[str], dict[str, str] | None, str]:
+    """What submit and run both start from: the world's costs, the strategy's source files (so an
+    error in user code names the file the user gave) and its stable id."""
+    fee_bps, slippage_bps = _costs(client, world)
+    files = _files_of(type(strategy))
+    shown = {f: source_file for f in files} if source_file else None
+    with user_code(files, shown):
+        sid = strategy_id(strategy)
+    return fee_bps, slippage_bps, files, shown, sid
+
+
 def submit_strategy(client: "Client | WorldService", strategy: Strategy, world: str, *,
                     data: str | Path | None = None, execution_domain: str | None = None,
                     source_file: str | None = None, worlds_dir: Path | None = None) -> Submission:
@@ -588,12 +600,8 @@ def submit_strategy(client: "Client | WorldService", strategy: Strategy, world: 
     the same run id and no new revision (nothing is written, not even a ledger entry).
     """
     client = as_client(client)
-    fee_bps, slippage_bps = _costs(client, world)
+    fee_bps, slippage_bps, files, shown, sid = _prepare(client, strategy, world, source_file)
     cls = type(strategy)
-    files = _files_of(cls)
-    shown = {f: source_file for f in files} if source_file else None
-    with user_code(files, shown):
-        sid = strategy_id(strategy)
     ctx, envelope = resolve_context(client, strategy, world, sid, execution_domain)
     strategy.apply_compute_context(ctx)
     path = Path(data) if data is not None else default_data(_worlds_dir(client, worlds_dir))
@@ -728,12 +736,8 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
     if execution_service is not None:
         with Runner.trading(execution_service):
             return feed_strategy(client, strategy, world, data, source_file=source_file)
-    fee_bps, slippage_bps = _costs(client, world)
+    fee_bps, slippage_bps, files, shown, sid = _prepare(client, strategy, world, source_file)
     cls = type(strategy)
-    files = _files_of(cls)
-    shown = {f: source_file for f in files} if source_file else None
-    with user_code(files, shown):
-        sid = strategy_id(strategy)
     name = cls.__qualname__
     info = strategy_row(client, world, sid)
     if info is None:

@@ -31,6 +31,11 @@ def parse_instant(text: str, *, what: str = "time") -> datetime:
     return value.astimezone(timezone.utc)
 
 
+def parse_optional_instant(text: str | None) -> datetime | None:
+    """``parse_instant`` for a stored time that may be absent (``None`` or empty)."""
+    return parse_instant(text) if text else None
+
+
 def iso(value: datetime) -> str:
     """Format an aware datetime as fixed-width ISO-8601 UTC (microseconds, ``Z``), sortable as text."""
     return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
-STAGES = ("backtest", "paper", "live")
-
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -101,8 +99,9 @@ def evaluate(
     """
     from qmtl_core.errors import UsageError
 
-    if stage not in STAGES:
-        raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper or live")
+    from qmtl_core.service._service import check_stage
+
+    check_stage(stage)
     if strategy is not None or record:
         if strategy is not None and record:
             raise UsageError("give --strategy or --record, not both")

@@ -44,7 +44,7 @@ class Activation:
 
 def current_set(conn: Connection, world: str) -> tuple[int, dict[str, Activation]]:
     """The newest activation set of a world: ``(set_version, {strategy: activation})``."""
-    sets, acts = schema.activation_sets, schema.activations
+    sets = schema.activation_sets
     version = conn.execute(sa.select(sa.func.max(sets.c.set_version)).where(sets.c.world_id == world)).scalar()
     if version is None:
         return 0, {}

@@ -24,7 +24,7 @@ from qmtl_core.governance._gate import Approval, GateInput, GateResult, RequestV
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.risk import latest_snapshot
 from qmtl_core.store import schema
-from qmtl_core.timeutil import iso, parse_instant
+from qmtl_core.timeutil import iso, parse_instant, parse_optional_instant
 
 
 @dataclass
@@ -49,9 +49,6 @@ class Outcome:
 
 
 # --- reading ------------------------------------------------------------------------------------------
-def _time(text: str | None) -> datetime | None:
-    return parse_instant(text) if text else None
-
 
 def request_view(conn: Connection, row: Any) -> RequestView:
     """A request row with its approvals, as the gate sees it."""
@@ -79,7 +76,8 @@ def governance_state(conn: Connection, world: str) -> dict[str, Any]:
                                                                       t.c.status == "applied")).scalar()
     requests = {r.strategy_id: request_view(conn, r) for r in conn.execute(
         sa.select(t).where(t.c.world_id == world, t.c.status == "pending").order_by(t.c.created_at))}
-    return {"submitters": submitters, "live_strategies": live, "last_live_promotion_at": _time(last),
+    return {"submitters": submitters, "live_strategies": live,
+            "last_live_promotion_at": parse_optional_instant(last),
             "requests": requests, "set_version": set_version}
 
 
@@ -96,7 +94,8 @@ def paper_run_summary(conn: Connection, world: str, strategy_id: str) -> RunSumm
         return None
     w = row.window or {}
     return RunSummary(row.run_id, row.revision, row.status, row.policy_version, row.content_hash, row.metrics or {},
-                      tuple(row.rule_results or ()), _time(w.get("start")), _time(w.get("end")),
+                      tuple(row.rule_results or ()), parse_optional_instant(w.get("start")),
+                      parse_optional_instant(w.get("end")),
                       int(w.get("n_observations") or 0))
 
 

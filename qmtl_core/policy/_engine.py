@@ -75,6 +75,14 @@ def observed_value(metrics: Mapping[str, Any], name: str) -> float | None:
     return None if math.isnan(number) else number
 
 
+def clean_number(value: Any) -> float | None:
+    """A metric value as a float, ``None`` when absent or NaN (not measured)."""
+    if value is None:
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
 def _fmt(x: float) -> str:
     return f"{x:.6g}"
 

@@ -26,7 +26,7 @@ from qmtl_core.governance._activations import set_stage
 from qmtl_core.governance._requests import apply_if_allowed, governance_state, promote
 from qmtl_core.risk import latest_snapshot
 from qmtl_core.store import schema
-from qmtl_core.timeutil import iso, parse_instant
+from qmtl_core.timeutil import iso, parse_instant, parse_optional_instant
 
 if TYPE_CHECKING:
     from qmtl_core.service._service import LoadedWorld, WorldService
@@ -39,9 +39,6 @@ def new_holder() -> str:
     """A lease holder id unique to this process: host, pid and a random suffix."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-
-def _time(text: str | None) -> datetime | None:
-    return parse_instant(text) if text else None
 
 
 def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
@@ -82,7 +79,7 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
 
     def at(text: str | None) -> datetime | None:
         if text not in times:
-            times[text] = _time(text)
+            times[text] = parse_optional_instant(text)
         return times[text]
 
     for row in conn.execute(query):  # the window's fields are extracted by the database, not decoded here

@@ -476,11 +476,11 @@ class HttpClient:
 
 
 def _json_metric_row(row: Mapping[str, Any] | None) -> dict[str, float | None] | None:
-    import math
+    from qmtl_core.policy._engine import clean_number
 
     if row is None:
         return None
-    return {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)) for k, v in row.items()}
+    return {k: clean_number(v) for k, v in row.items()}
 
 
 def _json_metrics(metrics: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ from qmtl_core.canonical import content_hash
 from qmtl_core.config import Settings
 from qmtl_core.errors import QmtlError, UsageError
 from qmtl_core.service._governance import GovernanceMixin
-from qmtl_core.timeutil import utcnow
+from qmtl_core.timeutil import iso, utcnow
 from qmtl_core.world_files import world_files, world_path
 
 if TYPE_CHECKING:
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from qmtl_core.domains import DecisionEnvelope
     from qmtl_core.service._campaign import WorldOutcome
     from qmtl_core.datafiles import ReturnsTable
-    from qmtl_core.evaluation import CohortEvaluation
     from qmtl_core.risk import Freshness, RiskSnapshot, StoredSnapshot
     from qmtl_core.runs import RunRevision
     from qmtl_core.ledger import LedgerEntry, VerifyResult
@@ -78,7 +77,6 @@ class WorldSummary:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-STAGES = ("backtest", "paper", "live")
 
 #: Parsed policies by file identity (path, mtime, size): a server answering many requests parses a
 #: file again only when it changed on disk.
@@ -104,15 +102,10 @@ def _parsed_policy(path: Path, load: Callable[[Path], "WorldPolicy"]) -> tuple["
 
 def check_stage(stage: str) -> None:
     """Refuse a stage name that is not backtest, paper or live."""
+    from qmtl_core.policy import STAGES
+
     if stage not in STAGES:
         raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper or live")
-
-
-def iso_(value: datetime) -> str:
-    """ISO-8601 UTC text of an aware time (as stored)."""
-    from qmtl_core.timeutil import iso
-
-    return iso(value)
 
 
 def policy_hash(policy: "WorldPolicy") -> str:
@@ -257,7 +250,7 @@ class WorldService(GovernanceMixin):
                         run_id: str | None = None) -> list["RunRevision"]:
         """Record one run per strategy of a cohort, with metrics from the vectorised path."""
         from qmtl_core import ledger, runs
-        from qmtl_core.evaluation import cohort_metrics, uses_metric
+        from qmtl_core.evaluation import cohort_metrics, merge_metrics, uses_metric
 
         check_stage(stage)
         loaded = self.load_world(world)
@@ -272,12 +265,10 @@ class WorldService(GovernanceMixin):
             for sid in ids:
                 runs.ensure_strategy(conn, world_id=world, strategy_id=sid, now=now, submitter=self.actor)
                 series = returns.series(sid) if returns is not None and sid in returns.strategies else None
+                values, where = merge_metrics(computed.get(sid, {}), (metrics or {}).get(sid, {}))
                 sourced = runs.Sourced(
-                    {**computed.get(sid, {}), **{k: runs.clean_number(v) for k, v in (metrics or {}).get(sid, {}).items()}},
-                    {**{k: "request.returns" for k in computed.get(sid, {})},
-                     **{k: "request.metrics" for k in (metrics or {}).get(sid, {})}},
-                    runs.window_of(series, "request.returns"),
-                    [(iso_(t), r) for t, r in series] if series else None)
+                    values, where, runs.window_of(series, "request.returns"),
+                    [(iso(t), r) for t, r in series] if series else None)
                 end = series[-1][0] if series else None
                 key = run_id or runs.suggested_run_id(stage, end, now)
                 out.append(runs.record_run(conn, policy=loaded.policy, strategy_id=sid, stage=stage,
