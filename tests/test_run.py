@@ -230,9 +230,10 @@ def test_run_needs_a_submitted_strategy(env: dict[str, str], data: dict[str, tup
     assert "qmtl submit FILE --world paper-test" in ran.stderr
 
 
-def _live_decision(self: WorldService, world: str, strategy_id: str) -> DecisionEnvelope:
-    return DecisionEnvelope(world, strategy_id, "live", "live_activation", datetime.now(timezone.utc),
-                            600, "etag-live-test", 1, allow_live=True)
+def _live_decisions(self: WorldService, world: str, *, strategy_id: str | None = None) -> list[DecisionEnvelope]:
+    assert strategy_id is not None
+    return [DecisionEnvelope(world, strategy_id, "live", "live_activation", datetime.now(timezone.utc),
+                             600, "etag-live-test", 1, allow_live=True)]
 
 
 def test_live_orders_go_only_through_the_gate_to_the_broker(env: dict[str, str], data: dict[str, tuple[Path, int]],
@@ -244,7 +245,7 @@ def test_live_orders_go_only_through_the_gate_to_the_broker(env: dict[str, str],
     # buy-and-hold fails the drawdown gate: still submitted (known to the world), which is all run needs
     assert qmtl("submit", str(strat), "--world", WORLD, "--data", str(hist)).exit_code == 10
     # the world decides live for it (governance is another part of qmtl: stand in for its decision)
-    monkeypatch.setattr(WorldService, "decision", _live_decision)
+    monkeypatch.setattr(WorldService, "decisions", _live_decisions)
     one, _ = _bars(tmp_path, "one.csv", "2012-06-04", "2012-06-04")
     no_broker = qmtl("run", str(strat), "--world", WORLD, "--data", str(one))
     assert no_broker.exit_code == 12 and "no broker is configured" in no_broker.stderr

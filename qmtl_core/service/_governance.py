@@ -148,19 +148,13 @@ class GovernanceMixin:
         return {"world": world, "strategy_id": strategy_id, "to": to, "set_version": version, "notifications": sent}
 
     def decisions(self: "WorldService", world: str, *, strategy_id: str | None = None) -> list["DecisionEnvelope"]:
-        """Decision envelopes now for one strategy or every strategy of the world."""
-        import sqlalchemy as sa
+        """Decision envelopes now for one strategy or every strategy of the world (one transaction;
+        an envelope that changed is recorded)."""
+        from qmtl_core.governance._activations import record_decisions
 
-        from qmtl_core.store import schema
-
-        self.load_world(world, record=False)
-        if strategy_id is not None:
-            return [self.decision(world, strategy_id)]
-        with self.store.read() as conn:
-            ids = [r.strategy_id for r in conn.execute(sa.select(schema.strategies.c.strategy_id)
-                                                       .where(schema.strategies.c.world_id == world)
-                                                       .order_by(schema.strategies.c.strategy_id))]
-        return [self.decision(world, sid) for sid in ids]
+        loaded = self.load_world(world)
+        with self.store.write() as conn:
+            return record_decisions(conn, loaded.policy, now=self.clock(), strategy_id=strategy_id)
 
     def history(self: "WorldService", world: str, *, at: datetime | None = None) -> dict[str, Any]:
         """What was live then, and why (from the ledger)."""

@@ -397,23 +397,7 @@ class WorldService(GovernanceMixin):
     # -- decisions ---------------------------------------------------------------------------------
     def decision(self, world: str, strategy_id: str) -> "DecisionEnvelope":
         """The world's decision envelope for a strategy now; recorded when it changes (by etag)."""
-        import sqlalchemy as sa
-
-        from qmtl_core.governance._activations import current_set, record_decision
-        from qmtl_core.store import schema
-
-        loaded = self.load_world(world)
-        with self.store.write() as conn:
-            st = schema.strategies
-            row = conn.execute(sa.select(st.c.stage).where(st.c.world_id == world,
-                                                            st.c.strategy_id == strategy_id)).first()
-            halted = conn.execute(sa.select(schema.worlds.c.halted)
-                                  .where(schema.worlds.c.world_id == world)).scalar()
-            activation = current_set(conn, world)[1].get(strategy_id)
-            return record_decision(conn, loaded.policy, strategy_id, stage=row.stage if row else None,
-                                   live_active=activation is not None and activation.stage == "live",
-                                   halted=bool(halted), now=self.clock(),
-                                   activation_etag=activation.etag if activation else None)
+        return self.decisions(world, strategy_id=strategy_id)[0]
 
     # -- risk hub ----------------------------------------------------------------------------------
     def put_risk_snapshot(self, snapshot: "RiskSnapshot") -> tuple["StoredSnapshot", bool]:
