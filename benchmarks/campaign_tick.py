@@ -139,7 +139,7 @@ class Builder:
 
     def add_world(self, world: str, n: int) -> None:
         (self.worlds_dir / f"{world}.yaml").write_text(POLICY.format(world=world))
-        strategies, runs, revisions = [], [], []
+        strategies, runs, revisions, heads = [], [], [], []
         snap_returns: dict[str, list[dict[str, Any]]] = {}
         weights: list[str] = []
         bounds = np.cumsum([share for share, _, _ in KINDS]) * n
@@ -153,11 +153,11 @@ class Builder:
                 if kind == "no_run":
                     continue
                 days = 300 if kind == "short" else 800
-                self._run(runs, revisions, world, sid, "backtest", i, passing=kind != "failing",
+                self._run(runs, revisions, heads, world, sid, "backtest", i, passing=kind != "failing",
                           start=NOW - timedelta(days=days + 60), end=NOW - timedelta(days=60),
                           n_obs=int(days * 252 / 365), policy_version=1 if kind == "old_policy" else 2)
             else:
-                self._run(runs, revisions, world, sid, "backtest", i, passing=True,
+                self._run(runs, revisions, heads, world, sid, "backtest", i, passing=True,
                           start=NOW - timedelta(days=900), end=NOW - timedelta(days=100), n_obs=550,
                           policy_version=2)
                 weights.append(sid)
@@ -166,13 +166,13 @@ class Builder:
                 points = seen + (1 if kind == "paper_new" else 0)
                 series = [NOW - timedelta(days=points - d, minutes=30) for d in range(points)]
                 snap_returns[sid] = [{"ts": iso(t), "r": 0.001 * ((d % 5) - 1.5)} for d, t in enumerate(series)]
-                self._run(runs, revisions, world, sid, "paper", i, passing=True, start=series[0],
+                self._run(runs, revisions, heads, world, sid, "paper", i, passing=True, start=series[0],
                           end=series[seen - 1], n_obs=seen, policy_version=2)
             elif stage == "live":
-                self._run(runs, revisions, world, sid, "paper", i, passing=True,
+                self._run(runs, revisions, heads, world, sid, "paper", i, passing=True,
                           start=NOW - timedelta(days=90), end=NOW - timedelta(days=55), n_obs=35,
                           policy_version=2)
-                self._run(runs, revisions, world, sid, "live", i, passing=True,
+                self._run(runs, revisions, heads, world, sid, "live", i, passing=True,
                           start=NOW - timedelta(days=50), end=NOW - timedelta(days=1), n_obs=50,
                           policy_version=2)
         snapshot = parse_snapshot({
@@ -184,14 +184,15 @@ class Builder:
             self._bulk(conn, schema.strategies, strategies)
             self._bulk(conn, schema.evaluation_runs, runs)
             self._bulk(conn, schema.run_revisions, revisions)
+            self._bulk(conn, schema.run_heads, heads)
             conn.execute(sa.insert(schema.risk_snapshots).values(
                 world_id=world, version=snapshot.version, as_of=iso(snapshot.as_of), ttl_sec=snapshot.ttl_sec,
                 content_hash=snapshot.content_hash, document=snapshot.canonical(),
                 recorded_at=iso(NOW - timedelta(minutes=4)), recorded_by="bench"))
         self.n_strategies += n
 
-    def _run(self, runs: list[dict[str, Any]], revisions: list[dict[str, Any]], world: str, sid: str,
-             stage: str, i: int, *, passing: bool, start: datetime, end: datetime, n_obs: int,
+    def _run(self, runs: list[dict[str, Any]], revisions: list[dict[str, Any]], heads: list[dict[str, Any]],
+             world: str, sid: str, stage: str, i: int, *, passing: bool, start: datetime, end: datetime, n_obs: int,
              policy_version: int) -> None:
         # ``past_runs`` earlier runs of the same stage (one a day before, as a daily loop leaves
         # them), then the current one; the tick must act on the current one only.
@@ -206,6 +207,13 @@ class Builder:
             for rev in range(1, n_revs + 1):
                 self.rev_pk += 1
                 tpl = tpls[(i + rev + back) % len(tpls)]
+                if back == 0 and rev == n_revs:  # the head record_run keeps: latest revision of the latest run
+                    heads.append(dict(
+                        world_id=world, strategy_id=sid, stage=stage, run_pk=self.run_pk, run_id=run_id,
+                        revision=rev, status=tpl["status"], policy_version=policy_version,
+                        content_hash=hashlib.sha256(f"{self.rev_pk}".encode()).hexdigest(),
+                        window_start=iso(start), window_end=iso(at), n_observations=max(n_obs - back, 1),
+                        metrics=tpl["metrics"], rule_results=tpl["rule_results"], updated_at=iso(at)))
                 revisions.append(dict(
                     id=self.rev_pk, run_pk=self.run_pk, revision=rev, status=tpl["status"],
                     policy_version=policy_version, policy_hash="0" * 64, metrics=tpl["metrics"],

@@ -66,4 +66,7 @@ def root(
 
 def main() -> None:
     """Console-script entry point."""
+    from qmtl_core.process import tune_gc
+
+    tune_gc()
     app(prog_name="qmtl")

@@ -16,10 +16,13 @@ evidence (fail closed).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+
+import orjson
 
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._durations import format_duration
@@ -111,6 +114,9 @@ class WorldState:
     requests: Mapping[str, Any] = field(default_factory=dict)
 
 
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
 @dataclass(frozen=True)
 class Progress:
     """A stage's window measured on data: span of observed timestamps and their number."""
@@ -130,8 +136,7 @@ class Progress:
     def label(self) -> str:
         """E.g. ``paper 21/30d, 15/20 obs`` (span in the window's unit)."""
         unit = format_duration(self.window)[-1] if self.window is not None else "d"
-        size = {"d": 86400, "h": 3600, "m": 60, "s": 1}[unit]
-        value = self.span.total_seconds() / size
+        value = self.span.total_seconds() / _UNIT_SECONDS[unit]
         span = f"{value:.0f}" if value == 0 or value >= 10 else f"{value:.1f}".rstrip("0").rstrip(".")
         target = format_duration(self.window) if self.window is not None else unit
         return f"{self.stage} {span}/{target}, {self.n_observations}/{self.min_observations} obs"
@@ -210,21 +215,16 @@ def progress(policy: WorldPolicy, stage: str, run: RunSummary | None) -> Progres
 def _key(world: str, strategy_id: str, action: str, stage: str, evidence: Mapping[str, Any]) -> str:
     """sha256 of the action and its evidence as sorted-key JSON. orjson, not ``canonical_json``:
     a tick hashes one key per strategy, and these keys are compared only with keys made here."""
-    import hashlib
-
-    import orjson
-
     doc = {"world": world, "strategy_id": strategy_id, "action": action, "stage": stage, "evidence": evidence}
     return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def _snapshot_series(snapshot: StoredSnapshot | None, strategy_id: str) -> tuple[datetime, int] | None:
-    if snapshot is None:
-        return None
-    points = snapshot.snapshot.returns_of(strategy_id)
+    """The end and length of the strategy's realized returns in the snapshot, if it has any."""
+    points = (snapshot.snapshot.realized_returns or {}).get(strategy_id) if snapshot is not None else None
     if not points:
         return None
-    return points[-1][0], len(points)
+    return points[-1].ts, len(points)
 
 
 def _run_evidence(run: RunSummary | None) -> dict[str, Any] | None:

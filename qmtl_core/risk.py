@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from qmtl_core.canonical import content_hash
 from qmtl_core.errors import BadInputError
@@ -70,21 +74,39 @@ class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ReturnPoint(_Doc):
-    """One realized return of a strategy."""
+@pydantic_dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
+class ReturnPoint:
+    """One realized return of a strategy (``ts`` in UTC; see ``_utc_points``)."""
 
-    ts: datetime
-    r: float
+    # A slotted dataclass validated natively (no Python callback per point, one object per point
+    # instead of a model's three): a world's snapshot can hold many thousand points, and the
+    # campaign reads it on every tick.
+    ts: AwareDatetime
+    r: float = Field(allow_inf_nan=False)
 
-    @field_validator("ts", mode="before")
-    @classmethod
-    def _ts(cls, v: Any) -> datetime:
-        return _aware(v, "ts")
 
-    @field_validator("r")
-    @classmethod
-    def _r(cls, v: float) -> float:
-        return _finite(v, "r")
+def _utc_points(value: Any) -> Any:
+    """Realized returns with every ``ts`` in UTC; one pass in Python over the raw points.
+
+    A ``...Z`` string is left to the native validator (the common case, and every stored
+    document); any other time goes through ``_aware`` for UTC conversion and its clear messages.
+    """
+    if not isinstance(value, Mapping):
+        return value
+    out: dict[Any, Any] = {}
+    for name, points in value.items():
+        if type(points) is list:  # exact types first: this loop runs once per point
+            fixed = None
+            for i, point in enumerate(points):
+                ts = point.get("ts") if type(point) is dict or isinstance(point, Mapping) else None
+                if ts is None or (type(ts) is str and ts.endswith("Z")):
+                    continue
+                if fixed is None:
+                    fixed = list(points)
+                fixed[i] = {**point, "ts": _aware(ts, "ts")}
+            points = points if fixed is None else fixed
+        out[name] = points
+    return out
 
 
 class Provenance(_Doc):
@@ -114,6 +136,11 @@ class RiskSnapshot(_Doc):
     @classmethod
     def _as_of(cls, v: Any) -> datetime:
         return _aware(v, "as_of")
+
+    @field_validator("realized_returns", mode="before")
+    @classmethod
+    def _realized_returns(cls, v: Any) -> Any:
+        return _utc_points(v)
 
     @field_validator("weights")
     @classmethod
@@ -167,9 +194,14 @@ class RiskSnapshot(_Doc):
         """Hash of the canonical document."""
         return content_hash(self.canonical())
 
-    def covered(self) -> set[str]:
+    def covered(self) -> frozenset[str]:
         """Strategies the snapshot says something about."""
-        return set(self.weights) | set(self.realized_returns or {})
+        return self._covered
+
+    @cached_property
+    def _covered(self) -> frozenset[str]:
+        # Once per snapshot: a tick asks for every strategy of the world, and the snapshot never changes.
+        return frozenset(self.weights) | frozenset(self.realized_returns or {})
 
     def returns_of(self, strategy_id: str) -> list[tuple[datetime, float]] | None:
         """The strategy's realized returns, or ``None`` when the snapshot has none inline."""
@@ -268,9 +300,13 @@ def freshness(stored: StoredSnapshot | None, *, now: datetime, max_age: timedelt
 
 
 # --- store (the hub keeps snapshots; it computes nothing) ------------------------------------------
-#: Validated snapshots by content hash: a stored snapshot never changes, so a process that reads it
-#: again (the campaign loop, a server) validates it once.
-_VALIDATED: dict[str, RiskSnapshot] = {}
+#: Validated snapshots by content hash, most recently used last: a stored snapshot never changes,
+#: so a process that reads it again (the loop's rounds on one world, a server) validates it once.
+#: Bounded, because a snapshot can hold many thousand points: a server or a loop over many worlds
+#: keeps the ones in use, not every one it has seen.
+_VALIDATED: OrderedDict[str, RiskSnapshot] = OrderedDict()
+_VALIDATED_MAX = 16
+_VALIDATED_LOCK = threading.Lock()
 
 
 def _load(conn: Any, where: Any, order: Any = None) -> StoredSnapshot | None:
@@ -288,13 +324,17 @@ def _load(conn: Any, where: Any, order: Any = None) -> StoredSnapshot | None:
     row = conn.execute(query.limit(1)).first()
     if row is None:
         return None
-    snapshot = _VALIDATED.get(row.content_hash)
+    with _VALIDATED_LOCK:  # a server reads from several threads
+        snapshot = _VALIDATED.get(row.content_hash)
+        if snapshot is not None:
+            _VALIDATED.move_to_end(row.content_hash)
     if snapshot is None:
         document = conn.execute(sa.select(t.c.document).where(t.c.id == row.id)).scalar_one()
         snapshot = RiskSnapshot.model_validate(document)
-        if len(_VALIDATED) > 256:
-            _VALIDATED.clear()
-        _VALIDATED[row.content_hash] = snapshot
+        with _VALIDATED_LOCK:
+            _VALIDATED[row.content_hash] = snapshot
+            while len(_VALIDATED) > _VALIDATED_MAX:
+                _VALIDATED.popitem(last=False)
     return StoredSnapshot(snapshot, row.content_hash, parse_instant(row.recorded_at), row.recorded_by)
 
 

@@ -284,6 +284,12 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
         policy_hash=policy_hash, metrics=sourced.metrics, metric_sources=sourced.sources,
         rule_results=rule_results, window=sourced.window.to_dict(), returns=sourced.returns,
         reason=reason, content_hash=digest, recorded_at=iso(now), recorded_by=actor))
+    _advance_head(conn, world_id=policy.world, strategy_id=strategy_id, stage=stage, run_pk=run_pk,
+                  head={"run_id": run_id, "revision": revision, "status": status,
+                        "policy_version": policy.policy_version, "content_hash": digest,
+                        "window_start": sourced.window.start, "window_end": sourced.window.end,
+                        "n_observations": sourced.window.n_observations, "metrics": sourced.metrics,
+                        "rule_results": rule_results, "updated_at": iso(now)})
     if ledger_entry:
         ledger.append(conn, actor=actor, kind="run.recorded", now=now, world=policy.world,
                       subject=f"{strategy_id} {stage} {run_id}#{revision}", reason=reason,
@@ -293,6 +299,23 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
     run_row = conn.execute(sa.select(runs).where(runs.c.id == run_pk)).one()
     rev_row = conn.execute(sa.select(revs).where(revs.c.run_pk == run_pk, revs.c.revision == revision)).one()
     return _revision(run_row, rev_row)
+
+
+def _advance_head(conn: Connection, *, world_id: str, strategy_id: str, stage: str, run_pk: int,
+                  head: dict[str, Any]) -> None:
+    """Point the (strategy, stage) head at the revision just written, if its run is now the latest.
+
+    "Latest" is the order ``list_runs`` shows: by the run's ``updated_at``, then its id. With a
+    clock that moves forward every new revision wins; a backdated one does not displace a newer run.
+    """
+    heads = schema.run_heads
+    key = (heads.c.world_id == world_id, heads.c.strategy_id == strategy_id, heads.c.stage == stage)
+    current = conn.execute(sa.select(heads.c.run_pk, heads.c.updated_at).where(*key)).first()
+    if current is None:
+        conn.execute(sa.insert(heads).values(world_id=world_id, strategy_id=strategy_id, stage=stage,
+                                             run_pk=run_pk, **head))
+    elif (head["updated_at"], run_pk) >= (current.updated_at, current.run_pk):
+        conn.execute(sa.update(heads).where(*key).values(run_pk=run_pk, **head))
 
 
 def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: str | None,

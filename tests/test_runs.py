@@ -190,3 +190,80 @@ def test_accepted_snapshot_emits_one_event(svc, clock: Clock) -> None:  # type: 
     assert (created, again) == (True, False)
     assert [e.type for e in seen] == ["risk_snapshot_updated"]
     assert seen[0].payload["world_id"] == W
+
+
+# --- run heads (schema v3): the latest run per strategy and stage, kept with every record -----------
+def _heads(svc) -> list[tuple]:  # type: ignore[no-untyped-def,type-arg]
+    h = schema.run_heads
+    with svc.store.read() as conn:
+        return [tuple(r) for r in conn.execute(
+            sa.select(h.c.world_id, h.c.strategy_id, h.c.stage, h.c.run_id, h.c.revision, h.c.status,
+                      h.c.policy_version, h.c.content_hash, h.c.window_start, h.c.window_end,
+                      h.c.n_observations, h.c.metrics, h.c.rule_results)
+            .order_by(h.c.world_id, h.c.strategy_id, h.c.stage))]
+
+
+def _latest_by_ranking(svc) -> list[tuple]:  # type: ignore[no-untyped-def,type-arg]
+    """What the heads must equal: ``list_runs``' newest run per (strategy, stage), read the long way."""
+    out = {}
+    for run in svc.list_runs(W):  # newest first
+        out.setdefault((run.strategy_id, run.stage), run)
+    return sorted((W, r.strategy_id, r.stage, r.run_id, r.revision, r.status, r.policy_version, r.content_hash,
+                   r.window["start"], r.window["end"], r.window["n_observations"], dict(r.metrics),
+                   list(r.rule_results)) for r in out.values())
+
+
+def _record_history(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
+    svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="a", returns=daily(600))
+    clock.advance(hours=1)
+    svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="b", returns=daily(610))
+    clock.advance(hours=1)
+    # A new revision of the older run makes it the latest again (its updated_at moves).
+    svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="a", returns=daily(620))
+    svc.record_evaluation(W, strategy_id="s2", stage="backtest", run_id="a", metrics={"sharpe": 0.1})
+    svc.record_evaluation(W, strategy_id="s2", stage="paper", run_id="p", returns=daily(5))
+    clock.advance(hours=1)
+    svc.record_evaluation(W, strategy_id="s2", stage="paper", run_id="p", returns=daily(5))  # same content: no-op
+
+
+def test_run_heads_follow_the_latest_run_of_each_stage(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
+    _record_history(svc, clock)
+    heads = _heads(svc)
+    assert heads == _latest_by_ranking(svc)
+    assert [(h[1], h[2], h[3], h[4]) for h in heads] == [
+        ("s1", "backtest", "a", 2), ("s2", "backtest", "a", 1), ("s2", "paper", "p", 1)]
+
+
+def test_a_backdated_record_does_not_displace_a_newer_head(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
+    svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="new", returns=daily(600))
+    clock.advance(days=-1)  # a clock set back (another host, a replayed import)
+    svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="old", returns=daily(500))
+    assert [(h[3], h[10]) for h in _heads(svc)] == [("new", 600)]
+    assert _heads(svc) == _latest_by_ranking(svc)
+
+
+def test_migration_to_v3_fills_run_heads_from_stored_runs(svc, clock: Clock, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    from qmtl_core.store import current_version, migrate
+    from qmtl_core.store._store import Store
+
+    _record_history(svc, clock)
+    kept = _heads(svc)
+    # Turn the store back into a v2 store that has runs but no heads, then open it again.
+    with svc.store.write() as conn:
+        schema.run_heads.drop(conn)
+        conn.execute(sa.delete(schema.schema_version).where(schema.schema_version.c.version == 3))
+    svc.close()
+    store = Store(store_url)
+    with store.write() as conn:
+        assert current_version(conn) == 2
+        assert migrate(conn) == [3]
+    store.dispose()
+    again = make_service(store_url, svc.settings.worlds_dir, svc.settings.home, clock)
+    try:
+        assert _heads(again) == kept
+        # The campaign reads the filled heads: s1's view shows its latest run's metrics and window.
+        s1 = next(v for v in again.campaign(W) if v.strategy_id == "s1")
+        head = next(h for h in kept if h[1:3] == ("s1", "backtest"))
+        assert dict(s1.metrics) == head[11] and s1.progress[0].n_observations == head[10] == 620
+    finally:
+        again.close()

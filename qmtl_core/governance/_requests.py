@@ -9,6 +9,7 @@ committed, whatever exit the outcome calls for — a voided request stays voided
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -65,11 +66,16 @@ def pending_request(conn: Connection, world: str, strategy_id: str) -> Any:
                                            t.c.status == "pending").order_by(t.c.created_at.desc()).limit(1)).first()
 
 
-def governance_state(conn: Connection, world: str) -> dict[str, Any]:
-    """What tick and the gate need besides runs: submitters, live set, last promotion, open requests."""
+def governance_state(conn: Connection, world: str, *,
+                     submitters: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """What tick and the gate need besides runs: submitters, live set, last promotion, open requests.
+
+    ``submitters`` may be passed by a caller that has read the world's strategies already.
+    """
     st, t = schema.strategies, schema.promotion_requests
-    submitters = {r.strategy_id: r.submitter for r in conn.execute(
-        sa.select(st.c.strategy_id, st.c.submitter).where(st.c.world_id == world))}
+    if submitters is None:
+        submitters = {r.strategy_id: r.submitter for r in conn.execute(
+            sa.select(st.c.strategy_id, st.c.submitter).where(st.c.world_id == world))}
     set_version, rows = current_set(conn, world)
     live = frozenset(sid for sid, a in rows.items() if a.stage == "live")
     last = conn.execute(sa.select(sa.func.max(t.c.decided_at)).where(t.c.world_id == world,
@@ -83,20 +89,14 @@ def governance_state(conn: Connection, world: str) -> dict[str, Any]:
 
 def paper_run_summary(conn: Connection, world: str, strategy_id: str) -> RunSummary | None:
     """The latest revision of the strategy's latest paper run."""
-    er, rr = schema.evaluation_runs, schema.run_revisions
-    row = conn.execute(
-        sa.select(er.c.run_id, rr.c.revision, rr.c.status, rr.c.policy_version, rr.c.content_hash,
-                  rr.c.metrics, rr.c.rule_results, rr.c.window)
-        .join(rr, sa.and_(rr.c.run_pk == er.c.id, rr.c.revision == er.c.latest_revision))
-        .where(er.c.world_id == world, er.c.strategy_id == strategy_id, er.c.stage == "paper")
-        .order_by(er.c.updated_at.desc(), er.c.id.desc()).limit(1)).first()
+    h = schema.run_heads
+    row = conn.execute(sa.select(h).where(h.c.world_id == world, h.c.strategy_id == strategy_id,
+                                          h.c.stage == "paper")).first()
     if row is None:
         return None
-    w = row.window or {}
     return RunSummary(row.run_id, row.revision, row.status, row.policy_version, row.content_hash, row.metrics or {},
-                      tuple(row.rule_results or ()), parse_optional_instant(w.get("start")),
-                      parse_optional_instant(w.get("end")),
-                      int(w.get("n_observations") or 0))
+                      tuple(row.rule_results or ()), parse_optional_instant(row.window_start),
+                      parse_optional_instant(row.window_end), row.n_observations)
 
 
 def gate_input(conn: Connection, policy: WorldPolicy, strategy_id: str, *, request: RequestView | None) -> GateInput:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
@@ -40,6 +41,7 @@ def parse_duration(value: Any) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+@lru_cache(maxsize=256)  # a tick labels every strategy's window with the same few durations
 def format_duration(value: timedelta) -> str:
     """The shortest exact spelling of ``value`` (``timedelta(hours=72)`` → ``3d``)."""
     total = value.total_seconds()

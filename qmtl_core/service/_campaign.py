@@ -44,36 +44,25 @@ def new_holder() -> str:
 def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
     """Read what ``tick`` needs: strategies, the latest run revision per stage, snapshot, halt.
 
-    One query for the world's latest run per strategy and stage, without their returns, so the
-    cost is linear in the number of strategies and flat in the length of their history: neither
-    the returns stored per revision nor the runs a daily loop leaves behind are read or decoded.
+    Runs come from ``run_heads``, one slim row per strategy and stage kept by ``record_run``, so
+    the cost is linear in the number of strategies and flat in the length of their history:
+    neither past runs nor the returns stored per revision are read.
     """
     world = loaded.world_id
-    st, er, rr = schema.strategies, schema.evaluation_runs, schema.run_revisions
+    st, heads = schema.strategies, schema.run_heads
     stages: dict[str, str] = {}
     since: dict[str, str] = {}
-    for r in conn.execute(sa.select(st.c.strategy_id, st.c.stage, st.c.updated_at).where(st.c.world_id == world)):
-        stages[r.strategy_id], since[r.strategy_id] = r.stage, r.updated_at
-    # The latest run per (strategy, stage) by (updated_at, id), ranked in the database on the index
-    # alone; only the winners' revisions are fetched and their JSON decoded.
-    ranked = (sa.select(er.c.strategy_id, er.c.stage, er.c.run_id, rr.c.id.label("rev_pk"),
-                        sa.func.row_number().over(partition_by=(er.c.strategy_id, er.c.stage),
-                                                  order_by=(er.c.updated_at.desc(), er.c.id.desc()))
-                        .label("rank"))
-              .join(rr, sa.and_(rr.c.run_pk == er.c.id, rr.c.revision == er.c.latest_revision))
-              .where(er.c.world_id == world)
-              .subquery())
+    submitters: dict[str, str | None] = {}
+    for sid, stage, updated_at, submitter in conn.execute(
+            sa.select(st.c.strategy_id, st.c.stage, st.c.updated_at, st.c.submitter).where(st.c.world_id == world)):
+        stages[sid], since[sid], submitters[sid] = stage, updated_at, submitter
     # Metrics and rule results come back as raw JSON (on SQLite; PostgreSQL's driver decodes JSONB
     # itself) and are decoded only for the strategies whose action needs them.
-    query = (sa.select(ranked.c.strategy_id, ranked.c.stage, ranked.c.run_id,
-                       rr.c.revision, rr.c.status, rr.c.policy_version, rr.c.content_hash,
-                       sa.type_coerce(rr.c.metrics, sa.Text).label("metrics"),
-                       sa.type_coerce(rr.c.rule_results, sa.Text).label("rule_results"),
-                       rr.c.window["start"].as_string().label("w_start"),
-                       rr.c.window["end"].as_string().label("w_end"),
-                       rr.c.window["n_observations"].as_integer().label("w_n"))
-             .join(rr, rr.c.id == ranked.c.rev_pk)
-             .where(ranked.c.rank == 1))
+    query = sa.select(heads.c.strategy_id, heads.c.stage, heads.c.run_id, heads.c.revision, heads.c.status,
+                      heads.c.policy_version, heads.c.content_hash,
+                      sa.type_coerce(heads.c.metrics, sa.Text).label("metrics"),
+                      sa.type_coerce(heads.c.rule_results, sa.Text).label("rule_results"),
+                      heads.c.window_start, heads.c.window_end, heads.c.n_observations).where(heads.c.world_id == world)
     latest: dict[str, dict[str, RunSummary]] = {}
     times: dict[str | None, datetime | None] = {}  # runs of one cohort share their window's ends
 
@@ -82,15 +71,14 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
             times[text] = parse_optional_instant(text)
         return times[text]
 
-    for row in conn.execute(query):  # the window's fields are extracted by the database, not decoded here
-        latest.setdefault(row.strategy_id, {})[row.stage] = RunSummary(
-            row.run_id, row.revision, row.status, row.policy_version, row.content_hash,
-            row.metrics, row.rule_results, at(row.w_start), at(row.w_end), int(row.w_n or 0))
+    for sid, stage, run_id, revision, status, policy_version, digest, metrics, rules, start, end, n in conn.execute(query):
+        latest.setdefault(sid, {})[stage] = RunSummary(run_id, revision, status, policy_version, digest,
+                                                       metrics, rules, at(start), at(end), n)
     halted = conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar()
-    gov = governance_state(conn, world)
+    gov = governance_state(conn, world, submitters=submitters)
     # A strategy's stay in its stage: when it last moved, and under which activation set (which
     # tells two moves apart even within one clock tick).
-    strategies = tuple(StrategyState(sid, stage, latest.get(sid, {}), gov["submitters"].get(sid),
+    strategies = tuple(StrategyState(sid, stage, latest.get(sid, {}), submitters.get(sid),
                                      f"{since.get(sid)}#{gov['set_version']}")
                        for sid, stage in sorted(stages.items()))
     return WorldState(world, loaded.policy, strategies, latest_snapshot(conn, world), bool(halted),

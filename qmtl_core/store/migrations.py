@@ -40,9 +40,34 @@ def _api_tokens(conn: Connection) -> None:
     schema.api_tokens.create(conn, checkfirst=True)
 
 
+def _run_heads(conn: Connection) -> None:
+    """Create ``run_heads`` and fill it from the runs already stored (the same "latest" order)."""
+    schema.run_heads.create(conn, checkfirst=True)
+    er, rr, heads = schema.evaluation_runs, schema.run_revisions, schema.run_heads
+    ranked = (sa.select(er.c.id.label("run_pk"), rr.c.id.label("rev_pk"),
+                        sa.func.row_number().over(partition_by=(er.c.world_id, er.c.strategy_id, er.c.stage),
+                                                  order_by=(er.c.updated_at.desc(), er.c.id.desc()))
+                        .label("rank"))
+              .join(rr, sa.and_(rr.c.run_pk == er.c.id, rr.c.revision == er.c.latest_revision))
+              .subquery())
+    latest = (sa.select(er.c.world_id, er.c.strategy_id, er.c.stage, er.c.id, er.c.run_id, rr.c.revision,
+                        rr.c.status, rr.c.policy_version, rr.c.content_hash,
+                        rr.c.window["start"].as_string(), rr.c.window["end"].as_string(),
+                        sa.func.coalesce(rr.c.window["n_observations"].as_integer(), 0),
+                        rr.c.metrics, rr.c.rule_results, er.c.updated_at)
+              .select_from(ranked)
+              .join(er, er.c.id == ranked.c.run_pk).join(rr, rr.c.id == ranked.c.rev_pk)
+              .where(ranked.c.rank == 1))
+    conn.execute(heads.insert().from_select(
+        ["world_id", "strategy_id", "stage", "run_pk", "run_id", "revision", "status", "policy_version",
+         "content_hash", "window_start", "window_end", "n_observations", "metrics", "rule_results",
+         "updated_at"], latest))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _initial),
     Migration(2, "api tokens for qmtl serve", _api_tokens),
+    Migration(3, "run heads: the latest run per strategy and stage", _run_heads),
 ]
 
 

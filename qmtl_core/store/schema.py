@@ -97,6 +97,28 @@ run_revisions = sa.Table(
     sa.UniqueConstraint("run_pk", "revision", name="uq_run_revisions_revision"),
 )
 
+#: The latest revision of each strategy's latest run per stage (schema v3), kept by ``record_run``
+#: in the same transaction: what the campaign tick and the promotion gate read, one slim row per
+#: (strategy, stage), so their cost does not grow with past runs or the returns stored per revision.
+run_heads = sa.Table(
+    "run_heads", metadata,
+    sa.Column("world_id", Name, primary_key=True),
+    sa.Column("strategy_id", Name, primary_key=True),
+    sa.Column("stage", sa.String(16), primary_key=True),
+    sa.Column("run_pk", sa.Integer, sa.ForeignKey("evaluation_runs.id"), nullable=False),
+    sa.Column("run_id", Name, nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("policy_version", sa.Integer),
+    sa.Column("content_hash", Hash, nullable=False),
+    sa.Column("window_start", Time),
+    sa.Column("window_end", Time),
+    sa.Column("n_observations", sa.Integer, nullable=False),
+    sa.Column("metrics", JSONDoc),
+    sa.Column("rule_results", JSONDoc),
+    sa.Column("updated_at", Time, nullable=False),
+)
+
 risk_snapshots = sa.Table(
     "risk_snapshots", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
