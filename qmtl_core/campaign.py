@@ -26,7 +26,7 @@ import orjson
 
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._durations import format_duration
-from qmtl_core.risk import INCOMPLETE, Freshness, StoredSnapshot, freshness
+from qmtl_core.risk import INCOMPLETE, Freshness, SnapshotView, freshness
 from qmtl_core.runs import INSUFFICIENT, suggested_run_id
 from qmtl_core.timeutil import iso
 
@@ -106,7 +106,7 @@ class WorldState:
     world: str
     policy: WorldPolicy
     strategies: tuple[StrategyState, ...]
-    snapshot: StoredSnapshot | None = None
+    snapshot: SnapshotView | None = None
     halted: bool = False
     live_strategies: frozenset[str] = frozenset()
     last_live_promotion_at: datetime | None = None
@@ -219,12 +219,8 @@ def _key(world: str, strategy_id: str, action: str, stage: str, evidence: Mappin
     return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _snapshot_series(snapshot: StoredSnapshot | None, strategy_id: str) -> tuple[datetime, int] | None:
-    """The end and length of the strategy's realized returns in the snapshot, if it has any."""
-    points = (snapshot.snapshot.realized_returns or {}).get(strategy_id) if snapshot is not None else None
-    if not points:
-        return None
-    return points[-1].ts, len(points)
+def _snapshot_series(snapshot: SnapshotView | None, strategy_id: str) -> tuple[datetime, int] | None:
+    return snapshot.series(strategy_id) if snapshot is not None else None
 
 
 def _run_evidence(run: RunSummary | None) -> dict[str, Any] | None:
@@ -245,12 +241,12 @@ class _Ticker:
         # it", and each call rebuilds the snapshot's covered set: O(strategies x snapshot) per tick.
         # Ask once for the world, keep the set, and answer per strategy from them (same results).
         self._world_fresh = freshness(self.snap, now=now, max_age=self.policy.risk.snapshot_max_age)
-        self._covered = self.snap.snapshot.covered() if self.snap is not None else set()
+        self._covered = self.snap.covered() if self.snap is not None else frozenset()
 
     def fresh(self, strategy_id: str) -> Freshness:
         world = self._world_fresh
         if world.ok and self.snap is not None and strategy_id not in self._covered:
-            version = self.snap.snapshot.version  # what freshness() answers for an uncovered strategy
+            version = self.snap.version  # what freshness() answers for an uncovered strategy
             return Freshness("stale", INCOMPLETE, f"snapshot {version} does not cover strategy "
                              f"{strategy_id}", version)
         return world
@@ -269,12 +265,12 @@ class _Ticker:
         or when the policy changed since the run was gated."""
         series = _snapshot_series(self.snap, s.strategy_id)
         usable = (fresh.ok and self.snap is not None and series is not None
-                  and self.snap.snapshot.provenance.stage == s.stage)
+                  and self.snap.stage == s.stage)
         if usable and series is not None and self.snap is not None and (
                 run is None or run.status == INSUFFICIENT or run.window_end is None
                 or (run.window_end, run.n_observations) != series):
             run_id = suggested_run_id(s.stage, series[0], self.now)
-            version = self.snap.snapshot.version
+            version = self.snap.version
             return self.make(s, "evaluate", "new_data",
                              f"risk snapshot {version} has {series[1]} {s.stage} returns up to "
                              f"{iso(series[0])[:19]}Z not yet evaluated",

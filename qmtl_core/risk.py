@@ -22,7 +22,7 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
@@ -242,6 +242,101 @@ def load_snapshot_text(text: str, *, source: str) -> RiskSnapshot:
     return parse_snapshot(json_document(text, source=source), source=source)
 
 
+def substance_hash(snapshot: RiskSnapshot, strategy_id: str) -> str:
+    """Hash of what a promotion of ``strategy_id`` rests on in this snapshot.
+
+    Not the whole snapshot's hash: producers re-post every few minutes with a new ``as_of`` and
+    version, and binding approvals to that would void every approval at every refresh. What is
+    bound is the substance — the strategy's weight, its covariance entries, its realized returns,
+    the stress and constraints — so new risk *content* voids approvals and a routine refresh does not.
+    """
+    # Built from the model directly (not a dump of the whole snapshot): the cost is this strategy's
+    # data, not the snapshot's, which matters when a world has many paper strategies.
+    cov = {k: v for k, v in (snapshot.covariance or {}).items()
+           if strategy_id in (p.strip() for p in k.split(","))}
+    points = (snapshot.realized_returns or {}).get(strategy_id)
+    substance = {"weight": snapshot.weights.get(strategy_id), "covariance": cov,
+                 "realized_returns": None if points is None else
+                 [{"ts": p.ts.isoformat(), "r": p.r} for p in points],
+                 "stress": snapshot.stress, "constraints": snapshot.constraints,
+                 "stage": snapshot.provenance.stage}
+    return content_hash(substance)
+
+
+#: Bump when a summary's content, or ``substance_hash``, changes: a stored summary of another
+#: format is not trusted; the summary is made again from the document.
+SUMMARY_FORMAT = 1
+
+def summarize(snapshot: RiskSnapshot) -> dict[str, Any]:
+    """The summary stored next to a snapshot: per covered strategy, the end and length of its
+    realized returns and its ``substance_hash``; and the substance of a strategy not covered."""
+    from qmtl_core.timeutil import iso
+
+    returns = snapshot.realized_returns or {}
+    entries: dict[str, list[Any]] = {}
+    for sid in sorted(snapshot.covered()):
+        points = returns.get(sid)
+        entries[sid] = [iso(points[-1].ts) if points else None, len(points) if points else 0,
+                        substance_hash(snapshot, sid)]
+    outsider = "\x00"  # any name the snapshot does not cover: its substance is the same for all of them
+    while outsider in entries:
+        outsider += "\x00"
+    return {"format": SUMMARY_FORMAT, "stage": snapshot.provenance.stage, "strategies": entries,
+            "uncovered": substance_hash(snapshot, outsider)}
+
+
+@dataclass(frozen=True)
+class SnapshotSummary:
+    """What the campaign tick and the promotion gate read of a stored snapshot, without its
+    document: the header, and per strategy its series end and length and its substance hash.
+
+    Reads the same as ``StoredSnapshot`` (``version``, ``as_of``, ``covered()``, ``series()``,
+    ``substance_hash()`` ...), so ``freshness`` and the gate take either; it is made once, when the
+    snapshot is stored, so a tick over a world of many strategies never parses the document.
+    """
+
+    world_id: str
+    version: str
+    as_of: datetime
+    ttl_sec: int
+    stage: str
+    content_hash: str
+    recorded_at: datetime
+    recorded_by: str
+    entries: Mapping[str, Sequence[Any]]  # strategy -> [series end (ISO) | None, series length, substance hash]
+    uncovered: str
+
+    @classmethod
+    def of(cls, stored: "StoredSnapshot", summary: Mapping[str, Any] | None = None) -> "SnapshotSummary":
+        """The summary of ``stored`` (from its stored ``summary`` document when given)."""
+        doc = summary if summary is not None else summarize(stored.snapshot)
+        snap = stored.snapshot
+        return cls(snap.world_id, snap.version, snap.as_of, snap.ttl_sec, doc["stage"], stored.content_hash,
+                   stored.recorded_at, stored.recorded_by, doc["strategies"], doc["uncovered"])
+
+    @cached_property
+    def _covered(self) -> frozenset[str]:
+        return frozenset(self.entries)
+
+    def covered(self) -> frozenset[str]:
+        """Strategies the snapshot says something about."""
+        return self._covered
+
+    def series(self, strategy_id: str) -> tuple[datetime, int] | None:
+        """The end and length of the strategy's realized returns, if the snapshot has any."""
+        from qmtl_core.timeutil import parse_instant
+
+        entry = self.entries.get(strategy_id)
+        if entry is None or not entry[1]:
+            return None
+        return parse_instant(entry[0]), int(entry[1])
+
+    def substance_hash(self, strategy_id: str) -> str:
+        """``substance_hash`` of the snapshot for this strategy."""
+        entry = self.entries.get(strategy_id)
+        return self.uncovered if entry is None else str(entry[2])
+
+
 @dataclass(frozen=True)
 class StoredSnapshot:
     """A snapshot as the hub holds it: the document plus when and by whom it was received."""
@@ -251,11 +346,48 @@ class StoredSnapshot:
     recorded_at: datetime
     recorded_by: str
 
+    @property
+    def version(self) -> str:
+        """The producer's version of the snapshot."""
+        return self.snapshot.version
+
+    @property
+    def as_of(self) -> datetime:
+        """When the snapshot's data is from."""
+        return self.snapshot.as_of
+
+    @property
+    def ttl_sec(self) -> int:
+        """Seconds after receipt the snapshot expires."""
+        return self.snapshot.ttl_sec
+
+    @property
+    def stage(self) -> str:
+        """The stage its realized returns are from (provenance)."""
+        return self.snapshot.provenance.stage
+
+    def covered(self) -> frozenset[str]:
+        """Strategies the snapshot says something about."""
+        return self.snapshot.covered()
+
+    def series(self, strategy_id: str) -> tuple[datetime, int] | None:
+        """The end and length of the strategy's realized returns, if the snapshot has any."""
+        points = (self.snapshot.realized_returns or {}).get(strategy_id)
+        return (points[-1].ts, len(points)) if points else None
+
+    def substance_hash(self, strategy_id: str) -> str:
+        """``substance_hash`` of the snapshot for this strategy."""
+        return substance_hash(self.snapshot, strategy_id)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {**self.snapshot.canonical(), "content_hash": self.content_hash,
                 "recorded_at": self.recorded_at.isoformat().replace("+00:00", "Z"),
                 "recorded_by": self.recorded_by}
+
+
+#: What ``freshness``, the tick and the gate read: a whole stored snapshot or its summary.
+SnapshotView = StoredSnapshot | SnapshotSummary
 
 
 @dataclass(frozen=True)
@@ -278,25 +410,24 @@ class Freshness:
                 "version": self.version}
 
 
-def freshness(stored: StoredSnapshot | None, *, now: datetime, max_age: timedelta,
+def freshness(stored: SnapshotView | None, *, now: datetime, max_age: timedelta,
               strategy_id: str | None = None) -> Freshness:
     """Is the snapshot fresh enough to decide on (for ``strategy_id``, when given)? Pure."""
     if stored is None:
         return Freshness("missing", MISSING, "the world has no risk snapshot")
-    snap = stored.snapshot
-    expires = stored.recorded_at + timedelta(seconds=snap.ttl_sec)
+    version = stored.version
+    expires = stored.recorded_at + timedelta(seconds=stored.ttl_sec)
     if now > expires:
-        return Freshness("stale", EXPIRED, f"snapshot {snap.version} expired at "
-                         f"{expires.isoformat()} (ttl {snap.ttl_sec}s)", snap.version)
-    lag = now - snap.as_of
+        return Freshness("stale", EXPIRED, f"snapshot {version} expired at "
+                         f"{expires.isoformat()} (ttl {stored.ttl_sec}s)", version)
+    lag = now - stored.as_of
     if lag > max_age:
-        return Freshness("stale", LAGGING, f"snapshot {snap.version} as_of {snap.as_of.isoformat()} "
-                         f"lags {lag} (max {max_age})", snap.version)
-    if strategy_id is not None and strategy_id not in snap.covered():
-        return Freshness("stale", INCOMPLETE, f"snapshot {snap.version} does not cover strategy "
-                         f"{strategy_id}", snap.version)
-    return Freshness("fresh", None, f"snapshot {snap.version} as_of {snap.as_of.isoformat()}",
-                     snap.version)
+        return Freshness("stale", LAGGING, f"snapshot {version} as_of {stored.as_of.isoformat()} "
+                         f"lags {lag} (max {max_age})", version)
+    if strategy_id is not None and strategy_id not in stored.covered():
+        return Freshness("stale", INCOMPLETE, f"snapshot {version} does not cover strategy "
+                         f"{strategy_id}", version)
+    return Freshness("fresh", None, f"snapshot {version} as_of {stored.as_of.isoformat()}", version)
 
 
 # --- store (the hub keeps snapshots; it computes nothing) ------------------------------------------
@@ -336,6 +467,31 @@ def _load(conn: Any, where: Any, order: Any = None) -> StoredSnapshot | None:
             while len(_VALIDATED) > _VALIDATED_MAX:
                 _VALIDATED.popitem(last=False)
     return StoredSnapshot(snapshot, row.content_hash, parse_instant(row.recorded_at), row.recorded_by)
+
+
+def latest_summary(conn: Any, world_id: str) -> SnapshotSummary | None:
+    """The summary of the world's latest snapshot (``latest_snapshot``) without reading its
+    document, unless the stored summary is missing or of another format."""
+    import sqlalchemy as sa
+
+    from qmtl_core.store import schema
+    from qmtl_core.timeutil import parse_instant
+
+    t = schema.risk_snapshots
+    row = conn.execute(
+        sa.select(t.c.id, t.c.world_id, t.c.version, t.c.as_of, t.c.ttl_sec, t.c.content_hash, t.c.recorded_at,
+                  t.c.recorded_by, t.c.summary)
+        .where(t.c.world_id == world_id).order_by(t.c.as_of.desc(), t.c.id.desc()).limit(1)).first()
+    if row is None:
+        return None
+    doc = row.summary
+    if not isinstance(doc, Mapping) or doc.get("format") != SUMMARY_FORMAT:
+        stored = _load(conn, t.c.id == row.id)
+        assert stored is not None
+        return SnapshotSummary.of(stored)
+    return SnapshotSummary(row.world_id, row.version, parse_instant(row.as_of), row.ttl_sec, doc["stage"],
+                           row.content_hash, parse_instant(row.recorded_at), row.recorded_by,
+                           doc["strategies"], doc["uncovered"])
 
 
 def latest_snapshot(conn: Any, world_id: str) -> StoredSnapshot | None:
@@ -387,7 +543,7 @@ def put_snapshot(conn: Any, snapshot: RiskSnapshot, *, known_strategies: set[str
     conn.execute(sa.insert(schema.risk_snapshots).values(
         world_id=snapshot.world_id, version=snapshot.version, as_of=iso(snapshot.as_of),
         ttl_sec=snapshot.ttl_sec, content_hash=digest, document=snapshot.canonical(),
-        recorded_at=iso(now), recorded_by=actor))
+        summary=summarize(snapshot), recorded_at=iso(now), recorded_by=actor))
     ledger.append(conn, actor=actor, kind="risk.snapshot_updated", now=now, world=snapshot.world_id,
                   subject=f"risk snapshot {snapshot.version}",
                   reason=f"posted by {snapshot.provenance.actor} for stage {snapshot.provenance.stage}",

@@ -123,6 +123,30 @@ def test_window_does_not_advance_without_new_data(svc) -> None:  # type: ignore[
     assert _count(svc, schema.run_revisions) == runs_before
 
 
+def test_tick_reads_heads_and_summaries_not_history(svc) -> None:  # type: ignore[no-untyped-def]
+    """Flat in history: the tick never reads run revisions (their returns) or a snapshot document."""
+    ids = _backtests(svc, 2)
+    _loop(svc)
+    for days in (5, 6, 7):  # a history of runs and snapshots
+        svc.clock.advance(days=1)
+        _paper_snapshot(svc, ids, days, f"p{days}")
+        _loop(svc)
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    sa.event.listen(svc.store.engine, "before_cursor_execute", record)
+    try:
+        actions = svc.campaign_tick(WORLD)
+    finally:
+        sa.event.remove(svc.store.engine, "before_cursor_execute", record)
+    assert {a.reason for a in actions} == {"window_incomplete"}
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert any("run_heads" in s for s in selects) and any("risk_snapshots.summary" in s for s in selects)
+    assert not [s for s in selects if "run_revisions" in s or "risk_snapshots.document" in s]
+
+
 def test_plan_changes_nothing(svc) -> None:  # type: ignore[no-untyped-def]
     _backtests(svc, 2)
     tables = [schema.ledger, schema.campaign_actions, schema.strategies, schema.run_revisions, schema.leases]

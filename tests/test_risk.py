@@ -177,3 +177,67 @@ def test_bad_json_names_line(hub: Path) -> None:
 def test_show_missing_is_not_found(qmtl_env: dict[str, str]) -> None:
     ran = qmtl("risk", "show", W)
     assert ran.exit_code == 3 and "no risk snapshot" in ran.stderr
+
+
+# --- summaries (schema v4): what the tick reads instead of the document ------------------------------
+def _summary_doc() -> dict[str, Any]:
+    # Covered by weight and returns, by returns only (s3), by weight only (s2); times in two spellings.
+    return _doc(weights={"s1": 0.6, "s2": 0.4},
+                realized_returns={"s1": [{"ts": "2026-03-01T00:00:00.250000Z", "r": 1e-05},
+                                         {"ts": "2026-03-02T09:00:00+09:00", "r": -0.005}],
+                                  "s3": [{"ts": "2026-03-01T12:00:00Z", "r": 0.02}]})
+
+
+@pytest.mark.parametrize("strategy_id", ["s1", "s2", "s3", "not-covered", ""])
+def test_summary_reads_the_same_as_the_whole_snapshot(strategy_id: str) -> None:
+    from qmtl_core.risk import SnapshotSummary, summarize
+
+    stored = _stored(_summary_doc())
+    # Through JSON, as the store keeps it.
+    summary = SnapshotSummary.of(stored, json.loads(json.dumps(summarize(stored.snapshot))))
+    assert summary.covered() == stored.covered() == {"s1", "s2", "s3"}
+    assert summary.series(strategy_id) == stored.series(strategy_id)
+    assert summary.substance_hash(strategy_id) == stored.substance_hash(strategy_id)
+    assert (summary.version, summary.as_of, summary.ttl_sec, summary.stage, summary.content_hash) == (
+        stored.version, stored.as_of, stored.ttl_sec, stored.stage, stored.content_hash)
+    for now in (NOW, NOW + timedelta(minutes=20), NOW + timedelta(hours=1)):
+        assert freshness(summary, now=now, max_age=timedelta(minutes=15), strategy_id=strategy_id) == \
+            freshness(stored, now=now, max_age=timedelta(minutes=15), strategy_id=strategy_id)
+    assert stored.series("s1") == (datetime(2026, 3, 2, 0, 0, tzinfo=timezone.utc), 2)
+
+
+def test_substance_hash_moves_with_the_strategys_risk_content_only() -> None:
+    base = _stored(_summary_doc())
+    other_version = _stored({**_summary_doc(), "version": "v2", "as_of": "2026-03-02T11:59:30Z"})
+    assert other_version.substance_hash("s1") == base.substance_hash("s1")  # a routine refresh
+    changed = _summary_doc()
+    changed["realized_returns"]["s1"][0]["r"] = 2e-05
+    assert _stored(changed).substance_hash("s1") != base.substance_hash("s1")
+    assert _stored(changed).substance_hash("s3") == base.substance_hash("s3")
+
+
+def test_a_stored_summary_of_another_format_is_remade_from_the_document(tmp_path: Path) -> None:
+    from qmtl_core.risk import latest_summary, put_snapshot, summarize
+
+    store = open_store(f"sqlite:///{tmp_path / 'q.db'}")
+    snap = parse_snapshot(_summary_doc())
+    with store.write() as conn:
+        put_snapshot(conn, snap, known_strategies={"s1", "s2", "s3"}, actor="t", now=NOW)
+        stored = conn.execute(sa.select(schema.risk_snapshots.c.summary)).scalar_one()
+        assert stored == json.loads(json.dumps(summarize(snap)))
+        wrong = {**stored, "format": 0, "strategies": {}}
+        conn.execute(sa.update(schema.risk_snapshots).values(summary=wrong))
+    with store.read() as conn:
+        summary = latest_summary(conn, W)
+    assert summary is not None and summary.covered() == {"s1", "s2", "s3"}
+    assert summary.series("s3") == (datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc), 1)
+    store.dispose()
+
+
+def test_snapshot_and_substance_hashes_are_those_earlier_versions_stored() -> None:
+    """Pending promotion requests and approvals hold these hashes: a change voids them all."""
+    stored = _stored({**_summary_doc(), "world_id": "w"})
+    assert stored.content_hash == "925974bce25f19c0e9a6eb5ee8624514f4111333737955e7c6a0229b9fb10934"
+    # Computed by qmtl at 15b2e3b (before return points were validated natively).
+    assert [stored.substance_hash(s)[:16] for s in ("s1", "s2", "s3", "zz")] == [
+        "4f932cbf8dc7cb2f", "bd178d78d9c9c1cb", "df85afe62c15b90f", "78a45c2cdc46a0c6"]

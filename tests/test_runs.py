@@ -242,21 +242,33 @@ def test_a_backdated_record_does_not_displace_a_newer_head(svc, clock: Clock) ->
     assert _heads(svc) == _latest_by_ranking(svc)
 
 
-def test_migration_to_v3_fills_run_heads_from_stored_runs(svc, clock: Clock, store_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_migrating_a_v2_store_fills_run_heads_and_the_latest_snapshot_summary(svc, clock: Clock,  # type: ignore[no-untyped-def]
+                                                                              store_url: str) -> None:
+    from qmtl_core.risk import latest_summary, summarize
     from qmtl_core.store import current_version, migrate
     from qmtl_core.store._store import Store
 
     _record_history(svc, clock)
+    old = _snapshot(clock, version="v1", returns={"s2": daily(3)}, weights={"s1": 0.5, "s2": 0.5})
+    svc.put_risk_snapshot(old)
+    clock.advance(minutes=5)
+    new = _snapshot(clock, version="v2", returns={"s2": daily(4)}, weights={"s1": 0.5, "s2": 0.5})
+    svc.put_risk_snapshot(new)
     kept = _heads(svc)
-    # Turn the store back into a v2 store that has runs but no heads, then open it again.
+    # Turn the store back into a v2 store: runs and snapshots, but no heads and no summaries.
     with svc.store.write() as conn:
         schema.run_heads.drop(conn)
-        conn.execute(sa.delete(schema.schema_version).where(schema.schema_version.c.version == 3))
+        conn.execute(sa.text("ALTER TABLE risk_snapshots DROP COLUMN summary"))
+        conn.execute(sa.delete(schema.schema_version).where(schema.schema_version.c.version > 2))
     svc.close()
     store = Store(store_url)
     with store.write() as conn:
         assert current_version(conn) == 2
-        assert migrate(conn) == [3]
+        assert migrate(conn) == [3, 4]
+    with store.read() as conn:
+        summaries = dict(conn.execute(sa.select(schema.risk_snapshots.c.version, schema.risk_snapshots.c.summary)).all())
+        assert summaries == {"v1": None, "v2": summarize(new)}  # only the latest is filled
+        assert latest_summary(conn, W).series("s2") == (daily(4)[-1][0], 4)
     store.dispose()
     again = make_service(store_url, svc.settings.worlds_dir, svc.settings.home, clock)
     try:

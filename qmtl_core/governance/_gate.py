@@ -17,7 +17,7 @@ from typing import Any
 from qmtl_core.campaign import RunSummary, progress
 from qmtl_core.canonical import content_hash
 from qmtl_core.policy import WorldPolicy
-from qmtl_core.risk import StoredSnapshot, freshness
+from qmtl_core.risk import SnapshotView, freshness
 from qmtl_core.timeutil import iso
 
 FAIL_CLOSED = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
@@ -66,7 +66,7 @@ class GateInput:
     strategy_id: str
     stage: str | None
     paper_run: RunSummary | None
-    snapshot: StoredSnapshot | None
+    snapshot: SnapshotView | None
     halted: bool = False
     live_strategies: frozenset[str] = frozenset()
     last_live_promotion_at: datetime | None = None
@@ -125,25 +125,9 @@ def evidence_of(g: GateInput) -> dict[str, Any]:
     }
 
 
-def snapshot_evidence(stored: StoredSnapshot, strategy_id: str) -> dict[str, Any]:
-    """The part of a risk snapshot a promotion of ``strategy_id`` rests on, hashed.
-
-    Not the whole snapshot's hash: producers re-post every few minutes with a new ``as_of`` and
-    version, and binding approvals to that would void every approval at every refresh. What is
-    bound is the substance — the strategy's weight, its covariance entries, its realized returns,
-    the stress and constraints — so new risk *content* voids approvals and a routine refresh does not.
-    """
-    snap = stored.snapshot
-    # Built from the model directly (not a dump of the whole snapshot): the cost is this strategy's
-    # data, not the snapshot's, which matters when a world has many paper strategies.
-    cov = {k: v for k, v in (snap.covariance or {}).items() if strategy_id in (p.strip() for p in k.split(","))}
-    points = (snap.realized_returns or {}).get(strategy_id)
-    substance = {"weight": snap.weights.get(strategy_id), "covariance": cov,
-                 "realized_returns": None if points is None else
-                 [{"ts": p.ts.isoformat(), "r": p.r} for p in points],
-                 "stress": snap.stress, "constraints": snap.constraints,
-                 "stage": snap.provenance.stage}
-    return {"content_hash": content_hash(substance)}
+def snapshot_evidence(stored: SnapshotView, strategy_id: str) -> dict[str, Any]:
+    """The part of a risk snapshot a promotion of ``strategy_id`` rests on (``risk.substance_hash``)."""
+    return {"content_hash": stored.substance_hash(strategy_id)}
 
 
 def count_approvals(g: GateInput, evidence_hash: str, now: datetime) -> tuple[list[str], list[Reason]]:

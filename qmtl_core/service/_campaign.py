@@ -24,7 +24,7 @@ from qmtl_core.campaign import Action, RunSummary, StrategyState, WorldState, ti
 from qmtl_core.errors import ConflictError
 from qmtl_core.governance._activations import set_stage
 from qmtl_core.governance._requests import apply_if_allowed, governance_state, promote
-from qmtl_core.risk import latest_snapshot
+from qmtl_core.risk import latest_summary
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso, parse_instant, parse_optional_instant
 
@@ -81,7 +81,7 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
     strategies = tuple(StrategyState(sid, stage, latest.get(sid, {}), submitters.get(sid),
                                      f"{since.get(sid)}#{gov['set_version']}")
                        for sid, stage in sorted(stages.items()))
-    return WorldState(world, loaded.policy, strategies, latest_snapshot(conn, world), bool(halted),
+    return WorldState(world, loaded.policy, strategies, latest_summary(conn, world), bool(halted),
                       gov["live_strategies"], gov["last_live_promotion_at"], gov["requests"])
 
 

@@ -64,10 +64,30 @@ def _run_heads(conn: Connection) -> None:
          "updated_at"], latest))
 
 
+def _snapshot_summaries(conn: Connection) -> None:
+    """Add ``risk_snapshots.summary`` and fill it for each world's latest snapshot (the one the
+    campaign reads); older ones keep none and are summarised from their document when read."""
+    from qmtl_core.risk import SUMMARY_FORMAT, RiskSnapshot, summarize
+
+    t = schema.risk_snapshots
+    kind = t.c.summary.type.compile(dialect=conn.dialect)
+    if "summary" not in {c["name"] for c in sa.inspect(conn).get_columns("risk_snapshots")}:
+        conn.execute(sa.text(f"ALTER TABLE risk_snapshots ADD COLUMN summary {kind}"))
+    ranked = sa.select(t.c.id, sa.func.row_number().over(
+        partition_by=t.c.world_id, order_by=(t.c.as_of.desc(), t.c.id.desc())).label("rank")).subquery()
+    latest = [r.id for r in conn.execute(sa.select(ranked.c.id).where(ranked.c.rank == 1))]
+    for snapshot_id in latest:
+        document = conn.execute(sa.select(t.c.document).where(t.c.id == snapshot_id)).scalar_one()
+        summary = summarize(RiskSnapshot.model_validate(document))
+        assert summary["format"] == SUMMARY_FORMAT
+        conn.execute(sa.update(t).where(t.c.id == snapshot_id).values(summary=summary))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _initial),
     Migration(2, "api tokens for qmtl serve", _api_tokens),
     Migration(3, "run heads: the latest run per strategy and stage", _run_heads),
+    Migration(4, "risk snapshot summaries for the campaign tick", _snapshot_summaries),
 ]
 
 

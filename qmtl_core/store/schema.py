@@ -130,6 +130,8 @@ risk_snapshots = sa.Table(
     sa.Column("document", JSONDoc, nullable=False),
     sa.Column("recorded_at", Time, nullable=False),
     sa.Column("recorded_by", Name, nullable=False),
+    #: Schema v4: ``risk.summarize(document)``, what the campaign tick reads instead of the document.
+    sa.Column("summary", JSONDoc),
     sa.UniqueConstraint("world_id", "version", name="uq_risk_snapshots_version"),
 )
 sa.Index("ix_risk_snapshots_world_asof", risk_snapshots.c.world_id, risk_snapshots.c.as_of)
