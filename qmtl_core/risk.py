@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_core import PydanticCustomError
 
 from qmtl_core.canonical import content_hash
 from qmtl_core.errors import BadInputError
@@ -76,7 +77,7 @@ class _Doc(BaseModel):
 
 @pydantic_dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class ReturnPoint:
-    """One realized return of a strategy (``ts`` in UTC; see ``_utc_points``)."""
+    """One realized return of a strategy (``ts`` in UTC; checked by ``_points``)."""
 
     # A slotted dataclass validated natively (no Python callback per point, one object per point
     # instead of a model's three): a world's snapshot can hold many thousand points, and the
@@ -85,28 +86,41 @@ class ReturnPoint:
     r: float = Field(allow_inf_nan=False)
 
 
-def _utc_points(value: Any) -> Any:
-    """Realized returns with every ``ts`` in UTC; one pass in Python over the raw points.
-
-    A ``...Z`` string is left to the native validator (the common case, and every stored
-    document); any other time goes through ``_aware`` for UTC conversion and its clear messages.
-    """
+def _points(value: Any) -> Any:
+    """Realized returns checked and normalised in one Python pass: each ``ts`` read as before
+    (``_aware``: ISO-8601 with a zone, in UTC), each ``r`` finite, no other keys. A problem is
+    raised with the point's location (``realized_returns.<strategy>.<i>.<field>``)."""
     if not isinstance(value, Mapping):
-        return value
+        return value  # the field's own type check says what is wrong
     out: dict[Any, Any] = {}
     for name, points in value.items():
-        if type(points) is list:  # exact types first: this loop runs once per point
-            fixed = None
-            for i, point in enumerate(points):
-                ts = point.get("ts") if type(point) is dict or isinstance(point, Mapping) else None
-                if ts is None or (type(ts) is str and ts.endswith("Z")):
-                    continue
-                if fixed is None:
-                    fixed = list(points)
-                fixed[i] = {**point, "ts": _aware(ts, "ts")}
-            points = points if fixed is None else fixed
-        out[name] = points
+        if not isinstance(points, list):
+            out[name] = points
+            continue
+        checked = []
+        for i, point in enumerate(points):
+            if not isinstance(point, Mapping):
+                checked.append(point)
+                continue
+            where = f"realized_returns.{name}.{i}"
+            extra = sorted(set(point) - {"ts", "r"})
+            if extra:
+                raise _located(f"{where}.{extra[0]}", "Extra inputs are not permitted")
+            r = point.get("r")
+            if isinstance(r, float) and not math.isfinite(r):
+                raise _located(f"{where}.r", f"r is {r} (must be a finite number)")
+            try:
+                ts = _aware(point.get("ts"), "ts")
+            except ValueError as exc:
+                raise _located(f"{where}.ts", str(exc)) from None
+            checked.append({"ts": ts, "r": r} if "r" in point else {"ts": ts})
+        out[name] = checked
     return out
+
+
+def _located(where: str, message: str) -> PydanticCustomError:
+    # The field validator's own location is the whole field; ``parse_snapshot`` prefers this one.
+    return PydanticCustomError("snapshot_point", "{message}", {"message": message, "where": where})
 
 
 class Provenance(_Doc):
@@ -140,7 +154,7 @@ class RiskSnapshot(_Doc):
     @field_validator("realized_returns", mode="before")
     @classmethod
     def _realized_returns(cls, v: Any) -> Any:
-        return _utc_points(v)
+        return _points(v)
 
     @field_validator("weights")
     @classmethod
@@ -211,7 +225,7 @@ class RiskSnapshot(_Doc):
 
 
 def _where(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "snapshot"
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
 
 
 def parse_snapshot(document: Any, *, source: str = "snapshot") -> RiskSnapshot:
@@ -224,7 +238,8 @@ def parse_snapshot(document: Any, *, source: str = "snapshot") -> RiskSnapshot:
         first = exc.errors()[0]
         message = str(first["msg"]).removeprefix("Value error, ")
         more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise SnapshotError(f"{source}: {_where(tuple(first['loc']))}: {message}{more}",
+        where = (first.get("ctx") or {}).get("where") or _where(tuple(first["loc"]))
+        raise SnapshotError(f"{source}: {where + ': ' if where else ''}{message}{more}",
                             details={"errors": [{"loc": list(map(str, e["loc"])), "msg": e["msg"]}
                                                 for e in exc.errors()]}) from None
 
@@ -540,10 +555,13 @@ def put_snapshot(conn: Any, snapshot: RiskSnapshot, *, known_strategies: set[str
             f"risk snapshot {snapshot.world_id} version {snapshot.version} already exists with other "
             f"content (hash {existing.content_hash[:12]}, this one {digest[:12]})",
             hint="post changed content under a new version")
+    document = snapshot.canonical()
+    # Summarised as it will be read back (the canonical document: a NaN in stress is null there),
+    # so the stored summary answers exactly what the stored document does.
     conn.execute(sa.insert(schema.risk_snapshots).values(
         world_id=snapshot.world_id, version=snapshot.version, as_of=iso(snapshot.as_of),
-        ttl_sec=snapshot.ttl_sec, content_hash=digest, document=snapshot.canonical(),
-        summary=summarize(snapshot), recorded_at=iso(now), recorded_by=actor))
+        ttl_sec=snapshot.ttl_sec, content_hash=digest, document=document,
+        summary=summarize(RiskSnapshot.model_validate(document)), recorded_at=iso(now), recorded_by=actor))
     ledger.append(conn, actor=actor, kind="risk.snapshot_updated", now=now, world=snapshot.world_id,
                   subject=f"risk snapshot {snapshot.version}",
                   reason=f"posted by {snapshot.provenance.actor} for stage {snapshot.provenance.stage}",

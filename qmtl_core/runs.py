@@ -303,12 +303,14 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
 
 def _advance_head(conn: Connection, *, world_id: str, strategy_id: str, stage: str, run_pk: int,
                   head: dict[str, Any]) -> None:
-    """Point the (strategy, stage) head at the revision just written, if its run is now the latest.
+    """Keep the (strategy, stage) head on the latest revision of the latest run after a write.
 
-    "Latest" is the order ``list_runs`` shows: by the run's ``updated_at``, then its id. With a
-    clock that moves forward every new revision wins; a backdated one does not displace a newer run.
+    "Latest" is the order ``list_runs`` shows: by the run's ``updated_at``, then its id. The head
+    is the maximum of that order: a write that sorts at or above it becomes the head; one that
+    sorts below it leaves it, unless it is the head's own run moving down (a clock set back), when
+    the head is found again among the stage's runs.
     """
-    heads = schema.run_heads
+    heads, runs_t = schema.run_heads, schema.evaluation_runs
     key = (heads.c.world_id == world_id, heads.c.strategy_id == strategy_id, heads.c.stage == stage)
     current = conn.execute(sa.select(heads.c.run_pk, heads.c.updated_at).where(*key)).first()
     if current is None:
@@ -316,6 +318,26 @@ def _advance_head(conn: Connection, *, world_id: str, strategy_id: str, stage: s
                                              run_pk=run_pk, **head))
     elif (head["updated_at"], run_pk) >= (current.updated_at, current.run_pk):
         conn.execute(sa.update(heads).where(*key).values(run_pk=run_pk, **head))
+    elif current.run_pk == run_pk:
+        latest = conn.execute(
+            sa.select(runs_t.c.id).where(runs_t.c.world_id == world_id, runs_t.c.strategy_id == strategy_id,
+                                         runs_t.c.stage == stage)
+            .order_by(runs_t.c.updated_at.desc(), runs_t.c.id.desc()).limit(1)).scalar_one()
+        conn.execute(sa.update(heads).where(*key).values(**_head_of(conn, latest)))
+
+
+def _head_of(conn: Connection, run_pk: int) -> dict[str, Any]:
+    """The head columns for a run's latest revision, read from the store."""
+    runs_t, revs = schema.evaluation_runs, schema.run_revisions
+    row = conn.execute(sa.select(runs_t.c.run_id, runs_t.c.updated_at, revs)
+                       .join(revs, sa.and_(revs.c.run_pk == runs_t.c.id, revs.c.revision == runs_t.c.latest_revision))
+                       .where(runs_t.c.id == run_pk)).one()
+    window = row.window or {}
+    return {"run_pk": run_pk, "run_id": row.run_id, "revision": row.revision, "status": row.status,
+            "policy_version": row.policy_version, "content_hash": row.content_hash,
+            "window_start": window.get("start"), "window_end": window.get("end"),
+            "n_observations": int(window.get("n_observations") or 0), "metrics": row.metrics,
+            "rule_results": row.rule_results, "updated_at": row.updated_at}
 
 
 def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: str | None,

@@ -38,4 +38,7 @@ def parse_optional_instant(text: str | None) -> datetime | None:
 
 def iso(value: datetime) -> str:
     """Format an aware datetime as fixed-width ISO-8601 UTC (microseconds, ``Z``), sortable as text."""
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Not strftime: its %Y does not pad years before 1000 on every platform.
+    u = value.astimezone(timezone.utc)
+    return (f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}."
+            f"{u.microsecond:06d}Z")

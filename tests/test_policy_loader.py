@@ -114,6 +114,8 @@ CORPUS: list[tuple[str, str, int, str]] = [
     ("bad_indent", _sub("    max_live_slots: 3", "   max_live_slots: 3"), 25, "not valid YAML"),
     ("webhook_not_url", BASE + "notifications: {webhook: not-a-url}\n", 29, "notifications.webhook"),
     ("periods_zero", _sub("periods_per_year: 252", "periods_per_year: 0"), 4, "periods_per_year"),
+    ("nul_character", _sub("periods_per_year: 252", "periods_per_year: 25\x002"), 4, "(U+0000)"),
+    ("undefined_alias", _sub("allow_live: true", "allow_live: *nope"), 3, "found undefined alias 'nope'"),
 ]
 
 

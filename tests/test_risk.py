@@ -95,6 +95,19 @@ def test_freshness_incomplete_for_an_uncovered_strategy() -> None:
     ({"extra_field": 1}, "extra_field"),
     ({"provenance": {"actor": "x", "stage": "prod"}}, "provenance.stage"),
     ({"covariance_ref": "s3://bucket/cov.parquet"}, "not both"),
+    # Each point's problem names the point.
+    ({"realized_returns": {"s1": [{"ts": "2026-03-01T00:00:00Z", "r": 0.1},
+                                  {"ts": "2026-03-02T00:00:00", "r": 0.1}]}},
+     "realized_returns.s1.1.ts: ts '2026-03-02T00:00:00' has no time zone"),
+    ({"realized_returns": {"s1": [{"ts": 1772323200, "r": 0.1}]}},
+     "realized_returns.s1.0.ts: ts must be an ISO-8601 time with a time zone"),
+    ({"realized_returns": {"s1": [{"ts": "2026-03-01T00:00:00Z", "r": float("inf")}]}},
+     "realized_returns.s1.0.r: r is inf (must be a finite number)"),
+    ({"realized_returns": {"s1": [{"ts": "2026-03-01T00:00:00Z", "r": 0.1, "note": "x"}]}},
+     "realized_returns.s1.0.note: Extra inputs are not permitted"),
+    ({"realized_returns": {"s1": [{"ts": "2026-03-02T00:00:00Z", "r": 0.1},
+                                  {"ts": "2026-03-01T00:00:00Z", "r": 0.1}]}},
+     "snapshot: realized_returns['s1']: ts"),
 ])
 def test_bad_snapshots_are_one_clear_line(over: dict[str, Any], fragment: str) -> None:
     with pytest.raises(SnapshotError) as caught:
@@ -241,3 +254,27 @@ def test_snapshot_and_substance_hashes_are_those_earlier_versions_stored() -> No
     # Computed by qmtl at 15b2e3b (before return points were validated natively).
     assert [stored.substance_hash(s)[:16] for s in ("s1", "s2", "s3", "zz")] == [
         "4f932cbf8dc7cb2f", "bd178d78d9c9c1cb", "df85afe62c15b90f", "78a45c2cdc46a0c6"]
+
+
+def test_times_in_any_iso_spelling_with_a_zone_are_read_as_utc() -> None:
+    spellings = [" 2026-03-01T00:00:00Z", "20260301T000000Z", "2026-03-01T09:00:00+09:00", "2026-03-01T00:00:00z",
+                 "2026-02-28T19:00:00-05:00"]
+    for ts in spellings:
+        snap = parse_snapshot(_doc(realized_returns={"s1": [{"ts": ts, "r": 0.01}]}))
+        assert snap.returns_of("s1") == [(datetime(2026, 3, 1, tzinfo=timezone.utc), 0.01)], ts
+
+
+def test_non_finite_stress_is_stored_as_null_and_summarised_as_stored(tmp_path: Path) -> None:
+    from qmtl_core.risk import SnapshotSummary, latest_snapshot, latest_summary, put_snapshot
+
+    store = open_store(f"sqlite:///{tmp_path / 'q.db'}")
+    snap = parse_snapshot(_doc(stress={"shock": float("nan"), "ok": -0.2}))
+    with store.write() as conn:
+        put_snapshot(conn, snap, known_strategies={"s1", "s2"}, actor="t", now=NOW)
+    with store.read() as conn:
+        stored, summary = latest_snapshot(conn, W), latest_summary(conn, W)
+    assert stored is not None and summary is not None
+    assert stored.snapshot.stress == {"shock": None, "ok": -0.2}
+    assert summary == SnapshotSummary.of(stored)
+    assert all(summary.substance_hash(s) == stored.substance_hash(s) for s in ("s1", "s2", "s9"))
+    store.dispose()

@@ -279,3 +279,24 @@ def test_migrating_a_v2_store_fills_run_heads_and_the_latest_snapshot_summary(sv
         assert dict(s1.metrics) == head[11] and s1.progress[0].n_observations == head[10] == 620
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("other_run", [False, True])
+def test_heads_follow_a_run_whose_clock_went_back(svc, clock: Clock, other_run: bool) -> None:  # type: ignore[no-untyped-def]
+    """A new revision of the head's own run recorded under a clock set back still moves the head
+    (the gate must not decide on a superseded revision); if another run now sorts first, it is the head."""
+    if other_run:
+        svc.record_evaluation(W, strategy_id="s1", stage="paper", run_id="a", returns=daily(30, seed=3))
+        clock.advance(minutes=1)
+    svc.record_evaluation(W, strategy_id="s1", stage="paper", run_id="p", returns=daily(40, seed=1, mean=0.004))
+    clock.advance(minutes=-5)  # NTP stepped the clock back, or another host wrote
+    svc.record_evaluation(W, strategy_id="s1", stage="paper", run_id="p", returns=daily(40, seed=1, mean=-0.01))
+    assert _heads(svc) == _latest_by_ranking(svc)
+    from qmtl_core.governance._requests import paper_run_summary
+
+    latest = svc.list_runs(W, strategy_id="s1", stage="paper")[0]
+    with svc.store.read() as conn:
+        head = paper_run_summary(conn, W, "s1")
+    assert head is not None and (head.run_id, head.revision, head.status) == (
+        latest.run_id, latest.revision, latest.status)
+    assert (latest.run_id, latest.revision) == (("a", 1) if other_run else ("p", 2))

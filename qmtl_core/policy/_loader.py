@@ -132,8 +132,10 @@ class _Builder:
         return out
 
 
-#: libyaml's parser when PyYAML was built with it (about 5x faster; same nodes and marks).
-_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+#: libyaml's parser when PyYAML was built with it: about 5x faster, same nodes and marks. Its
+#: messages are terser (an undefined alias is not named), so a document it refuses is read again
+#: by PyYAML's own parser, whose message is the one shown.
+_FastLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _TAB_INDENT = re.compile(r"^( *)\t", re.MULTILINE)
 
@@ -144,8 +146,23 @@ def _parse(text: str) -> tuple[Any, _Builder]:
         line = text.count("\n", 0, tab.start()) + 1
         raise _Invalid(Problem(Mark(line, len(tab.group(1)) + 1), "tab character in indentation",
                                "YAML indents with spaces only; replace the tab with spaces"))
-    loader = _Loader(text)
     try:
+        return _compose(_FastLoader, text)
+    except _Invalid as fast:
+        if _FastLoader is yaml.SafeLoader:
+            raise
+        try:
+            _compose(yaml.SafeLoader, text)
+        except _Invalid as slow:
+            if slow.problem.mark is not None or fast.problem.mark is None:
+                raise slow from None
+        raise fast from None
+
+
+def _compose(loader_class: Any, text: str) -> tuple[Any, _Builder]:
+    loader = None
+    try:
+        loader = loader_class(text)
         node = loader.get_single_node()
         builder = _Builder(loader)
         if node is None:
@@ -157,10 +174,20 @@ def _parse(text: str) -> tuple[Any, _Builder]:
         problem = exc.problem or exc.context or "not valid YAML"
         context = f" {exc.context}" if exc.context and exc.problem else ""
         raise _Invalid(Problem(_mark(mark), f"not valid YAML: {problem}{context}".strip())) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, a control character)
+        raise _Invalid(Problem(_reader_mark(text, exc.position),
+                               f"not valid YAML: {exc.reason} (U+{int(exc.character):04X})",
+                               "remove it, or write it as an escape inside double quotes")) from None
     except yaml.YAMLError as exc:
         raise _Invalid(Problem(None, f"not valid YAML: {exc}")) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _reader_mark(text: str, position: int) -> Mark:
+    line = text.count("\n", 0, position) + 1
+    return Mark(line, position - (text.rfind("\n", 0, position) + 1) + 1)
 
 
 # --- mapping pydantic errors back to the source --------------------------------------------------
