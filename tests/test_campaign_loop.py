@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from qmtl_core.datafiles import ReturnsTable
 from qmtl_core.risk import parse_snapshot
 from qmtl_core.store import open_store, schema
+from qmtl_core.timeutil import parse_instant
 from tests._service import Clock, make_service
 from tests.cli_helpers import qmtl
 
@@ -222,7 +223,8 @@ def test_killed_loop_is_taken_over_after_the_lease_expires(svc, store_url: str, 
     svc.clock = lambda: datetime.now(timezone.utc)  # the subprocesses use the real clock
     _paper_snapshot(svc, ids, 5, "p5")
     env = _cli_env(store_url, camp_dir, tmp_path / "home")
-    victim = _loop_proc(env, "--lease-ttl", "3s")
+    # Long enough that the next process surely starts (a loaded CI machine) before the lease expires.
+    victim = _loop_proc(env, "--lease-ttl", "8s")
     deadline = time.monotonic() + 60
     while _count(svc, schema.campaign_actions, action="evaluate") < 10:
         assert victim.poll() is None, victim.communicate()[1][-500:]
@@ -234,8 +236,10 @@ def test_killed_loop_is_taken_over_after_the_lease_expires(svc, store_url: str, 
     assert done_by_victim < len(ids)
     busy = subprocess.run([sys.executable, "-m", "qmtl_cli", "world", "campaign-loop", "--world", WORLD,
                            "--once", "--execute"], env=env, cwd=ROOT, capture_output=True, text=True)
-    assert busy.returncode == 75 and "leased by" in busy.stdout
-    time.sleep(3.2)
+    assert busy.returncode == 75 and "leased by" in busy.stdout, (busy.returncode, busy.stdout[-300:])
+    with svc.store.read() as conn:
+        expires = parse_instant(conn.execute(sa.select(schema.leases.c.expires_at)).scalar_one())
+    time.sleep(max(0.0, (expires - datetime.now(timezone.utc)).total_seconds()) + 0.2)
     heir = subprocess.run([sys.executable, "-m", "qmtl_cli", "world", "campaign-loop", "--world", WORLD,
                            "--once", "--execute", "--json"], env=env, cwd=ROOT, capture_output=True, text=True)
     assert heir.returncode == 11, heir.stderr[-500:]
