@@ -193,6 +193,7 @@ def test_gate_table_matches_the_store(world: dict[str, Any], tmp_path: Path) -> 
     assert sorted(t["attrs"]["data-strategy"] for t in tables(parsed, "gates")) == ["a", "b", "c"]
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_report_contents_and_json(world: dict[str, Any]) -> None:
     ran = qmtl("world", "report", "rep", "--json")
     assert ran.exit_code == 0, ran.stderr
@@ -242,6 +243,7 @@ def test_page_references_nothing_outside_itself(world: dict[str, Any], tmp_path:
     assert re.findall(r"https?://", html) == []
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_strategy_filter(world: dict[str, Any]) -> None:
     ran = qmtl("world", "report", "rep", "--strategy", "b", "--json")
     assert ran.exit_code == 0, ran.stderr
@@ -257,6 +259,7 @@ def test_strategy_filter(world: dict[str, Any]) -> None:
     assert missing.exit_code == 3 and "zz" in missing.stderr
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_at_reports_the_past(world: dict[str, Any]) -> None:
     at = (world["live_at"] + timedelta(hours=1)).isoformat()
     ran = qmtl("world", "report", "rep", "--at", at, "--json")
@@ -282,6 +285,7 @@ def test_at_reports_the_past(world: dict[str, Any]) -> None:
     assert bad.exit_code == 2 and "--at" in bad.stderr
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_png_format(world: dict[str, Any], tmp_path: Path) -> None:
     target = tmp_path / "charts"
     ran = qmtl("world", "report", "rep", "--format", "png", "--out", str(target), "--json")
@@ -301,6 +305,7 @@ def test_png_format(world: dict[str, Any], tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "html or png" in unknown.stderr
 
 
+@pytest.mark.usefixtures("cli_mode")
 def test_world_without_strategies_and_unknown_world(qmtl_env: dict[str, str], tmp_path: Path) -> None:
     empty = qmtl("world", "report", "research-sandbox")
     assert empty.exit_code == 0 and "no strategies yet" in empty.stdout
@@ -458,3 +463,16 @@ def test_many_activations_fold_away_live_first() -> None:
     assert len(rest["rows"]) == 5 and "<details><summary>5 more" in html and "HALTED" in html
     assert "no stored returns to chart" in html  # a strategy with no runs still renders
     assert '<a href="#s-z-live">z-live</a>' in html and '<a href="#s-p00">' not in html  # links only to sections
+
+
+@pytest.mark.parametrize("name", ["../escape.png", "/tmp/abs.png", ".hidden.png", "sub/dir.png"])
+def test_report_files_from_a_server_stay_in_the_target_directory(tmp_path: Path, name: str) -> None:
+    import base64
+
+    from qmtl_core.errors import BadInputError
+    from qmtl_core.report._document import save_report
+
+    doc = {"format": "png", "png": {name: base64.b64encode(b"\x89PNG").decode()}}
+    with pytest.raises(BadInputError):
+        save_report(doc, tmp_path / "charts")
+    assert not list(tmp_path.rglob("*.png"))

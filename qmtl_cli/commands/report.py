@@ -64,6 +64,7 @@ def report(
     gates, campaign windows, activations, the decision timeline and pending requests' evidence hashes.
 
     The HTML page is self-contained (inline SVG charts, CSS and script; it makes no network request).
+    With --server the server reads its store and renders the report; the files are written here.
     Exit 0 (also for a world with no strategies yet: nothing is written), 3 for an unknown world or
     strategy, 2 for a bad option.
     """
@@ -75,41 +76,37 @@ def report(
         raise UsageError("--format png writes PNG files into a directory; --out names that directory",
                          hint=f"e.g. --out {out.with_suffix('')}-charts")
     from qmtl_core.report import default_report_path
-    from qmtl_core.report._collect import collect
+    from qmtl_core.report._document import CONTENT_KEYS, save_report
     from qmtl_core.timeutil import parse_instant
 
     st = state(ctx)
     when = parse_instant(at, what="--at") if at else None
-    service = st.service()
+    client = st.client()
     with _progress(not st.json and sys.stderr.isatty()) as update:
-        update(0, None, f"reading {world}")
-        data = collect(service, world, strategy=strategy, at=when, top=top)
-        if not data.strategies:
-            message = (f"world {world} had no strategy with a recorded run at {data.at}: nothing to report"
-                       if data.at else f"world {world} has no strategies yet: nothing to report (submit one, "
-                                       "or record a run with qmtl world evaluate --strategy)")
-            emit({"world": world, "at": data.at, "format": fmt, "path": None, "files": [],
+        update(0, None, f"reading {world}" if st.settings().server is None else f"rendering {world} on the server")
+        report_doc = client.report(world, strategy_id=strategy, at=when, top=top, fmt=fmt, progress=update)
+        summary = {k: v for k, v in report_doc.items() if k not in CONTENT_KEYS}
+        if not summary["strategies_total"]:
+            stamp = summary.get("at")
+            message = (f"world {world} had no strategy with a recorded run at {stamp}: nothing to report"
+                       if stamp else f"world {world} has no strategies yet: nothing to report (submit one, "
+                                     "or record a run with qmtl world evaluate --strategy)")
+            emit({"world": world, "at": stamp, "format": fmt, "path": None, "files": [],
                   "strategies_total": 0, "message": message}, json_mode=st.json,
                  human=lambda c: c.print(message, markup=False))
             return
         target = out if out is not None else default_report_path(st.settings().home, world, strategy, fmt)
-        if fmt == "html":
-            from qmtl_core.report._render import write_html
-
-            files = [write_html(data, target, progress=update)]
-        else:
-            from qmtl_core.report._render import write_pngs
-
-            files = write_pngs(data, target, progress=update)
-    doc: dict[str, Any] = {"format": fmt, "path": str(target), "files": [str(f) for f in files], **data.to_dict()}
+        files = save_report(report_doc, target)
+    doc: dict[str, Any] = {"format": fmt, "path": str(target), "files": [str(f) for f in files], **summary}
+    at_label = summary.get("at")
+    shown = len(summary["strategies_in_full"])
+    total = summary["strategies_total"]
 
     def human(c: "Console") -> None:
-        shown = len(data.full)
         what = "report" if fmt == "html" else f"{len(files)} PNG files in"
-        n = len(data.strategies)
-        c.print(f"wrote {what} {target}  ({n} {'strategy' if n == 1 else 'strategies'}, {shown} in full"
-                + (f", as of {data.at}" if data.at else "") + ")", markup=False, highlight=False)
-        for p in data.pending:
+        c.print(f"wrote {what} {target}  ({total} {'strategy' if total == 1 else 'strategies'}, {shown} in full"
+                + (f", as of {at_label}" if at_label else "") + ")", markup=False, highlight=False)
+        for p in summary["pending_requests"]:
             c.print(f"  pending {p['request_id']} {p['strategy_id']}: evidence {p['evidence_hash']}", markup=False)
 
     emit(doc, json_mode=st.json, human=human)

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -154,8 +154,8 @@ class TearSheet:
         self.fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
         return clean_svg(buf.getvalue(), prefix or f"c{self._count}")
 
-    def png(self, path: Path) -> None:
-        """The figure as a PNG file."""
+    def png(self, path: Path | BinaryIO) -> None:
+        """The figure as a PNG (a file, or a binary stream)."""
         self.fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
 
 
@@ -178,7 +178,7 @@ def _percent() -> Any:
     return PercentFormatter(1.0, decimals=0)
 
 
-def monthly_png(chained: Chained, path: Path, title: str) -> bool:
+def monthly_png(chained: Chained, path: Path | BinaryIO, title: str) -> bool:
     """The monthly returns heat table as a PNG (``--format png``); ``False`` without returns."""
     rows = monthly_returns(chained)
     if not rows:

@@ -81,12 +81,13 @@ def _fraction(p: dict[str, Any]) -> float:
     return max(0.0, min(1.0, span, obs))
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write atomically: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
@@ -154,30 +155,51 @@ class _Default(dict):  # type: ignore[type-arg]
 
 def write_html(report: Report, path: Path, *, progress: Progress | None = None) -> Path:
     """Render and write the page atomically (a reader never sees half a file)."""
-    _write_text(path, render_html(report, progress=progress))
+    _write_bytes(path, render_html(report, progress=progress).encode("utf-8"))
     return path
 
 
-def write_pngs(report: Report, directory: Path, *, progress: Progress | None = None) -> list[Path]:
-    """The charts of every strategy shown in full as PNG files in ``directory``:
+def render_pngs(report: Report, *, progress: Progress | None = None) -> dict[str, bytes]:
+    """The charts of every strategy shown in full as PNG images, by file name:
     ``<strategy>.png`` (equity, drawdown, rolling Sharpe) and ``<strategy>-monthly.png``."""
+    import io
+
     from qmtl_core.report._charts import TearSheet, monthly_png
     from qmtl_core.report._series import chain
 
-    directory.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    images: dict[str, bytes] = {}
     full = report.full
     with TearSheet(periods_per_year=int(report.policy.get("periods_per_year") or 252)) as sheet:
         for i, s in enumerate(full):
             chained = chain(s.segments())
             name = safe_name(s.strategy_id)
             if sheet.draw(chained):
-                target = directory / f"{name}.png"
-                sheet.png(target)
-                written.append(target)
-                monthly = directory / f"{name}-monthly.png"
-                if monthly_png(chained, monthly, f"{report.world} / {s.strategy_id}: monthly returns (%)"):
-                    written.append(monthly)
+                buf = io.BytesIO()
+                sheet.png(buf)
+                images[f"{name}.png"] = buf.getvalue()
+                buf = io.BytesIO()
+                if monthly_png(chained, buf, f"{report.world} / {s.strategy_id}: monthly returns (%)"):
+                    images[f"{name}-monthly.png"] = buf.getvalue()
             if progress is not None:
                 progress(i + 1, len(full), s.strategy_id)
+    return images
+
+
+def write_files(directory: Path, files: dict[str, bytes]) -> list[Path]:
+    """Write ``files`` (name: content) into ``directory``, each atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in files.items():
+        if Path(name).name != name or name.startswith("."):  # a name from a server: no paths, no hidden files
+            from qmtl_core.errors import BadInputError
+
+            raise BadInputError(f"refusing to write report file {name!r}: not a plain file name",
+                                hint="the server sent it; check that --server is a qmtl serve")
+        _write_bytes(directory / name, data)
+        written.append(directory / name)
     return written
+
+
+def write_pngs(report: Report, directory: Path, *, progress: Progress | None = None) -> list[Path]:
+    """``render_pngs`` written into ``directory``."""
+    return write_files(directory, render_pngs(report, progress=progress))

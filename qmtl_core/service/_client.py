@@ -250,6 +250,14 @@ class LocalClient:
         """The current activation set."""
         return self.service.activations(world)
 
+    def report(self, world: str, *, strategy_id: str | None = None, at: datetime | None = None, top: int = 10,
+               fmt: str = "html", progress: Any = None) -> dict[str, Any]:
+        """``qmtl world report``: the summary and the rendered page or charts."""
+        from qmtl_core.report._document import report_document
+
+        return report_document(self.service, world, strategy=strategy_id, at=at, top=top, fmt=fmt,
+                               progress=progress)
+
     # -- risk hub -------------------------------------------------------------------------------------
     def risk_put(self, document: Mapping[str, Any], *, source: str = "snapshot") -> dict[str, Any]:
         """``qmtl risk put``."""
@@ -454,6 +462,12 @@ class HttpClient:
 
     def activations(self, world: str) -> dict[str, Any]:
         return self._call("GET", f"/worlds/{world}/activations")
+
+    def report(self, world: str, *, strategy_id: str | None = None, at: datetime | None = None, top: int = 10,
+               fmt: str = "html", progress: Any = None) -> dict[str, Any]:
+        # Rendered by the server (it holds the store); no progress to show meanwhile.
+        return self._call("GET", f"/worlds/{world}/report", params={
+            "strategy": strategy_id, "at": at.isoformat() if at else None, "top": top, "format": fmt})
 
     # -- risk hub -------------------------------------------------------------------------------------
     def risk_put(self, document: Mapping[str, Any], *, source: str = "snapshot") -> dict[str, Any]:

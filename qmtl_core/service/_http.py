@@ -227,6 +227,13 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         """The current activation set."""
         return c.activations(world)
 
+    @app.get("/worlds/{world}/report")
+    def report(world: str, strategy: str | None = None, at: str | None = None, top: int = Query(10, ge=1),
+               format: str = "html", c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """The world's report: its summary and the HTML page, or the charts as base64 PNGs."""
+        return c.report(world, strategy_id=strategy, at=parse_instant(at, what="at") if at else None, top=top,
+                        fmt=format)
+
     @app.get("/worlds/{world}/history")
     def history(world: str, at: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """What was live at a moment, and why."""
