@@ -56,12 +56,12 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
     for sid, stage, updated_at, submitter in conn.execute(
             sa.select(st.c.strategy_id, st.c.stage, st.c.updated_at, st.c.submitter).where(st.c.world_id == world)):
         stages[sid], since[sid], submitters[sid] = stage, updated_at, submitter
-    # Metrics and rule results come back as raw JSON (on SQLite; PostgreSQL's driver decodes JSONB
-    # itself) and are decoded only for the strategies whose action needs them.
+    # Metrics and rule results come back as JSON text (a cast, so PostgreSQL's driver does not decode
+    # the JSONB either) and are decoded only for the strategies whose action needs them.
     query = sa.select(heads.c.strategy_id, heads.c.stage, heads.c.run_id, heads.c.revision, heads.c.status,
                       heads.c.policy_version, heads.c.content_hash,
-                      sa.type_coerce(heads.c.metrics, sa.Text).label("metrics"),
-                      sa.type_coerce(heads.c.rule_results, sa.Text).label("rule_results"),
+                      sa.cast(heads.c.metrics, sa.Text).label("metrics"),
+                      sa.cast(heads.c.rule_results, sa.Text).label("rule_results"),
                       heads.c.window_start, heads.c.window_end, heads.c.n_observations).where(heads.c.world_id == world)
     latest: dict[str, dict[str, RunSummary]] = {}
     times: dict[str | None, datetime | None] = {}  # runs of one cohort share their window's ends
