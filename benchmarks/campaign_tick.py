@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -46,6 +46,7 @@ from sqlalchemy import event
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from _timing import timed  # noqa: E402
 from qmtl_core.config import Settings  # noqa: E402
 from qmtl_core.policy import load_policy_text  # noqa: E402
 from qmtl_core.policy._engine import evaluate_gates  # noqa: E402
@@ -272,18 +273,8 @@ def tick_all(service: WorldService, worlds: list[str]) -> tuple[float, dict[str,
     """Tick every world once; total seconds, split (load_state, tick; policy load = the rest), actions."""
     phases = {"load_state": 0.0, "tick": 0.0}
     real_load, real_tick = _campaign.load_state, _campaign.tick
-
-    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phases[name] += time.perf_counter() - t0
-        return wrapper
-
-    _campaign.load_state = timed("load_state", real_load)  # type: ignore[assignment]
-    _campaign.tick = timed("tick", real_tick)  # type: ignore[assignment]
+    _campaign.load_state = timed(phases, "load_state", real_load)  # type: ignore[assignment]
+    _campaign.tick = timed(phases, "tick", real_tick)  # type: ignore[assignment]
     counts: Counter[tuple[str, str]] = Counter()
     # Cold, as a cron `campaign-loop --once` process starts: no policy parsed, no snapshot validated.
     _service._POLICY_CACHE.clear()

@@ -30,6 +30,7 @@ import numpy.typing as npt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from _timing import timed  # noqa: E402
 from qmtl_core import evaluation  # noqa: E402
 from qmtl_core.datafiles import ReturnsTable  # noqa: E402
 from qmtl_core.policy import load_policy_text  # noqa: E402
@@ -71,22 +72,12 @@ def make_returns(rows: int, cols: int, clusters: int, seed: int = 4242) -> npt.N
     return matrix
 
 
-def _timed(phases: dict[str, float], name: str, fn: Any) -> Any:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            phases[name] += time.perf_counter() - t0
-    return wrapper
-
-
 def run_qmtl(policy: Any, table: ReturnsTable, previous: list[str]) -> tuple[float, dict[str, float], Any]:
     """One ``evaluate_cohort`` call; wall time and its split (metrics, selection; gates = the rest)."""
     phases = {"metrics": 0.0, "selection": 0.0}
     real_metrics, real_select = evaluation.cohort_metrics, evaluation.select
-    evaluation.cohort_metrics = _timed(phases, "metrics", real_metrics)  # type: ignore[assignment]
-    evaluation.select = _timed(phases, "selection", real_select)  # type: ignore[assignment]
+    evaluation.cohort_metrics = timed(phases, "metrics", real_metrics)  # type: ignore[assignment]
+    evaluation.select = timed(phases, "selection", real_select)  # type: ignore[assignment]
     try:
         t0 = time.perf_counter()
         result = evaluation.evaluate_cohort(policy, stage="backtest", returns=table,

@@ -219,10 +219,6 @@ def _key(world: str, strategy_id: str, action: str, stage: str, evidence: Mappin
     return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _snapshot_series(snapshot: SnapshotView | None, strategy_id: str) -> tuple[datetime, int] | None:
-    return snapshot.series(strategy_id) if snapshot is not None else None
-
-
 def _run_evidence(run: RunSummary | None) -> dict[str, Any] | None:
     if run is None:
         return None
@@ -263,7 +259,7 @@ class _Ticker:
     def new_data(self, s: StrategyState, run: RunSummary | None, fresh: Freshness) -> Action | None:
         """An ``evaluate`` when the fresh snapshot holds returns of this stage the run has not seen,
         or when the policy changed since the run was gated."""
-        series = _snapshot_series(self.snap, s.strategy_id)
+        series = self.snap.series(s.strategy_id) if self.snap is not None else None
         usable = (fresh.ok and self.snap is not None and series is not None
                   and self.snap.stage == s.stage)
         if usable and series is not None and self.snap is not None and (

@@ -79,9 +79,8 @@ class _Doc(BaseModel):
 class ReturnPoint:
     """One realized return of a strategy (``ts`` in UTC; checked by ``_points``)."""
 
-    # A slotted dataclass validated natively (no Python callback per point, one object per point
-    # instead of a model's three): a world's snapshot can hold many thousand points, and the
-    # campaign reads it on every tick.
+    # A slotted dataclass validated natively (one object per point instead of a model's three):
+    # a world's snapshot can hold many thousand points, and ``_points`` has checked them already.
     ts: AwareDatetime
     r: float = Field(allow_inf_nan=False)
 
@@ -107,8 +106,11 @@ def _points(value: Any) -> Any:
             if extra:
                 raise _located(f"{where}.{extra[0]}", "Extra inputs are not permitted")
             r = point.get("r")
-            if isinstance(r, float) and not math.isfinite(r):
-                raise _located(f"{where}.r", f"r is {r} (must be a finite number)")
+            if isinstance(r, float):
+                try:
+                    _finite(r, "r")
+                except ValueError as exc:
+                    raise _located(f"{where}.r", str(exc)) from None
             try:
                 ts = _aware(point.get("ts"), "ts")
             except ValueError as exc:
@@ -281,6 +283,7 @@ def substance_hash(snapshot: RiskSnapshot, strategy_id: str) -> str:
 #: Bump when a summary's content, or ``substance_hash``, changes: a stored summary of another
 #: format is not trusted; the summary is made again from the document.
 SUMMARY_FORMAT = 1
+
 
 def summarize(snapshot: RiskSnapshot) -> dict[str, Any]:
     """The summary stored next to a snapshot: per covered strategy, the end and length of its
