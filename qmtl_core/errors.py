@@ -99,6 +99,12 @@ class UsageError(BadInputError):
     code = "usage"
 
 
+class RequestTooLarge(BadInputError):
+    """Remote mode: the request body is larger than the server accepts (HTTP 413)."""
+
+    code = "request_too_large"
+
+
 class PolicyError(BadInputError):
     """A world policy file is not valid; carries the file, line and column of the problem."""
 

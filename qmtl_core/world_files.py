@@ -22,8 +22,11 @@ def world_path(worlds_dir: Path, world: str) -> Path:
     """The policy file of ``world``; ``WorldNotFound`` (with a suggestion) when there is none."""
     for suffix in SUFFIXES:
         candidate = worlds_dir / f"{world}{suffix}"
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except (OSError, ValueError):  # a name no file can have (too long, NUL): no such world
+            break
     known = [p.stem for p in world_files(worlds_dir)] if worlds_dir.is_dir() else []
     close = difflib.get_close_matches(world, known, n=1)
     hint = f"did you mean {close[0]!r}?" if close else (

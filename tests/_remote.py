@@ -23,7 +23,7 @@ SERVER = "http://qmtl.test"
 class InProcessServer(httpx.BaseTransport):
     """An httpx transport that runs requests through ``create_app`` in a private event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, **app_options: Any) -> None:
         import secrets
 
         import sqlalchemy as sa
@@ -35,7 +35,7 @@ class InProcessServer(httpx.BaseTransport):
 
         settings = Settings.resolve()
         settings.server = None  # the server itself is local
-        self.app = create_app(settings)
+        self.app = create_app(settings, **app_options)
         service = self.app.state.service
         actor = settings.identity()
         # Inserted directly (no ledger entry), so both modes leave identical ledgers behind.

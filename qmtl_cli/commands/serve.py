@@ -21,24 +21,42 @@ def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8765,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")] = 1,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64,
+                                         help="Worker processes (each opens the store; all share it).")] = 1,
+    max_body: Annotated[int, typer.Option("--max-body", min=1024, metavar="BYTES",
+                                          help="Largest request body accepted (413 above it).")] = 32 * 1024 * 1024,
     json_output: JsonOption = False,
 ) -> None:
-    """Run the WorldService HTTP API (OpenAPI docs at /docs) over this host's store settings.
+    """Run the WorldService HTTP API over this host's store settings (route list at /docs, schema at
+    /openapi.json).
 
-    Every change needs a bearer token (qmtl token create); state lives only in the store, so
-    several servers and cron loops on several hosts can share one PostgreSQL (QMTL_DATABASE_URL).
+    Every route but /healthz, /docs and /openapi.json needs a bearer token (qmtl token create),
+    checked before a request body is read; bodies over --max-body are refused (413). State lives
+    only in the store, so several servers (or --workers) and cron loops on several hosts can share
+    one PostgreSQL (QMTL_DATABASE_URL).
     """
+    import os
+
     import uvicorn
 
-    from qmtl_core.service._http import create_app
+    from qmtl_core.service._http import MAX_BODY_ENV
 
-    settings = state(ctx).service().settings  # local settings: the server owns the store
-    state(ctx).service().store  # open (and migrate) the store before taking requests
-    app = create_app(settings)
-    sys.stderr.write(f"qmtl serve: http://{host}:{port} (docs at /docs), store {app.state.service.store.backend}\n")
-    uvicorn.run(app, host=host, port=port, workers=1 if workers == 1 else workers, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=5)
+    service = state(ctx).service()
+    settings = service.settings  # local settings: the server owns the store
+    backend = service.store.backend  # open (and migrate) the store once, before any worker starts
+    # Workers are fresh processes that build the app from the environment (uvicorn's factory):
+    # hand them exactly the settings this command resolved from its options, env and config.
+    os.environ.update({"QMTL_HOME": str(settings.home.resolve()), "QMTL_WORLDS_DIR": str(settings.worlds_dir.resolve()),
+                       MAX_BODY_ENV: str(max_body)})
+    if settings.database_url:
+        os.environ["QMTL_DATABASE_URL"] = settings.database_url
+    os.environ.pop("QMTL_SERVER", None)
+    service.close()
+    sys.stderr.write(f"qmtl serve: http://{host}:{port} (routes at /docs), store {backend}, "
+                     f"{workers} worker{'s' if workers > 1 else ''}\n")
+    uvicorn.run("qmtl_core.service._http:app_from_environment", factory=True, host=host, port=port,
+                workers=workers, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                ws_max_size=64 * 1024)
 
 
 @token_app.command("create")

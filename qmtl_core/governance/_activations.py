@@ -113,11 +113,12 @@ def record_decision(conn: Connection, policy: WorldPolicy, strategy_id: str, *, 
     return envelope
 
 
-def record_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
-                     strategy_id: str | None = None) -> list[Any]:
+def current_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
+                      strategy_id: str | None = None) -> list[Any]:
     """The decision envelopes now of one strategy (known to the world or not) or of every strategy
-    of the world, each stored when it changed; the stages, the kill switch and the activation set
-    are read once."""
+    of the world, derived and never stored: asking is a read (a reader must not be able to write
+    rows by asking about made-up strategies). Envelopes are stored where they change: with every
+    new activation set (``write_set``) and with the kill switch (``set_halt``)."""
     st = schema.strategies
     query = sa.select(st.c.strategy_id, st.c.stage).where(st.c.world_id == policy.world)
     if strategy_id is not None:
@@ -131,7 +132,7 @@ def record_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
     out = []
     for sid, stage in stages.items():
         a = rows.get(sid)
-        out.append(record_decision(conn, policy, sid, stage=stage, live_active=a is not None and a.stage == "live",
+        out.append(derive_decision(policy, sid, stage=stage, live_active=a is not None and a.stage == "live",
                                    halted=halted, now=now, activation_etag=a.etag if a else None))
     return out
 

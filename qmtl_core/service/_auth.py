@@ -7,7 +7,8 @@ same tokens. Roles are sets of permissions (an approver cannot submit, a submitt
 - ``reader``: every GET;
 - ``submitter``: reader + evaluations, risk snapshots, campaign ticks, promotion requests;
 - ``approver``: reader + approve / reject;
-- ``operator``: everything (campaign runs, halt, resume, rollback, demote, promotion requests).
+- ``operator``: everything (campaign runs, halt, resume, rollback, demote, promotion requests), and
+  the only role that sees secrets (webhook URLs, credentials) in the documents the server returns.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "reader": frozenset({"read"}),
     "submitter": frozenset({"read", "evaluate", "risk", "tick", "promote"}),
     "approver": frozenset({"read", "approve"}),
-    "operator": frozenset({"read", "evaluate", "risk", "tick", "promote", "operate"}),
+    "operator": frozenset({"read", "evaluate", "risk", "tick", "promote", "operate", "secrets"}),
 }
 
 
@@ -45,9 +46,13 @@ class Principal:
     role: str
     token_id: str
 
+    def may(self, permission: str) -> bool:
+        """Whether the role grants ``permission``."""
+        return permission in PERMISSIONS.get(self.role, frozenset())
+
     def require(self, permission: str) -> None:
         """Refuse (403) unless the role grants ``permission``."""
-        if permission not in PERMISSIONS.get(self.role, frozenset()):
+        if not self.may(permission):
             allowed = [r for r, p in PERMISSIONS.items() if permission in p]
             raise Forbidden(f"{self.actor} ({self.role}) may not {permission}",
                             hint=f"needs a token with role {' or '.join(allowed)}")

@@ -148,13 +148,13 @@ class GovernanceMixin:
         return {"world": world, "strategy_id": strategy_id, "to": to, "set_version": version, "notifications": sent}
 
     def decisions(self: "WorldService", world: str, *, strategy_id: str | None = None) -> list["DecisionEnvelope"]:
-        """Decision envelopes now for one strategy or every strategy of the world (one transaction;
-        an envelope that changed is recorded)."""
-        from qmtl_core.governance._activations import record_decisions
+        """Decision envelopes now for one strategy or every strategy of the world (one read
+        transaction; nothing is written)."""
+        from qmtl_core.governance._activations import current_decisions
 
-        loaded = self.load_world(world)
-        with self.store.write() as conn:
-            return record_decisions(conn, loaded.policy, now=self.clock(), strategy_id=strategy_id)
+        loaded = self.load_world(world, record=False)
+        with self.store.read() as conn:
+            return current_decisions(conn, loaded.policy, now=self.clock(), strategy_id=strategy_id)
 
     def history(self: "WorldService", world: str, *, at: datetime | None = None) -> dict[str, Any]:
         """What was live then, and why (from the ledger)."""

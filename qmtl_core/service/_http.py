@@ -1,31 +1,49 @@
 """``qmtl serve``: the WorldService HTTP API (FastAPI) over the same facade the CLI uses locally.
 
-Handlers only authenticate, check the role and call ``LocalClient``; errors travel as the same
-JSON document the CLI prints with ``--json`` (``{error, message, exit_code, hint, details}``), so a
-remote CLI exits exactly as a local one would. State lives only in the store (leases, unique keys,
-the ledger), never in this process: any number of servers on any number of hosts can share one
-PostgreSQL.
+Handlers only call ``LocalClient``; the edge (``_edge.Edge``) has already refused oversized bodies,
+checked the token before reading any body, and will scrub what leaves (server paths for everyone,
+secrets for every role but operator). Errors travel as the same JSON document the CLI prints with
+``--json`` (``{error, message, exit_code, hint, details}``), so a remote CLI exits exactly as a local
+one would. Every route declares its response model (``_models``), so the OpenAPI schema describes
+what is returned. State lives only in the store (leases, unique keys, the ledger), never in this
+process: any number of servers (or ``--workers``) on any number of hosts can share one PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
+import json
+import os
+import re
+import sys
+import time
+import traceback
+import uuid
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from fastapi import Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qmtl_core._version import __version__
 from qmtl_core.config import Settings
-from qmtl_core.errors import QmtlError
+from qmtl_core.errors import NotFoundError, QmtlError, RequestTooLarge, UsageError
+from qmtl_core.service import _models as m
 from qmtl_core.service._auth import Principal, authenticate
 from qmtl_core.service._client import LocalClient, returns_from_doc, table_from_doc
+from qmtl_core.service._edge import DEFAULT_MAX_BODY, PRINCIPAL_KEY, BodyTooLarge, Edge, Scrubber, too_large
+from qmtl_core.service._events import entries_after, event_from_entry
 from qmtl_core.service._service import WorldService
+from qmtl_core.store import schema
 from qmtl_core.timeutil import parse_instant, utcnow
+from qmtl_core.world_files import world_files
 
 #: HTTP status per exit code family (the body's ``exit_code`` is what the CLI exits with).
 STATUS = {1: 500, 2: 400, 3: 404, 4: 409, 10: 422, 11: 409, 12: 503, 75: 423}
@@ -101,16 +119,123 @@ class DemoteBody(_Body):
     reason: str = ""
 
 
+#: The error document's status beyond the exit-code families.
+_CODE_STATUS = {"unauthorized": 401, "forbidden": 403, "request_too_large": 413}
+#: Every route may answer with the error document under these statuses.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": m.ErrorDoc, "description": what} for status, what in (
+        (400, "bad input (exit 2)"), (401, "no token, or a token not accepted"),
+        (403, "the token's role may not do this"), (404, "unknown world, strategy, request or snapshot (exit 3)"),
+        (409, "conflict (exit 4, 11)"), (413, "request body over the server's limit"),
+        (422, "blocked by the policy (exit 10)"), (423, "locked: another loop holds the lease (exit 75)"),
+        (500, "a bug in qmtl (exit 1)"), (503, "fail-closed: evidence or the store unavailable (exit 12)"))}
+#: How often an open /events socket re-checks its token (a revoked token closes it within this).
+TOKEN_RECHECK_SECONDS = 1.0
+#: WebSocket close codes: the token is not (or no longer) accepted, or its role may not read.
+WS_UNAUTHORIZED, WS_FORBIDDEN = 4401, 4403
+
+
+def error_status(exc: QmtlError) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and body of an error."""
+    return _CODE_STATUS.get(exc.code) or STATUS.get(exc.exit_code, 400), exc.to_dict()
+
+
 def _error_response(exc: QmtlError) -> JSONResponse:
-    status = {"unauthorized": 401, "forbidden": 403}.get(exc.code) or STATUS.get(exc.exit_code, 400)
-    return JSONResponse(status_code=status, content=exc.to_dict())
+    status, body = error_status(exc)
+    return JSONResponse(status_code=status, content=body)
 
 
-def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> FastAPI:
+class _SecretsCache:
+    """Secret values to scrub from what readers see: every webhook URL any recorded policy version
+    of any world ever had (a diff in the ledger still carries the old ones) and every current
+    policy file's, re-read only when the recorded versions change."""
+
+    def __init__(self, service: WorldService) -> None:
+        self.service = service
+        self._key: Any = None
+        self._scrubber: Scrubber | None = None
+
+    def __call__(self) -> Scrubber:
+        settings = self.service.settings
+        pv = schema.policy_versions
+        files = world_files(settings.worlds_dir) if settings.worlds_dir.is_dir() else []
+        with self.service.store.read() as conn:
+            key = (tuple(conn.execute(sa.select(sa.func.count(), sa.func.max(pv.c.recorded_at))).one()),
+                   tuple((f.name, _mtime(f)) for f in files))
+            if self._scrubber is not None and key == self._key:
+                return self._scrubber
+            documents = [row.document for row in conn.execute(sa.select(pv.c.document))]
+        hooks = {_webhook(d) for d in documents}
+        for path in files:  # the raw text, so an invalid or unrecorded file's URL is known too
+            try:
+                hooks.update(m.group(1).strip("\"'") for m in _WEBHOOK_VALUE.finditer(path.read_text("utf-8")))
+            except (OSError, UnicodeDecodeError):
+                continue
+        url = settings.database_url or ""
+        self._scrubber = Scrubber.for_server(worlds_dir=settings.worlds_dir, home=settings.home,
+                                             secrets={h for h in hooks if h} | ({url} if "@" in url else set()))
+        self._key = key
+        return self._scrubber
+
+
+_WEBHOOK_VALUE = re.compile(r"webhook\s*:\s*(\"[^\"\n]+\"|'[^'\n]+'|[^\s,}\n#]+)")
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _webhook(document: Any) -> str | None:
+    if isinstance(document, str):  # JSON text on SQLite
+        try:
+            document = json.loads(document)
+        except ValueError:
+            return None
+    if not isinstance(document, dict):
+        return None
+    hook = (document.get("notifications") or {}).get("webhook")
+    return hook if isinstance(hook, str) else None
+
+
+def _docs_page(schema_doc: dict[str, Any]) -> str:
+    """A self-contained page describing the API: no script, no asset from anywhere."""
+    rows = []
+    for path, ops in sorted(schema_doc.get("paths", {}).items()):
+        for method, op in ops.items():
+            ok = (op.get("responses", {}).get("200", {}).get("content", {}).get("application/json", {})
+                  .get("schema", {}).get("$ref", "").rsplit("/", 1)[-1])
+            rows.append(f"<tr><td><code>{html.escape(method.upper())}</code></td><td><code>{html.escape(path)}</code>"
+                        f"</td><td>{html.escape(op.get('description') or op.get('summary') or '')}</td>"
+                        f"<td><code>{html.escape(ok)}</code></td></tr>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>qmtl WorldService API</title>"
+            "<style>body{font-family:sans-serif;margin:2em}td{padding:.2em .8em;vertical-align:top}"
+            "tr:nth-child(even){background:#f4f4f4}</style></head><body>"
+            f"<h1>qmtl WorldService API {html.escape(__version__)}</h1>"
+            "<p>Every route but this page, <code>/healthz</code> and <code>/openapi.json</code> needs "
+            "<code>Authorization: Bearer TOKEN</code> (<code>qmtl token create</code>). The full schema, for "
+            "tools and clients, is <a href='/openapi.json'>/openapi.json</a>; the WebSocket <code>/events</code> "
+            "streams control events.</p><table><tr><th>method</th><th>path</th><th>what</th><th>returns</th></tr>"
+            + "".join(rows) + "</table></body></html>")
+
+
+def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
+               max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The API over one ``WorldService`` (shared store, per-request actor)."""
-    app = FastAPI(title="qmtl WorldService", version=__version__,
-                  description="Worlds, evaluation runs, campaigns, governance and the risk hub.")
+    # Swagger UI and ReDoc load their scripts from a CDN: /docs is a plain page instead (_docs_page).
+    app = FastAPI(title="qmtl WorldService", version=__version__, docs_url=None, redoc_url=None,
+                  description="Worlds, evaluation runs, campaigns, governance and the risk hub.",
+                  responses=_ERRORS)
     base = WorldService(settings, clock=clock)
+
+    def check_token(header: str | None) -> Principal:
+        with base.store.read() as conn:
+            return authenticate(conn, header)
+
+    app.add_middleware(Edge, max_body=max_body, authenticate=check_token, scrubber=_SecretsCache(base),
+                       error_body=error_status)
 
     @app.exception_handler(QmtlError)
     async def _qmtl_error(request: Request, exc: QmtlError) -> JSONResponse:
@@ -123,15 +248,32 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         return JSONResponse(status_code=400, content={"error": "bad_input", "exit_code": 2,
                                                       "message": f"request {where}: {first.get('msg')}"})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BodyTooLarge):
+            return _error_response(too_large(exc.limit))
+        if exc.status_code == 404:
+            return _error_response(NotFoundError(f"no route {request.url.path}", hint="see /docs for the routes"))
+        if exc.status_code == 413:
+            return _error_response(too_large(max_body))
+        return JSONResponse(status_code=exc.status_code, content=UsageError(
+            f"{request.method} {request.url.path}: {exc.detail}", code="bad_request").to_dict())
+
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # The body names the incident, never the exception's text or a traceback (they carry
+        # server paths); the server's stderr has the whole story under the same id.
+        incident = uuid.uuid4().hex[:12]
+        sys.stderr.write(f"qmtl serve: incident {incident} on {request.method} {request.url.path}\n"
+                         + "".join(traceback.format_exception(exc)))
         return JSONResponse(status_code=500, content={
             "error": "internal_error", "exit_code": 1,
-            "message": f"internal error on the server: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+            "message": f"internal error on the server ({type(exc).__name__}, incident {incident})",
+            "hint": "the server's log has the details under this incident id"})
 
     def principal(request: Request) -> Principal:
-        with base.store.read() as conn:
-            return authenticate(conn, request.headers.get("authorization"))
+        found = request.scope.get(PRINCIPAL_KEY)
+        return found if isinstance(found, Principal) else check_token(request.headers.get("authorization"))
 
     def client(permission: str) -> Callable[..., LocalClient]:
         def dependency(who: Principal = Depends(principal)) -> LocalClient:
@@ -142,31 +284,38 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     read, evaluate, risk, tick, promote, approve, operate = (
         client("read"), client("evaluate"), client("risk"), client("tick"), client("promote"), client("approve"),
         client("operate"))
+    doc = {"response_model_exclude_unset": True}
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=m.Health)
     def healthz() -> dict[str, Any]:
-        """Liveness: the process answers and the store opens."""
+        """Liveness: the process answers and the store opens (no token needed)."""
         with base.store.read():
             pass
         return {"ok": True, "version": __version__, "store": base.store.backend}
 
-    @app.get("/worlds")
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """The routes, as a page that loads nothing from anywhere (no token needed)."""
+        return HTMLResponse(_docs_page(app.openapi()), headers={
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+
+    @app.get("/worlds", response_model=m.WorldList, **doc)
     def worlds(c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Every world with its version and live settings."""
         return c.worlds()
 
-    @app.get("/worlds/{world}")
+    @app.get("/worlds/{world}", response_model=m.WorldDoc, **doc)
     def world(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """A world's policy and recorded policy versions."""
         return c.world(world)
 
-    @app.post("/worlds/{world}/evaluate")
+    @app.post("/worlds/{world}/evaluate", response_model=m.RunDoc, **doc)
     def evaluate_one(world: str, body: EvaluateBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
         """Record an evaluation run (a new revision when the key exists with other content)."""
         return c.record_evaluation(world, strategy_id=body.strategy_id, stage=body.stage, run_id=body.run_id,
                                    metrics=body.metrics, returns=returns_from_doc(body.returns))
 
-    @app.post("/worlds/{world}/evaluate-cohort")
+    @app.post("/worlds/{world}/evaluate-cohort", response_model=m.CohortDoc, **doc)
     def evaluate_cohort(world: str, body: CohortBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
         """Evaluate many strategies (vectorised); ``record: false`` gates and selects, recording nothing."""
         table = table_from_doc(body.returns)
@@ -175,128 +324,129 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         return c.evaluate_offline(world, stage=body.stage, returns=table, metrics=body.metrics,
                                   previous_active=body.previous_active, n_trials=body.n_trials)
 
-    @app.get("/worlds/{world}/runs")
+    @app.get("/worlds/{world}/runs", response_model=m.RunList, **doc)
     def runs(world: str, strategy: str | None = None, stage: str | None = None, history: bool = False,
              c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Evaluation runs, newest first."""
         return c.runs(world, strategy_id=strategy, stage=stage, history=history)
 
-    @app.get("/worlds/{world}/strategies/{strategy_id}")
+    @app.get("/worlds/{world}/strategies/{strategy_id}", response_model=m.StrategyRow, **doc)
     def strategy(world: str, strategy_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """A strategy's row in the world (404 when the world has never seen it)."""
         return c.strategy(world, strategy_id)
 
-    @app.post("/worlds/{world}/strategies")
+    @app.post("/worlds/{world}/strategies", response_model=m.StrategyChange, **doc)
     def register_strategy(world: str, body: StrategyBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
         """Register a submission (or the bars fed to it); unchanged content changes nothing."""
         return c.register_strategy(world, strategy_id=body.strategy_id, name=body.name, code_hash=body.code_hash,
                                    meta=body.meta, expect_meta=body.expect_meta, kind=body.kind,
                                    reason=body.reason)
 
-    @app.get("/worlds/{world}/returns")
+    @app.get("/worlds/{world}/returns", response_model=m.ReturnsList, **doc)
     def returns(world: str, strategy: str | None = None, stage: str | None = None, history: bool = False,
                 latest_per_stage: bool = False, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """The returns stored with run revisions (for sparklines and charts)."""
         return c.run_returns(world, strategy_id=strategy, stage=stage, history=history,
                              latest_per_stage=latest_per_stage)
 
-    @app.get("/worlds/{world}/campaign")
+    @app.get("/worlds/{world}/campaign", response_model=m.CampaignDoc, **doc)
     def campaign(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Campaign state per strategy."""
         return c.campaign(world, strategy_id=strategy)
 
-    @app.post("/worlds/{world}/campaign/tick")
+    @app.post("/worlds/{world}/campaign/tick", response_model=m.TickDoc, **doc)
     def campaign_tick(world: str, c: LocalClient = Depends(tick)) -> dict[str, Any]:
         """The recommended actions now; side-effect free."""
         return c.campaign_tick(world)
 
-    @app.post("/worlds/{world}/campaign/run")
+    @app.post("/worlds/{world}/campaign/run", response_model=m.IterationDoc, **doc)
     def campaign_run(world: str, body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
         """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``)."""
         who.require("operate" if body.execute else "tick")
         return LocalClient(base.as_actor(who.actor)).campaign_run(
             world, execute=body.execute, holder=body.holder, lease_ttl_seconds=body.lease_ttl_seconds)
 
-    @app.get("/worlds/{world}/decision")
+    @app.get("/worlds/{world}/decision", response_model=m.DecisionList, **doc)
     def decision(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Decision envelopes now."""
         return c.decisions(world, strategy_id=strategy)
 
-    @app.get("/worlds/{world}/activations")
+    @app.get("/worlds/{world}/activations", response_model=m.ActivationSet, **doc)
     def activations(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """The current activation set."""
         return c.activations(world)
 
-    @app.get("/worlds/{world}/report")
+    @app.get("/worlds/{world}/report", response_model=m.ReportDoc, **doc)
     def report(world: str, strategy: str | None = None, at: str | None = None, top: int = Query(10, ge=1),
-               format: str = "html", c: LocalClient = Depends(read)) -> dict[str, Any]:
+               format: Literal["html", "png"] = "html", c: LocalClient = Depends(read)) -> dict[str, Any]:
         """The world's report: its summary and the HTML page, or the charts as base64 PNGs."""
         return c.report(world, strategy_id=strategy, at=parse_instant(at, what="at") if at else None, top=top,
                         fmt=format)
 
-    @app.get("/worlds/{world}/history")
+    @app.get("/worlds/{world}/history", response_model=m.HistoryDoc, **doc)
     def history(world: str, at: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """What was live at a moment, and why."""
         return c.history(world, at=parse_instant(at, what="at") if at else None)
 
-    @app.post("/worlds/{world}/promotions")
+    @app.post("/worlds/{world}/promotions", response_model=m.OutcomeDoc, **doc)
     def promote_(world: str, body: PromoteBody, c: LocalClient = Depends(promote)) -> dict[str, Any]:
         """Ask for a live promotion (manual: a request; auto: apply; else the block reasons)."""
         return c.promote(world, body.strategy_id, reason=body.reason, dry_run=body.dry_run)
 
-    @app.get("/promotions")
-    def promotions(world: str | None = None, all: bool = Query(False), c: LocalClient = Depends(read)) -> dict[str, Any]:
+    @app.get("/promotions", response_model=m.RequestList, **doc)
+    def promotions(world: str | None = None, all: bool = Query(False),
+                   c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Promotion requests (pending unless ``all``)."""
         return c.promotions(world=world, include_closed=all)
 
-    @app.post("/promotions/{request_id}/approve")
+    @app.post("/promotions/{request_id}/approve", response_model=m.OutcomeDoc, **doc)
     def approve_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
         """Approve as the token's actor."""
         return c.decide(request_id, decision="approve", reason=body.reason)
 
-    @app.post("/promotions/{request_id}/reject")
+    @app.post("/promotions/{request_id}/reject", response_model=m.OutcomeDoc, **doc)
     def reject_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
         """Reject as the token's actor."""
         return c.decide(request_id, decision="reject", reason=body.reason)
 
-    @app.post("/worlds/{world}/rollback")
+    @app.post("/worlds/{world}/rollback", response_model=m.RollbackDoc, **doc)
     def rollback(world: str, body: ReasonBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:
         """Restore the previous activation set."""
         return c.rollback(world, reason=body.reason)
 
-    @app.post("/worlds/{world}/halt")
+    @app.post("/worlds/{world}/halt", response_model=m.HaltDoc, **doc)
     def halt(world: str, body: ReasonBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:
         """The kill switch."""
         return c.set_halted(world, halted=True, reason=body.reason)
 
-    @app.post("/worlds/{world}/resume")
+    @app.post("/worlds/{world}/resume", response_model=m.HaltDoc, **doc)
     def resume(world: str, body: ReasonBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:
         """Lift the kill switch."""
         return c.set_halted(world, halted=False, reason=body.reason)
 
-    @app.post("/worlds/{world}/demote")
+    @app.post("/worlds/{world}/demote", response_model=m.DemoteDoc, **doc)
     def demote(world: str, body: DemoteBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:
         """Take a strategy down a stage."""
         return c.demote(world, body.strategy_id, reason=body.reason, to=body.to)
 
-    @app.post("/risk-hub/snapshots")
+    @app.post("/risk-hub/snapshots", response_model=m.SnapshotStored, **doc)
     def risk_put(document: dict[str, Any] = Body(...), c: LocalClient = Depends(risk)) -> dict[str, Any]:
         """Store a risk snapshot (same key + same content: no-op; other content: 409)."""
         return c.risk_put(document, source="request")
 
-    @app.get("/risk-hub/worlds/{world}")
+    @app.get("/risk-hub/worlds/{world}", response_model=m.SnapshotDoc, **doc)
     def risk_show(world: str, version: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """A world's snapshot and its freshness now."""
         return c.risk_show(world, version=version)
 
-    @app.get("/audit")
+    @app.get("/audit", response_model=m.AuditLog, **doc)
     def audit_log(world: str | None = None, since: str | None = None, kind: str | None = None,
                   limit: int | None = Query(None, ge=1), c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Ledger entries, oldest first."""
         return c.audit_log(world=world, since=parse_instant(since, what="since") if since else None, kind=kind,
                            limit=limit)
 
-    @app.get("/audit/verify")
+    @app.get("/audit/verify", response_model=m.VerifyDoc, **doc)
     def audit_verify(c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Verify the hash chain (409 naming the first broken entry)."""
         return c.audit_verify()
@@ -305,20 +455,32 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     async def events(ws: WebSocket, world: str | None = None, domain: str | None = None,
                      since: int = 0, token: str | None = None) -> None:
         """Control events derived from the shared ledger (so every server sees every host's changes),
-        filtered by world and execution domain, as JSON messages."""
-        from qmtl_core.service._events import entries_after, event_from_entry
-
+        filtered by world and execution domain, as JSON messages. The token is checked again every
+        ``TOKEN_RECHECK_SECONDS``: a revoked token closes the socket (4401)."""
         header = ws.headers.get("authorization") or (f"Bearer {token}" if token else None)
-        try:
-            with base.store.read() as conn:
-                authenticate(conn, header).require("read")
-        except QmtlError as exc:
-            await ws.close(code=4401 if exc.code == "unauthorized" else 4403, reason=exc.message[:120])
+
+        def allowed() -> QmtlError | None:
+            try:
+                check_token(header).require("read")
+            except QmtlError as exc:
+                return exc
+            return None
+
+        refused = await asyncio.to_thread(allowed)
+        if refused is not None:
+            await ws.close(code=WS_UNAUTHORIZED if refused.code == "unauthorized" else WS_FORBIDDEN,
+                           reason=refused.message[:120])
             return
         await ws.accept()
-        last = since
+        last, checked = since, time.monotonic()
         try:
             while True:
+                if time.monotonic() - checked >= TOKEN_RECHECK_SECONDS:
+                    refused, checked = await asyncio.to_thread(allowed), time.monotonic()
+                    if refused is not None:
+                        await ws.close(code=WS_UNAUTHORIZED if refused.code == "unauthorized" else WS_FORBIDDEN,
+                                       reason=refused.message[:120])
+                        return
                 with base.store.read() as conn:
                     fresh = entries_after(conn, last, world=world)
                 for entry in fresh:
@@ -338,3 +500,15 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
 
     app.state.service = base
     return app
+
+
+#: Environment variable ``qmtl serve`` passes the body limit to its worker processes in.
+MAX_BODY_ENV = "QMTL_SERVE_MAX_BODY"
+
+
+def app_from_environment() -> FastAPI:
+    """The app as a ``--workers`` process builds it (uvicorn factory): settings from the environment
+    ``qmtl serve`` prepared (``QMTL_HOME``, ``QMTL_WORLDS_DIR``, ``QMTL_DATABASE_URL``)."""
+    settings = Settings.resolve()
+    settings.server = None  # the server itself is local
+    return create_app(settings, max_body=int(os.environ.get(MAX_BODY_ENV, DEFAULT_MAX_BODY)))

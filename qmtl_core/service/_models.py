@@ -1,0 +1,340 @@
+"""Response models of ``qmtl serve``: the OpenAPI schema of every document the API returns.
+
+The documents are the ``LocalClient`` documents the CLI renders (one shape for both modes); these
+models describe them so the schema is a contract a client can rely on (and schemathesis checks every
+response against it). Each model allows extra keys, so a document may grow a field without breaking
+older clients; the fields listed are the ones a client may count on. Routes serialise with
+``exclude_unset``, so a field absent from a document is never added as ``null``. Numbers that are
+whole in one document and fractional in another are ``int | float`` so a value leaves exactly as
+the facade produced it (remote output stays byte-identical to local output).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+Number = int | float
+
+
+class Doc(BaseModel):
+    """A response document: the listed fields, plus any others the document carries."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDoc(Doc):
+    """Every error: the same document the CLI prints with ``--json``; the CLI exits with ``exit_code``."""
+
+    error: str
+    message: str
+    exit_code: int
+    hint: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class Health(Doc):
+    ok: bool
+    version: str
+    store: str
+
+
+class WorldRow(Doc):
+    world: str
+    path: str
+    valid: bool
+    error: str | None = None
+    policy_version: int | None = None
+    allow_live: bool | None = None
+    live_promotion: str | None = None
+    rules: int | None = None
+    content_hash: str | None = None
+    description: str | None = None
+
+
+class WorldList(Doc):
+    worlds: list[WorldRow]
+    worlds_dir: str
+
+
+class PolicyVersion(Doc):
+    world_id: str
+    policy_version: int
+    content_hash: str
+    recorded_at: str
+    recorded_by: str
+
+
+class WorldDoc(Doc):
+    world: str
+    path: str
+    content_hash: str
+    policy: dict[str, Any]
+    policy_versions: list[PolicyVersion]
+
+
+class RuleResult(Doc):
+    id: str
+    metric: str
+    status: str
+    severity: str
+    observed: Number | None = None
+    min: Number | None = None
+    max: Number | None = None
+    reason: str | None = None
+
+
+class RunDoc(Doc):
+    """One evaluation run revision."""
+
+    world: str
+    strategy_id: str
+    stage: str
+    run_id: str
+    revision: int
+    status: str
+    policy_version: int
+    metrics: dict[str, Number | None]
+    metric_sources: dict[str, str | None]
+    window: dict[str, Any] | None = None
+    rules: list[RuleResult]
+    content_hash: str
+    recorded_at: str
+    recorded_by: str
+    created: bool | None = None
+
+
+class RunList(Doc):
+    runs: list[RunDoc]
+
+
+class StrategyVerdict(Doc):
+    strategy_id: str
+    status: str
+    selected: bool
+    metrics: dict[str, Number | None]
+    rules: list[RuleResult]
+
+
+class CohortDoc(Doc):
+    """``record: true``: ``runs``; ``record: false``: the offline evaluation (``strategies`` ...)."""
+
+    runs: list[RunDoc] | None = None
+    world: str | None = None
+    stage: str | None = None
+    status: str | None = None
+    strategies: list[StrategyVerdict] | None = None
+    selected: list[str] | None = None
+    notes: list[Any] | None = None
+
+
+class StrategyRow(Doc):
+    world_id: str
+    strategy_id: str
+    stage: str | None = None
+    name: str | None = None
+    code_hash: str | None = None
+    submitter: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+class StrategyChange(Doc):
+    strategy: StrategyRow
+    changed: bool
+
+
+class ReturnsRun(Doc):
+    strategy_id: str
+    stage: str
+    run_id: str
+    revision: int
+    returns: list[list[Any]] | None = None
+
+
+class ReturnsList(Doc):
+    runs: list[ReturnsRun]
+
+
+class ActionDoc(Doc):
+    """A campaign action (``campaign tick``)."""
+
+    action: str
+    world: str
+    strategy_id: str
+    stage: str | None = None
+    reason: str
+    requires: list[str]
+    idempotency_key: str
+    suggested_run_id: str | None = None
+    suggested_body: dict[str, Any] | None = None
+    exit_class: int
+
+
+class CampaignStrategy(Doc):
+    strategy_id: str
+    stage: str | None = None
+    phase: str
+    progress: list[dict[str, Any]]
+    metrics: dict[str, Number | None]
+    next_action: ActionDoc | None = None
+
+
+class CampaignDoc(Doc):
+    world: str
+    strategies: list[CampaignStrategy]
+
+
+class TickDoc(Doc):
+    world: str
+    actions: list[ActionDoc]
+
+
+class IterationDoc(Doc):
+    """One campaign-loop iteration over one world."""
+
+    world: str
+    status: str
+    exit_code: int
+    actions: list[dict[str, Any]]
+
+
+class DecisionDoc(Doc):
+    world_id: str
+    strategy_id: str
+    effective_mode: str
+    execution_domain: str
+    reason: str
+    as_of: str | None = None
+    ttl_sec: int
+    etag: str
+    policy_version: int
+
+
+class DecisionList(Doc):
+    world: str
+    decisions: list[DecisionDoc]
+
+
+class ActivationDoc(Doc):
+    strategy_id: str
+    stage: str
+    weight: Number
+    run_id: str | None = None
+    etag: str
+    activated_at: str
+
+
+class ActivationSet(Doc):
+    world: str
+    set_version: int
+    activations: list[ActivationDoc]
+
+
+class LedgerEntryDoc(Doc):
+    seq: int
+    ts: str
+    actor: str
+    world: str | None = None
+    kind: str
+    subject: str | None = None
+    reason: str | None = None
+    payload: dict[str, Any] | None = None
+    prev_hash: str
+    hash: str
+
+
+class HistoryDoc(Doc):
+    world: str
+    halted: bool
+    activations: list[dict[str, Any]]
+    timeline: list[LedgerEntryDoc]
+
+
+class ReportDoc(Doc):
+    format: str
+    world: str
+    generated_at: str
+    strategies: list[dict[str, Any]]
+
+
+class GateDoc(Doc):
+    allowed: bool
+    reasons: list[dict[str, Any]]
+    evidence_hash: str | None = None
+    valid_approvals: list[str] | None = None
+
+
+class OutcomeDoc(Doc):
+    """A governance outcome (promote, approve, reject); the CLI exits with ``exit_code``."""
+
+    status: str
+    world: str
+    strategy_id: str
+    request_id: str | None = None
+    message: str
+    exit_code: int
+    gate: GateDoc | None = None
+
+
+class RequestDoc(Doc):
+    request_id: str
+    world: str
+    strategy_id: str
+    status: str
+    requester: str
+    created_at: str
+    evidence_hash: str | None = None
+    approvals: list[dict[str, Any]]
+
+
+class RequestList(Doc):
+    requests: list[RequestDoc]
+
+
+class RollbackDoc(Doc):
+    set_version: int
+    changed: dict[str, str | None]
+
+
+class HaltDoc(Doc):
+    world: str
+    halted: bool
+    changed: bool
+
+
+class DemoteDoc(Doc):
+    world: str
+    strategy_id: str
+    to: str
+    set_version: int
+
+
+class SnapshotStored(Doc):
+    world: str
+    version: str
+    created: bool
+    content_hash: str
+    as_of: str
+
+
+class SnapshotDoc(Doc):
+    world_id: str
+    version: str
+    as_of: str
+    ttl_sec: Number
+    weights: dict[str, Number]
+    content_hash: str
+    freshness: dict[str, Any]
+
+
+class AuditLog(Doc):
+    entries: list[LedgerEntryDoc]
+
+
+class VerifyDoc(Doc):
+    ok: bool
+    entries: int
+    head_seq: int | None = None
+    first_broken_seq: int | None = None
+    problem: str | None = None
