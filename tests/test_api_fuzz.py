@@ -35,7 +35,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 #: Examples per route (each sent 6 times: 3 identities x generated/real world).
 EXAMPLES = 3
 #: Routes that render charts get fewer (a report is seconds of matplotlib, not a parser edge).
-SLOW = {"/worlds/{world}/report": 2}
+SLOW = {"/worlds/{world}/report": 1}
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_every_route_answers_within_its_schema(fuzzed: tuple[Any, dict[str, str]
                 acting = bearer["approver" if case.operation.path.startswith("/promotions/") else "operator"]
                 for variant in variants:
                     for identity in ({}, bearer["reader"], acting):
-                        response = variant.call(session=session, headers=identity)
+                        response = variant.call(session=session, headers=identity, timeout=300)  # a loaded CI box
                         variant.validate_response(response, checks=CHECKS, headers=identity)
                         if response.status_code < 300:
                             seen_ok.add(operation.label)

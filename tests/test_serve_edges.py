@@ -303,7 +303,7 @@ def test_a_websocket_is_closed_within_seconds_of_its_token_being_revoked(served:
             with pytest.raises(ConnectionClosed) as closed:
                 while True:
                     ws.recv(timeout=10)  # events (the revocation itself may be one) until the close
-            assert time.monotonic() - t0 < 5
+            assert time.monotonic() - t0 < 10  # rechecked every second; slack for a loaded machine
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
             # The other reader's socket stays open and sees the revocation.
             kinds = [json.loads(bystander.recv(timeout=10))["kind"] for _ in range(3)]
@@ -379,8 +379,7 @@ def test_workers_serve_the_same_store(served: dict[str, Any]) -> None:
     proc, url = _start(served["env"], "--workers", "2")
     try:
         deadline = time.monotonic() + 60
-        while len([c for c in _children(proc.pid) if "serve" in Path(f"/proc/{c}/cmdline").read_text()
-                   or "multiprocessing" in Path(f"/proc/{c}/cmdline").read_text()]) < 2:
+        while len([c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]) < 2:
             assert time.monotonic() < deadline, _children(proc.pid)
             time.sleep(0.2)
         with httpx.Client(base_url=url, headers=_h(token), timeout=30) as http:

@@ -133,14 +133,14 @@ class Edge:
         headers = Headers(scope=scope)
         declared = _content_length(headers)
         if declared is not None and declared > self.max_body:
-            await self._refuse(send, too_large(self.max_body), show_secrets=False)
+            await self._refuse(send, too_large(self.max_body))
             return
         principal: Principal | None = None
         if scope["path"] not in PUBLIC_PATHS:
             try:
                 principal = await run_in_threadpool(self.authenticate, headers.get("authorization"))
             except QmtlError as exc:
-                await self._refuse(send, exc, show_secrets=False)
+                await self._refuse(send, exc)
                 return
             scope[PRINCIPAL_KEY] = principal
         show = principal is not None and principal.may("secrets")
@@ -191,10 +191,10 @@ class Edge:
             await send({"type": "http.response.body", "body": body, "more_body": False})
         return scrubbed
 
-    async def _refuse(self, send: Send, exc: QmtlError, *, show_secrets: bool) -> None:
+    async def _refuse(self, send: Send, exc: QmtlError) -> None:
+        # Refusals are fixed sentences (no path, no secret): nothing to scrub, nothing to look up.
         status, doc = self.error_body(exc)
-        scrubber = await run_in_threadpool(self.scrubber)
-        body = json.dumps(scrubber.document(doc, show_secrets=show_secrets)).encode("utf-8")
+        body = json.dumps(doc).encode("utf-8")
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qmtl_core._version import __version__
 from qmtl_core.config import Settings
-from qmtl_core.errors import NotFoundError, QmtlError, RequestTooLarge, UsageError
+from qmtl_core.errors import NotFoundError, QmtlError, UsageError
 from qmtl_core.service import _models as m
 from qmtl_core.service._auth import Principal, authenticate
 from qmtl_core.service._client import LocalClient, returns_from_doc, table_from_doc
@@ -173,7 +173,8 @@ class _SecretsCache:
                 continue
         url = settings.database_url or ""
         self._scrubber = Scrubber.for_server(worlds_dir=settings.worlds_dir, home=settings.home,
-                                             secrets={h for h in hooks if h} | ({url} if "@" in url else set()))
+                                             secrets={h for h in hooks if h and "://" in h}
+                                             | ({url} if "@" in url else set()))
         self._key = key
         return self._scrubber
 
