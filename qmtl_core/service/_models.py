@@ -336,5 +336,16 @@ class VerifyDoc(Doc):
     ok: bool
     entries: int
     head_seq: int | None = None
+    head_hash: str | None = None
     first_broken_seq: int | None = None
     problem: str | None = None
+    origin: str | None = None
+    deep: bool | None = None
+
+
+class LedgerHead(Doc):
+    """What a checkpoint signs: the store's identity and the chain's head."""
+
+    origin: str
+    seq: int
+    hash: str
