@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from qmtl_cli._output import console, emit, styled
+from qmtl_cli._output import console, emit, styled, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app
@@ -35,13 +35,13 @@ def render_campaign(c: "Console", world: str, views: list[dict[str, Any]],
     from qmtl_cli._sparkline import gate_status, styled_sparkline
 
     if not views:
-        c.print(f"world {world} has no strategies yet (submit one, or record a run with "
+        c.print(f"world {t(world)} has no strategies yet (submit one, or record a run with "
                 "qmtl world evaluate --strategy)")
         return
     for v in views:
         status = gate_status(v["rules"])
         spark = styled_sparkline((curves or {}).get(v["strategy_id"], []), status, width=24)
-        c.print(f"[bold]{v['strategy_id']}[/bold]  {v['phase']}" + (f"  {spark}" if spark else "")
+        c.print(f"[bold]{t(v['strategy_id'])}[/bold]  {t(v['phase'])}" + (f"  {spark}" if spark else "")
                 + (f"  {styled(status)}" if status else ""))
         for p in v["progress"]:
             span = p["span_seconds"]
@@ -50,15 +50,14 @@ def render_campaign(c: "Console", world: str, views: list[dict[str, Any]],
             frac_span = span / window if window else 1.0
             frac = min(frac_span, obs / need if need else 1.0)
             mark = "[green]✓[/green]" if p["satisfied"] else " "
-            c.print(f"  {mark} {_bar(frac, 1.0)} {p['label']}")
+            c.print(f"  {mark} {_bar(frac, 1.0)} {t(p['label'])}")
         nxt = v["next_action"]
         if nxt is not None:
             style = ACTION_STYLE.get(nxt["action"], "")
-            c.print(f"  next: [{style}]{nxt['action']}[/{style}] ({nxt['reason']}): {nxt['detail']}",
-                    markup=True)
+            c.print(f"  next: [{style}]{t(nxt['action'])}[/{style}] ({t(nxt['reason'])}): {t(nxt['detail'])}")
         failing = [r for r in v["rules"] if r.get("status") != "pass"]
         for r in failing:
-            c.print(f"  {styled(r['status'])} {r['id']}: {r['reason']}")
+            c.print(f"  {styled(r['status'])} {t(r['id'])}: {t(r['reason'])}")
 
 
 @app.command("campaign")
@@ -101,8 +100,8 @@ def _print_action(c: "Console", doc: dict[str, Any]) -> None:
         extra = f" -> run {result['run_id']}#{result['revision']} {result.get('run_status', '')}"
     elif result.get("why"):
         extra = f" ({result['why']})"
-    c.print(f"  {outcome:<9} [{style}]{doc['action']:<16}[/{style}] {doc['strategy_id']:<20} "
-            f"{doc['reason']}: {doc['detail']}{extra}", markup=True, highlight=False)
+    c.print(f"  {t(outcome):<9} [{style}]{t(doc['action']):<16}[/{style}] {t(doc['strategy_id']):<20} "
+            f"{t(doc['reason'])}: {t(doc['detail'])}{t(extra)}", highlight=False)
 
 
 @app.command("campaign-loop")
@@ -168,7 +167,7 @@ def campaign_loop(
         outcomes = []
         for world in targets:
             if live is not None:
-                live.update(f"iteration {iteration}: {world}")
+                live.update(f"iteration {iteration}: {t(world)}")
             outcomes.append(client.campaign_run(world, execute=execute, holder=holder, lease_ttl_seconds=ttl))
         if live is not None:
             live.stop()
@@ -180,9 +179,9 @@ def campaign_loop(
             sys.stdout.flush()
         else:
             for o in outcomes:
-                out.print(f"[bold]{o['world']}[/bold]")
+                out.print(f"[bold]{t(o['world'])}[/bold]")
                 if o["status"] == "busy":
-                    out.print(f"  busy: {o['message']}")
+                    out.print(f"  busy: {t(o['message'])}")
                     continue
                 for a in o["actions"]:
                     _print_action(out, a)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from qmtl_cli._output import emit, table
+from qmtl_cli._output import emit, table, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app as world_app
@@ -29,18 +29,18 @@ def render_outcome(c: "Console", outcome: dict[str, Any]) -> None:
     """A promotion/approval outcome with every gate reason."""
     colour = {"applied": "green", "pending": "yellow", "planned": "cyan", "rejected": "magenta"}.get(
         outcome["status"], "red")
-    c.print(f"[{colour}]{outcome['status']}[/{colour}]  {outcome['strategy_id']} in {outcome['world']}: "
-            f"{outcome['message']}", markup=True)
+    c.print(f"[{colour}]{t(outcome['status'])}[/{colour}]  {t(outcome['strategy_id'])} in {t(outcome['world'])}: "
+            f"{t(outcome['message'])}")
     gate = outcome.get("gate")
     if gate is not None:
         for r in gate["reasons"]:
-            c.print(f"  - {r['code']}: {r['detail']}", markup=False)
+            c.print(f"  - {t(r['code'])}: {t(r['detail'])}")
         approvals = gate.get("valid_approvals") or []
-        c.print(f"  evidence {gate['evidence_hash'][:16]}"
-                + (f"; approvals counted: {', '.join(approvals)}" if approvals else ""))
+        c.print(f"  evidence {t(gate['evidence_hash'][:16])}"
+                + (f"; approvals counted: {t(', '.join(approvals))}" if approvals else ""))
     for n in outcome.get("notifications", []):
         if not n["ok"]:
-            c.print(f"  notification {n['event']} not delivered: {n['error']} (recorded in the ledger)")
+            c.print(f"  notification {t(n['event'])} not delivered: {t(n['error'])} (recorded in the ledger)")
 
 
 def _finish(ctx: typer.Context, outcome: dict[str, Any]) -> None:
@@ -94,7 +94,7 @@ def promote(
                 if "report" in r:
                     rep = r["report"]
                     how = "" if rep["state"] == "current" else f" (write it: {rep['command']})"
-                    c.print(f"report {r['request_id']}: {rep['path']} [{rep['state']}]{how}", markup=False)
+                    c.print(t(f"report {r['request_id']}: {rep['path']} [{rep['state']}]{how}"))
 
         emit(listing, json_mode=state(ctx).json, human=human)
         return
@@ -150,7 +150,7 @@ def decision(
 
     def human(c: "Console") -> None:
         if not docs:
-            c.print(f"world {world} has no strategies")
+            c.print(f"world {t(world)} has no strategies")
             return
         c.print(table(None, ["strategy", "mode", "domain", "reason", "as_of", "ttl", "etag", "policy"],
                       [[d["strategy_id"], d["effective_mode"], d["execution_domain"], d["reason"],
@@ -166,9 +166,9 @@ def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="Worl
              reason: ReasonOption = None, json_output: JsonOption = False) -> None:
     """Restore the previous activation set (as a new set; stages follow it)."""
     result = state(ctx).client().rollback(world, reason=_required_reason(reason, "rollback"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
+    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(t(
         f"rolled back {world} to activation set {result['restored_set']} (now set {result['set_version']}); "
-        + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items()) or "no stage changed")))
+        + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items()) or "no stage changed"))))
 
 
 @world_app.command("halt")
@@ -178,7 +178,7 @@ def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World na
     """Kill switch: every decision becomes compute-only and live actions are blocked, until resume."""
     result = state(ctx).client().set_halted(world, halted=True, reason=_required_reason(reason, "halt"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"[red]halted[/red] {world}" if result["changed"] else f"{world} was already halted"))
+        f"[red]halted[/red] {t(world)}" if result["changed"] else f"{t(world)} was already halted"))
 
 
 @world_app.command("resume")
@@ -188,7 +188,7 @@ def resume(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World 
     """Lift the kill switch."""
     result = state(ctx).client().set_halted(world, halted=False, reason=_required_reason(reason, "resume"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"resumed {world}" if result["changed"] else f"{world} was not halted"))
+        f"resumed {t(world)}" if result["changed"] else f"{t(world)} was not halted"))
 
 
 @world_app.command("demote")
@@ -200,7 +200,7 @@ def demote(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World 
     """Take a strategy down a stage (default live → paper); other strategies are untouched."""
     result = state(ctx).client().demote(world, strategy, to=to, reason=_required_reason(reason, "demote"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"demoted {strategy} to {to} in {world} (activation set {result['set_version']})"))
+        t(f"demoted {strategy} to {to} in {world} (activation set {result['set_version']})")))
 
 
 @world_app.command("history")
@@ -218,18 +218,18 @@ def history(
     doc = state(ctx).client().history(world, at=parse_instant(at, what="--at") if at else None)
 
     def human(c: "Console") -> None:
-        c.print(f"[bold]{world}[/bold] at {doc['at'] or 'now'}" + ("  [red]HALTED[/red]" if doc["halted"] else ""))
+        c.print(f"[bold]{t(world)}[/bold] at {t(doc['at'] or 'now')}" + ("  [red]HALTED[/red]" if doc["halted"] else ""))
         if not doc["activations"]:
             c.print("nothing was paper or live")
         for a in doc["activations"]:
             why = a["why"] or {}
-            approvals = ", ".join(f"{x['actor']} ({x['reason']})" for x in why.get("approvals", []))
+            approvals = ", ".join(f"{t(x['actor'])} ({t(x['reason'])})" for x in why.get("approvals", []))
             marker = "[green]●[/green]" if a["stage"] == "live" else "○"
-            c.print(f"  {marker} {a['strategy_id']}: {a['stage']} "
-                    f"(weight {a['weight']:.4g}, run {a['run_id'] or '-'}) since {a['activated_at'][:19]}Z")
+            c.print(f"  {marker} {t(a['strategy_id'])}: {t(a['stage'])} "
+                    f"(weight {a['weight']:.4g}, run {t(a['run_id'])}) since {t(a['activated_at'][:19])}Z")
             if why:
-                c.print(f"      {why['kind']} #{why['seq']} by {why['actor']}: {why['reason']}"
-                        + (f"; approved by {approvals}" if approvals else ""), markup=False)
+                c.print(f"      {t(why['kind'])} #{why['seq']} by {t(why['actor'])}: {t(why['reason'])}"
+                        + (f"; approved by {approvals}" if approvals else ""))
 
     emit(doc, json_mode=state(ctx).json, human=human)
 

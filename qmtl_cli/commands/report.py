@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from qmtl_cli._output import console, emit
+from qmtl_cli._output import console, emit, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app
@@ -93,7 +93,7 @@ def report(
                                      "or record a run with qmtl world evaluate --strategy)")
             emit({"world": world, "at": stamp, "format": fmt, "path": None, "files": [],
                   "strategies_total": 0, "message": message}, json_mode=st.json,
-                 human=lambda c: c.print(message, markup=False))
+                 human=lambda c: c.print(t(message)))
             return
         target = out if out is not None else default_report_path(st.settings().home, world, strategy, fmt)
         files = save_report(report_doc, target)
@@ -104,9 +104,9 @@ def report(
 
     def human(c: "Console") -> None:
         what = "report" if fmt == "html" else f"{len(files)} PNG files in"
-        c.print(f"wrote {what} {target}  ({total} {'strategy' if total == 1 else 'strategies'}, {shown} in full"
-                + (f", as of {at_label}" if at_label else "") + ")", markup=False, highlight=False)
+        c.print(t(f"wrote {what} {target}  ({total} {'strategy' if total == 1 else 'strategies'}, {shown} in full"
+                  + (f", as of {at_label}" if at_label else "") + ")"), highlight=False)
         for p in summary["pending_requests"]:
-            c.print(f"  pending {p['request_id']} {p['strategy_id']}: evidence {p['evidence_hash']}", markup=False)
+            c.print(t(f"  pending {p['request_id']} {p['strategy_id']}: evidence {p['evidence_hash']}"))
 
     emit(doc, json_mode=st.json, human=human)

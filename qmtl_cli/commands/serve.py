@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qmtl_cli._output import console, emit, table
+from qmtl_cli._output import console, emit, table, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 
@@ -56,8 +56,8 @@ def token_create(
     with service.store.write() as conn:
         token_id, token = create_token(conn, actor=actor, role=role, created_by=service.actor, now=service.clock())
     emit({"token_id": token_id, "actor": actor, "role": role, "token": token}, json_mode=state(ctx).json,
-         human=lambda c: c.print(f"{token}\n(token {token_id} for {actor} as {role}; shown once — store it now, "
-                                 "e.g. export QMTL_TOKEN=...)", markup=False))
+         human=lambda c: c.print(t(token) + "\n" + t(f"(token {token_id} for {actor} as {role}; shown once — "
+                                                    "store it now, e.g. export QMTL_TOKEN=...)")))
 
 
 @token_app.command("list")
@@ -85,7 +85,7 @@ def token_revoke(ctx: typer.Context, token_id: Annotated[str, typer.Argument(hel
     with service.store.write() as conn:
         revoke_token(conn, token_id=token_id, revoked_by=service.actor, now=service.clock())
     emit({"token_id": token_id, "revoked": True}, json_mode=state(ctx).json,
-         human=lambda c: c.print(f"revoked token {token_id}"))
+         human=lambda c: c.print(f"revoked token {t(token_id)}"))
 
 
 @events_app.command("tail")
@@ -126,9 +126,9 @@ def events_tail(
                     sys.stdout.flush()
                 else:
                     assert out is not None
-                    out.print(f"{event['seq']:>6} {event['ts'][:19]}Z {event['type']:<22} {event['world_id'] or '-'}"
-                              f" {event.get('execution_domain') or '-':<8} {event['actor']}: {event['subject']}"
-                              f" ({event['reason']})", markup=False)
+                    out.print(t(f"{event['seq']:>6} {event['ts'][:19]}Z {event['type']:<22} {event['world_id'] or '-'}"
+                                f" {event.get('execution_domain') or '-':<8} {event['actor']}: {event['subject']}"
+                                f" ({event['reason']})"))
     except InvalidStatus as exc:
         raise StoreUnavailable(f"{settings.server} refused the event stream: HTTP {exc.response.status_code}") from None
     except ConnectionClosed as exc:
