@@ -15,6 +15,8 @@ from qmtl_cli._state import state
 from qmtl_cli.commands.world import app
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console
 
 ACTION_STYLE = {"evaluate": "cyan", "promote_to_paper": "green", "apply_live": "green",
@@ -29,9 +31,10 @@ def _bar(done: float, total: float, width: int = 12) -> str:
 
 
 def render_campaign(c: "Console", world: str, views: list[dict[str, Any]],
-                    curves: dict[str, list[float]] | None = None) -> None:
+                    curves: dict[str, list[float]] | None = None,
+                    label: "Callable[[str], str]" = str) -> None:
     """Human rendering of ``qmtl world campaign`` (``curves``: each strategy's chained returns, drawn
-    as a sparkline coloured by its gates' pass/warn/fail)."""
+    as a sparkline coloured by its gates' pass/warn/fail; ``label``: how a strategy id is shown)."""
     from qmtl_cli._sparkline import gate_status, styled_sparkline
 
     if not views:
@@ -41,7 +44,7 @@ def render_campaign(c: "Console", world: str, views: list[dict[str, Any]],
     for v in views:
         status = gate_status(v["rules"])
         spark = styled_sparkline((curves or {}).get(v["strategy_id"], []), status, width=24)
-        c.print(f"[bold]{t(v['strategy_id'])}[/bold]  {t(v['phase'])}" + (f"  {spark}" if spark else "")
+        c.print(f"[bold]{t(label(v['strategy_id']))}[/bold]  {t(v['phase'])}" + (f"  {spark}" if spark else "")
                 + (f"  {styled(status)}" if status else ""))
         for p in v["progress"]:
             span = p["span_seconds"]
@@ -65,15 +68,23 @@ def render_campaign(c: "Console", world: str, views: list[dict[str, Any]],
 def campaign(
     ctx: typer.Context,
     world: Annotated[str, typer.Argument(help="World name.")],
-    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy.")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy (its id or any unique prefix).")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Show each strategy's campaign: phase, window progress measured on data, gates, next action."""
+    """Show each strategy's campaign: phase, window progress measured on data, gates, next action.
+
+    STRATEGY (--strategy) may be any unique prefix of the id, as git accepts for commits.
+    """
+    from qmtl_cli._ids import labeller, strategy_id
+
+    strategy = strategy_id(state(ctx), world, strategy)
     views = state(ctx).client().campaign(world, strategy_id=strategy)["strategies"]
+
     def human(c: "Console") -> None:
         from qmtl_cli._sparkline import strategy_curves
 
-        render_campaign(c, world, views, strategy_curves(state(ctx), world, strategy) if views else None)
+        render_campaign(c, world, views, strategy_curves(state(ctx), world, strategy) if views else None,
+                        labeller(state(ctx), world))
 
     emit({"world": world, "strategies": views}, json_mode=state(ctx).json, human=human)
 
@@ -91,7 +102,7 @@ def _parse_interval(text: str) -> float:
     return seconds
 
 
-def _print_action(c: "Console", doc: dict[str, Any]) -> None:
+def _print_action(c: "Console", doc: dict[str, Any], label: "Callable[[str], str]" = str) -> None:
     style = ACTION_STYLE.get(doc["action"], "")
     outcome = doc.get("outcome", "")
     result = doc.get("result") or {}
@@ -100,7 +111,7 @@ def _print_action(c: "Console", doc: dict[str, Any]) -> None:
         extra = f" -> run {result['run_id']}#{result['revision']} {result.get('run_status', '')}"
     elif result.get("why"):
         extra = f" ({result['why']})"
-    c.print(f"  {t(outcome):<9} [{style}]{t(doc['action']):<16}[/{style}] {t(doc['strategy_id']):<20} "
+    c.print(f"  {t(outcome):<9} [{style}]{t(doc['action']):<16}[/{style}] {t(label(doc['strategy_id'])):<20} "
             f"{t(doc['reason'])}: {t(doc['detail'])}{t(extra)}", highlight=False)
 
 
@@ -132,11 +143,15 @@ def campaign_loop(
     """
     from datetime import datetime, timezone
 
+    from qmtl_cli._ids import labeller
     from qmtl_core.errors import UsageError
     from qmtl_core.service._campaign import new_holder, worst_outcome
 
     if worlds and all_worlds:
         raise UsageError("give --world or --all, not both")
+    if not worlds and not all_worlds:
+        # Acting on every world must be asked for by name: a cron line missing --world never sweeps the fleet.
+        raise UsageError("give --world W (repeatable) or --all", hint="e.g. --world demo-momentum --once")
     if once and interval:
         raise UsageError("give --once or --interval, not both")
     if not once and not interval:
@@ -147,7 +162,7 @@ def campaign_loop(
     ttl = _parse_interval(lease_ttl)
     st = state(ctx)
     client = st.client()
-    targets = client.world_names() if all_worlds or not worlds else list(dict.fromkeys(worlds))
+    targets = client.world_names() if all_worlds else list(dict.fromkeys(worlds or []))
     if not targets:
         raise UsageError("no worlds to run", hint="add policy files to --worlds-dir")
     holder = new_holder()
@@ -183,8 +198,9 @@ def campaign_loop(
                 if o["status"] == "busy":
                     out.print(f"  busy: {t(o['message'])}")
                     continue
+                label = labeller(st, o["world"])
                 for a in o["actions"]:
-                    _print_action(out, a)
+                    _print_action(out, a, label)
             word = "executed" if execute else "planned (nothing executed; add --execute to act)"
             out.print(f"iteration {iteration}: {word}; exit {code}")
         if limit is not None and iteration >= limit:

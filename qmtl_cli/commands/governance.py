@@ -15,14 +15,9 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 ReasonOption = Annotated[Optional[str], typer.Option("--reason", "-r", help="Why (recorded in the ledger).")]
-
-
-def _age(seconds: float) -> str:
-    if seconds < 3600:
-        return f"{int(seconds // 60)}m"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
+#: Every decision and kill-switch move is recorded with its reason: the option is required (and marked so).
+RequiredReason = Annotated[str, typer.Option("--reason", "-r", help="Why (recorded in the ledger).",
+                                             show_default=False)]
 
 
 def render_outcome(c: "Console", outcome: dict[str, Any]) -> None:
@@ -51,7 +46,7 @@ def _finish(ctx: typer.Context, outcome: dict[str, Any]) -> None:
 
 def promote(
     ctx: typer.Context,
-    strategy: Annotated[Optional[str], typer.Argument(help="Strategy id to take live.")] = None,
+    strategy: Annotated[Optional[str], typer.Argument(help="Strategy id (or any unique prefix) to take live.")] = None,
     world: Annotated[Optional[str], typer.Option("--world", "-w", help="World name.")] = None,
     reason: ReasonOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every block reason; write nothing.")] = False,
@@ -84,9 +79,14 @@ def promote(
             if not rows:
                 c.print("no pending promotion requests" if not all_ else "no promotion requests")
                 return
+            from qmtl_cli._ids import labeller
+            from qmtl_core.timeutil import human_duration
+
+            labels = {w: labeller(state(ctx), w) for w in {r["world"] for r in rows}}
             c.print(table(None, ["request", "world", "strategy", "status", "age", "approvals", "requester",
                                  "evidence"],
-                          [[r["request_id"], r["world"], r["strategy_id"], r["status"], _age(r["age_seconds"]),
+                          [[r["request_id"], r["world"], labels[r["world"]](r["strategy_id"]), r["status"],
+                            human_duration(r["age_seconds"]),
                             f"{sum(1 for a in r['approvals'] if a['decision'] == 'approve')}/"
                             f"{r.get('required_approvals') or '?'}", r["requester"], r["evidence_hash"][:12]]
                            for r in rows]))
@@ -100,13 +100,16 @@ def promote(
         return
     if strategy is None or world is None:
         raise UsageError("give STRATEGY and --world W (or --list)", hint="e.g. qmtl promote sma_10_30 --world demo")
-    _finish(ctx, client.promote(world, strategy, reason=reason, dry_run=dry_run))
+    from qmtl_cli._ids import strategy_id
+
+    _finish(ctx, client.promote(world, strategy_id(state(ctx), world, strategy) or strategy, reason=reason,
+                                dry_run=dry_run))
 
 
 def approve(
     ctx: typer.Context,
-    request: Annotated[str, typer.Argument(help="Request id (qmtl promote --list).")],
-    reason: ReasonOption = None,
+    request: Annotated[str, typer.Argument(help="Request id or any unique prefix (qmtl promote --list).")],
+    reason: RequiredReason,
     json_output: JsonOption = False,
 ) -> None:
     """Approve a promotion request as yourself (the OS user locally, the token's actor remotely).
@@ -115,20 +118,27 @@ def approve(
     counts once and only for the evidence the request was opened on (changed evidence voids the
     request: exit 4). The last required approval applies the promotion if every gate passes.
     """
-    _finish(ctx, state(ctx).client().decide(request, decision="approve", reason=reason or ""))
+    from qmtl_cli._ids import request_id
+
+    _finish(ctx, state(ctx).client().decide(request_id(state(ctx), request), decision="approve",
+                                            reason=_required_reason(reason, "approve")))
 
 
 def reject(
     ctx: typer.Context,
-    request: Annotated[str, typer.Argument(help="Request id (qmtl promote --list).")],
-    reason: ReasonOption = None,
+    request: Annotated[str, typer.Argument(help="Request id or any unique prefix (qmtl promote --list).")],
+    reason: RequiredReason,
     json_output: JsonOption = False,
 ) -> None:
     """Reject a promotion request as yourself (same rules as approve); the request closes."""
-    _finish(ctx, state(ctx).client().decide(request, decision="reject", reason=reason or ""))
+    from qmtl_cli._ids import request_id
+
+    _finish(ctx, state(ctx).client().decide(request_id(state(ctx), request), decision="reject",
+                                            reason=_required_reason(reason, "reject")))
 
 
 def _required_reason(reason: str | None, what: str) -> str:
+    """A non-blank reason (the option is required; a blank one says nothing in the ledger)."""
     from qmtl_core.errors import UsageError
 
     if not reason or not reason.strip():
@@ -141,19 +151,22 @@ def _required_reason(reason: str | None, what: str) -> str:
 def decision(
     ctx: typer.Context,
     world: Annotated[str, typer.Argument(help="World name.")],
-    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy.")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy (its id or any unique prefix).")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show decision envelopes: in which domain each strategy may execute now, and why."""
-    data = state(ctx).client().decisions(world, strategy_id=strategy)
+    from qmtl_cli._ids import labeller, strategy_id
+
+    data = state(ctx).client().decisions(world, strategy_id=strategy_id(state(ctx), world, strategy))
     docs = data["decisions"]
 
     def human(c: "Console") -> None:
         if not docs:
             c.print(f"world {t(world)} has no strategies")
             return
+        label = labeller(state(ctx), world)
         c.print(table(None, ["strategy", "mode", "domain", "reason", "as_of", "ttl", "etag", "policy"],
-                      [[d["strategy_id"], d["effective_mode"], d["execution_domain"], d["reason"],
+                      [[label(d["strategy_id"]), d["effective_mode"], d["execution_domain"], d["reason"],
                         str(d["as_of"])[:19] + "Z", f"{d['ttl_sec']}s", str(d["etag"])[:12], d["policy_version"]]
                        for d in docs]))
 
@@ -163,7 +176,7 @@ def decision(
 @world_app.command("rollback")
 @command
 def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
-             reason: ReasonOption = None, json_output: JsonOption = False) -> None:
+             reason: RequiredReason, json_output: JsonOption = False) -> None:
     """Restore the previous activation set (as a new set; stages follow it)."""
     result = state(ctx).client().rollback(world, reason=_required_reason(reason, "rollback"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(t(
@@ -174,7 +187,7 @@ def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="Worl
 @world_app.command("halt")
 @command
 def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
-         reason: ReasonOption = None, json_output: JsonOption = False) -> None:
+         reason: RequiredReason, json_output: JsonOption = False) -> None:
     """Kill switch: every decision becomes compute-only and live actions are blocked, until resume."""
     result = state(ctx).client().set_halted(world, halted=True, reason=_required_reason(reason, "halt"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
@@ -184,7 +197,7 @@ def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World na
 @world_app.command("resume")
 @command
 def resume(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
-           reason: ReasonOption = None, json_output: JsonOption = False) -> None:
+           reason: RequiredReason, json_output: JsonOption = False) -> None:
     """Lift the kill switch."""
     result = state(ctx).client().set_halted(world, halted=False, reason=_required_reason(reason, "resume"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
@@ -194,10 +207,14 @@ def resume(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World 
 @world_app.command("demote")
 @command
 def demote(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
-           strategy: Annotated[str, typer.Argument(help="Strategy id.")],
+           strategy: Annotated[str, typer.Argument(help="Strategy id (or any unique prefix).")],
+           reason: RequiredReason,
            to: Annotated[str, typer.Option("--to", help="paper, backtest or retired.")] = "paper",
-           reason: ReasonOption = None, json_output: JsonOption = False) -> None:
+           json_output: JsonOption = False) -> None:
     """Take a strategy down a stage (default live → paper); other strategies are untouched."""
+    from qmtl_cli._ids import strategy_id
+
+    strategy = strategy_id(state(ctx), world, strategy) or strategy
     result = state(ctx).client().demote(world, strategy, to=to, reason=_required_reason(reason, "demote"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
         t(f"demoted {strategy} to {to} in {world} (activation set {result['set_version']})")))
@@ -215,9 +232,12 @@ def history(
     """What was live (and paper) then, and why: from the hash-chained ledger."""
     from qmtl_core.timeutil import parse_instant
 
+    from qmtl_cli._ids import labeller
+
     doc = state(ctx).client().history(world, at=parse_instant(at, what="--at") if at else None)
 
     def human(c: "Console") -> None:
+        label = labeller(state(ctx), world)
         c.print(f"[bold]{t(world)}[/bold] at {t(doc['at'] or 'now')}" + ("  [red]HALTED[/red]" if doc["halted"] else ""))
         if not doc["activations"]:
             c.print("nothing was paper or live")
@@ -225,7 +245,7 @@ def history(
             why = a["why"] or {}
             approvals = ", ".join(f"{t(x['actor'])} ({t(x['reason'])})" for x in why.get("approvals", []))
             marker = "[green]●[/green]" if a["stage"] == "live" else "○"
-            c.print(f"  {marker} {t(a['strategy_id'])}: {t(a['stage'])} "
+            c.print(f"  {marker} {t(label(a['strategy_id']))}: {t(a['stage'])} "
                     f"(weight {a['weight']:.4g}, run {t(a['run_id'])}) since {t(a['activated_at'][:19])}Z")
             if why:
                 c.print(f"      {t(why['kind'])} #{why['seq']} by {t(why['actor'])}: {t(why['reason'])}"

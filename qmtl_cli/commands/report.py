@@ -45,7 +45,7 @@ def _progress(enabled: bool) -> "Iterator[Callable[..., None]]":
 def report(
     ctx: typer.Context,
     world: Annotated[str, typer.Argument(help="World name.")],
-    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy.")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy (its id or any unique prefix).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Where to write: the HTML file, or with --format png a directory "
                             "[default: $QMTL_HOME/reports/<world>.html, or <world>/<strategy>.html].",
@@ -79,9 +79,12 @@ def report(
     from qmtl_core.report._document import CONTENT_KEYS, save_report
     from qmtl_core.timeutil import parse_instant
 
+    from qmtl_cli._ids import strategy_id
+
     st = state(ctx)
     when = parse_instant(at, what="--at") if at else None
     client = st.client()
+    strategy = strategy_id(st, world, strategy)
     with _progress(not st.json and sys.stderr.isatty()) as update:
         update(0, None, f"reading {world}" if st.settings().server is None else f"rendering {world} on the server")
         report_doc = client.report(world, strategy_id=strategy, at=when, top=top, fmt=fmt, progress=update)

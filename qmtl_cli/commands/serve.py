@@ -94,12 +94,17 @@ def events_tail(
     ctx: typer.Context,
     world: Annotated[Optional[str], typer.Option("--world", "-w", help="Only this world.")] = None,
     domain: Annotated[Optional[str], typer.Option("--domain", help="Only this execution domain.")] = None,
-    since: Annotated[int, typer.Option("--since", min=0, help="Start after this ledger sequence number.")] = 0,
+    since: Annotated[Optional[int], typer.Option(
+        "--since", min=0, help="Start after this ledger sequence number; 0 replays every event "
+                               "[default: now, only new events].", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1,
                                                  help="Stop after N events [default: follow].")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Follow control events (/events WebSocket) from --server, one line (or JSON object) each."""
+    """Follow control events (/events WebSocket) from --server, one line (or JSON object) each.
+
+    Starts at the ledger's head, as tail -f does: only events from now on (--since 0 replays all).
+    """
     from urllib.parse import urlencode
 
     from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
@@ -111,6 +116,9 @@ def events_tail(
     settings = st.settings()
     if not settings.server:
         raise UsageError("events tail follows a qmtl serve", hint="pass --server URL (and QMTL_TOKEN)")
+    if since is None:  # from now: the newest entry's sequence number (0 on an empty ledger)
+        newest = st.client().audit_log(limit=1)["entries"]
+        since = int(newest[-1]["seq"]) if newest else 0
     base = settings.server.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
     query = urlencode({k: v for k, v in {"world": world, "domain": domain, "since": since}.items() if v is not None})
     headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}

@@ -63,7 +63,8 @@ def schema(ctx: typer.Context, json_output: JsonOption = False) -> None:
 @app.command("list")
 @command
 def list_(ctx: typer.Context, json_output: JsonOption = False) -> None:
-    """List the worlds in --worlds-dir with their policy version and live settings."""
+    """List the worlds in --worlds-dir with their policy version and live settings; exit 2 when any is
+    invalid (each listed with its error)."""
     doc = state(ctx).client().worlds()
     rows = doc["worlds"]
 
@@ -79,6 +80,8 @@ def list_(ctx: typer.Context, json_output: JsonOption = False) -> None:
                 c.print(f"[red]invalid[/red] {t(r['error'])}")
 
     emit(doc, json_mode=state(ctx).json, human=human)
+    if any(not r["valid"] for r in rows):
+        raise typer.Exit(2)
 
 
 @app.command("show")

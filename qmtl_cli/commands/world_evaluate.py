@@ -199,12 +199,18 @@ def _record_runs(ctx: typer.Context, world: str, *, strategy: str | None, stage:
 def runs(
     ctx: typer.Context,
     world: Annotated[str, typer.Argument(help="World name.")],
-    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy.")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy (its id or any unique prefix).")] = None,
     stage: Annotated[Optional[str], typer.Option("--stage", help="Only this stage.")] = None,
     history: Annotated[bool, typer.Option("--history", help="Every revision, not just the latest.")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """List evaluation runs (latest revision each; --history for all), newest first."""
+    """List evaluation runs (latest revision each; --history for all), newest first.
+
+    --strategy may be any unique prefix of the id.
+    """
+    from qmtl_cli._ids import labeller, strategy_id
+
+    strategy = strategy_id(state(ctx), world, strategy)
     docs = state(ctx).client().runs(world, strategy_id=strategy, stage=stage, history=history)["runs"]
 
     def human(c: "Console") -> None:
@@ -214,8 +220,9 @@ def runs(
         from qmtl_cli._sparkline import run_curves, styled_sparkline
 
         curves = run_curves(state(ctx), world, strategy_id=strategy, stage=stage, history=history)
+        label = labeller(state(ctx), world)
         c.print(table(None, ["strategy", "stage", "run", "status", "equity", "sharpe", "max_dd", "obs", "recorded"],
-                      [[d["strategy_id"], d["stage"], f"{d['run_id']}#{d['revision']}", styled(d["status"]),
+                      [[label(d["strategy_id"]), d["stage"], f"{d['run_id']}#{d['revision']}", styled(d["status"]),
                         styled_sparkline(curves.get((d["strategy_id"], d["stage"], d["run_id"], d["revision"]), []),
                                          d["status"]),
                         _fmt(d["metrics"].get("sharpe")), _fmt(d["metrics"].get("max_drawdown")),

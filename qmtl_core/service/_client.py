@@ -155,6 +155,11 @@ class LocalClient:
         return {"runs": [r.to_dict() for r in revs]}
 
     # -- submissions (qmtl submit / qmtl run; the strategy itself runs on the client) -------------------
+    def strategies(self, world: str) -> dict[str, Any]:
+        """Every strategy of the world with its name and stage (short ids and prefixes in the CLI)."""
+        self.service.load_world(world, record=False)  # an unknown world is world_not_found
+        return {"world": world, "strategies": self.service.strategy_rows(world)}
+
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
         """The world's row for a strategy (stage, name, code_hash, submitter, meta ...);
         ``StrategyNotFound`` (exit 3, HTTP 404) when the world has never seen it."""
@@ -402,6 +407,9 @@ class HttpClient:
                           params={"strategy": strategy_id, "stage": stage, "history": history})
 
     # -- submissions ----------------------------------------------------------------------------------
+    def strategies(self, world: str) -> dict[str, Any]:
+        return self._call("GET", f"/worlds/{world}/strategies")
+
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
         return self._call("GET", f"/worlds/{world}/strategies/{strategy_id}")
 

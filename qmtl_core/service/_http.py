@@ -181,6 +181,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         """Evaluation runs, newest first."""
         return c.runs(world, strategy_id=strategy, stage=stage, history=history)
 
+    @app.get("/worlds/{world}/strategies")
+    def strategies(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Every strategy of the world with its name and stage."""
+        return c.strategies(world)
+
     @app.get("/worlds/{world}/strategies/{strategy_id}")
     def strategy(world: str, strategy_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """A strategy's row in the world (404 when the world has never seen it)."""
