@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -102,6 +103,46 @@ def _parse_interval(text: str) -> float:
     return seconds
 
 
+class _LoopTextfile:
+    """``--metrics-file``: the loop's families (carried over from the file it replaces, so counters only
+    grow across cron runs) plus the store families when the store is local."""
+
+    def __init__(self, st: Any, path: Path) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from qmtl_core.errors import ConfigError
+        from qmtl_core.telemetry import LoopMetrics, new_registry, read_counters
+
+        import os
+
+        # Checked before the loop acts, not after: a cron line must not act and then fail to report.
+        problem = ("is a directory" if path.is_dir() else "no such directory" if not path.parent.is_dir()
+                   else "directory not writable" if not os.access(path.parent, os.W_OK) else None)
+        if problem:
+            raise ConfigError(f"--metrics-file {path}: {problem}",
+                              hint="give a file in an existing directory, e.g. /var/lib/node_exporter/qmtl.prom")
+        self.path = path
+        if st.remote:  # the server's /metrics has the store families; the store is not here
+            self.registry = CollectorRegistry(auto_describe=False)
+        else:
+            service = st.service()
+            self.registry = new_registry(service.store, service.clock)
+        self.loop = LoopMetrics(self.registry)
+        self.loop.carry_over(read_counters(path, ("qmtl_loop_runs", "qmtl_loop_actions")))
+
+    def write(self, outcomes: list[dict[str, Any]], at: Any) -> None:
+        from qmtl_core.errors import ConfigError
+        from qmtl_core.telemetry import write_textfile
+
+        for outcome in outcomes:
+            self.loop.observe(outcome, at)
+        try:
+            write_textfile(self.path, self.registry)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-file {self.path}: cannot write ({exc.strerror or exc})",
+                              hint="point it at a writable directory, e.g. node_exporter's textfile directory") from None
+
+
 def _print_action(c: "Console", doc: dict[str, Any], label: "Callable[[str], str]" = str) -> None:
     style = ACTION_STYLE.get(doc["action"], "")
     outcome = doc.get("outcome", "")
@@ -132,6 +173,11 @@ def campaign_loop(
     lease_ttl: Annotated[str, typer.Option(
         "--lease-ttl", help="How long a world's lease lasts without renewal (a crashed loop "
                             "blocks others this long).")] = "10m",
+    metrics_file: Annotated[Optional[Path], typer.Option(
+        "--metrics-file", help="After each iteration, write Prometheus metrics to PATH atomically, for "
+                               "node_exporter's textfile collector (e.g. /var/lib/node_exporter/qmtl.prom): "
+                               "the loop's runs and actions, and (locally) the store's gauges, the same "
+                               "families qmtl serve exposes at /metrics.", show_default=False)] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Tick worlds and (with --execute) act: evaluate, promote to paper; live goes to governance.
@@ -140,6 +186,8 @@ def campaign_loop(
     loops off the same world. Exit: the most severe of 0 (done), 11 (waiting), 10 (blocked by
     policy), 12 (evidence missing or stale) over the actions; 75 when every world was leased by
     another loop. With --json, one JSON document per iteration (one per line).
+
+    Give --world W (repeatable) or --all: a loop never sweeps every world unless asked to.
     """
     from datetime import datetime, timezone
 
@@ -166,6 +214,7 @@ def campaign_loop(
     if not targets:
         raise UsageError("no worlds to run", hint="add policy files to --worlds-dir")
     holder = new_holder()
+    metrics = _LoopTextfile(st, metrics_file) if metrics_file is not None else None
     limit = 1 if once else max_iterations
     iteration = 0
     code = 0
@@ -187,6 +236,8 @@ def campaign_loop(
         if live is not None:
             live.stop()
         code = worst_outcome(outcomes)
+        if metrics is not None:
+            metrics.write(outcomes, started)
         doc = {"iteration": iteration, "started_at": started.isoformat(), "mode": "execute" if execute else "plan",
                "holder": holder, "exit_code": code, "worlds": outcomes}
         if st.json:
