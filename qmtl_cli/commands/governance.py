@@ -38,6 +38,77 @@ def render_outcome(c: "Console", outcome: dict[str, Any]) -> None:
             c.print(f"  notification {t(n['event'])} not delivered: {t(n['error'])} (recorded in the ledger)")
 
 
+def _number(value: Any, percent: bool) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value * 100:.2f}%" if percent else f"{value:.4g}"
+        # never "-0.0": a value that rounds to zero prints without its sign
+        return text[1:] if text.startswith("-") and float(text.rstrip("%")) == 0 else text
+    return str(value)
+
+
+def render_approval_view(c: "Console", view: dict[str, Any]) -> None:
+    """``qmtl promote --show``: the approver's page, in the order they need it."""
+    from qmtl_core.timeutil import human_duration
+
+    req = view["request"]
+    approvals = [a for a in req.get("approvals") or [] if a["decision"] == "approve"]
+    c.print(f"[bold]{t(req['request_id'])}[/bold]  {t(req['strategy_id'])} in {t(req['world'])}: {t(req['status'])}, "
+            f"requested by {t(req['requester'])} "
+            f"{t(human_duration(req['age_seconds']))} ago ({t(req.get('reason') or 'no reason')}); "
+            f"approvals {len(approvals)}/{t(req.get('required_approvals') or '?')}")
+    for a in approvals:
+        c.print(f"  approved by {t(a['approver'])}: {t(a['reason'])}")
+    c.print("\n[bold]live gate[/bold]" + ("  (every condition holds now)" if view["allowed_now"] else ""))
+    for row in view["checklist"]:
+        mark = "[green]✓[/green]" if row["ok"] else "[red]✗[/red]"
+        c.print(f"  {mark} {t(row['condition'])}" + (f": {t(row['detail'])}" if row["detail"] else ""))
+    stages = view["stages"]
+    if stages:
+        c.print(table("\nstages side by side (same metrics, same units)", ["metric", *stages],
+                      [[r["label"], *[_number(r["values"].get(s), r["percent"]) for s in stages]]
+                       for r in view["side_by_side"]]))
+    for caveat in view["caveats"]:
+        c.print(f"  [yellow]caveat[/yellow] {t(caveat)}")
+    sample = view.get("small_sample")
+    if sample:
+        need = sample["min_track_record_length"]
+        verdict = ("no track record is long enough: the observed Sharpe is not above 0" if need is None else
+                   f"needs {need} observations, has {sample['n_observations']}"
+                   + ("" if sample["enough"] else " [yellow](too few to tell skill from luck)[/yellow]"))
+        c.print(f"\n[bold]small sample[/bold]  paper Sharpe {sample['sharpe_per_period']:.3f} per period: {verdict}")
+        c.print(f"  minimum track record length, {t(sample['source'])}")
+    risk = view["risk"]
+    c.print("\n[bold]risk evidence[/bold]")
+    snap = risk.get("snapshot")
+    if snap is None:
+        c.print("  [red]no risk snapshot[/red] (the gate fails closed)")
+    else:
+        fresh = snap.get("freshness") or {}
+        c.print(f"  snapshot {t(snap['version'])} as_of {t(snap['as_of'])}: {t(fresh.get('status'))}"
+                + (f" ({t(fresh.get('reason'))}: {t(fresh.get('detail'))})" if fresh.get("reason") else ""))
+        c.print(f"  weight {t(_number(risk.get('weight'), False))}")
+        for other, cor in (risk.get("correlation_with_live") or {}).items():
+            c.print(f"  correlation with live {t(other)}: {t(_number(cor['correlation'], False))} "
+                    f"over {cor['common_points']} common returns")
+        if not risk.get("correlation_with_live"):
+            c.print("  nothing else is live: no correlation to check")
+        for key in ("stress", "constraints"):
+            if risk.get(key):
+                c.print(f"  {key}: " + t(", ".join(f"{k}={v}" for k, v in risk[key].items())))
+    costs = risk.get("costs") or {}
+    c.print("  costs: " + (t(", ".join(f"{k}={v}" for k, v in costs.items())) or "none in the policy"))
+    pol = view["policy"]
+    if pol["changed"]:
+        c.print(f"\n[yellow]policy changed[/yellow] since the request opened: version {t(pol['version_at_request'])} "
+                f"-> {t(pol['version_now'])} (qmtl world show {t(req['world'])})")
+    ev = view["evidence"]
+    c.print(f"\nevidence {t(ev['request'])}" + ("" if ev["unchanged"] else
+                                                  f"\n[red]changed[/red] now {t(ev['now'])}: approvals on the old "
+                                                  "evidence no longer count"))
+
+
 def _finish(ctx: typer.Context, outcome: dict[str, Any]) -> None:
     emit(outcome, json_mode=state(ctx).json, human=lambda c: render_outcome(c, outcome))
     if outcome["exit_code"]:
@@ -51,6 +122,10 @@ def promote(
     reason: ReasonOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every block reason; write nothing.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List pending requests with age and approvals.")] = False,
+    show: Annotated[Optional[str], typer.Option(
+        "--show", help="Open request REQ (id or unique prefix) as an approver reads it: the live-gate "
+                       "checklist, stages side by side, the small-sample caveat, risk evidence, policy "
+                       "change, evidence hash.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="With --list: closed requests too.")] = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -63,6 +138,14 @@ def promote(
     from qmtl_core.errors import UsageError
 
     client = state(ctx).client()
+    if show is not None:
+        if strategy is not None or list_:
+            raise UsageError("--show takes a request id, not a strategy or --list")
+        from qmtl_cli._ids import request_id
+
+        view = client.approval_view(request_id(state(ctx), show))
+        emit(view, json_mode=state(ctx).json, human=lambda c: render_approval_view(c, view))
+        return
     if list_:
         if strategy is not None:
             raise UsageError("--list takes no strategy")

@@ -228,6 +228,27 @@ class LocalClient:
         """``qmtl promote --list``."""
         return {"requests": self.service.promotion_requests(world=world, include_closed=include_closed)}
 
+    def approval_view(self, request_id: str) -> dict[str, Any]:
+        """``qmtl promote --show REQ``: what an approver reads, from reads only (the gate as a dry run)."""
+        from qmtl_core.approval_view import approval_view
+        from qmtl_core.errors import NotFoundError, RequestNotFound
+
+        request = next((r for r in self.service.promotion_requests(include_closed=True)
+                        if r["request_id"] == request_id), None)
+        if request is None:
+            raise RequestNotFound(f"no promotion request {request_id!r}", hint="qmtl promote --list --all lists them")
+        world, sid = request["world"], request["strategy_id"]
+        gate = self.service.promote(world, sid, dry_run=True).to_dict().get("gate") or {}
+        runs = [r.to_dict() for r in self.service.list_runs(world, strategy_id=sid)]
+        try:
+            snapshot: dict[str, Any] | None = self.risk_show(world)
+        except NotFoundError:
+            snapshot = None
+        live = [a["strategy_id"] for a in self.service.activations(world)["activations"]
+                if a["stage"] == "live" and a["strategy_id"] != sid]
+        policy = self.world(world)["policy"]
+        return approval_view(request, gate, runs, policy=policy, snapshot=snapshot, live=live)
+
     def decisions(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
         """``qmtl world decision``."""
         from qmtl_core.governance import envelope_to_dict
@@ -447,6 +468,9 @@ class HttpClient:
 
     def decide(self, request_id: str, *, decision: str, reason: str) -> dict[str, Any]:
         return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body={"reason": reason})
+
+    def approval_view(self, request_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/promotions/{request_id}/view")
 
     def promotions(self, *, world: str | None = None, include_closed: bool = False) -> dict[str, Any]:
         return self._call("GET", "/promotions", params={"world": world, "all": include_closed})

@@ -275,6 +275,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         """Promotion requests (pending unless ``all``)."""
         return c.promotions(world=world, include_closed=all)
 
+    @app.get("/promotions/{request_id}/view")
+    def approval_view(request_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """What an approver reads: the gate checklist now, stages side by side, risk evidence, caveats."""
+        return c.approval_view(request_id)
+
     @app.post("/promotions/{request_id}/approve")
     def approve_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
         """Approve as the token's actor."""
