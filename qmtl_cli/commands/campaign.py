@@ -156,6 +156,17 @@ def _print_action(c: "Console", doc: dict[str, Any], label: "Callable[[str], str
             f"{t(doc['reason'])}: {t(doc['detail'])}{t(extra)}", highlight=False)
 
 
+def _checkpoint_publisher(settings: Any) -> Any:
+    """With ``checkpoint_dir`` set, a function that publishes a signed checkpoint of a head into it
+    (a misconfigured key fails the loop before it acts, not after)."""
+    if settings.checkpoint_dir is None:
+        return None
+    from qmtl_core.checkpoint import publish, require_signer
+
+    signer = require_signer(settings.checkpoint_key)
+    return lambda head: publish(head, signer, settings.checkpoint_dir)
+
+
 @app.command("campaign-loop")
 @command
 def campaign_loop(
@@ -215,6 +226,7 @@ def campaign_loop(
         raise UsageError("no worlds to run", hint="add policy files to --worlds-dir")
     holder = new_holder()
     metrics = _LoopTextfile(st, metrics_file) if metrics_file is not None else None
+    publisher = _checkpoint_publisher(st.settings()) if execute else None
     limit = 1 if once else max_iterations
     iteration = 0
     code = 0
@@ -240,6 +252,9 @@ def campaign_loop(
             metrics.write(outcomes, started)
         doc = {"iteration": iteration, "started_at": started.isoformat(), "mode": "execute" if execute else "plan",
                "holder": holder, "exit_code": code, "worlds": outcomes}
+        if publisher is not None:
+            published = publisher(client.audit_head())
+            doc["checkpoint"] = str(published)
         if st.json:
             sys.stdout.write(json.dumps(doc, default=str) + "\n")
             sys.stdout.flush()
