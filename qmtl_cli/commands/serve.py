@@ -36,6 +36,7 @@ def serve(
     settings = state(ctx).service().settings  # local settings: the server owns the store
     state(ctx).service().store  # open (and migrate) the store before taking requests
     app = create_app(settings)
+    app.state.service.flush_outbox()  # notifications a crashed process left behind go out first
     sys.stderr.write(f"qmtl serve: http://{host}:{port} (docs at /docs), store {app.state.service.store.backend}\n")
     uvicorn.run(app, host=host, port=port, workers=1 if workers == 1 else workers, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=5)
