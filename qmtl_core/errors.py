@@ -18,6 +18,7 @@ __all__ = [
     "DataFileError",
     "ConfigError",
     "StoreVersionError",
+    "AmbiguousId",
     "NotFoundError",
     "WorldNotFound",
     "StrategyNotFound",
@@ -107,6 +108,12 @@ class RequestTooLarge(BadInputError):
     """Remote mode: the request body is larger than the server accepts (HTTP 413)."""
 
     code = "request_too_large"
+
+
+class AmbiguousId(UsageError):
+    """An id prefix matches more than one strategy or request (``details['candidates']``)."""
+
+    code = "ambiguous_id"
 
 
 class PolicyError(BadInputError):

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from fastapi import Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +36,7 @@ from qmtl_core._version import __version__
 from qmtl_core.config import Settings
 from qmtl_core.errors import NotFoundError, QmtlError, UsageError
 from qmtl_core.service import _models as m
+from qmtl_core.telemetry import HttpMetrics, LoopMetrics, exposition, new_registry
 from qmtl_core.service._auth import Principal, authenticate
 from qmtl_core.service._client import LocalClient, returns_from_doc, table_from_doc
 from qmtl_core.service._edge import DEFAULT_MAX_BODY, PRINCIPAL_KEY, BodyTooLarge, Edge, Scrubber, too_large
@@ -254,6 +255,17 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
                   description="Worlds, evaluation runs, campaigns, governance and the risk hub.",
                   responses=_ERRORS)
     base = WorldService(settings, clock=clock)
+    registry = new_registry(base.store, clock)
+    http_metrics, loop_metrics = HttpMetrics(registry), LoopMetrics(registry)
+
+    @app.middleware("http")
+    async def _timed(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        http_metrics.observe(request.method, getattr(route, "path", "unmatched"), response.status_code,
+                             time.perf_counter() - started)
+        return response
 
     def check_token(header: str | None) -> Principal:
         with base.store.read() as conn:
@@ -337,6 +349,14 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
         return HTMLResponse(_docs_page(app.openapi()), headers={
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
 
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition"}})
+    def metrics(_: LocalClient = Depends(read)) -> Response:
+        """Prometheus exposition: the store families (snapshot age, approvals, live strategies, actions,
+        blocks, campaign progress), loop runs through this server, and HTTP latency. Needs a read token."""
+        return Response(exposition(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/worlds", response_model=m.WorldList, **doc)
     def worlds(c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Every world with its version and live settings."""
@@ -367,6 +387,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
              c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Evaluation runs, newest first."""
         return c.runs(world, strategy_id=strategy, stage=stage, history=history)
+
+    @app.get("/worlds/{world}/strategies", response_model=m.StrategyList, **doc)
+    def strategies(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Every strategy of the world with its name and stage."""
+        return c.strategies(world)
 
     @app.get("/worlds/{world}/strategies/{strategy_id}", response_model=m.StrategyRow, **doc)
     def strategy(world: str, strategy_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -401,8 +426,10 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
     def campaign_run(world: str, body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
         """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``)."""
         who.require("operate" if body.execute else "tick")
-        return LocalClient(base.as_actor(who.actor)).campaign_run(
+        outcome = LocalClient(base.as_actor(who.actor)).campaign_run(
             world, execute=body.execute, holder=body.holder, lease_ttl_seconds=body.lease_ttl_seconds)
+        loop_metrics.observe(outcome, clock())
+        return outcome
 
     @app.get("/worlds/{world}/decision", response_model=m.DecisionList, **doc)
     def decision(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -436,6 +463,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
                    c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Promotion requests (pending unless ``all``)."""
         return c.promotions(world=world, include_closed=all)
+
+    @app.get("/promotions/{request_id}/view", response_model=m.ApprovalView, **doc)
+    def approval_view(request_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """What an approver reads: the gate checklist now, stages side by side, risk evidence, caveats."""
+        return c.approval_view(request_id)
 
     @app.post("/promotions/{request_id}/approve", response_model=m.OutcomeDoc, **doc)
     def approve_(request_id: str, body: DecideBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:

@@ -139,6 +139,18 @@ class StrategyRow(Doc):
     meta: dict[str, Any] | None = None
 
 
+class StrategyListRow(Doc):
+    strategy_id: str
+    name: str | None = None
+    stage: str | None = None
+    submitter: str | None = None
+
+
+class StrategyList(Doc):
+    world: str
+    strategies: list[StrategyListRow]
+
+
 class StrategyChange(Doc):
     strategy: StrategyRow
     changed: bool
@@ -286,6 +298,17 @@ class RequestDoc(Doc):
     created_at: str
     evidence_hash: str | None = None
     approvals: list[dict[str, Any]]
+
+
+class ApprovalView(Doc):
+    """What an approver reads before signing (``qmtl promote --show``)."""
+
+    request: dict[str, Any]
+    checklist: list[Any]
+    allowed_now: bool
+    stages: Any
+    side_by_side: Any
+    caveats: list[Any]
 
 
 class RequestList(Doc):
