@@ -154,7 +154,7 @@ def real_server(qmtl_env: dict[str, str], worlds_dir: Path, tmp_path: Path):  # 
     proc = subprocess.Popen([sys.executable, "-m", "qmtl_cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a loaded machine starts Python slowly
     while True:
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:

@@ -49,8 +49,7 @@ _URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^@\s/]+(@)")
 
 
 class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` when a streamed body passes the limit; FastAPI re-raises HTTP
-    exceptions met while reading a body, so this reaches the app's handler as a 413."""
+    """A body over a limit met inside the app (FastAPI's own limits, when set), answered as 413."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(status_code=413, detail=f"request body larger than {limit} bytes")
@@ -145,20 +144,29 @@ class Edge:
             scope[PRINCIPAL_KEY] = principal
         show = principal is not None and principal.may("secrets")
         scrubber = await run_in_threadpool(self.scrubber)  # reads the store: off the event loop
-        await self.app(scope, self._counting(receive), self._scrubbing(send, scrubber, show_secrets=show))
-
-    def _counting(self, receive: Receive) -> Receive:
-        received = 0
+        respond = self._scrubbing(send, scrubber, show_secrets=show)
+        received, refused = 0, False
 
         async def counted() -> Message:
-            nonlocal received
+            # Past the limit the edge answers 413 itself and tells the app the client left: no
+            # exception has to cross the middlewares in between, and nothing more is read.
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise BodyTooLarge(self.max_body)
+                    refused = True
+                    await self._refuse(send, too_large(self.max_body))
+                    return {"type": "http.disconnect"}
             return message
-        return counted
+
+        async def guarded(message: Message) -> None:
+            if not refused:  # after a refusal, whatever the app says about the cut body is dropped
+                await respond(message)
+
+        await self.app(scope, counted, guarded)
 
     def _scrubbing(self, send: Send, scrubber: Scrubber, *, show_secrets: bool) -> Send:
         start: Message | None = None

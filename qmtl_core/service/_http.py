@@ -28,7 +28,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from fastapi import Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -349,9 +349,8 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
         return HTMLResponse(_docs_page(app.openapi()), headers={
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
 
-    @app.get("/metrics", response_class=PlainTextResponse,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text exposition"}})
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                         "description": "Prometheus text exposition"}})
     def metrics(_: LocalClient = Depends(read)) -> Response:
         """Prometheus exposition: the store families (snapshot age, approvals, live strategies, actions,
         blocks, campaign progress), loop runs through this server, and HTTP latency. Needs a read token."""
