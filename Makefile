@@ -74,8 +74,10 @@ demo: install
 	$(QMTL) promote --list
 	@echo '$$ LOGNAME=alice qmtl approve REQUEST --reason "paper window clean"'
 	@LOGNAME=alice $(QMTL) approve $$($(FIRST_REQUEST)) --reason "paper window clean" $(SAYEXIT)
-	@echo '$$ LOGNAME=bob qmtl approve REQUEST --reason "agreed"'
+	@echo '$$ LOGNAME=bob qmtl approve REQUEST --reason "agreed"   (the last approval: without --allow-live it only says what it would do)'
 	@LOGNAME=bob $(QMTL) approve $$($(FIRST_REQUEST)) --reason "agreed" $(SAYEXIT)
+	@echo '$$ LOGNAME=bob qmtl approve REQUEST --reason "agreed" --allow-live'
+	@LOGNAME=bob $(QMTL) approve $$($(FIRST_REQUEST)) --reason "agreed" --allow-live $(SAYEXIT)
 	$(QMTL) world decision demo-momentum --strategy sma_10_30
 	$(QMTL) world history demo-momentum
 	@echo "== live returns arrive; the loop records the live run (monitoring)"

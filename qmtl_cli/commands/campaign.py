@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from qmtl_cli._output import console, emit, styled
-from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._runtime import AllowLiveOption, JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app
 
@@ -122,6 +122,7 @@ def campaign_loop(
     lease_ttl: Annotated[str, typer.Option(
         "--lease-ttl", help="How long a world's lease lasts without renewal (a crashed loop "
                             "blocks others this long).")] = "10m",
+    allow_live: AllowLiveOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Tick worlds and (with --execute) act: evaluate, promote to paper; live goes to governance.
@@ -129,11 +130,13 @@ def campaign_loop(
     Plans by default. Each idempotency key executes at most once, ever; a per-world lease keeps two
     loops off the same world. Exit: the most severe of 0 (done), 11 (waiting), 10 (blocked by
     policy), 12 (evidence missing or stale) over the actions; 75 when every world was leased by
-    another loop. With --json, one JSON document per iteration (one per line).
+    another loop. With --json, one JSON document per iteration (one per line). A world whose
+    execution would put a strategy live (apply_live) is left untouched, reported as refused (exit
+    10), unless --allow-live is given or the config sets allow_live=true (for cron).
     """
     from datetime import datetime, timezone
 
-    from qmtl_core.errors import UsageError
+    from qmtl_core.errors import LiveNotConfirmed, UsageError
     from qmtl_core.service._campaign import new_holder, worst_outcome
 
     if worlds and all_worlds:
@@ -147,7 +150,7 @@ def campaign_loop(
     pause = _parse_interval(interval) if interval else 0.0
     ttl = _parse_interval(lease_ttl)
     st = state(ctx)
-    client = st.client()
+    client = st.client(allow_live=allow_live)
     targets = client.world_names() if all_worlds or not worlds else list(dict.fromkeys(worlds))
     if not targets:
         raise UsageError("no worlds to run", hint="add policy files to --worlds-dir")
@@ -169,7 +172,11 @@ def campaign_loop(
         for world in targets:
             if live is not None:
                 live.update(f"iteration {iteration}: {world}")
-            outcomes.append(client.campaign_run(world, execute=execute, holder=holder, lease_ttl_seconds=ttl))
+            try:
+                outcomes.append(client.campaign_run(world, execute=execute, holder=holder, lease_ttl_seconds=ttl))
+            except LiveNotConfirmed as exc:  # this world did nothing; the others still run
+                outcomes.append({"world": world, "status": "refused", "exit_code": exc.exit_code,
+                                 "holder": None, "message": exc.one_line(), "actions": []})
         if live is not None:
             live.stop()
         code = worst_outcome(outcomes)
@@ -181,8 +188,8 @@ def campaign_loop(
         else:
             for o in outcomes:
                 out.print(f"[bold]{o['world']}[/bold]")
-                if o["status"] == "busy":
-                    out.print(f"  busy: {o['message']}")
+                if o["status"] in ("busy", "refused"):
+                    out.print(f"  {o['status']}: {o['message']}", markup=False)
                     continue
                 for a in o["actions"]:
                     _print_action(out, a)

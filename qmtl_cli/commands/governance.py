@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from qmtl_cli._output import emit, table
-from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._runtime import AllowLiveOption, JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app as world_app
 
@@ -57,17 +57,19 @@ def promote(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every block reason; write nothing.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List pending requests with age and approvals.")] = False,
     all_: Annotated[bool, typer.Option("--all", help="With --list: closed requests too.")] = False,
+    allow_live: AllowLiveOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Ask to take a paper strategy live (or --list open requests).
 
     The world's governance decides: manual_approval opens a request bound to the evidence (exit
     11 until approved), auto_apply applies when every gate passes, and a block names every reason
-    (exit 10, or 12 when evidence is missing or stale). Blocks are recorded in the ledger.
+    (exit 10, or 12 when evidence is missing or stale). Blocks are recorded in the ledger. A
+    promotion that would apply at once needs --allow-live.
     """
     from qmtl_core.errors import UsageError
 
-    client = state(ctx).client()
+    client = state(ctx).client(allow_live=allow_live)
     if list_:
         if strategy is not None:
             raise UsageError("--list takes no strategy")
@@ -107,15 +109,18 @@ def approve(
     ctx: typer.Context,
     request: Annotated[str, typer.Argument(help="Request id (qmtl promote --list).")],
     reason: ReasonOption = None,
+    allow_live: AllowLiveOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Approve a promotion request as yourself (the OS user locally, the token's actor remotely).
 
     You must be a listed approver, not the requester or the strategy's submitter; your approval
     counts once and only for the evidence the request was opened on (changed evidence voids the
-    request: exit 4). The last required approval applies the promotion if every gate passes.
+    request: exit 4). The last required approval applies the promotion if every gate passes; that
+    approval needs --allow-live (without it nothing is recorded and the command exits 10).
     """
-    _finish(ctx, state(ctx).client().decide(request, decision="approve", reason=reason or ""))
+    _finish(ctx, state(ctx).client(allow_live=allow_live).decide(request, decision="approve",
+                                                                 reason=reason or ""))
 
 
 def reject(
@@ -163,9 +168,11 @@ def decision(
 @world_app.command("rollback")
 @command
 def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
-             reason: ReasonOption = None, json_output: JsonOption = False) -> None:
-    """Restore the previous activation set (as a new set; stages follow it)."""
-    result = state(ctx).client().rollback(world, reason=_required_reason(reason, "rollback"))
+             reason: ReasonOption = None, allow_live: AllowLiveOption = False,
+             json_output: JsonOption = False) -> None:
+    """Restore the previous activation set (as a new set; stages follow it). When the restored set
+    has a live strategy this needs --allow-live."""
+    result = state(ctx).client(allow_live=allow_live).rollback(world, reason=_required_reason(reason, "rollback"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
         f"rolled back {world} to activation set {result['restored_set']} (now set {result['set_version']}); "
         + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items()) or "no stage changed")))
@@ -184,9 +191,10 @@ def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World na
 @world_app.command("resume")
 @command
 def resume(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
-           reason: ReasonOption = None, json_output: JsonOption = False) -> None:
-    """Lift the kill switch."""
-    result = state(ctx).client().set_halted(world, halted=False, reason=_required_reason(reason, "resume"))
+           reason: ReasonOption = None, allow_live: AllowLiveOption = False,
+           json_output: JsonOption = False) -> None:
+    """Lift the kill switch (needs --allow-live: whatever is activated may trade again)."""
+    result = state(ctx).client(allow_live=allow_live).set_halted(world, halted=False, reason=_required_reason(reason, "resume"))
     emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
         f"resumed {world}" if result["changed"] else f"{world} was not halted"))
 

@@ -15,8 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 from qmtl_core.metric_names import KNOWN_METRICS
 from qmtl_core.policy._durations import Duration
 
-Stage = Literal["backtest", "paper", "live"]
-STAGES: tuple[Stage, ...] = ("backtest", "paper", "live")
+#: Evaluation stages: where a run is measured. ``shadow`` is the run of a strategy fed live inputs
+#: with orders off (``qmtl run --domain shadow``), beside its paper stage; it is never a stage a
+#: strategy stands in.
+Stage = Literal["backtest", "paper", "shadow", "live"]
+STAGES: tuple[Stage, ...] = ("backtest", "paper", "shadow", "live")
 Severity = Literal["blocking", "soft", "info"]
 PromotionMode = Literal["disabled", "manual_approval", "auto_apply"]
 
@@ -163,6 +166,8 @@ class Campaign(_Model):
 
     backtest: StageWindow | None = None
     paper: StageWindow | None = None
+    #: Optional: when present, the live gate also needs this much shadow observation on data.
+    shadow: StageWindow | None = None
     live: LiveWindow | None = None
 
 

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 
 from qmtl_core import ledger, runs
 from qmtl_core.campaign import Action, RunSummary, StrategyState, WorldState, tick, worst_exit
-from qmtl_core.errors import ConflictError
+from qmtl_core.errors import ConflictError, LiveNotConfirmed
 from qmtl_core.governance._activations import set_stage
 from qmtl_core.governance._requests import apply_if_allowed, governance_state, promote
 from qmtl_core.risk import latest_summary
@@ -221,6 +221,8 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
         return WorldOutcome(world, "planned", docs,
                             exit_code=worst_exit([a.exit_class for a in actions]))
     loaded = service.load_world(world)
+    if not service.live_confirmed:
+        _refuse_live_actions(service, world)
     with service.store.write() as conn:
         lease = acquire_lease(conn, world, holder, service.clock(), lease_ttl)
     if not lease.acquired:
@@ -228,6 +230,7 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                             message=f"leased by {lease.holder} until {iso(lease.expires_at)[:19]}Z")
     docs: list[dict[str, Any]] = []
     seen: set[str] = set()
+    refused = False
     final: list[Action] = []
     try:
         for _ in range(MAX_ROUNDS):
@@ -243,8 +246,14 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                         if acquire_lease(conn, world, holder, service.clock(), lease_ttl).acquired is False:
                             raise QmtlError("lost the lease mid-iteration", code="lease_lost")
                         outcome = execute(conn, loaded, action, actor=service.actor, now=service.clock())
+                        if outcome.get("governance") == "applied":
+                            service.require_live_confirmed(
+                                f"the campaign loop would put {action.strategy_id} live in {world} now")
                 except ConflictError as exc:
                     outcome = {"status": "skipped", "why": exc.code, "message": exc.message}
+                except LiveNotConfirmed as exc:  # went live-ready after the pre-check: rolled back
+                    outcome = {"status": "refused", "why": exc.code, "message": exc.message}
+                    refused = True
                 if outcome.get("notify"):
                     outcome["notifications"] = service._notify(loaded, outcome.pop("notify"))
                 doc = {**action.to_dict(), "outcome": outcome["status"], "result": outcome}
@@ -259,8 +268,19 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
     for action in final:
         if action.idempotency_key not in done:
             docs.append({**action.to_dict(), "outcome": "planned" if action.executable else "reported"})
-    pending = [a.exit_class for a in final if not a.executable]
+    pending = [a.exit_class for a in final if not a.executable] + ([10] if refused else [])
     return WorldOutcome(world, "executed", docs, exit_code=worst_exit(pending))
+
+
+def _refuse_live_actions(service: "WorldService", world: str) -> None:
+    """Without the caller's live intent an execution that would apply live does nothing at all:
+    refused before the lease, naming what it would have done (HTTP 428, CLI exit 10)."""
+    _, actions = plan_world(service, world)
+    live = [a for a in actions if a.executable and a.action == "apply_live"]
+    if live:
+        service.require_live_confirmed(
+            f"the campaign loop would put {', '.join(a.strategy_id for a in live)} live in {world} "
+            "(apply_live)")
 
 
 def run_iteration(service: "WorldService", worlds: Sequence[str], *, execute_actions: bool, holder: str,

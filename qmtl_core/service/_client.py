@@ -204,6 +204,11 @@ class LocalClient:
         """Every world the service knows."""
         return self.service.world_names()
 
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """``POST /worlds/{id}/queues``: a strategy's input queues, announced as control events
+        (recorded, so remote ``/events`` subscribers see them); repeats write nothing."""
+        return {"world": world, "events": [e.to_json() for e in self.service.announce_queues(world, updates)]}
+
     # -- governance -----------------------------------------------------------------------------------
     def promote(self, world: str, strategy_id: str, *, reason: str | None = None,
                 dry_run: bool = False) -> dict[str, Any]:
@@ -320,19 +325,22 @@ def error_from_doc(doc: Mapping[str, Any]) -> QmtlError:
 class HttpClient:
     """``LocalClient``'s methods over HTTP to a ``qmtl serve`` (remote mode)."""
 
-    def __init__(self, server: str, token: str | None, *, transport: Any = None, timeout: float = 60.0) -> None:
+    def __init__(self, server: str, token: str | None, *, transport: Any = None, timeout: float = 60.0,
+                 allow_live: bool = False) -> None:
         import httpx
 
         self.server = server.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, transport=transport)
+        #: Send ``X-Allow-Live: true`` on the calls that can change what is live (``--allow-live``).
+        self.allow_live = allow_live
 
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
 
     def _call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-              body: Any = None, confirm: bool = False) -> Any:
+              body: Any = None, confirm: bool = False, live: bool = False) -> Any:
         """One request; errors come back as the server's ``QmtlError``. A change that cannot be
         confirmed (connection lost after sending) is fail-closed (exit 12), never a silent success."""
         import httpx
@@ -341,7 +349,8 @@ class HttpClient:
 
         clean = {k: v for k, v in (params or {}).items() if v is not None and v is not False}
         try:
-            response = self._http.request(method, path, params=clean, json=body)
+            headers = {"X-Allow-Live": "true"} if live and self.allow_live else None
+            response = self._http.request(method, path, params=clean, json=body, headers=headers)
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
             from qmtl_core.errors import ConfigError
 
@@ -427,18 +436,22 @@ class HttpClient:
     def campaign_tick(self, world: str) -> dict[str, Any]:
         return self._call("POST", f"/worlds/{world}/campaign/tick")
 
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return self._call("POST", f"/worlds/{world}/queues", body={"updates": [dict(u) for u in updates]})
+
     def campaign_run(self, world: str, *, execute: bool, holder: str, lease_ttl_seconds: float) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/campaign/run", confirm=execute, body={
+        return self._call("POST", f"/worlds/{world}/campaign/run", confirm=execute, live=execute, body={
             "execute": execute, "holder": holder, "lease_ttl_seconds": lease_ttl_seconds})
 
     # -- governance -----------------------------------------------------------------------------------
     def promote(self, world: str, strategy_id: str, *, reason: str | None = None,
                 dry_run: bool = False) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/promotions", confirm=not dry_run,
+        return self._call("POST", f"/worlds/{world}/promotions", confirm=not dry_run, live=not dry_run,
                           body={"strategy_id": strategy_id, "reason": reason, "dry_run": dry_run})
 
     def decide(self, request_id: str, *, decision: str, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body={"reason": reason})
+        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True,
+                          live=decision == "approve", body={"reason": reason})
 
     def promotions(self, *, world: str | None = None, include_closed: bool = False) -> dict[str, Any]:
         return self._call("GET", "/promotions", params={"world": world, "all": include_closed})
@@ -447,11 +460,11 @@ class HttpClient:
         return self._call("GET", f"/worlds/{world}/decision", params={"strategy": strategy_id})
 
     def rollback(self, world: str, *, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/rollback", confirm=True, body={"reason": reason})
+        return self._call("POST", f"/worlds/{world}/rollback", confirm=True, live=True, body={"reason": reason})
 
     def set_halted(self, world: str, *, halted: bool, reason: str) -> dict[str, Any]:
         return self._call("POST", f"/worlds/{world}/{'halt' if halted else 'resume'}", confirm=True,
-                          body={"reason": reason})
+                          live=not halted, body={"reason": reason})
 
     def demote(self, world: str, strategy_id: str, *, reason: str, to: str = "paper") -> dict[str, Any]:
         return self._call("POST", f"/worlds/{world}/demote", confirm=True,

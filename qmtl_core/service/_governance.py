@@ -58,6 +58,8 @@ class GovernanceMixin:
                                dry_run=True)
         with self.store.write() as conn:
             outcome = promote(conn, loaded.policy, strategy_id, actor=self.actor, reason=reason, now=self.clock())
+            if outcome.status == "applied":
+                self.require_live_confirmed(f"promoting {strategy_id} would put it live in {world} now")
         return self._finish(loaded, outcome)
 
     def decide_request(self: "WorldService", request_id: str, *, decision: str, reason: str) -> "Outcome":
@@ -74,6 +76,9 @@ class GovernanceMixin:
             row = load_request(conn, request_id)
             outcome = decide(conn, loaded.policy, row, actor=self.actor, decision=decision, reason=reason.strip(),
                              now=self.clock())
+            if outcome.status == "applied":
+                self.require_live_confirmed(f"approving request {request_id} would put {row.strategy_id} "
+                                            f"live in {world} now (the last approval needed)")
         return self._finish(loaded, outcome)
 
     def promotion_requests(self: "WorldService", *, world: str | None = None,
@@ -110,11 +115,16 @@ class GovernanceMixin:
 
     def rollback(self: "WorldService", world: str, *, reason: str) -> dict[str, Any]:
         """Restore the previous activation set."""
-        from qmtl_core.governance._activations import rollback
+        from qmtl_core.governance._activations import current_set, rollback
 
         loaded = self.load_world(world)
         with self.store.write() as conn:
             result = rollback(conn, policy=loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
+            _, restored = current_set(conn, world)
+            live = sorted(sid for sid, a in restored.items() if a.stage == "live")
+            if live:
+                self.require_live_confirmed(f"rolling {world} back to activation set {result['restored_set']} "
+                                            f"would leave {', '.join(live)} live")
         result["notifications"] = self._notify(loaded, [{"event": "world.rollback", "world": world, **result}])
         return result
 
@@ -126,6 +136,9 @@ class GovernanceMixin:
         with self.store.write() as conn:
             changed = set_halt(conn, policy=loaded.policy, halted=halted, actor=self.actor, now=self.clock(),
                                reason=reason)
+            if changed and not halted:
+                # Lifting the kill switch lets whatever is activated trade again: a live change.
+                self.require_live_confirmed(f"resuming {world} would lift its kill switch")
         event = "world.halted" if halted else "world.resumed"
         sent = self._notify(loaded, [{"event": event, "world": world, "reason": reason}]) if changed else []
         return {"world": world, "halted": halted, "changed": changed, "notifications": sent}
