@@ -92,6 +92,10 @@ demo: install
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv $(SAYEXIT)
 	$(QMTL) world campaign demo-momentum
+	@echo "== 7b. shadow: the same new bars as a mirror of the live inputs; every order is blocked and counted"
+	$(QMTL) submit examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/history.csv --domain shadow $(SAYEXIT)
+	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv --domain shadow $(SAYEXIT)
+	$(QMTL) world runs demo-momentum --stage shadow
 	$(QMTL) submit examples/strategies/mean_reversion.py --world research-sandbox --param allow_short=false --domain shadow $(SAYEXIT)
 	@echo "== 8. runs with equity sparklines, and the world's report"
 	$(QMTL) world runs demo-momentum --strategy sma_10_30

@@ -87,6 +87,52 @@ class Rule(_Model):
         return self.stages is None or stage in self.stages
 
 
+#: Metrics where more is better: a consistency check's ``max_drop`` is a fall in one of these.
+HIGHER_IS_BETTER = frozenset({"sharpe", "sortino", "calmar", "cagr", "total_return", "win_rate",
+                              "profit_factor", "tail_ratio", "psr"})
+
+
+class Consistency(_Model):
+    """A drift check: a later stage's returns against an earlier stage's (the backtest by default).
+
+    ``max_drop``: the later stage's ``metric`` may fall at most this much below the reference's
+    (``reference - observed``, same units as the metric). ``ks_p_min``: the two-sample
+    Kolmogorov-Smirnov test that both return series come from one distribution must give a p-value
+    of at least this (a smaller p says the stage behaves unlike its backtest). Both sides need
+    ``min_observations`` returns, else the check counts as a missing metric.
+    """
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    stage: Literal["paper", "shadow", "live"]
+    against: Literal["backtest", "paper", "shadow"] = "backtest"
+    metric: str = "sharpe"
+    max_drop: float | None = Field(None, ge=0, allow_inf_nan=False)
+    ks_p_min: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
+    min_observations: int = Field(20, ge=2, le=1_000_000)
+    severity: Severity = "blocking"
+
+    @field_validator("metric")
+    @classmethod
+    def _rising_metric(cls, v: str) -> str:
+        _check_metric(v)
+        if v not in HIGHER_IS_BETTER:
+            raise ValueError(f"consistency metric {v!r} is not one where more is better "
+                             f"(use one of {', '.join(sorted(HIGHER_IS_BETTER))})")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Consistency":
+        if self.max_drop is None and self.ks_p_min is None:
+            raise PolicyProblem((), f"consistency check {self.id!r} has neither max_drop nor ks_p_min",
+                                "give max_drop:, ks_p_min: or both")
+        order = ("backtest", "paper", "shadow", "live")
+        if order.index(self.against) >= order.index(self.stage):
+            raise PolicyProblem(("against",), f"consistency check {self.id!r} compares {self.stage} "
+                                f"against {self.against}, which does not come before it",
+                                "compare a later stage against an earlier one, e.g. against: backtest")
+        return self
+
+
 class Validation(_Model):
     """How the gates treat a metric that could not be measured."""
 
@@ -234,6 +280,8 @@ class WorldPolicy(_Model):
     periods_per_year: int = Field(252, ge=1, le=525_600)
     costs: Costs = Costs()
     rules: list[Rule] = Field(default_factory=list)
+    #: Drift checks (``qmtl_core.consistency``): a later stage's returns against an earlier one's.
+    consistency: list[Consistency] = Field(default_factory=list)
     validation: Validation = Validation()
     selection: Selection = Selection()
     campaign: Campaign = Campaign()
@@ -249,7 +297,16 @@ class WorldPolicy(_Model):
                 raise PolicyProblem(("rules", i, "id"), f"rule id {rule.id!r} is used twice",
                                     "give every rule its own id")
             seen.add(rule.id)
+        for i, check in enumerate(self.consistency):
+            if check.id in seen:
+                raise PolicyProblem(("consistency", i, "id"), f"id {check.id!r} is used twice",
+                                    "give every rule and consistency check its own id")
+            seen.add(check.id)
         return self
+
+    def consistency_for(self, stage: str) -> list[Consistency]:
+        """The consistency checks measured on runs at ``stage``, in file order."""
+        return [c for c in self.consistency if c.stage == stage]
 
     @property
     def live_promotion(self) -> LivePromotion:
