@@ -221,8 +221,6 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
         return WorldOutcome(world, "planned", docs,
                             exit_code=worst_exit([a.exit_class for a in actions]))
     loaded = service.load_world(world)
-    if not service.live_confirmed:
-        _refuse_live_actions(service, world)
     with service.store.write() as conn:
         lease = acquire_lease(conn, world, holder, service.clock(), lease_ttl)
     if not lease.acquired:
@@ -237,6 +235,8 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
             with service.store.read() as conn:
                 final = tick(load_state(conn, loaded), service.clock())
             todo = [a for a in final if a.executable and a.idempotency_key not in seen]
+            if not docs and not service.live_confirmed:
+                _refuse_live_actions(service, world, todo)  # before the first action runs
             if not todo:
                 break
             for action in todo:
@@ -272,11 +272,11 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
     return WorldOutcome(world, "executed", docs, exit_code=worst_exit(pending))
 
 
-def _refuse_live_actions(service: "WorldService", world: str) -> None:
-    """Without the caller's live intent an execution that would apply live does nothing at all:
-    refused before the lease, naming what it would have done (HTTP 428, CLI exit 10)."""
-    _, actions = plan_world(service, world)
-    live = [a for a in actions if a.executable and a.action == "apply_live"]
+def _refuse_live_actions(service: "WorldService", world: str, todo: Sequence[Action]) -> None:
+    """Without the caller's live intent an execution whose plan applies live does nothing at all:
+    refused before any action runs, naming what it would have done (HTTP 428, CLI exit 10). An
+    apply that only becomes due after other actions ran is refused on its own (rolled back)."""
+    live = [a for a in todo if a.action == "apply_live"]
     if live:
         service.require_live_confirmed(
             f"the campaign loop would put {', '.join(a.strategy_id for a in live)} live in {world} "
