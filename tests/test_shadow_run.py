@@ -75,7 +75,8 @@ def _shadow_progress(sid: str) -> dict[str, Any]:
     return next(p for p in view["progress"] if p["stage"] == "shadow")
 
 
-def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any], broker: Broker) -> None:
+def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any], broker: Broker,
+                                                           tmp_path: Path) -> None:
     strat, (hist, _) = setup["strategy"], setup["hist"]
     sub = qmtl("submit", strat, "--world", WORLD, "--data", str(hist), "--domain", "shadow", "--json")
     assert sub.exit_code == 0, sub.stderr
@@ -126,7 +127,10 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     assert after["gate"]["evidence"]["shadow_run"]["revision"] == 2  # bound into the evidence hash
     assert broker.orders == []
     human = qmtl("world", "campaign", WORLD, "--strategy", sid)
-    assert f"shadow" in human.stdout and f"{n_a + n_b}/40 obs" in human.stdout
+    assert "shadow" in human.stdout and f"{n_a + n_b}/40 obs" in human.stdout
+    out = tmp_path / "report.html"
+    assert qmtl("world", "report", WORLD, "--strategy", sid, "--out", str(out)).exit_code == 0
+    assert f"{n_a + n_b}/40 obs" in out.read_text()  # the report shows the shadow segment too
 
 
 def test_shadow_domain_is_the_only_one_that_can_be_asked_for(setup: dict[str, Any]) -> None:
