@@ -23,6 +23,12 @@ CONFIG_KEYS: dict[str, str] = {
     "worlds_dir": "directory holding the world policy files",
     "allow_live": ("true: commands that can make or keep a strategy live (promote, approve, rollback, "
                    "resume, campaign-loop --execute) act as if given --allow-live (for cron); default false"),
+    "checkpoint_key": "file holding the Ed25519 key that signs ledger checkpoints (qmtl audit keygen); "
+                      "keep it where the database's users cannot read it",
+    "checkpoint_verifier": "the checkpoint public key (name+id+key) or the .pub file holding it; "
+                           "qmtl audit verify --checkpoint checks signatures against it",
+    "checkpoint_dir": "directory where the campaign loop and qmtl serve publish a signed checkpoint "
+                      "after each change (append-only, outside the store)",
 }
 
 ENV_VARS: dict[str, str] = {
@@ -32,6 +38,9 @@ ENV_VARS: dict[str, str] = {
     "database_url": "QMTL_DATABASE_URL",
     "token": "QMTL_TOKEN",
     "allow_live": "QMTL_ALLOW_LIVE",
+    "checkpoint_key": "QMTL_CHECKPOINT_KEY",
+    "checkpoint_verifier": "QMTL_CHECKPOINT_VERIFIER",
+    "checkpoint_dir": "QMTL_CHECKPOINT_DIR",
 }
 
 
@@ -109,6 +118,10 @@ def write_config(home: Path, values: dict[str, Any]) -> Path:
     return path
 
 
+def _path(value: Any) -> Path | None:
+    return Path(str(value)).expanduser() if value else None
+
+
 @dataclass
 class Settings:
     """Resolved settings for one invocation."""
@@ -120,6 +133,9 @@ class Settings:
     database_url: str | None = None
     #: The standing live intent (config ``allow_live`` / ``QMTL_ALLOW_LIVE``), for unattended runs.
     allow_live: bool = False
+    checkpoint_key: Path | None = None
+    checkpoint_verifier: str | None = None
+    checkpoint_dir: Path | None = None
 
     @classmethod
     def resolve(cls, *, home: Path | None = None, worlds_dir: Path | None = None,
@@ -145,6 +161,9 @@ class Settings:
             token=pick("token", None),
             database_url=pick("database_url", None),
             allow_live=_flag("allow_live", pick("allow_live", None)),
+            checkpoint_key=_path(pick("checkpoint_key", None)),
+            checkpoint_verifier=pick("checkpoint_verifier", None),
+            checkpoint_dir=_path(pick("checkpoint_dir", None)),
         )
 
     @property

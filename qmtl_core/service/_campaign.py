@@ -249,13 +249,14 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                         if outcome.get("governance") == "applied":
                             service.require_live_confirmed(
                                 f"the campaign loop would put {action.strategy_id} live in {world} now")
+                        ids = service._enqueue(conn, loaded, outcome.pop("notify", []))
                 except ConflictError as exc:
-                    outcome = {"status": "skipped", "why": exc.code, "message": exc.message}
+                    outcome, ids = {"status": "skipped", "why": exc.code, "message": exc.message}, []
                 except LiveNotConfirmed as exc:  # went live-ready after the pre-check: rolled back
-                    outcome = {"status": "refused", "why": exc.code, "message": exc.message}
+                    outcome, ids = {"status": "refused", "why": exc.code, "message": exc.message}, []
                     refused = True
-                if outcome.get("notify"):
-                    outcome["notifications"] = service._notify(loaded, outcome.pop("notify"))
+                if ids:
+                    outcome["notifications"] = service._deliver(ids)
                 doc = {**action.to_dict(), "outcome": outcome["status"], "result": outcome}
                 docs.append(doc)
                 if on_action is not None:
@@ -286,7 +287,9 @@ def _refuse_live_actions(service: "WorldService", world: str, todo: Sequence[Act
 def run_iteration(service: "WorldService", worlds: Sequence[str], *, execute_actions: bool, holder: str,
                   lease_ttl: timedelta, on_action: Callable[[dict[str, Any]], None] | None = None,
                   on_world: Callable[[str], None] | None = None) -> list[WorldOutcome]:
-    """One pass of the loop over ``worlds``."""
+    """One pass of the loop over ``worlds`` (first delivering notifications an earlier process left)."""
+    if execute_actions:
+        service.flush_outbox()
     out = []
     for world in worlds:
         if on_world is not None:
