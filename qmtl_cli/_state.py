@@ -62,7 +62,9 @@ class CliState:
         is live, locally the same facade flag the server sets from that header."""
         settings = self.settings()
         live = allow_live or settings.allow_live
-        if self._client is not None and self._client_live != live:
+        if self._client is not None and live and not self._client_live:
+            # The intent holds for the rest of the invocation: every later client() call (id
+            # lookups, a second request) gets this same client, so nothing holds a closed one.
             if settings.server:
                 self._client.close()
             self._client = None
