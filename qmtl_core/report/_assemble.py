@@ -22,6 +22,8 @@ from qmtl_core.report._series import STAGE_ORDER
 #: Metrics shown per stage for a strategy shown in full, in this order.
 KEY_METRICS = ("sharpe", "sortino", "cagr", "total_return", "annual_volatility", "max_drawdown", "calmar",
                "win_rate", "n_trades", "n_observations")
+#: Fractions shown as percentages wherever they appear (one unit per metric across the page).
+PERCENT_METRICS = frozenset({"cagr", "total_return", "annual_volatility", "max_drawdown", "win_rate"})
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Report:
     top: int
     only: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: The approver's view of each pending request (``approval_view``), by request id; now only.
+    approvals: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def full(self) -> list[StrategyReport]:
@@ -143,6 +147,7 @@ class Report:
                 "strategies_total": len(self.strategies), "strategies_in_full": [s.strategy_id for s in self.full],
                 "halted": self.halted, "set_version": self.set_version, "activations": self.activations,
                 "pending_requests": self.pending, "timeline": self.timeline, "notes": self.notes,
+                "approval_views": self.approvals,
                 "strategies": [s.to_dict() for s in self.strategies]}
 
 
