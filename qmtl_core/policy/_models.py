@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
+from qmtl_core.grammar import MAX_STORE_INT
 from qmtl_core.metric_names import KNOWN_METRICS
 from qmtl_core.policy._durations import Duration
 
@@ -39,8 +40,14 @@ def _check_metric(name: str) -> str:
     return name
 
 
+#: An integer the store keeps: bounded so it is refused here, at its line, not by the database.
+StoreInt = Annotated[int, Field(le=MAX_STORE_INT)]
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: a NaN threshold compares false both ways, so it would pass every
+    # gate it guards; an infinite one cannot be stored as JSON.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Costs(_Model):
@@ -94,7 +101,7 @@ class TopK(_Model):
     """Keep the ``k`` best strategies by ``metric`` (higher is better unless ``order: asc``)."""
 
     metric: str
-    k: int = Field(ge=1)
+    k: StoreInt = Field(ge=1)
     order: Literal["desc", "asc"] = "desc"
 
     @field_validator("metric")
@@ -107,7 +114,7 @@ class Correlation(_Model):
     """Drop a strategy whose returns correlate above ``max`` with one already kept."""
 
     max: float = Field(gt=-1, le=1)
-    min_overlap: int = Field(20, ge=2, description="fewest overlapping periods to trust a correlation")
+    min_overlap: StoreInt = Field(20, ge=2, description="fewest overlapping periods to trust a correlation")
 
 
 class Hysteresis(_Model):
@@ -142,7 +149,7 @@ class StageWindow(_Model):
     """Observation a stage needs before its campaign can move on, measured on data."""
 
     window: Duration
-    min_observations: int = Field(1, ge=1)
+    min_observations: StoreInt = Field(1, ge=1)
 
     @field_validator("window")
     @classmethod
@@ -171,10 +178,10 @@ class LivePromotion(_Model):
 
     mode: PromotionMode = "disabled"
     approvers: list[str] = Field(default_factory=list)
-    required_approvals: int = Field(1, ge=1)
+    required_approvals: StoreInt = Field(1, ge=1)
     approval_ttl: Duration = timedelta(hours=72)
     cooldown: Duration = timedelta(0)
-    max_live_slots: int = Field(1, ge=1)
+    max_live_slots: StoreInt = Field(1, ge=1)
 
     @field_validator("approvers")
     @classmethod
@@ -224,7 +231,7 @@ class WorldPolicy(_Model):
 
     world: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     description: str | None = None
-    policy_version: int = Field(ge=1)
+    policy_version: StoreInt = Field(ge=1)
     allow_live: bool = False
     periods_per_year: int = Field(252, ge=1, le=525_600)
     costs: Costs = Costs()
