@@ -9,7 +9,8 @@ what this module accepts; change both together.
   (``1_0`` would read as 10), no ``,`` decimals, no ``%``, no hex, no ``inf``. Empty, ``nan``,
   ``na``, ``null`` and ``none`` (any case) mean "not measured" where a reader allows it.
 - **Timestamps:** ``YYYY-MM-DD`` (midnight UTC) or ``YYYY-MM-DD[T ]HH:MM[:SS[.ffffff]]`` with ``Z``
-  or ``±HH:MM``; within years 0001-9999 once converted to UTC.
+  or ``±HH:MM`` (or the basic form ``YYYYMMDDTHHMM[SS[.ffffff]]`` with ``Z`` or ``±HHMM``); within
+  years 0001-9999 once converted to UTC.
 - **JSON:** RFC 8259 only: a key twice in one object, ``NaN`` and ``Infinity`` are refused.
 - **Text:** UTF-8, with or without a leading byte-order mark.
 - **Integers the store keeps:** 0 … 2³¹−1 (PostgreSQL ``INTEGER``).
@@ -40,8 +41,11 @@ NUMBER_PATTERN = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _NUMBER = re.compile(NUMBER_PATTERN)
 _MISSING = frozenset({"", "nan", "na", "null", "none"})
 _TIMESTAMP = re.compile(
+    # extended: 2026-01-31[T16:00[:00[.000000]]][Z|+05:30]
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-    r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,6})?)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})?)?")
+    r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,6})?)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})?)?"
+    # basic, only with a time (a bare 20260131 reads as a number): 20260131T160000[.000000][Z|+0530]
+    r"|[0-9]{8}T[0-9]{4}(?:[0-9]{2}(?:\.[0-9]{1,6})?)?(?:[Zz]|[+-][0-9]{4})?")
 _BOM = "\ufeff"
 
 
