@@ -114,9 +114,13 @@ class Rule(_Model):
 
 
 class Validation(_Model):
-    """How the gates treat a metric that could not be measured."""
+    """How the gates treat a metric that could not be measured, and returns whose spacing does
+    not match ``periods_per_year``."""
 
     on_missing_metric: Literal["fail", "warn"] = "fail"
+    on_spacing_mismatch: Literal["warn", "fail"] = Field(
+        "warn", description="returns observed at a rate more than 1.25x away from periods_per_year "
+                            "(weekly returns under 252): warn in the notes, or fail (exit 2)")
 
 
 class TopK(_Model):
