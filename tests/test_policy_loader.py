@@ -143,6 +143,7 @@ CORPUS: list[tuple[str, str, int, str]] = [
      "less than or equal to 2147483647"),
     ("slots_too_big", _sub("max_live_slots: 3", "max_live_slots: 4294967296"), 25, "less than or equal"),
     ("ttl_too_long", _sub("decision_ttl: 10m", "decision_ttl: 24856d"), 28, "longer than 2147483647 seconds"),
+    ("impossible_date", BASE + "description: 2026-02-30\n", 29, "cannot read value '2026-02-30'"),
     ("merge_duplicate_explicit", _sub("  backtest: {window: 730d, min_observations: 500}",
                                       "  backtest: &w {window: 730d, min_observations: 500}").replace(
         "  paper: {window: 30d, min_observations: 20}", "  paper: {<<: *w, window: 7d, window: 8d}"), 17,

@@ -201,12 +201,13 @@ def test_every_text_reader_accepts_a_bom(tmp_path: Path) -> None:
 
 
 # --- through the CLI, on both backends and both modes: exit 2, one line, nothing written ---------
-def _counts(url: str) -> tuple[int, int, int]:
+def _counts(url: str) -> tuple[int, int, int, int]:
     store = open_store(url)
     try:
         with store.read() as conn:
             return tuple(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar()  # type: ignore[return-value]
-                         for t in (schema.evaluation_runs, schema.risk_snapshots, schema.ledger))
+                         for t in (schema.evaluation_runs, schema.risk_snapshots, schema.ledger,
+                                   schema.run_revisions))
     finally:
         store.dispose()
 
@@ -227,7 +228,7 @@ def test_cli_refuses_bad_cells_and_writes_nothing(tmp_path: Path, qmtl_env: dict
                  ["world", "history", "demo-momentum", "--at", "9999-12-31T23:30-01:00"]):
         ran = qmtl(*argv)
         assert ran.exit_code == 2 and argv[-2] in ran.stderr and "outside the calendar" in ran.stderr, ran.stderr
-    assert _counts(store_url) == (0, 0, 0)
+    assert _counts(store_url) == (0, 0, 0, 0)
     # The same files, correct and with a BOM, are read.
     metrics = _w(tmp_path, "m.json", BOM + '{"s1": {"sharpe": 2.0, "max_drawdown": 0.1}}')
     assert qmtl("world", "evaluate", "demo-momentum", "--metrics", str(metrics), "--record").exit_code in (0, 10)
@@ -235,3 +236,36 @@ def test_cli_refuses_bad_cells_and_writes_nothing(tmp_path: Path, qmtl_env: dict
     ran = qmtl("risk", "put", str(_w(tmp_path, "s.json", BOM + json.dumps(good))))
     assert ran.exit_code == 0, ran.stderr
     assert _counts(store_url)[:2] == (1, 1)
+
+
+@pytest.mark.usefixtures("cli_mode")
+def test_evaluate_without_a_file_is_idempotent_when_the_snapshot_is_unusable(
+        tmp_path: Path, qmtl_env: dict[str, str], store_url: str) -> None:
+    from datetime import timedelta
+
+    metrics = _w(tmp_path, "m.json", '{"s1": {"sharpe": 2.0, "max_drawdown": 0.1}}')
+    assert qmtl("world", "evaluate", "demo-momentum", "--metrics", str(metrics), "--record").exit_code in (0, 10)
+    # Within its TTL but older than snapshot_max_age: "lags <age>", a note that changes every call.
+    old = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+    snap = _snapshot(world_id="demo-momentum", as_of=old, ttl_sec=86_400)
+    assert qmtl("risk", "put", str(_w(tmp_path, "s.json", json.dumps(snap)))).exit_code == 0
+    before = _counts(store_url)
+    first = qmtl("world", "evaluate", "demo-momentum", "--strategy", "s1", "--stage", "paper")
+    after_first = _counts(store_url)
+    second = qmtl("world", "evaluate", "demo-momentum", "--strategy", "s1", "--stage", "paper")
+    assert first.exit_code == second.exit_code and first.exit_code != 1, first.stderr
+    assert after_first[0] == before[0] + 1  # the paper run, once
+    assert _counts(store_url) == after_first  # identical content: no revision, no ledger entry
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["--lease-ttl", "0s"], "--lease-ttl must be longer than zero"),
+    (["--lease-ttl", "soon"], "--lease-ttl: 'soon' is not a duration"),
+    (["--interval", "0s"], "--interval must be longer than zero"),
+])
+def test_option_errors_name_the_option_given(worlds_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                             argv: list[str], fragment: str) -> None:
+    monkeypatch.setenv("QMTL_WORLDS_DIR", str(worlds_dir))
+    once = [] if "--interval" in argv else ["--once"]
+    ran = qmtl("world", "campaign-loop", "--world", "demo-momentum", *once, *argv)
+    assert ran.exit_code == 2 and fragment in ran.stderr, ran.stderr

@@ -79,16 +79,17 @@ def campaign(
     emit({"world": world, "strategies": views}, json_mode=state(ctx).json, human=human)
 
 
-def _parse_interval(text: str) -> float:
+def _parse_interval(text: str, option: str) -> float:
+    """Seconds of a duration option; errors name ``option``, the flag the user gave."""
     from qmtl_core.errors import UsageError
     from qmtl_core.policy import parse_duration
 
     try:
         seconds = parse_duration(text).total_seconds()
     except ValueError as exc:
-        raise UsageError(f"--interval: {exc}") from None
+        raise UsageError(f"{option}: {exc}") from None
     if seconds <= 0:
-        raise UsageError("--interval must be longer than zero")
+        raise UsageError(f"{option} must be longer than zero", hint=f"e.g. {option} 10m")
     return seconds
 
 
@@ -144,8 +145,8 @@ def campaign_loop(
         raise UsageError("give --once (cron) or --interval DURATION", hint="e.g. --once --execute")
     if once and max_iterations not in (None, 1):
         raise UsageError("--max-iterations does not go with --once")
-    pause = _parse_interval(interval) if interval else 0.0
-    ttl = _parse_interval(lease_ttl)
+    pause = _parse_interval(interval, "--interval") if interval else 0.0
+    ttl = _parse_interval(lease_ttl, "--lease-ttl")
     st = state(ctx)
     client = st.client()
     targets = client.world_names() if all_worlds or not worlds else list(dict.fromkeys(worlds))

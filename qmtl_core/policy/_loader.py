@@ -95,7 +95,7 @@ class _Builder:
             _check_plain_scalar(node, path)
             try:
                 return self.loader.construct_object(node, deep=True)
-            except yaml.YAMLError as exc:
+            except (yaml.YAMLError, ValueError, OverflowError) as exc:  # 2026-02-30 is a ValueError
                 raise _Invalid(Problem(_mark(node.start_mark), f"{dotted(path)}: cannot read value "
                                        f"{node.value!r} ({getattr(exc, 'problem', None) or exc})")) from None
         self._active.add(id(node))
@@ -125,7 +125,10 @@ class _Builder:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise _Invalid(Problem(where, f"{dotted(path)}: a key must be a plain name, not a "
                                        "list or mapping"))
-            key = self.loader.construct_object(key_node)
+            try:
+                key = self.loader.construct_object(key_node)
+            except (yaml.YAMLError, ValueError, OverflowError):  # a key 2026-02-30 is a ValueError
+                key = None
             if not isinstance(key, str):
                 raise _Invalid(Problem(where, f"{dotted(path)}: key {key_node.value!r} is read as "
                                        f"{type(key).__name__}, not a name",
