@@ -191,8 +191,8 @@ def test_cli_exit_2_one_line_and_nothing_written(tmp_path: Path, case: str, text
     home = tmp_path / "home"
     for argv in (["world", "validate", "--all"], ["world", "show", "w"], ["world", "list"]):
         ran = qmtl("--home", str(home), "--worlds-dir", str(worlds), *argv)
-        if argv[1] == "list":  # list shows invalid worlds as such and succeeds
-            assert ran.exit_code == 0 and "invalid" in ran.stdout
+        if argv[1] == "list":  # list shows invalid worlds as such, and exits 2 (issue 18)
+            assert ran.exit_code == 2 and "invalid" in ran.stdout
             continue
         assert ran.exit_code == 2, (argv, ran.stdout, ran.stderr)
         assert f"w.yaml:{line}:" in (ran.stdout + ran.stderr)
@@ -376,8 +376,8 @@ def test_one_bad_world_does_not_break_the_others(tmp_path: Path, qmtl_env: dict[
     bad = (worlds_dir / "demo-momentum.yaml").read_text().replace("min: 0.8", "min: .nan", 1)
     assert ".nan" in bad
     (worlds_dir / "demo-momentum.yaml").write_text(bad)
-    listed = qmtl("world", "list", "--json")
-    assert listed.exit_code == 0, listed.stderr
+    listed = qmtl("world", "list", "--json")  # every world listed; exit 2 flags the bad one
+    assert listed.exit_code == 2 and "internal error" not in listed.stderr, listed.stderr
     valid = {w["world"]: w["valid"] for w in listed.json()["worlds"]}
     assert valid == {"demo-momentum": False, "research-sandbox": True, "auto-carry": True}
     metrics = tmp_path / "m.json"
