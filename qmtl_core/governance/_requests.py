@@ -375,6 +375,7 @@ def list_requests(conn: Connection, *, world: str | None, include_closed: bool) 
                     "status": row.status, "requester": row.requester, "reason": row.reason,
                     "created_at": row.created_at, "decided_at": row.decided_at,
                     "evidence_hash": row.evidence_hash,
+                    "policy_version": (row.evidence or {}).get("policy_version"),
                     "reasons": (row.evidence or {}).get("reasons", []),
                     "approvals": [{"approver": a.approver, "decision": a.decision, "reason": a.reason,
                                    "evidence_hash": a.evidence_hash, "at": iso(a.created_at)} for a in view.approvals]})
