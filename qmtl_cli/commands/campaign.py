@@ -197,7 +197,8 @@ def campaign_loop(
     Plans by default. Each idempotency key executes at most once, ever; a per-world lease keeps two
     loops off the same world. Exit: the most severe of 0 (done), 11 (waiting), 10 (blocked by
     policy), 12 (evidence missing or stale) over the actions; 75 when every world was leased by
-    another loop. With --json, one JSON document per iteration (one per line).
+    another loop. With --json, one JSON document per iteration (one per line). With
+    checkpoint_dir set, each executing iteration also publishes a signed ledger checkpoint there.
 
     Give --world W (repeatable) or --all: a loop never sweeps every world unless asked to.
     """
