@@ -74,8 +74,10 @@ demo: install
 	$(QMTL) promote --list
 	@echo '$$ LOGNAME=alice qmtl approve REQUEST --reason "paper window clean"'
 	@LOGNAME=alice $(QMTL) approve $$($(FIRST_REQUEST)) --reason "paper window clean" $(SAYEXIT)
-	@echo '$$ LOGNAME=bob qmtl approve REQUEST --reason "agreed"'
+	@echo '$$ LOGNAME=bob qmtl approve REQUEST --reason "agreed"   (the last approval: without --allow-live it only says what it would do)'
 	@LOGNAME=bob $(QMTL) approve $$($(FIRST_REQUEST)) --reason "agreed" $(SAYEXIT)
+	@echo '$$ LOGNAME=bob qmtl approve REQUEST --reason "agreed" --allow-live'
+	@LOGNAME=bob $(QMTL) approve $$($(FIRST_REQUEST)) --reason "agreed" --allow-live $(SAYEXIT)
 	$(QMTL) world decision demo-momentum --strategy sma_10_30
 	$(QMTL) world history demo-momentum
 	@echo "== live returns arrive; the loop records the live run (monitoring)"
@@ -90,6 +92,10 @@ demo: install
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv $(SAYEXIT)
 	$(QMTL) world campaign demo-momentum
+	@echo "== 7b. shadow: the same new bars as a mirror of the live inputs; every order is blocked and counted"
+	$(QMTL) submit examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/history.csv --domain shadow $(SAYEXIT)
+	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv --domain shadow $(SAYEXIT)
+	$(QMTL) world runs demo-momentum --stage shadow
 	$(QMTL) submit examples/strategies/mean_reversion.py --world research-sandbox --param allow_short=false --domain shadow $(SAYEXIT)
 	@echo "== 8. runs with equity sparklines, and the world's report"
 	$(QMTL) world runs demo-momentum --strategy sma_10_30

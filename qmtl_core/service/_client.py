@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from qmtl_core.errors import BadInputError, QmtlError
+from qmtl_core.grammar import GrammarError, parse_number
 
 if TYPE_CHECKING:
     from qmtl_core.datafiles import ReturnsTable
@@ -40,9 +41,9 @@ def returns_from_doc(doc: Any, *, what: str = "returns") -> list[tuple[datetime,
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise BadInputError(f"{what}[{i}] must be [timestamp, return]")
         try:
-            value = float(item[1])
-        except (TypeError, ValueError):
-            raise BadInputError(f"{what}[{i}]: {item[1]!r} is not a number") from None
+            value = parse_number(item[1], missing_ok=False)
+        except GrammarError as exc:
+            raise BadInputError(f"{what}[{i}]: {exc.message}", hint=exc.hint) from None
         out.append((parse_instant(str(item[0]), what=f"{what}[{i}] timestamp"), value))
     return out
 
@@ -70,8 +71,10 @@ def table_from_doc(doc: Any) -> "ReturnsTable | None":
     try:
         strategies = tuple(str(s) for s in doc["strategies"])
         stamps = tuple(parse_instant(str(t), what="timestamp") for t in doc["timestamps"])
-        matrix = np.array([[np.nan if v is None else float(v) for v in row] for row in doc["matrix"]],
+        matrix = np.array([[parse_number(v) for v in row] for row in doc["matrix"]],
                           dtype=np.float64).reshape(len(strategies), len(stamps))
+    except GrammarError as exc:
+        raise BadInputError(f"returns table: matrix: {exc.message}", hint=exc.hint) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInputError(f"returns table: {exc}",
                             hint="send {strategies: [...], timestamps: [...], matrix: [[...]]}") from None
@@ -208,6 +211,11 @@ class LocalClient:
     def world_names(self) -> list[str]:
         """Every world the service knows."""
         return self.service.world_names()
+
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """``POST /worlds/{id}/queues``: a strategy's input queues, announced as control events
+        (recorded, so remote ``/events`` subscribers see them); repeats write nothing."""
+        return {"world": world, "events": [e.to_json() for e in self.service.announce_queues(world, updates)]}
 
     # -- governance -----------------------------------------------------------------------------------
     def promote(self, world: str, strategy_id: str, *, reason: str | None = None,
@@ -350,19 +358,22 @@ def error_from_doc(doc: Mapping[str, Any]) -> QmtlError:
 class HttpClient:
     """``LocalClient``'s methods over HTTP to a ``qmtl serve`` (remote mode)."""
 
-    def __init__(self, server: str, token: str | None, *, transport: Any = None, timeout: float = 60.0) -> None:
+    def __init__(self, server: str, token: str | None, *, transport: Any = None, timeout: float = 60.0,
+                 allow_live: bool = False) -> None:
         import httpx
 
         self.server = server.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, transport=transport)
+        #: Send ``X-Allow-Live: true`` on the calls that can change what is live (``--allow-live``).
+        self.allow_live = allow_live
 
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
 
     def _call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-              body: Any = None, confirm: bool = False) -> Any:
+              body: Any = None, confirm: bool = False, live: bool = False) -> Any:
         """One request; errors come back as the server's ``QmtlError``. A change that cannot be
         confirmed (connection lost after sending) is fail-closed (exit 12), never a silent success."""
         import httpx
@@ -371,7 +382,8 @@ class HttpClient:
 
         clean = {k: v for k, v in (params or {}).items() if v is not None and v is not False}
         try:
-            response = self._http.request(method, path, params=clean, json=body)
+            headers = {"X-Allow-Live": "true"} if live and self.allow_live else None
+            response = self._http.request(method, path, params=clean, json=body, headers=headers)
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
             from qmtl_core.errors import ConfigError
 
@@ -460,21 +472,25 @@ class HttpClient:
     def campaign_tick(self, world: str) -> dict[str, Any]:
         return self._call("POST", f"/worlds/{world}/campaign/tick")
 
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return self._call("POST", f"/worlds/{world}/queues", body={"updates": [dict(u) for u in updates]})
+
     def campaign_run(self, world: str, *, execute: bool, holder: str, lease_ttl_seconds: float) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/campaign/run", confirm=execute, body={
+        return self._call("POST", f"/worlds/{world}/campaign/run", confirm=execute, live=execute, body={
             "execute": execute, "holder": holder, "lease_ttl_seconds": lease_ttl_seconds})
 
     # -- governance -----------------------------------------------------------------------------------
     def promote(self, world: str, strategy_id: str, *, reason: str | None = None,
                 dry_run: bool = False) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/promotions", confirm=not dry_run,
+        return self._call("POST", f"/worlds/{world}/promotions", confirm=not dry_run, live=not dry_run,
                           body={"strategy_id": strategy_id, "reason": reason, "dry_run": dry_run})
 
     def decide(self, request_id: str, *, decision: str, reason: str, signature: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"reason": reason}
         if signature is not None:
             body["signature"] = signature
-        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body=body)
+        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True,
+                          live=decision == "approve", body=body)
 
     def approval_view(self, request_id: str) -> dict[str, Any]:
         return self._call("GET", f"/promotions/{request_id}/view")
@@ -486,11 +502,11 @@ class HttpClient:
         return self._call("GET", f"/worlds/{world}/decision", params={"strategy": strategy_id})
 
     def rollback(self, world: str, *, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/rollback", confirm=True, body={"reason": reason})
+        return self._call("POST", f"/worlds/{world}/rollback", confirm=True, live=True, body={"reason": reason})
 
     def set_halted(self, world: str, *, halted: bool, reason: str) -> dict[str, Any]:
         return self._call("POST", f"/worlds/{world}/{'halt' if halted else 'resume'}", confirm=True,
-                          body={"reason": reason})
+                          live=not halted, body={"reason": reason})
 
     def demote(self, world: str, strategy_id: str, *, reason: str, to: str = "paper") -> dict[str, Any]:
         return self._call("POST", f"/worlds/{world}/demote", confirm=True,

@@ -59,6 +59,8 @@ class GovernanceMixin:
                                dry_run=True)
         with self.store.write() as conn:
             outcome = promote(conn, loaded.policy, strategy_id, actor=self.actor, reason=reason, now=self.clock())
+            if outcome.status == "applied":
+                self.require_live_confirmed(f"promoting {strategy_id} would put it live in {world} now")
             ids = self._enqueue(conn, loaded, outcome.notify)
         outcome.extra["notifications"] = self._deliver(ids)
         return outcome
@@ -79,6 +81,9 @@ class GovernanceMixin:
             row = load_request(conn, request_id)
             outcome = decide(conn, loaded.policy, row, actor=self.actor, decision=decision, reason=reason.strip(),
                              now=self.clock(), signature=signature)
+            if outcome.status == "applied":
+                self.require_live_confirmed(f"approving request {request_id} would put {row.strategy_id} "
+                                            f"live in {world} now (the last approval needed)")
             ids = self._enqueue(conn, loaded, outcome.notify)
         outcome.extra["notifications"] = self._deliver(ids)
         return outcome
@@ -117,11 +122,16 @@ class GovernanceMixin:
 
     def rollback(self: "WorldService", world: str, *, reason: str) -> dict[str, Any]:
         """Restore the previous activation set."""
-        from qmtl_core.governance._activations import rollback
+        from qmtl_core.governance._activations import current_set, rollback
 
         loaded = self.load_world(world)
         with self.store.write() as conn:
             result = rollback(conn, policy=loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
+            _, restored = current_set(conn, world)
+            live = sorted(sid for sid, a in restored.items() if a.stage == "live")
+            if live:
+                self.require_live_confirmed(f"rolling {world} back to activation set {result['restored_set']} "
+                                            f"would leave {', '.join(live)} live")
             ids = self._enqueue(conn, loaded, [{"event": "world.rollback", "world": world, **result}])
         result["notifications"] = self._deliver(ids)
         return result
@@ -134,6 +144,9 @@ class GovernanceMixin:
         with self.store.write() as conn:
             changed = set_halt(conn, policy=loaded.policy, halted=halted, actor=self.actor, now=self.clock(),
                                reason=reason)
+            if changed and not halted:
+                # Lifting the kill switch lets whatever is activated trade again: a live change.
+                self.require_live_confirmed(f"resuming {world} would lift its kill switch")
             event = "world.halted" if halted else "world.resumed"
             ids = self._enqueue(conn, loaded, [{"event": event, "world": world, "reason": reason}]) if changed else []
         sent = self._deliver(ids)

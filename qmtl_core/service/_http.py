@@ -40,7 +40,7 @@ from qmtl_core.telemetry import HttpMetrics, LoopMetrics, exposition, new_regist
 from qmtl_core.service._auth import Principal, authenticate
 from qmtl_core.service._client import LocalClient, returns_from_doc, table_from_doc
 from qmtl_core.service._edge import DEFAULT_MAX_BODY, PRINCIPAL_KEY, BodyTooLarge, Edge, Scrubber, too_large
-from qmtl_core.service._events import entries_after, event_from_entry
+from qmtl_core.service._events import decision_at, entries_after, events_from_entry
 from qmtl_core.service._service import WorldService
 from qmtl_core.store import schema
 from qmtl_core.timeutil import parse_instant, utcnow
@@ -98,6 +98,22 @@ class StrategyBody(_Body):
     reason: str | None = None
 
 
+class QueueUpdateBody(_Body):
+    """One announced tag query: the queues matching it in a world's execution domain."""
+
+    tags: list[str] = Field(min_length=1)
+    interval: int = Field(gt=0)
+    queues: list[dict[str, Any]] = Field(default_factory=list, description="[{queue, global}, ...]")
+    match_mode: Literal["any", "all"] = "any"
+    execution_domain: str
+
+
+class QueuesBody(_Body):
+    """``POST /worlds/{id}/queues``: a submission's input queues (``qmtl submit`` sends them)."""
+
+    updates: list[QueueUpdateBody] = Field(min_length=1, max_length=1000)
+
+
 class PromoteBody(_Body):
     """``POST /worlds/{id}/promotions``."""
 
@@ -144,8 +160,24 @@ class VerifyBody(_Body):
     deep: bool = False
 
 
+#: The header a caller sets to say it means to change what is live (DESIGN §11).
+ALLOW_LIVE_HEADER = "X-Allow-Live"
+
+
+def live_intent(request: Request) -> bool:
+    """``X-Allow-Live``: ``true`` or ``false`` (any case); absent is false; anything else is an error
+    rather than a guess, so a typo never reads as consent."""
+    raw = request.headers.get(ALLOW_LIVE_HEADER)
+    if raw is None or raw.strip().lower() == "false":
+        return False
+    if raw.strip().lower() == "true":
+        return True
+    raise UsageError(f"header {ALLOW_LIVE_HEADER} must be true or false, got {raw[:40]!r}",
+                     hint=f"send {ALLOW_LIVE_HEADER}: true to confirm a live change")
+
+
 #: The error document's status beyond the exit-code families.
-_CODE_STATUS = {"unauthorized": 401, "forbidden": 403, "request_too_large": 413}
+_CODE_STATUS = {"unauthorized": 401, "forbidden": 403, "request_too_large": 413, "allow_live_required": 428}
 #: Every route may answer with the error document under these statuses.
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": m.ErrorDoc, "description": what} for status, what in (
@@ -153,6 +185,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (403, "the token's role may not do this"), (404, "unknown world, strategy, request or snapshot (exit 3)"),
         (409, "conflict (exit 4, 11)"), (413, "request body over the server's limit"),
         (422, "blocked by the policy (exit 10)"), (423, "locked: another loop holds the lease (exit 75)"),
+        (428, "a live change without X-Allow-Live: true"),
         (500, "a bug in qmtl (exit 1)"), (503, "fail-closed: evidence or the store unavailable (exit 12)"))}
 #: How often an open /events socket re-checks its token (a revoked token closes it within this).
 TOKEN_RECHECK_SECONDS = 1.0
@@ -326,9 +359,10 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
         return found if isinstance(found, Principal) else check_token(request.headers.get("authorization"))
 
     def client(permission: str) -> Callable[..., LocalClient]:
-        def dependency(who: Principal = Depends(principal)) -> LocalClient:
+        def dependency(request: Request, who: Principal = Depends(principal)) -> LocalClient:
             who.require(permission)
-            return LocalClient(base.as_actor(who.actor))
+            # Only the calls that would make or keep something live read the intent (the facade).
+            return LocalClient(base.as_actor(who.actor, live_confirmed=live_intent(request)))
         return dependency
 
     read, evaluate, risk, tick, promote, approve, operate = (
@@ -404,6 +438,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
                                    meta=body.meta, expect_meta=body.expect_meta, kind=body.kind,
                                    reason=body.reason)
 
+    @app.post("/worlds/{world}/queues", response_model=m.QueuesDoc, **doc)
+    def announce_queues(world: str, body: QueuesBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
+        """Announce queues: ``tagquery.upsert`` and ``queue_update`` for ``/events`` subscribers."""
+        return c.announce_queues(world, [u.model_dump() for u in body.updates])
+
     @app.get("/worlds/{world}/returns", response_model=m.ReturnsList, **doc)
     def returns(world: str, strategy: str | None = None, stage: str | None = None, history: bool = False,
                 latest_per_stage: bool = False, c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -422,10 +461,12 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
         return c.campaign_tick(world)
 
     @app.post("/worlds/{world}/campaign/run", response_model=m.IterationDoc, **doc)
-    def campaign_run(world: str, body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
-        """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``)."""
+    def campaign_run(world: str, body: RunBody, request: Request,
+                     who: Principal = Depends(principal)) -> dict[str, Any]:
+        """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``);
+        an execution that would apply live needs ``X-Allow-Live: true`` (428 otherwise)."""
         who.require("operate" if body.execute else "tick")
-        outcome = LocalClient(base.as_actor(who.actor)).campaign_run(
+        outcome = LocalClient(base.as_actor(who.actor, live_confirmed=live_intent(request))).campaign_run(
             world, execute=body.execute, holder=body.holder, lease_ttl_seconds=body.lease_ttl_seconds)
         loop_metrics.observe(outcome, clock())
         return outcome
@@ -554,6 +595,16 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
             return
         await ws.accept()
         last, checked = since, time.monotonic()
+        policies: dict[str, bool] = {}
+
+        def allow_live(world_id: str) -> bool:
+            if world_id not in policies:
+                try:
+                    policies[world_id] = base.load_world(world_id, record=False).policy.allow_live
+                except QmtlError:  # a world whose policy is gone: report it as not allowing live
+                    policies[world_id] = False
+            return policies[world_id]
+
         try:
             while True:
                 if time.monotonic() - checked >= TOKEN_RECHECK_SECONDS:
@@ -564,12 +615,14 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
                         return
                 with base.store.read() as conn:
                     fresh = entries_after(conn, last, world=world)
-                for entry in fresh:
-                    last = entry.seq
-                    event = event_from_entry(entry)
-                    if domain is not None and event.get("execution_domain") not in (None, domain):
-                        continue
-                    await ws.send_json(event)
+                    events = [(entry.seq, events_from_entry(entry, decision_at(conn, allow_live)))
+                              for entry in fresh]
+                for seq, batch in events:
+                    last = seq
+                    for event in batch:
+                        if domain is not None and event.get("execution_domain") not in (None, domain):
+                            continue
+                        await ws.send_json(event)
                 try:  # wait for the next poll, noticing at once when the client goes away
                     message = await asyncio.wait_for(ws.receive(), timeout=0.25)
                     if message.get("type") == "websocket.disconnect":

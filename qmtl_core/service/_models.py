@@ -156,6 +156,11 @@ class StrategyChange(Doc):
     changed: bool
 
 
+class QueuesDoc(Doc):
+    world: str
+    events: list[dict[str, Any]]
+
+
 class ReturnsRun(Doc):
     strategy_id: str
     stage: str
