@@ -9,7 +9,7 @@ import typer
 
 from qmtl_cli._state import CliState, set_current
 from qmtl_cli.commands import audit, campaign, config, governance, report, risk, serve, world, world_evaluate  # noqa: F401 (registers commands)
-from qmtl_cli.commands import submit
+from qmtl_cli.commands import submit, world_policy  # noqa: F401 (registers commands)
 
 app = typer.Typer(
     name="qmtl",

@@ -127,9 +127,13 @@ def campaign_loop(
     """Tick worlds and (with --execute) act: evaluate, promote to paper; live goes to governance.
 
     Plans by default. Each idempotency key executes at most once, ever; a per-world lease keeps two
-    loops off the same world. Exit: the most severe of 0 (done), 11 (waiting), 10 (blocked by
-    policy), 12 (evidence missing or stale) over the actions; 75 when every world was leased by
-    another loop. With --json, one JSON document per iteration (one per line).
+    loops off the same world. One world's failure (bad data, a broken policy, a bug) is reported in
+    that world's outcome with its exit code, and the loop carries on with the other worlds and
+    later iterations; a world with paper or live strategies whose policy file is missing or broken
+    is reported with exit 12 (policy_unavailable), never skipped. Exit: the most severe over the
+    worlds of 12 (evidence or policy missing), 1 (a bug), 2 (bad input), 4, 3, 10 (blocked by
+    policy), 11 (waiting), 0 (done); 75 when every world was leased by another loop. With --json,
+    one JSON document per iteration (one per line) holding every world's outcome.
     """
     from datetime import datetime, timezone
 
@@ -183,6 +187,10 @@ def campaign_loop(
                 out.print(f"[bold]{o['world']}[/bold]")
                 if o["status"] == "busy":
                     out.print(f"  busy: {o['message']}")
+                    continue
+                if o["status"] == "error":
+                    out.print(f"  error ({o.get('error')}, exit {o['exit_code']}): {o['message']}", markup=False,
+                              highlight=False)
                     continue
                 for a in o["actions"]:
                     _print_action(out, a)

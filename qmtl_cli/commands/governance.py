@@ -160,35 +160,64 @@ def decision(
     emit(data, json_mode=state(ctx).json, human=human)
 
 
+def _print_reentries(c: "Console", result: dict[str, Any]) -> None:
+    for r in result.get("reentries") or []:
+        c.print(f"  {r['message']}", markup=False, highlight=False)
+
+
 @world_app.command("rollback")
 @command
 def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
              reason: ReasonOption = None, json_output: JsonOption = False) -> None:
-    """Restore the previous activation set (as a new set; stages follow it)."""
+    """Restore the previous activation set (as a new set; stages follow it).
+
+    Rollback never makes a strategy live on its own: a strategy that was live in the restored set
+    but is not live now is restored to paper, and a promotion request is opened for it (approvers
+    or, under auto_apply, the campaign loop decide it through the usual gate).
+    """
     result = state(ctx).client().rollback(world, reason=_required_reason(reason, "rollback"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"rolled back {world} to activation set {result['restored_set']} (now set {result['set_version']}); "
-        + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items()) or "no stage changed")))
+
+    def human(c: "Console") -> None:
+        c.print(f"rolled back {world} to activation set {result['restored_set']} (now set "
+                f"{result['set_version']}); "
+                + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items()) or "no stage changed"),
+                markup=False, highlight=False)
+        _print_reentries(c, result)
+
+    emit(result, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("halt")
 @command
 def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
          reason: ReasonOption = None, json_output: JsonOption = False) -> None:
-    """Kill switch: every decision becomes compute-only and live actions are blocked, until resume."""
+    """Kill switch: every live strategy goes back to paper and every decision becomes compute-only,
+    until resume. Needs only the world id: works when the policy file is missing or broken."""
     result = state(ctx).client().set_halted(world, halted=True, reason=_required_reason(reason, "halt"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"[red]halted[/red] {world}" if result["changed"] else f"{world} was already halted"))
+
+    def human(c: "Console") -> None:
+        if not result["changed"]:
+            c.print(f"{world} was already halted", markup=False)
+            return
+        was = result.get("was_live") or []
+        c.print(f"[red]halted[/red] {world}" + (f"; back to paper: {', '.join(was)}" if was else ""))
+
+    emit(result, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("resume")
 @command
 def resume(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
            reason: ReasonOption = None, json_output: JsonOption = False) -> None:
-    """Lift the kill switch."""
+    """Lift the kill switch. What was live at the halt stays in paper, with a promotion request
+    opened for each: resuming never makes a strategy live on its own."""
     result = state(ctx).client().set_halted(world, halted=False, reason=_required_reason(reason, "resume"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"resumed {world}" if result["changed"] else f"{world} was not halted"))
+
+    def human(c: "Console") -> None:
+        c.print(f"resumed {world}" if result["changed"] else f"{world} was not halted", markup=False)
+        _print_reentries(c, result)
+
+    emit(result, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("demote")

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 
 from qmtl_core.metric_names import KNOWN_METRICS
 from qmtl_core.policy._durations import Duration
+from qmtl_core.world_files import WORLD_ID_PATTERN
 
 Stage = Literal["backtest", "paper", "live"]
 STAGES: tuple[Stage, ...] = ("backtest", "paper", "live")
@@ -222,7 +223,7 @@ class Notifications(_Model):
 class WorldPolicy(_Model):
     """A world's whole policy file."""
 
-    world: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    world: str = Field(min_length=1, max_length=100, pattern=WORLD_ID_PATTERN)
     description: str | None = None
     policy_version: int = Field(ge=1)
     allow_live: bool = False

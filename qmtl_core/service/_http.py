@@ -93,6 +93,13 @@ class ReasonBody(_Body):
     reason: str = ""
 
 
+class PolicyApproveBody(_Body):
+    """``POST /worlds/{id}/policy/approve``: approve a proposed policy version."""
+
+    version: int = Field(ge=1)
+    reason: str = ""
+
+
 class DemoteBody(_Body):
     """``POST /worlds/{id}/demote``."""
 
@@ -258,6 +265,16 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     def reject_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
         """Reject as the token's actor."""
         return c.decide(request_id, decision="reject", reason=body.reason)
+
+    @app.get("/worlds/{world}/policy")
+    def policy_status(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """The policy version in force and open proposals (diff, approvals)."""
+        return c.policy_status(world)
+
+    @app.post("/worlds/{world}/policy/approve")
+    def policy_approve(world: str, body: PolicyApproveBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
+        """Approve a proposed policy version (approvers of the version in force)."""
+        return c.approve_policy(world, version=body.version, reason=body.reason)
 
     @app.post("/worlds/{world}/rollback")
     def rollback(world: str, body: ReasonBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:
