@@ -30,6 +30,10 @@ PEOPLE = ("alice", "bob", "carol", "dave")
 ROLES = ("operator", "approver")
 _ALIAS = "qmtl_test_person_"
 
+#: ``audit verify --deep`` tests set this: the harness's tokens are then created the ledgered way
+#: (``create_token``), since a token no ledger entry vouches for is exactly what --deep reports.
+LEDGER_TOKENS = False
+
 
 def as_person(person: str) -> dict[str, str]:
     """The environment of a CLI run as ``person`` (remote mode): their token."""
@@ -61,15 +65,23 @@ class InProcessServer(httpx.BaseTransport):
         actor = settings.identity()
         # Inserted directly (no ledger entry), so both modes leave identical ledgers behind.
         self.tokens = {role: f"qmtl_test_{secrets.token_urlsafe(16)}" for role in ROLES}
-        people = {(p, r): _token(p, r) for p in PEOPLE for r in ROLES}
-        with service.store.write() as conn:
-            rows = [(actor, role, token) for role, token in self.tokens.items()]
-            known = {r.token_hash for r in conn.execute(sa.select(schema.api_tokens.c.token_hash))}
-            rows += [(p, r, t) for (p, r), t in people.items() if token_hash(t) not in known]
-            for who, role, token in rows:
-                conn.execute(sa.insert(schema.api_tokens).values(
-                    token_hash=token_hash(token), token_id=secrets.token_hex(6), actor=who, role=role,
-                    created_at=iso(service.clock()), created_by="test-harness"))
+        if LEDGER_TOKENS:
+            from qmtl_core.service._auth import create_token
+
+            with service.store.write() as conn:
+                for role in list(self.tokens):
+                    _, self.tokens[role] = create_token(conn, actor=actor, role=role, created_by="test-harness",
+                                                        now=service.clock())
+        else:
+            people = {(p, r): _token(p, r) for p in PEOPLE for r in ROLES}
+            with service.store.write() as conn:
+                rows = [(actor, role, token) for role, token in self.tokens.items()]
+                known = {r.token_hash for r in conn.execute(sa.select(schema.api_tokens.c.token_hash))}
+                rows += [(p, r, t) for (p, r), t in people.items() if token_hash(t) not in known]
+                for who, role, token in rows:
+                    conn.execute(sa.insert(schema.api_tokens).values(
+                        token_hash=token_hash(token), token_id=secrets.token_hex(6), actor=who, role=role,
+                        created_at=iso(service.clock()), created_by="test-harness"))
         self._asgi = httpx.ASGITransport(app=self.app)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)

@@ -7,12 +7,14 @@ loader can point at the exact line and column instead of at the enclosing block.
 from __future__ import annotations
 
 import difflib
+import re
 from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
-from qmtl_core.metric_names import KNOWN_METRICS
+from qmtl_core.approval_signing import parse_public_key
+from qmtl_core.metric_names import KNOWN_METRICS, is_known_metric
 from qmtl_core.policy._durations import Duration
 from qmtl_core.world_files import WORLD_ID_PATTERN
 
@@ -32,12 +34,33 @@ class PolicyProblem(ValueError):
         self.hint = hint
 
 
+def unknown_metric(name: str, declared: frozenset[str] | set[str] = frozenset()) -> str | None:
+    """Why a rule may not name ``name`` (with a did-you-mean), or ``None`` when it may."""
+    if is_known_metric(name, declared):
+        return None
+    names = sorted(KNOWN_METRICS | set(declared))
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(names)
+    return (f"unknown metric {name!r} ({hint}; declare an extra metric under metrics: to gate on it)"
+            if not close else f"unknown metric {name!r} ({hint})")
+
+
 def _check_metric(name: str) -> str:
-    if name not in KNOWN_METRICS:
-        close = difflib.get_close_matches(name, sorted(KNOWN_METRICS), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(sorted(KNOWN_METRICS))
-        raise ValueError(f"unknown metric {name!r} ({hint})")
+    # Only the shape here: whether the name is known depends on the policy's own ``metrics:``
+    # declarations, which ``WorldPolicy._known_metrics`` sees and a nested model does not.
+    if not name.strip():
+        raise ValueError("a metric name is empty")
     return name
+
+
+class MetricDeclaration(BaseModel):
+    """An extra metric a policy's rules may name: measured elsewhere (a metrics file's ``extra``,
+    a snapshot's ``extra_metrics``) and declared here so a typo in a rule is still caught."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    description: str | None = None
+    better: Literal["higher", "lower"] | None = None
 
 
 class _Model(BaseModel):
@@ -167,25 +190,62 @@ class Campaign(_Model):
     live: LiveWindow | None = None
 
 
+class Approver(_Model):
+    """An approver with an SSH public key (``approvers: [{name: alice, ssh_key: "ssh-ed25519 AAAA..."}]``);
+    a plain name in the list is an approver without a key."""
+
+    name: str
+    ssh_key: str | None = Field(None, description="OpenSSH public key line; approvals are signed with it")
+
+    @field_validator("ssh_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_public_key(v)
+            except ValueError as exc:
+                raise PolicyProblem((), str(exc), 'paste the whole line of id_ed25519.pub, e.g. "ssh-ed25519 AAAA..."')
+        return v
+
+
 class LivePromotion(_Model):
     """How a strategy goes from paper to live."""
 
     mode: PromotionMode = "disabled"
-    approvers: list[str] = Field(default_factory=list)
+    approvers: list[Approver] = Field(default_factory=list)
     required_approvals: int = Field(1, ge=1)
     approval_ttl: Duration = timedelta(hours=72)
     cooldown: Duration = timedelta(0)
     max_live_slots: int = Field(1, ge=1)
+    require_signatures: bool = Field(False, description="an approval counts only with a valid SSH signature "
+                                                        "by the approver's ssh_key over the request's evidence")
+
+    @field_validator("approvers", mode="before")
+    @classmethod
+    def _plain_names(cls, v: Any) -> Any:
+        # A plain name is an approver without a key (the original, still valid, form).
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
     @field_validator("approvers")
     @classmethod
-    def _approvers(cls, v: list[str]) -> list[str]:
-        for i, name in enumerate(v):
+    def _approvers(cls, v: list[Approver]) -> list[Approver]:
+        names = [a.name for a in v]
+        for i, name in enumerate(names):
             if not name.strip():
                 raise PolicyProblem((i,), "an approver name is empty")
-            if name in v[:i]:
+            if name in names[:i]:
                 raise PolicyProblem((i,), f"approver {name!r} is listed twice")
         return v
+
+    @property
+    def approver_names(self) -> tuple[str, ...]:
+        """The approvers' names, in policy order."""
+        return tuple(a.name for a in self.approvers)
+
+    @property
+    def ssh_keys(self) -> dict[str, str]:
+        """Approver name -> SSH public key, for approvers that have one."""
+        return {a.name: a.ssh_key for a in self.approvers if a.ssh_key}
 
     @model_validator(mode="after")
     def _consistent(self) -> "LivePromotion":
@@ -198,6 +258,11 @@ class LivePromotion(_Model):
                                 f"required_approvals is {self.required_approvals} but only "
                                 f"{len(self.approvers)} approver(s) are listed",
                                 "add approvers or lower required_approvals")
+        if self.require_signatures:
+            for i, a in enumerate(self.approvers):
+                if not a.ssh_key:
+                    raise PolicyProblem(("approvers", i), f"require_signatures is on but approver {a.name!r} "
+                                        "has no ssh_key", f'write it as {{name: {a.name}, ssh_key: "ssh-ed25519 AAAA..."}}')
         return self
 
 
@@ -208,10 +273,14 @@ class Governance(_Model):
 
 
 class Risk(_Model):
-    """Freshness limits for decisions that need the risk snapshot."""
+    """Freshness limits for decisions that need the risk snapshot, and the book portfolio metrics
+    measure a candidate against."""
 
     snapshot_max_age: Duration = timedelta(minutes=15)
     decision_ttl: Duration = timedelta(minutes=10)
+    portfolio_book: Literal["live", "live_and_paper"] = Field(
+        "live", description="strategies a candidate's portfolio metrics (incremental_var_99, "
+                            "max_corr_live, ...) are measured against")
 
 
 class Notifications(_Model):
@@ -236,6 +305,38 @@ class WorldPolicy(_Model):
     governance: Governance | None = None
     risk: Risk = Risk()
     notifications: Notifications = Notifications()
+    metrics: dict[str, MetricDeclaration] = Field(
+        default_factory=dict, description="extra metrics rules may name (measured in metrics files' "
+                                          "extra or a snapshot's extra_metrics)")
+    benchmark: str | None = Field(None, min_length=1, description="the returns column (strategy id) "
+                                                                   "beta and alpha are measured against")
+
+    @field_validator("metrics")
+    @classmethod
+    def _declared(cls, v: dict[str, MetricDeclaration]) -> dict[str, MetricDeclaration]:
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise PolicyProblem((name,), f"metric name {name!r} must be lower case letters, digits "
+                                    "and _ (starting with a letter)")
+            if is_known_metric(name):
+                raise PolicyProblem((name,), f"metric {name!r} is built in",
+                                    "declare only metrics qmtl does not measure itself")
+        return v
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> "WorldPolicy":
+        declared = frozenset(self.metrics)
+        named: list[tuple[tuple[str | int, ...], str]] = [
+            (("rules", i, "metric"), r.metric) for i, r in enumerate(self.rules)]
+        for step in ("top_k", "hysteresis"):
+            chosen = getattr(self.selection, step)
+            if chosen is not None:
+                named.append((("selection", step, "metric"), chosen.metric))
+        for path, name in named:
+            problem = unknown_metric(name, declared)
+            if problem is not None:
+                raise PolicyProblem(path, problem)
+        return self
 
     @model_validator(mode="after")
     def _unique_rule_ids(self) -> "WorldPolicy":

@@ -27,32 +27,33 @@ class GovernanceMixin:
     """Governance methods of ``WorldService`` (mixed in; uses its store, clock and actor)."""
 
     # -- notifications ------------------------------------------------------------------------------
-    def _notify(self: "WorldService", loaded: "LoadedWorld", events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Deliver events to the world's webhook after the decision committed; record failures."""
+    def _enqueue(self: "WorldService", conn: Any, loaded: "LoadedWorld", events: list[dict[str, Any]]) -> list[str]:
+        """Write the events for the world's webhook into the outbox, inside the change's transaction."""
         url = loaded.policy.notifications.webhook
         if not events or url is None:
             return []
-        from qmtl_core import ledger
+        from qmtl_core import outbox
+
+        return outbox.enqueue(conn, url=str(url), world=loaded.world_id, events=events, actor=self.actor,
+                              now=self.clock())
+
+    def flush_outbox(self: "WorldService") -> list[dict[str, Any]]:
+        """Deliver every notification that is due (this change's and any an earlier process left)."""
+        from qmtl_core import outbox
         from qmtl_core.governance._notify import deliver
 
-        now = self.clock()
-        stamped = [{**e, "ts": now.isoformat(), "actor": self.actor} for e in events]
-        results = deliver(str(url), stamped, **self._notify_options)
-        failed = [r for r in results if not r.ok]
-        if failed:
-            with self.store.write() as conn:
-                for r in failed:
-                    ledger.append(conn, actor=self.actor, kind="notification.failed", now=now,
-                                  world=loaded.world_id, subject=r.event,
-                                  reason=f"{r.error} after {r.attempts} attempt(s)",
-                                  payload={"url": str(url), "event": r.event, "attempts": r.attempts})
-        return [{"event": r.event, "ok": r.ok, "attempts": r.attempts, "error": r.error} for r in results]
+        return outbox.flush(self.store, lambda url, events: deliver(url, events, **self._notify_options),
+                            actor=self.actor, now=self.clock)
+
+    def _deliver(self: "WorldService", ids: list[str]) -> list[dict[str, Any]]:
+        """After the commit: flush the outbox; the fate of the events ``ids`` (enqueued by this change)."""
+        if not ids:
+            return []
+        done = {d["event_id"]: d for d in self.flush_outbox()}
+        return [done[i] if i in done else {"event_id": i, "ok": False, "attempts": 0, "error": "queued"}
+                for i in ids]
 
     _notify_options: dict[str, Any] = {}
-
-    def _finish(self: "WorldService", loaded: "LoadedWorld", outcome: "Outcome") -> "Outcome":
-        outcome.extra["notifications"] = self._notify(loaded, outcome.notify)
-        return outcome
 
     # -- promotion ----------------------------------------------------------------------------------
     def promote(self: "WorldService", world: str, strategy_id: str, *, reason: str | None = None,
@@ -68,10 +69,14 @@ class GovernanceMixin:
                                dry_run=True)
         with self.store.write() as conn:
             outcome = promote(conn, loaded.policy, strategy_id, actor=self.actor, reason=reason, now=self.clock())
-        return self._finish(loaded, outcome)
+            ids = self._enqueue(conn, loaded, outcome.notify)
+        outcome.extra["notifications"] = self._deliver(ids)
+        return outcome
 
-    def decide_request(self: "WorldService", request_id: str, *, decision: str, reason: str) -> "Outcome":
-        """Approve or reject a request as the calling identity."""
+    def decide_request(self: "WorldService", request_id: str, *, decision: str, reason: str,
+                       signature: str | None = None) -> "Outcome":
+        """Approve or reject a request as the calling identity (``signature``: an SSH signature of the
+        approval message, ``qmtl_core.approval_signing``)."""
         from qmtl_core.governance._requests import decide, load_request
 
         reason = require_reason(reason, decision)
@@ -81,8 +86,10 @@ class GovernanceMixin:
         with self.store.write() as conn:
             row = load_request(conn, request_id)
             outcome = decide(conn, loaded.policy, row, actor=self.actor, decision=decision, reason=reason,
-                             now=self.clock())
-        return self._finish(loaded, outcome)
+                             now=self.clock(), signature=signature)
+            ids = self._enqueue(conn, loaded, outcome.notify)
+        outcome.extra["notifications"] = self._deliver(ids)
+        return outcome
 
     def promotion_requests(self: "WorldService", *, world: str | None = None,
                            include_closed: bool = False) -> list[dict[str, Any]]:
@@ -101,7 +108,7 @@ class GovernanceMixin:
             try:
                 lp = self.load_world(r["world"], record=False).policy.live_promotion
                 r["required_approvals"] = lp.required_approvals
-                r["approvers"] = list(lp.approvers)
+                r["approvers"] = list(lp.approver_names)
             except Exception:  # a world file removed since: the request still lists
                 r["required_approvals"] = None
         return rows
@@ -125,7 +132,8 @@ class GovernanceMixin:
         loaded = self.load_world(world)
         with self.store.write() as conn:
             result = rollback(conn, loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
-        return {**result.to_dict(), "notifications": self._notify(loaded, result.notify)}
+            ids = self._enqueue(conn, loaded, result.notify)
+        return {**result.to_dict(), "notifications": self._deliver(ids)}
 
     def set_halted(self: "WorldService", world: str, *, halted: bool, reason: str) -> dict[str, Any]:
         """The persisted kill switch (``halted=True``), which needs only the world id: it works from
@@ -139,17 +147,16 @@ class GovernanceMixin:
             policy = self.known_world(world)
             with self.store.write() as conn:
                 result = halt(conn, world, policy, actor=self.actor, now=self.clock(), reason=reason)
-            sent: list[dict[str, Any]] = []
-            if policy is not None and result.notify and result.extra["changed_flag"]:
-                sent = self._notify(LoadedWorld(policy, self.settings.worlds_dir, ""), result.notify)
+                ids = (self._enqueue(conn, LoadedWorld(policy, self.settings.worlds_dir, ""), result.notify)
+                       if policy is not None and result.extra["changed_flag"] else [])
         else:
             loaded = self.load_world(world)
             with self.store.write() as conn:
                 result = resume(conn, loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
-            sent = self._notify(loaded, result.notify) if result.extra["changed_flag"] else []
+                ids = self._enqueue(conn, loaded, result.notify) if result.extra["changed_flag"] else []
         doc = result.to_dict()
         return {**doc, "world": world, "halted": halted, "changed": doc.pop("changed_flag"),
-                "stages_changed": result.changed, "notifications": sent}
+                "stages_changed": result.changed, "notifications": self._deliver(ids)}
 
     def demote(self: "WorldService", world: str, strategy_id: str, *, reason: str, to: str = "paper") -> dict[str, Any]:
         """Take a strategy down a stage (live → paper, paper → backtest, or to ``retired``)."""
@@ -165,8 +172,9 @@ class GovernanceMixin:
         with self.store.write() as conn:
             version = set_stage(conn, policy=loaded.policy, strategy_id=strategy_id, expect=expect[to], to=to,
                                 actor=self.actor, now=self.clock(), kind="strategy.demoted", reason=reason)
-        sent = self._notify(loaded, [{"event": "strategy.demoted", "world": world, "strategy_id": strategy_id,
-                                      "to": to, "reason": reason}])
+            ids = self._enqueue(conn, loaded, [{"event": "strategy.demoted", "world": world, "strategy_id": strategy_id,
+                                                "to": to, "reason": reason}])
+        sent = self._deliver(ids)
         return {"world": world, "strategy_id": strategy_id, "to": to, "set_version": version, "notifications": sent}
 
     def decisions(self: "WorldService", world: str, *, strategy_id: str | None = None) -> list["DecisionEnvelope"]:

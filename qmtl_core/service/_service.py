@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from qmtl_core.datafiles import ReturnsTable
     from qmtl_core.risk import Freshness, RiskSnapshot, StoredSnapshot
     from qmtl_core.runs import RunRevision
-    from qmtl_core.ledger import LedgerEntry, VerifyResult
+    from qmtl_core.audit import AuditResult, SignatureCheck, SignedDecision
+    from qmtl_core.checkpoint import Checkpoint
+    from qmtl_core.ledger import LedgerEntry
     from qmtl_core.policy import WorldPolicy
     from qmtl_core.service._policies import PolicyRecord
     from qmtl_core.store import Store
@@ -312,6 +314,7 @@ class WorldService(GovernanceMixin):
                           returns: Sequence[tuple[datetime, float]] | None = None) -> "RunRevision":
         """Record an evaluation run of one strategy at one stage, sourcing metrics per DESIGN §5."""
         from qmtl_core import runs
+        from qmtl_core.governance._activations import book_members
 
         check_stage(stage)
         loaded = self.load_world(world)
@@ -319,29 +322,50 @@ class WorldService(GovernanceMixin):
             return runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
                                             strategy_id=strategy_id, stage=stage, run_id=run_id,
                                             metrics=metrics, returns=returns, actor=self.actor,
-                                            now=self.clock())
+                                            now=self.clock(), book=book_members(conn, loaded.policy))
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None" = None,
                         metrics: Mapping[str, Mapping[str, Any]] | None = None,
                         run_id: str | None = None) -> list["RunRevision"]:
         """Record one run per strategy of a cohort, with metrics from the vectorised path."""
         from qmtl_core import ledger, runs
-        from qmtl_core.evaluation import cohort_metrics, merge_metrics, uses_metric
+        from qmtl_core.evaluation import add_extras, cohort_metrics, merge_metrics, uses_metric
+        from qmtl_core.governance._activations import book_members
+        from qmtl_core.metric_names import is_portfolio_metric
+        from qmtl_core.risk import freshness, latest_snapshot
 
         check_stage(stage)
         loaded = self.load_world(world)
+        policy = loaded.policy
         now = self.clock()
-        computed = cohort_metrics(returns, loaded.policy.periods_per_year,
-                                  len(returns.strategies) if uses_metric(loaded.policy, "dsr") else None) \
+        computed = cohort_metrics(returns, policy.periods_per_year,
+                                  len(returns.strategies) if uses_metric(policy, "dsr") else None) \
             if returns is not None else {}
         ids = sorted(set(computed) | set(metrics or {}))
+        bench = (returns.row(policy.benchmark) if returns is not None and policy.benchmark in returns.strategies
+                 else None)
         out = []
         with self.store.write() as conn:
             ledger.lock(conn)
+            snapshot = latest_snapshot(conn, world) if runs.portfolio_rules(policy) else None
+            book = book_members(conn, policy)
+            risks = {}
+            for sid in ids:  # every strategy checked before anything is written: all or nothing
+                fresh = (freshness(snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=sid)
+                         if snapshot is not None else None)
+                risks[sid] = runs.book_risk(policy, sid, snapshot, fresh, book)
+                runs.require_portfolio(policy, stage, risks[sid], fresh)
             for sid in ids:
                 runs.ensure_strategy(conn, world_id=world, strategy_id=sid, now=now, submitter=self.actor)
                 series = returns.series(sid) if returns is not None and sid in returns.strategies else None
-                values, where = merge_metrics(computed.get(sid, {}), (metrics or {}).get(sid, {}))
+                given = {k: v for k, v in (metrics or {}).get(sid, {}).items() if not is_portfolio_metric(k)}
+                values, where = merge_metrics(computed.get(sid, {}), given)
+                add_extras(policy, values, where, series=returns.row(sid) if series else None,
+                           benchmark=bench, source="request.returns")
+                risk = risks[sid]
+                for name, value in (risk.metrics.items() if risk is not None else ()):
+                    if value is not None:
+                        values[name], where[name] = value, risk.source
                 sourced = runs.Sourced(
                     values, where, runs.window_of(series, "request.returns"),
                     [(iso(t), r) for t, r in series] if series else None)
@@ -526,9 +550,47 @@ class WorldService(GovernanceMixin):
         with self.store.read() as conn:
             return ledger.entries(conn, world=world, since=since, kind=kind, limit=limit)
 
-    def audit_verify(self) -> "VerifyResult":
-        """Verify the whole hash chain."""
+    def audit_head(self) -> dict[str, Any]:
+        """The chain's head and this store's identity: what a checkpoint signs."""
         from qmtl_core import ledger
+        from qmtl_core.audit import store_origin
 
         with self.store.read() as conn:
-            return ledger.verify(conn)
+            seq, digest = ledger.head(conn)
+            return {"origin": store_origin(conn), "seq": seq, "hash": digest}
+
+    def audit_verify(self, *, checkpoints: "Sequence[tuple[str, Checkpoint]]" = (),
+                     deep: bool = False) -> "AuditResult":
+        """Verify the hash chain, that it holds each checkpoint's head, and (``deep``) that the decision
+        tables hold exactly what the ledger records, approval signatures included."""
+        from qmtl_core.audit import verify_store
+
+        with self.store.read() as conn:
+            return verify_store(conn, checkpoints=checkpoints, deep=deep, check=self._approval_signature_check())
+
+    def _approval_signature_check(self) -> "SignatureCheck":
+        """Re-verify an approval in the ledger against the approver's key in the world's policy file: a
+        signature must verify; none is needed only where the policy does not require one."""
+        from qmtl_core.approval_signing import approval_message, signature_problem
+
+        policies: dict[str, Any] = {}
+
+        def check(d: "SignedDecision") -> str | None:
+            if d.world not in policies:
+                try:
+                    policies[d.world] = self.load_world(d.world, record=False).policy.live_promotion
+                except QmtlError:
+                    policies[d.world] = None
+            lp = policies[d.world]
+            if lp is None:
+                return None if d.signature is None else "the world's policy cannot be read to check the signature"
+            if d.signature is None:
+                return "unsigned, but the world requires signatures" if lp.require_signatures else None
+            key = lp.ssh_keys.get(d.approver)
+            if key is None:
+                return f"signed, but {d.approver} has no ssh_key in the world's policy"
+            message = approval_message(world=str(d.world), strategy_id=str(d.strategy_id), request_id=d.request_id,
+                                       evidence_hash=d.evidence_hash)
+            return signature_problem(key, d.signature, message)
+
+        return check
