@@ -54,7 +54,7 @@ browser:
 demo: install
 	@rm -rf $(DEMO_HOME)
 	@echo "== 1. validate the bundled worlds (recorded as policy versions in $(DEMO_HOME)/qmtl.db)"
-	$(QMTL) world validate --all
+	$(QMTL) world validate --all --record
 	$(QMTL) world list
 	@echo "== 2. gate and select eight GOOG strategies offline (nothing recorded)"
 	$(QMTL) world evaluate demo-momentum --returns worlds/data/demo-returns.csv $(SAYEXIT)

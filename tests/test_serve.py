@@ -56,6 +56,8 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("POST", "/worlds/gov/promotions", {"strategy_id": "s1", "dry_run": True}, "promote"),
     ("POST", "/promotions/pr-x/approve", {"reason": "x"}, "approve"),
     ("POST", "/worlds/gov/halt", {"reason": "drill"}, "operate"),
+    ("GET", "/worlds/gov/policy", None, "read"),
+    ("POST", "/worlds/gov/policy/approve", {"version": 2, "reason": "x"}, "approve"),
 ]
 ALLOWED = {"rita": {"read"}, "sam": {"read", "evaluate", "risk", "tick", "promote"},
            "alice": {"read", "approve"}, "otto": {"read", "evaluate", "risk", "tick", "promote", "operate"}}

@@ -90,7 +90,7 @@ def reopen(conn: Connection, policy: WorldPolicy, strategy_id: str, *, actor: st
         message = f"{strategy_id} stays in paper; {out.message}"
     else:
         lp = policy.live_promotion
-        needs = (f"needs {lp.required_approvals} approvals from {', '.join(lp.approvers)}"
+        needs = (f"needs {lp.required_approvals} approvals from {', '.join(lp.approver_names)}"
                  if lp.mode == "manual_approval" else "the campaign loop applies it once every gate passes")
         message = f"{strategy_id} restored to paper; request {out.request_id} opened ({needs})"
     return Reentry(strategy_id, out.status, out.request_id, message, out.exit_code), out.notify

@@ -186,7 +186,7 @@ def policy_status(conn: Connection, world_id: str) -> dict[str, Any]:
                           "approvals": [a.to_dict() for a in _approvals(conn, world_id, row.policy_version,
                                                                           row.content_hash)],
                           "diff": _diff(world_id, in_force, row.source_text, row.policy_version)})
-    return {"world": world_id, "in_force": _record(in_force).to_dict(), "governors": list(lp.approvers),
+    return {"world": world_id, "in_force": _record(in_force).to_dict(), "governors": list(lp.approver_names),
             "required_approvals": lp.required_approvals if lp.approvers else None,
             "proposals": proposals, "governed": has_running_strategies(conn, world_id)}
 
@@ -207,10 +207,10 @@ def approve_policy(conn: Connection, world_id: str, *, version: int, actor: str,
     in_force = in_force_row(conn, world_id)
     assert in_force is not None  # a proposal exists only beside a version in force
     lp = WorldPolicy.model_validate(in_force.document).live_promotion
-    if actor not in lp.approvers:
+    if actor not in lp.approver_names:
         raise BlockedError(f"{actor} is not an approver of {world_id}'s policy in force (version "
                            f"{in_force.policy_version})",
-                           hint=f"approvers: {', '.join(lp.approvers) or 'none (list approvers: in the policy in force)'}",
+                           hint=f"approvers: {', '.join(lp.approver_names) or 'none (list approvers: in the policy in force)'}",
                            code="not_an_approver")
     if actor == row.recorded_by:
         raise BlockedError(f"{actor} proposed policy version {version} and cannot approve it",
@@ -225,7 +225,7 @@ def approve_policy(conn: Connection, world_id: str, *, version: int, actor: str,
                       subject=f"policy_version {version}", reason=reason,
                       payload={"policy_version": version, "content_hash": row.content_hash,
                                "in_force": in_force.policy_version})
-    approvers = [x.approver for x in _approvals(conn, world_id, version, row.content_hash) if x.approver in lp.approvers
+    approvers = [x.approver for x in _approvals(conn, world_id, version, row.content_hash) if x.approver in lp.approver_names
                  and x.approver != row.recorded_by]
     result = {"world": world_id, "policy_version": version, "approvals": approvers,
               "required_approvals": lp.required_approvals, "already": already is not None, "adopted": False}
