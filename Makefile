@@ -83,8 +83,10 @@ demo: install
 	  request=$$($(FIRST_REQUEST)); \
 	  echo "\$$ QMTL_TOKEN=\$$(cat alice.token) qmtl --server http://127.0.0.1:$$port approve $$request --reason \"paper window clean\""; \
 	  QMTL_TOKEN=$$(cat $(DEMO_HOME)/alice.token) $(QMTL) --server http://127.0.0.1:$$port approve $$request --reason "paper window clean" $(SAYEXIT); \
-	  echo "\$$ QMTL_TOKEN=\$$(cat bob.token) qmtl --server http://127.0.0.1:$$port approve $$request --reason \"agreed\""; \
-	  QMTL_TOKEN=$$(cat $(DEMO_HOME)/bob.token) $(QMTL) --server http://127.0.0.1:$$port approve $$request --reason "agreed" $(SAYEXIT)
+	  echo "\$$ QMTL_TOKEN=\$$(cat bob.token) qmtl --server http://127.0.0.1:$$port approve $$request --reason \"agreed\"   (the last approval: without --allow-live it only says what it would do)"; \
+	  QMTL_TOKEN=$$(cat $(DEMO_HOME)/bob.token) $(QMTL) --server http://127.0.0.1:$$port approve $$request --reason "agreed" $(SAYEXIT); \
+	  echo "\$$ QMTL_TOKEN=\$$(cat bob.token) qmtl --server http://127.0.0.1:$$port approve $$request --reason \"agreed\" --allow-live"; \
+	  QMTL_TOKEN=$$(cat $(DEMO_HOME)/bob.token) $(QMTL) --server http://127.0.0.1:$$port approve $$request --reason "agreed" --allow-live $(SAYEXIT)
 	$(QMTL) world decision demo-momentum --strategy sma_10_30
 	$(QMTL) world history demo-momentum
 	@echo "== live returns arrive; the loop records the live run (monitoring)"
@@ -99,6 +101,10 @@ demo: install
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv $(SAYEXIT)
 	$(QMTL) world campaign demo-momentum
+	@echo "== 7b. shadow: the same new bars as a mirror of the live inputs; every order is blocked and counted"
+	$(QMTL) submit examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/history.csv --domain shadow $(SAYEXIT)
+	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv --domain shadow $(SAYEXIT)
+	$(QMTL) world runs demo-momentum --stage shadow
 	$(QMTL) submit examples/strategies/mean_reversion.py --world research-sandbox --param allow_short=false --domain shadow $(SAYEXIT)
 	@echo "== 8. runs with equity sparklines, and the world's report"
 	$(QMTL) world runs demo-momentum --strategy sma_10_30
@@ -108,7 +114,8 @@ demo: install
 	$(QMTL) audit verify
 
 test: dev postgres browser promtool
-	PATH="$$PATH:$(PG_BIN)" $(BIN)/python -m pytest -n auto -W error -q
+	@echo "== the whole suite on SQLite and PostgreSQL (about 12 minutes on 2 cores; progress in %, slowest tests at the end)"
+	PATH="$$PATH:$(PG_BIN)" $(BIN)/python -m pytest -n auto -W error --durations=10
 
 # Each benchmark prints its numbers against a reference measured in the same run.
 bench: dev postgres

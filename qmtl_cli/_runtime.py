@@ -16,13 +16,20 @@ from qmtl_cli._state import state
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+AllowLiveOption = Annotated[bool, typer.Option(
+    "--allow-live", help="Confirm you mean to change what is live (sends X-Allow-Live: true). Without it a "
+                         "call that would make or keep a strategy live changes nothing, says what it would "
+                         "have done and exits 10. Config allow_live=true (QMTL_ALLOW_LIVE) sets it for cron.")]
 
 
 def report_error(*, message: str, exit_code: int, payload: dict[str, Any], json_mode: bool) -> None:
     """Print an error: JSON on stdout in ``--json`` mode, and always one line on stderr."""
     if json_mode:
         sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
-    sys.stderr.write(f"qmtl: error: {message}\n")
+    from qmtl_cli._output import control_escaped
+
+    # The message may quote user input (an id, a reason): never let it drive the terminal.
+    sys.stderr.write(f"qmtl: error: {control_escaped(message)}\n")
     sys.stderr.flush()
 
 

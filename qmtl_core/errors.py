@@ -18,6 +18,7 @@ __all__ = [
     "DataFileError",
     "ConfigError",
     "StoreVersionError",
+    "AmbiguousId",
     "NotFoundError",
     "WorldNotFound",
     "StrategyNotFound",
@@ -46,6 +47,7 @@ __all__ = [
     "LeaseHeld",
     "Unauthorized",
     "Forbidden",
+    "LiveNotConfirmed",
 ]
 
 
@@ -101,6 +103,12 @@ class UsageError(BadInputError):
     """A command was called with arguments that do not fit together."""
 
     code = "usage"
+
+
+class AmbiguousId(UsageError):
+    """An id prefix matches more than one strategy or request (``details['candidates']``)."""
+
+    code = "ambiguous_id"
 
 
 class PolicyError(BadInputError):
@@ -254,6 +262,14 @@ class Forbidden(BlockedError):
     """Remote mode: the token's role may not do this."""
 
     code = "forbidden"
+
+
+class LiveNotConfirmed(BlockedError):
+    """A call would make or keep something live without the caller's explicit live intent
+    (``X-Allow-Live: true`` over HTTP, ``--allow-live`` in the CLI); nothing was changed.
+    HTTP answers 428 Precondition Required."""
+
+    code = "allow_live_required"
 
 
 # --- 11: waiting --------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_retire_halt_rollback_does_not_make_live(live_world: dict[str, str]) -> 
     assert entry["strategy_id"] == "a" and entry["status"] == "blocked" and "world_halted" in entry["message"]
     assert live_anywhere(url, "gov") == NOTHING_LIVE
     # resuming asks the gate too: the cooldown since a's promotion still runs, so a stays in paper
-    resumed = qmtl("world", "resume", "gov", "--reason", "incident over", "--json")
+    resumed = qmtl("world", "resume", "gov", "--reason", "incident over", "--allow-live", "--json")
     assert resumed.exit_code == 0 and live_anywhere(url, "gov") == NOTHING_LIVE
     dry = qmtl("promote", "a", "--world", "gov", "--dry-run", "--json").json()
     assert {"cooldown_active", "approval_required"} <= {r["code"] for r in dry["gate"]["reasons"]}

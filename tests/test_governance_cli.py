@@ -93,7 +93,13 @@ def test_cli_promote_approve_list_decision_history(ready_world: dict[str, str]) 
     assert self_approval.exit_code == 10 and "four eyes" in self_approval.stderr
     first = qmtl("approve", rid, "--reason", "sharpe holds", env=_as("alice"))
     assert first.exit_code == 11 and "1 of 2" in first.stdout
-    done = qmtl("approve", rid, "--reason", "agreed", "--json", env=_as("bob"))
+    # The last approval would apply: without --allow-live nothing is recorded and it says so (exit 10).
+    unconfirmed = qmtl("approve", rid, "--reason", "agreed", env=_as("bob"))
+    assert unconfirmed.exit_code == 10 and "would put a live in gov" in unconfirmed.stderr
+    assert "--allow-live" in unconfirmed.stderr
+    assert qmtl("world", "history", "gov", "--json").json()["live"] == []
+    assert "1/2" in qmtl("promote", "--list").stdout  # bob's approval was not kept either
+    done = qmtl("approve", rid, "--reason", "agreed", "--json", "--allow-live", env=_as("bob"))
     assert done.exit_code == 0 and done.json()["status"] == "applied"
     decision = qmtl("world", "decision", "gov", "--json").json()["decisions"][0]
     assert decision["effective_mode"] == "live" and decision["ttl_sec"] == 600 and decision["etag"]
@@ -115,7 +121,11 @@ def test_cli_halt_resume_demote_rollback_reject(ready_world: dict[str, str]) -> 
     assert "already halted" in qmtl("world", "halt", "gov", "--reason", "again").stdout
     blocked = qmtl("promote", "a", "--world", "gov", "--json")
     assert blocked.exit_code == 10 and "world_halted" in [r["code"] for r in blocked.json()["gate"]["reasons"]]
-    assert qmtl("world", "resume", "gov", "--reason", "fixed").exit_code == 0
+    unconfirmed = qmtl("world", "resume", "gov", "--reason", "fixed")
+    assert unconfirmed.exit_code == 10 and "lift its kill switch" in unconfirmed.stderr
+    assert qmtl("promote", "a", "--world", "gov", "--dry-run", "--json").json()["gate"]["reasons"][0]["code"] \
+        == "world_halted"  # still halted: the refused resume changed nothing
+    assert qmtl("world", "resume", "gov", "--reason", "fixed", "--allow-live").exit_code == 0
     rid = qmtl("promote", "a", "--world", "gov", "--json", env=_as("carol")).json()["request_id"]
     rejected = qmtl("reject", rid, "--reason", "not this week", env=_as("bob"))
     assert rejected.exit_code == 0 and "rejected" in rejected.stdout

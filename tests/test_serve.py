@@ -110,7 +110,10 @@ def test_approver_identity_comes_from_the_token(api, tmp_path: Path) -> None:  #
     assert first["gate"]["valid_approvals"] == ["alice"]
     again = client.post(f"/promotions/{rid}/approve", json={"reason": "ok"}, headers=_h(tokens["alice"])).json()
     assert again["gate"]["valid_approvals"] == ["alice"]  # the same token counts once
-    done = client.post(f"/promotions/{rid}/approve", json={"reason": "ok"}, headers=_h(tokens["carol"])).json()
+    unconfirmed = client.post(f"/promotions/{rid}/approve", json={"reason": "ok"}, headers=_h(tokens["carol"]))
+    assert unconfirmed.status_code == 428 and unconfirmed.json()["error"] == "allow_live_required"
+    done = client.post(f"/promotions/{rid}/approve", json={"reason": "ok"},
+                       headers={**_h(tokens["carol"]), "X-Allow-Live": "true"}).json()
     assert done["status"] == "applied" and done["gate"]["valid_approvals"] == ["alice", "carol"]
 
 
@@ -186,7 +189,7 @@ def test_cli_against_a_real_server(real_server) -> None:  # type: ignore[no-unty
     assert rec.returncode == 12 and json.loads(rec.stdout)["status"] == "insufficient_data"
     missing = run("world", "show", "nope")
     assert missing.returncode == 3 and missing.stderr.count("\n") == 1 and "known worlds" in missing.stderr
-    tail = run("events", "tail", "--world", "gov", "--limit", "2", "--json")
+    tail = run("events", "tail", "--world", "gov", "--since", "0", "--limit", "2", "--json")
     assert tail.returncode == 0, tail.stderr
     kinds = [json.loads(line)["kind"] for line in tail.stdout.splitlines()]
     assert kinds == ["policy.recorded", "run.recorded"]

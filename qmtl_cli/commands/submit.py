@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from qmtl_cli._output import emit, styled
+from qmtl_cli._output import emit, styled, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world_evaluate import explain_rules
@@ -30,7 +30,9 @@ WorldOpt = Annotated[str, typer.Option("--world", "-w", help="World to submit to
 ClassOpt = Annotated[Optional[str], typer.Option(
     "--strategy", "-s", help="Strategy class to use when the file defines several.")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option(
-    "--param", "-p", help="Strategy parameter KEY=VALUE (repeatable); part of the strategy id.")]
+    "--param", "-p", help="Strategy parameter KEY=VALUE (repeatable), typed by the parameter's "
+                          "default (true/false, an integer, a number, text or JSON); part of the "
+                          "strategy id.")]
 
 STATUS_STYLE = {"active": "green", "pending": "yellow", "rejected": "red"}
 
@@ -38,9 +40,9 @@ STATUS_STYLE = {"active": "green", "pending": "yellow", "rejected": "red"}
 def _load(file: Path, strategy: str | None, params: list[str] | None) -> "Strategy":
     from qmtl_core.submit import instantiate, load_strategy_file, parse_params, pick_strategy
 
-    values = parse_params(params or [])
     module = load_strategy_file(file)
     cls = pick_strategy(module, file, strategy)
+    values = parse_params(params or [], cls.defaults)  # typed by the strategy's own defaults
     return instantiate(cls, values, shown=str(file))
 
 
@@ -71,14 +73,14 @@ def next_step(action: dict[str, Any] | None, *, world: str, args: str, strategy_
 
 
 def _domain_line(doc: dict[str, Any]) -> str:
-    line = doc["execution_domain"]
+    line = t(doc["execution_domain"])
     if doc.get("downgrade_reason"):
-        line += f"  [yellow](downgraded: {doc['downgrade_reason']})[/yellow]"
+        line += f"  [yellow](downgraded: {t(doc['downgrade_reason'])})[/yellow]"
     elif (doc.get("context") or {}).get("requested_domain"):
-        line += f"  (requested {doc['context']['requested_domain']})"
+        line += f"  (requested {t(doc['context']['requested_domain'])})"
     decision = doc.get("decision")
     if decision:
-        line += f"  [dim]decision {decision['effective_mode']}: {decision['reason']}[/dim]"
+        line += f"  [dim]decision {t(decision['effective_mode'])}: {t(decision['reason'])}[/dim]"
     return line
 
 
@@ -86,25 +88,25 @@ def _print_next(c: "Console", step: dict[str, Any] | None) -> None:
     if step is None:
         c.print("  next      nothing (the campaign does not tick this strategy)")
         return
-    c.print(f"  next      {step['action']} ({step['reason']}): {step['detail']}", markup=False)
+    c.print(t(f"  next      {step['action']} ({step['reason']}): {step['detail']}"))
     if step.get("command"):
-        c.print(f"            {step['command']}", markup=False)
+        c.print(t(f"            {step['command']}"))
 
 
 def render_submission(c: "Console", doc: dict[str, Any]) -> None:
     """Human rendering of ``qmtl submit``."""
     run, bt = doc["run"], doc["backtest"]
     style = STATUS_STYLE.get(doc["status"], "")
-    c.print(f"[bold]{doc['strategy']}[/bold]  {doc['file'] or ''}")
-    c.print(f"  id        {doc['strategy_id']}")
-    c.print(f"  world     {doc['world']}  (stage {doc['stage']})")
-    c.print(f"  status    [{style}]{doc['status']}[/{style}]")
+    c.print(f"[bold]{t(doc['strategy'])}[/bold]  {t(doc['file'] or '')}")
+    c.print(f"  id        {t(doc['strategy_id'])}")
+    c.print(t(f"  world     {doc['world']}  (stage {doc['stage']})"))
+    c.print(f"  status    [{style}]{t(doc['status'])}[/{style}]")
     c.print(f"  domain    {_domain_line(doc)}")
-    c.print(f"  backtest  {Path(bt['data']).name}: {bt['bars']} bars {(bt['start'] or '-')[:10]}..{(bt['end'] or '-')[:10]}, "
-            f"{bt['n_trades']} trades, total return {bt['total_return']:+.1%} "
-            f"(fee {bt['fee_bps']:g} bps, slippage {bt['slippage_bps']:g} bps)", markup=False)
+    c.print(t(f"  backtest  {Path(bt['data']).name}: {bt['bars']} bars {(bt['start'] or '-')[:10]}..{(bt['end'] or '-')[:10]}, "
+              f"{bt['n_trades']} trades, total return {bt['total_return']:+.1%} "
+              f"(fee {bt['fee_bps']:g} bps, slippage {bt['slippage_bps']:g} bps)"))
     same = "" if run["created"] else "  (unchanged: same code and data as the latest revision)"
-    c.print(f"  run       {run['run_id']}#{run['revision']} {styled(run['status'])}{same}")
+    c.print(f"  run       {t(run['run_id'])}#{run['revision']} {styled(run['status'])}{same}")
     if run.get("rules"):
         c.print("  gates")
         explain_rules(c, run["rules"])
@@ -114,27 +116,27 @@ def render_submission(c: "Console", doc: dict[str, Any]) -> None:
 def render_feed(c: "Console", doc: dict[str, Any]) -> None:
     """Human rendering of ``qmtl run``."""
     bars, orders = doc["bars"], doc["orders"]
-    c.print(f"[bold]{doc['strategy']}[/bold]  {doc['strategy_id']}")
-    c.print(f"  world     {doc['world']}  (stage {doc['stage']})")
+    c.print(f"[bold]{t(doc['strategy'])}[/bold]  {t(doc['strategy_id'])}")
+    c.print(t(f"  world     {doc['world']}  (stage {doc['stage']})"))
     c.print(f"  domain    {_domain_line(doc)}")
     if bars["new"]:
         dup = f", {bars['duplicates']} already fed" if bars["duplicates"] else ""
-        c.print(f"  bars      {bars['new']} new {bars['first_new'][:10]}..{bars['last_new'][:10]}{dup}; "
-                f"{bars['total_fed']} fed in all")
+        c.print(t(f"  bars      {bars['new']} new {bars['first_new'][:10]}..{bars['last_new'][:10]}{dup}; "
+                  f"{bars['total_fed']} fed in all"))
     blocked = ", ".join(f"{k} {v}" for k, v in sorted(orders["blocked"].items()))
-    c.print(f"  orders    {len(orders['emitted'])} on the last bar: {orders['published']} sent"
-            + (f", blocked by the gate: {blocked}" if blocked else ""))
+    c.print(t(f"  orders    {len(orders['emitted'])} on the last bar: {orders['published']} sent"
+              + (f", blocked by the gate: {blocked}" if blocked else "")))
     run = doc.get("run")
     if run is not None:
         same = "" if run["created"] else "  (unchanged)"
         window = run.get("window") or {}
-        c.print(f"  run       {run['run_id']}#{run['revision']} {styled(run['status'])}{same}; "
-                f"{window.get('n_observations', 0)} returns {(window.get('start') or '-')[:10]}.."
-                f"{(window.get('end') or '-')[:10]}, {doc['n_trades'] if doc['n_trades'] is not None else '-'} trades")
+        c.print(f"  run       {t(run['run_id'])}#{run['revision']} {styled(run['status'])}{same}; "
+                + t(f"{window.get('n_observations', 0)} returns {(window.get('start') or '-')[:10]}.."
+                    f"{(window.get('end') or '-')[:10]}, {doc['n_trades'] if doc['n_trades'] is not None else '-'} trades"))
         if run.get("rules"):
             explain_rules(c, run["rules"])
     if doc.get("note"):
-        c.print(f"  note      {doc['note']}", markup=False)
+        c.print(t(f"  note      {doc['note']}"))
     _print_next(c, doc.get("next_step"))
 
 
@@ -190,15 +192,24 @@ def run_command(
         "--broker-webhook", envvar="QMTL_BROKER_WEBHOOK",
         help="Broker URL that live orders are POSTed to; used only when the world decides live "
              "(with allow_live), through the order gate.")] = None,
+    domain: Annotated[Optional[str], typer.Option(
+        "--domain", help="shadow: run on these bars as a mirror of the live inputs with every order "
+                         "blocked, and record the strategy's shadow run (the world's campaign.shadow "
+                         "window). Without it the world decides (paper or live).")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Feed new bars to a submitted strategy in the domain its world decides.
+    """Feed new bars to a submitted strategy in the domain its world decides (or in shadow).
 
     Paper (dryrun): simulated fills at the next bar's open with the policy's costs; the paper run
     gets a new revision covering every paper return, so the paper campaign window advances on data.
     Live: the last bar's orders go through the order gate to --broker-webhook. Exit 0 done, 10 when
     the world has the strategy in backtest (nothing to feed) or the run fails a gate, 3 not
     submitted, 2 bad or old bars, 12 live without a broker.
+
+    --domain shadow: the same replay in the {world}.shadow namespace; the orders are built and
+    stopped by the order gate (counted as domain_shadow, never sent, whatever --broker-webhook
+    says), and the shadow run gets a new revision over every shadow return, so the shadow window
+    advances on data. Shadow keeps its own series of fed bars, apart from paper's.
 
     With --server the bars are read and replayed here and live orders go from here to the broker;
     the server stores the paper run and the bars fed so far.
@@ -209,7 +220,7 @@ def run_command(
     hook = WebhookExecutionService(broker_webhook) if broker_webhook else None
     instance = _load(file, strategy, param)
     res = feed_strategy(state(ctx).client(), instance, world, data, source_file=str(file),
-                        execution_service=hook)
+                        execution_service=hook, execution_domain=domain)
     doc = res.to_dict()
     if hook is not None and res.context.execution_domain != "live":
         doc["note"] = (f"--broker-webhook not used: the world decides {res.context.execution_domain}, "

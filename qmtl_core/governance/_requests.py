@@ -107,11 +107,11 @@ def governance_state(conn: Connection, world: str, *,
             "requests": requests, "set_version": set_version}
 
 
-def paper_run_summary(conn: Connection, world: str, strategy_id: str) -> RunSummary | None:
-    """The latest revision of the strategy's latest paper run."""
+def paper_run_summary(conn: Connection, world: str, strategy_id: str, stage: str = "paper") -> RunSummary | None:
+    """The latest revision of the strategy's latest run at ``stage`` (paper unless told)."""
     h = schema.run_heads
     row = conn.execute(sa.select(h).where(h.c.world_id == world, h.c.strategy_id == strategy_id,
-                                          h.c.stage == "paper")).first()
+                                          h.c.stage == stage)).first()
     if row is None:
         return None
     return RunSummary(row.run_id, row.revision, row.status, row.policy_version, row.content_hash, row.metrics or {},
@@ -129,7 +129,8 @@ def gate_input(conn: Connection, policy: WorldPolicy, strategy_id: str, *, reque
     halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar())
     return GateInput(policy, strategy_id, row.stage if row else None, paper_run_summary(conn, world, strategy_id),
                      latest_snapshot(conn, world), halted, gov["live_strategies"], gov["last_live_promotion_at"],
-                     row.submitter if row else None, request)
+                     row.submitter if row else None, request,
+                     shadow_run=paper_run_summary(conn, world, strategy_id, "shadow"))
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -395,6 +396,7 @@ def list_requests(conn: Connection, *, world: str | None, include_closed: bool) 
                     "status": row.status, "requester": row.requester, "reason": row.reason,
                     "created_at": row.created_at, "decided_at": row.decided_at,
                     "evidence_hash": row.evidence_hash,
+                    "policy_version": (row.evidence or {}).get("policy_version"),
                     "reasons": (row.evidence or {}).get("reasons", []),
                     "approvals": [{"approver": a.approver, "decision": a.decision, "reason": a.reason,
                                    "evidence_hash": a.evidence_hash, "at": iso(a.created_at)} for a in view.approvals]})

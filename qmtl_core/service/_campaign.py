@@ -24,6 +24,7 @@ from qmtl_core.campaign import Action, RunSummary, StrategyState, WorldState, ti
 from qmtl_core.errors import (
     ConflictError,
     LeaseHeld,
+    LiveNotConfirmed,
     PolicyError,
     PolicyVersionConflict,
     QmtlError,
@@ -237,12 +238,15 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                             message=f"leased by {lease.holder} until {iso(lease.expires_at)[:19]}Z")
     docs: list[dict[str, Any]] = []
     seen: set[str] = set()
+    refused = False
     final: list[Action] = []
     try:
         for _ in range(MAX_ROUNDS):
             with service.store.read() as conn:
                 final = tick(load_state(conn, loaded), service.clock())
             todo = [a for a in final if a.executable and a.idempotency_key not in seen]
+            if not docs and not service.live_confirmed:
+                _refuse_live_actions(service, world, todo)  # before the first action runs
             if not todo:
                 break
             for action in todo:
@@ -252,9 +256,15 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                         if acquire_lease(conn, world, holder, service.clock(), lease_ttl).acquired is False:
                             raise LeaseHeld("lost the lease mid-iteration", code="lease_lost")
                         outcome = execute(conn, loaded, action, actor=service.actor, now=service.clock())
+                        if outcome.get("governance") == "applied":
+                            service.require_live_confirmed(
+                                f"the campaign loop would put {action.strategy_id} live in {world} now")
                         ids = service._enqueue(conn, loaded, outcome.pop("notify", []))
                 except ConflictError as exc:
                     outcome, ids = {"status": "skipped", "why": exc.code, "message": exc.message}, []
+                except LiveNotConfirmed as exc:  # went live-ready after the pre-check: rolled back
+                    outcome, ids = {"status": "refused", "why": exc.code, "message": exc.message}, []
+                    refused = True
                 if ids:
                     outcome["notifications"] = service._deliver(ids)
                 doc = {**action.to_dict(), "outcome": outcome["status"], "result": outcome}
@@ -269,7 +279,7 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
     for action in final:
         if action.idempotency_key not in done:
             docs.append({**action.to_dict(), "outcome": "planned" if action.executable else "reported"})
-    pending = [a.exit_class for a in final if not a.executable]
+    pending = [a.exit_class for a in final if not a.executable] + ([10] if refused else [])
     return WorldOutcome(world, "executed", docs, exit_code=worst_exit(pending))
 
 
@@ -301,6 +311,17 @@ def failed_world(service: "WorldService", world: str, exc: Exception) -> WorldOu
                                 message=f"policy unavailable for a world with paper or live strategies: "
                                         f"{exc.one_line()}")
     return WorldOutcome(world, "error", exit_code=exc.exit_code, error=exc.code, message=exc.one_line())
+
+
+def _refuse_live_actions(service: "WorldService", world: str, todo: Sequence[Action]) -> None:
+    """Without the caller's live intent an execution whose plan applies live does nothing at all:
+    refused before any action runs, naming what it would have done (HTTP 428, CLI exit 10). An
+    apply that only becomes due after other actions ran is refused on its own (rolled back)."""
+    live = [a for a in todo if a.action == "apply_live"]
+    if live:
+        service.require_live_confirmed(
+            f"the campaign loop would put {', '.join(a.strategy_id for a in live)} live in {world} "
+            "(apply_live)")
 
 
 def run_iteration(service: "WorldService", worlds: Sequence[str], *, execute_actions: bool, holder: str,

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from qmtl_core.errors import BadInputError, QmtlError
+from qmtl_core.grammar import GrammarError, parse_number
 
 if TYPE_CHECKING:
     from qmtl_core.datafiles import ReturnsTable
@@ -40,9 +41,9 @@ def returns_from_doc(doc: Any, *, what: str = "returns") -> list[tuple[datetime,
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise BadInputError(f"{what}[{i}] must be [timestamp, return]")
         try:
-            value = float(item[1])
-        except (TypeError, ValueError):
-            raise BadInputError(f"{what}[{i}]: {item[1]!r} is not a number") from None
+            value = parse_number(item[1], missing_ok=False)
+        except GrammarError as exc:
+            raise BadInputError(f"{what}[{i}]: {exc.message}", hint=exc.hint) from None
         out.append((parse_instant(str(item[0]), what=f"{what}[{i}] timestamp"), value))
     return out
 
@@ -70,8 +71,10 @@ def table_from_doc(doc: Any) -> "ReturnsTable | None":
     try:
         strategies = tuple(str(s) for s in doc["strategies"])
         stamps = tuple(parse_instant(str(t), what="timestamp") for t in doc["timestamps"])
-        matrix = np.array([[np.nan if v is None else float(v) for v in row] for row in doc["matrix"]],
+        matrix = np.array([[parse_number(v) for v in row] for row in doc["matrix"]],
                           dtype=np.float64).reshape(len(strategies), len(stamps))
+    except GrammarError as exc:
+        raise BadInputError(f"returns table: matrix: {exc.message}", hint=exc.hint) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInputError(f"returns table: {exc}",
                             hint="send {strategies: [...], timestamps: [...], matrix: [[...]]}") from None
@@ -166,6 +169,11 @@ class LocalClient:
         return {"runs": [r.to_dict() for r in revs]}
 
     # -- submissions (qmtl submit / qmtl run; the strategy itself runs on the client) -------------------
+    def strategies(self, world: str) -> dict[str, Any]:
+        """Every strategy of the world with its name and stage (short ids and prefixes in the CLI)."""
+        self.service.load_world(world, record=False)  # an unknown world is world_not_found
+        return {"world": world, "strategies": self.service.strategy_rows(world)}
+
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
         """The world's row for a strategy (stage, name, code_hash, submitter, meta ...);
         ``StrategyNotFound`` (exit 3, HTTP 404) when the world has never seen it."""
@@ -215,6 +223,11 @@ class LocalClient:
         """Every world the service knows."""
         return self.service.world_names()
 
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """``POST /worlds/{id}/queues``: a strategy's input queues, announced as control events
+        (recorded, so remote ``/events`` subscribers see them); repeats write nothing."""
+        return {"world": world, "events": [e.to_json() for e in self.service.announce_queues(world, updates)]}
+
     # -- governance -----------------------------------------------------------------------------------
     def promote(self, world: str, strategy_id: str, *, reason: str | None = None,
                 dry_run: bool = False) -> dict[str, Any]:
@@ -233,6 +246,27 @@ class LocalClient:
     def promotions(self, *, world: str | None = None, include_closed: bool = False) -> dict[str, Any]:
         """``qmtl promote --list``."""
         return {"requests": self.service.promotion_requests(world=world, include_closed=include_closed)}
+
+    def approval_view(self, request_id: str) -> dict[str, Any]:
+        """``qmtl promote --show REQ``: what an approver reads, from reads only (the gate as a dry run)."""
+        from qmtl_core.approval_view import approval_view
+        from qmtl_core.errors import NotFoundError, RequestNotFound
+
+        request = next((r for r in self.service.promotion_requests(include_closed=True)
+                        if r["request_id"] == request_id), None)
+        if request is None:
+            raise RequestNotFound(f"no promotion request {request_id!r}", hint="qmtl promote --list --all lists them")
+        world, sid = request["world"], request["strategy_id"]
+        gate = self.service.promote(world, sid, dry_run=True).to_dict().get("gate") or {}
+        runs = [r.to_dict() for r in self.service.list_runs(world, strategy_id=sid)]
+        try:
+            snapshot: dict[str, Any] | None = self.risk_show(world)
+        except NotFoundError:
+            snapshot = None
+        live = [a["strategy_id"] for a in self.service.activations(world)["activations"]
+                if a["stage"] == "live" and a["strategy_id"] != sid]
+        policy = self.world(world)["policy"]
+        return approval_view(request, gate, runs, policy=policy, snapshot=snapshot, live=live)
 
     def decisions(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
         """``qmtl world decision``."""
@@ -343,19 +377,22 @@ def error_from_doc(doc: Mapping[str, Any]) -> QmtlError:
 class HttpClient:
     """``LocalClient``'s methods over HTTP to a ``qmtl serve`` (remote mode)."""
 
-    def __init__(self, server: str, token: str | None, *, transport: Any = None, timeout: float = 60.0) -> None:
+    def __init__(self, server: str, token: str | None, *, transport: Any = None, timeout: float = 60.0,
+                 allow_live: bool = False) -> None:
         import httpx
 
         self.server = server.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, transport=transport)
+        #: Send ``X-Allow-Live: true`` on the calls that can change what is live (``--allow-live``).
+        self.allow_live = allow_live
 
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
 
     def _call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-              body: Any = None, confirm: bool = False) -> Any:
+              body: Any = None, confirm: bool = False, live: bool = False) -> Any:
         """One request; errors come back as the server's ``QmtlError``. A change that cannot be
         confirmed (connection lost after sending) is fail-closed (exit 12), never a silent success."""
         import httpx
@@ -364,7 +401,8 @@ class HttpClient:
 
         clean = {k: v for k, v in (params or {}).items() if v is not None and v is not False}
         try:
-            response = self._http.request(method, path, params=clean, json=body)
+            headers = {"X-Allow-Live": "true"} if live and self.allow_live else None
+            response = self._http.request(method, path, params=clean, json=body, headers=headers)
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
             from qmtl_core.errors import ConfigError
 
@@ -432,6 +470,9 @@ class HttpClient:
                           params={"strategy": strategy_id, "stage": stage, "history": history})
 
     # -- submissions ----------------------------------------------------------------------------------
+    def strategies(self, world: str) -> dict[str, Any]:
+        return self._call("GET", f"/worlds/{world}/strategies")
+
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
         return self._call("GET", f"/worlds/{_world(world)}/strategies/{strategy_id}")
 
@@ -457,21 +498,28 @@ class HttpClient:
     def campaign_tick(self, world: str) -> dict[str, Any]:
         return self._call("POST", f"/worlds/{_world(world)}/campaign/tick")
 
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return self._call("POST", f"/worlds/{world}/queues", body={"updates": [dict(u) for u in updates]})
+
     def campaign_run(self, world: str, *, execute: bool, holder: str, lease_ttl_seconds: float) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{_world(world)}/campaign/run", confirm=execute, body={
+        return self._call("POST", f"/worlds/{_world(world)}/campaign/run", confirm=execute, live=execute, body={
             "execute": execute, "holder": holder, "lease_ttl_seconds": lease_ttl_seconds})
 
     # -- governance -----------------------------------------------------------------------------------
     def promote(self, world: str, strategy_id: str, *, reason: str | None = None,
                 dry_run: bool = False) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{_world(world)}/promotions", confirm=not dry_run,
+        return self._call("POST", f"/worlds/{_world(world)}/promotions", confirm=not dry_run, live=not dry_run,
                           body={"strategy_id": strategy_id, "reason": reason, "dry_run": dry_run})
 
     def decide(self, request_id: str, *, decision: str, reason: str, signature: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"reason": reason}
         if signature is not None:
             body["signature"] = signature
-        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body=body)
+        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True,
+                          live=decision == "approve", body=body)
+
+    def approval_view(self, request_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/promotions/{request_id}/view")
 
     def promotions(self, *, world: str | None = None, include_closed: bool = False) -> dict[str, Any]:
         return self._call("GET", "/promotions", params={"world": world, "all": include_closed})
@@ -480,11 +528,11 @@ class HttpClient:
         return self._call("GET", f"/worlds/{_world(world)}/decision", params={"strategy": strategy_id})
 
     def rollback(self, world: str, *, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{_world(world)}/rollback", confirm=True, body={"reason": reason})
+        return self._call("POST", f"/worlds/{_world(world)}/rollback", confirm=True, live=True, body={"reason": reason})
 
     def set_halted(self, world: str, *, halted: bool, reason: str) -> dict[str, Any]:
         return self._call("POST", f"/worlds/{_world(world)}/{'halt' if halted else 'resume'}", confirm=True,
-                          body={"reason": reason})
+                          live=not halted, body={"reason": reason})
 
     def demote(self, world: str, strategy_id: str, *, reason: str, to: str = "paper") -> dict[str, Any]:
         return self._call("POST", f"/worlds/{_world(world)}/demote", confirm=True,

@@ -69,6 +69,8 @@ class GovernanceMixin:
                                dry_run=True)
         with self.store.write() as conn:
             outcome = promote(conn, loaded.policy, strategy_id, actor=self.actor, reason=reason, now=self.clock())
+            if outcome.status == "applied":
+                self.require_live_confirmed(f"promoting {strategy_id} would put it live in {world} now")
             ids = self._enqueue(conn, loaded, outcome.notify)
         outcome.extra["notifications"] = self._deliver(ids)
         return outcome
@@ -87,6 +89,9 @@ class GovernanceMixin:
             row = load_request(conn, request_id)
             outcome = decide(conn, loaded.policy, row, actor=self.actor, decision=decision, reason=reason,
                              now=self.clock(), signature=signature)
+            if outcome.status == "applied":
+                self.require_live_confirmed(f"approving request {request_id} would put {row.strategy_id} "
+                                            f"live in {world} now (the last approval needed)")
             ids = self._enqueue(conn, loaded, outcome.notify)
         outcome.extra["notifications"] = self._deliver(ids)
         return outcome
@@ -126,12 +131,18 @@ class GovernanceMixin:
     def rollback(self: "WorldService", world: str, *, reason: str) -> dict[str, Any]:
         """Restore the previous activation set; a strategy that would go live again is restored to
         paper with a promotion request opened (rollback never makes anything live on its own)."""
+        from qmtl_core.governance._activations import current_set
         from qmtl_core.governance._reentry import rollback
 
         reason = require_reason(reason, "rollback")
         loaded = self.load_world(world)
         with self.store.write() as conn:
             result = rollback(conn, loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
+            _, restored = current_set(conn, world)
+            live = sorted(sid for sid, a in restored.items() if a.stage == "live")
+            if live:  # nothing goes live by rollback, but a set that keeps a strategy live is a live change
+                self.require_live_confirmed(f"rolling {world} back to activation set "
+                                            f"{result.extra['restored_set']} would leave {', '.join(live)} live")
             ids = self._enqueue(conn, loaded, result.notify)
         return {**result.to_dict(), "notifications": self._deliver(ids)}
 
@@ -153,6 +164,10 @@ class GovernanceMixin:
             loaded = self.load_world(world)
             with self.store.write() as conn:
                 result = resume(conn, loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
+                if result.extra["changed_flag"]:
+                    # Lifting the kill switch is a live change (issue 17's explicit intent), even though
+                    # what was live at the halt only gets promotion requests.
+                    self.require_live_confirmed(f"resuming {world} would lift its kill switch")
                 ids = self._enqueue(conn, loaded, result.notify) if result.extra["changed_flag"] else []
         doc = result.to_dict()
         return {**doc, "world": world, "halted": halted, "changed": doc.pop("changed_flag"),

@@ -10,18 +10,20 @@ PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from qmtl_core._version import __version__
 from qmtl_core.config import Settings
-from qmtl_core.errors import QmtlError
+from qmtl_core.errors import QmtlError, UsageError
+from qmtl_core.telemetry import HttpMetrics, LoopMetrics, exposition, new_registry
 from qmtl_core.service._auth import Principal, authenticate
 from qmtl_core.service._client import LocalClient, returns_from_doc, table_from_doc
 from qmtl_core.service._service import WorldService
@@ -79,6 +81,22 @@ class StrategyBody(_Body):
     reason: str | None = None
 
 
+class QueueUpdateBody(_Body):
+    """One announced tag query: the queues matching it in a world's execution domain."""
+
+    tags: list[str] = Field(min_length=1)
+    interval: int = Field(gt=0)
+    queues: list[dict[str, Any]] = Field(default_factory=list, description="[{queue, global}, ...]")
+    match_mode: Literal["any", "all"] = "any"
+    execution_domain: str
+
+
+class QueuesBody(_Body):
+    """``POST /worlds/{id}/queues``: a submission's input queues (``qmtl submit`` sends them)."""
+
+    updates: list[QueueUpdateBody] = Field(min_length=1, max_length=1000)
+
+
 class PromoteBody(_Body):
     """``POST /worlds/{id}/promotions``."""
 
@@ -132,8 +150,25 @@ class VerifyBody(_Body):
     deep: bool = False
 
 
+#: The header a caller sets to say it means to change what is live (DESIGN §11).
+ALLOW_LIVE_HEADER = "X-Allow-Live"
+
+
+def live_intent(request: Request) -> bool:
+    """``X-Allow-Live``: ``true`` or ``false`` (any case); absent is false; anything else is an error
+    rather than a guess, so a typo never reads as consent."""
+    raw = request.headers.get(ALLOW_LIVE_HEADER)
+    if raw is None or raw.strip().lower() == "false":
+        return False
+    if raw.strip().lower() == "true":
+        return True
+    raise UsageError(f"header {ALLOW_LIVE_HEADER} must be true or false, got {raw[:40]!r}",
+                     hint=f"send {ALLOW_LIVE_HEADER}: true to confirm a live change")
+
+
 def _error_response(exc: QmtlError) -> JSONResponse:
-    status = {"unauthorized": 401, "forbidden": 403}.get(exc.code) or STATUS.get(exc.exit_code, 400)
+    status = ({"unauthorized": 401, "forbidden": 403, "allow_live_required": 428}.get(exc.code)
+              or STATUS.get(exc.exit_code, 400))
     return JSONResponse(status_code=status, content=exc.to_dict())
 
 
@@ -142,6 +177,17 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     app = FastAPI(title="qmtl WorldService", version=__version__,
                   description="Worlds, evaluation runs, campaigns, governance and the risk hub.")
     base = WorldService(settings, clock=clock)
+    registry = new_registry(base.store, clock)
+    http_metrics, loop_metrics = HttpMetrics(registry), LoopMetrics(registry)
+
+    @app.middleware("http")
+    async def _timed(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        http_metrics.observe(request.method, getattr(route, "path", "unmatched"), response.status_code,
+                             time.perf_counter() - started)
+        return response
 
     @app.exception_handler(QmtlError)
     async def _qmtl_error(request: Request, exc: QmtlError) -> JSONResponse:
@@ -178,9 +224,10 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
             return authenticate(conn, request.headers.get("authorization"))
 
     def client(permission: str) -> Callable[..., LocalClient]:
-        def dependency(who: Principal = Depends(principal)) -> LocalClient:
+        def dependency(request: Request, who: Principal = Depends(principal)) -> LocalClient:
             who.require(permission)
-            return LocalClient(base.as_actor(who.actor))
+            # Only the calls that would make or keep something live read the intent (the facade).
+            return LocalClient(base.as_actor(who.actor, live_confirmed=live_intent(request)))
         return dependency
 
     read, evaluate, risk, tick, promote, approve, operate = (
@@ -193,6 +240,12 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         with base.store.read():
             pass
         return {"ok": True, "version": __version__, "store": base.store.backend}
+
+    @app.get("/metrics", response_class=Response)
+    def metrics(_: LocalClient = Depends(read)) -> Response:
+        """Prometheus exposition: the store families (snapshot age, approvals, live strategies, actions,
+        blocks, campaign progress), loop runs through this server, and HTTP latency. Needs a read token."""
+        return Response(exposition(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/worlds")
     def worlds(c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -225,6 +278,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         """Evaluation runs, newest first."""
         return c.runs(world, strategy_id=strategy, stage=stage, history=history)
 
+    @app.get("/worlds/{world}/strategies")
+    def strategies(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Every strategy of the world with its name and stage."""
+        return c.strategies(world)
+
     @app.get("/worlds/{world}/strategies/{strategy_id}")
     def strategy(world: str, strategy_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
         """A strategy's row in the world (404 when the world has never seen it)."""
@@ -236,6 +294,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         return c.register_strategy(world, strategy_id=body.strategy_id, name=body.name, code_hash=body.code_hash,
                                    meta=body.meta, expect_meta=body.expect_meta, kind=body.kind,
                                    reason=body.reason)
+
+    @app.post("/worlds/{world}/queues")
+    def announce_queues(world: str, body: QueuesBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
+        """Announce queues: ``tagquery.upsert`` and ``queue_update`` for ``/events`` subscribers."""
+        return c.announce_queues(world, [u.model_dump() for u in body.updates])
 
     @app.get("/worlds/{world}/returns")
     def returns(world: str, strategy: str | None = None, stage: str | None = None, history: bool = False,
@@ -255,11 +318,15 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         return c.campaign_tick(world)
 
     @app.post("/worlds/{world}/campaign/run")
-    def campaign_run(world: str, body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
-        """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``)."""
+    def campaign_run(world: str, body: RunBody, request: Request,
+                     who: Principal = Depends(principal)) -> dict[str, Any]:
+        """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``);
+        an execution that would apply live needs ``X-Allow-Live: true`` (428 otherwise)."""
         who.require("operate" if body.execute else "tick")
-        return LocalClient(base.as_actor(who.actor)).campaign_run(
+        outcome = LocalClient(base.as_actor(who.actor, live_confirmed=live_intent(request))).campaign_run(
             world, execute=body.execute, holder=body.holder, lease_ttl_seconds=body.lease_ttl_seconds)
+        loop_metrics.observe(outcome, clock())
+        return outcome
 
     @app.get("/worlds/{world}/decision")
     def decision(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -292,6 +359,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     def promotions(world: str | None = None, all: bool = Query(False), c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Promotion requests (pending unless ``all``)."""
         return c.promotions(world=world, include_closed=all)
+
+    @app.get("/promotions/{request_id}/view")
+    def approval_view(request_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """What an approver reads: the gate checklist now, stages side by side, risk evidence, caveats."""
+        return c.approval_view(request_id)
 
     @app.post("/promotions/{request_id}/approve")
     def approve_(request_id: str, body: DecideBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
@@ -372,7 +444,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
                      since: int = 0, token: str | None = None) -> None:
         """Control events derived from the shared ledger (so every server sees every host's changes),
         filtered by world and execution domain, as JSON messages."""
-        from qmtl_core.service._events import entries_after, event_from_entry
+        from qmtl_core.service._events import decision_at, entries_after, events_from_entry
 
         header = ws.headers.get("authorization") or (f"Bearer {token}" if token else None)
         try:
@@ -383,16 +455,28 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
             return
         await ws.accept()
         last = since
+        policies: dict[str, bool] = {}
+
+        def allow_live(world_id: str) -> bool:
+            if world_id not in policies:
+                try:
+                    policies[world_id] = base.load_world(world_id, record=False).policy.allow_live
+                except QmtlError:  # a world whose policy is gone: report it as not allowing live
+                    policies[world_id] = False
+            return policies[world_id]
+
         try:
             while True:
                 with base.store.read() as conn:
                     fresh = entries_after(conn, last, world=world)
-                for entry in fresh:
-                    last = entry.seq
-                    event = event_from_entry(entry)
-                    if domain is not None and event.get("execution_domain") not in (None, domain):
-                        continue
-                    await ws.send_json(event)
+                    events = [(entry.seq, events_from_entry(entry, decision_at(conn, allow_live)))
+                              for entry in fresh]
+                for seq, batch in events:
+                    last = seq
+                    for event in batch:
+                        if domain is not None and event.get("execution_domain") not in (None, domain):
+                            continue
+                        await ws.send_json(event)
                 try:  # wait for the next poll, noticing at once when the client goes away
                     message = await asyncio.wait_for(ws.receive(), timeout=0.25)
                     if message.get("type") == "websocket.disconnect":

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmtl_core.canonical import content_hash
 from qmtl_core.config import Settings
-from qmtl_core.errors import QmtlError, UsageError
+from qmtl_core.errors import LiveNotConfirmed, QmtlError, UsageError
 from qmtl_core.governance._reentry import withdraw_live
 from qmtl_core.service._governance import GovernanceMixin
 from qmtl_core.timeutil import iso, utcnow
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from datetime import timedelta
 
     from qmtl_core.campaign import Action, CampaignView
-    from qmtl_core.controlbus import ControlBus
+    from qmtl_core.controlbus import ControlBus, ControlEvent
     from qmtl_core.domains import DecisionEnvelope
     from qmtl_core.service._campaign import WorldOutcome
     from qmtl_core.datafiles import ReturnsTable
@@ -106,11 +106,11 @@ def _parsed_policy(path: Path, load: Callable[[Path], "WorldPolicy"]) -> tuple["
 
 
 def check_stage(stage: str) -> None:
-    """Refuse a stage name that is not backtest, paper or live."""
+    """Refuse a stage name that is not backtest, paper, shadow or live."""
     from qmtl_core.policy import STAGES
 
     if stage not in STAGES:
-        raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper or live")
+        raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper, shadow or live")
 
 
 def policy_hash(policy: "WorldPolicy") -> str:
@@ -122,7 +122,8 @@ class WorldService(GovernanceMixin):
     """Facade over policies, store and ledger; the only place state changes happen."""
 
     def __init__(self, settings: Settings, *, store: "Store | None" = None,
-                 clock: Callable[[], datetime] = utcnow, actor: str | None = None) -> None:
+                 clock: Callable[[], datetime] = utcnow, actor: str | None = None,
+                 live_confirmed: bool = False) -> None:
         if actor is not None and (not actor.strip() or actor != actor.strip() or not actor.isprintable()):
             raise UsageError(f"invalid actor {actor!r}: every change is recorded with who made it",
                              hint="a token's actor or an OS account name", code="invalid_actor")
@@ -131,13 +132,34 @@ class WorldService(GovernanceMixin):
         self.clock = clock
         self._bus: "ControlBus | None" = None
         self._actor = actor
+        #: The caller said it means to change what is live (``X-Allow-Live: true`` /
+        #: ``--allow-live``). Without it every call that would make or keep a strategy live is
+        #: refused (``LiveNotConfirmed``) inside its transaction, so nothing is written.
+        self.live_confirmed = live_confirmed
 
-    def as_actor(self, actor: str) -> "WorldService":
+    def as_actor(self, actor: str, *, live_confirmed: bool | None = None) -> "WorldService":
         """The same facade (store, clock, bus) acting as ``actor``: the server uses it for the
-        token's actor; local mode never does (there the actor is the OS user)."""
-        other = WorldService(self.settings, store=self.store, clock=self.clock, actor=actor)
+        token's actor; local mode never does (there the actor is the OS user). The live intent
+        is this facade's unless given (the server always gives the request's)."""
+        other = WorldService(self.settings, store=self.store, clock=self.clock, actor=actor,
+                             live_confirmed=self.live_confirmed if live_confirmed is None else live_confirmed)
         other._bus = self.bus
         return other
+
+    def confirming_live(self, confirmed: bool = True) -> "WorldService":
+        """The same facade, same identity, with the caller's live intent set (local ``--allow-live``)."""
+        other = WorldService(self.settings, store=self.store, clock=self.clock, actor=self._actor,
+                             live_confirmed=confirmed)
+        other._bus = self.bus
+        return other
+
+    def require_live_confirmed(self, what: str) -> None:
+        """The one check of the caller's live intent: raise ``LiveNotConfirmed`` saying what the call
+        would have done. Callers invoke it inside the write transaction, before it commits."""
+        if not self.live_confirmed:
+            raise LiveNotConfirmed(
+                f"{what}; refused without the explicit live intent, nothing was changed",
+                hint="repeat with --allow-live (HTTP: header X-Allow-Live: true)")
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -431,6 +453,19 @@ class WorldService(GovernanceMixin):
         return sorted({p.stem for p in world_files(self.settings.worlds_dir)} | active)
 
     # -- submissions -------------------------------------------------------------------------------
+    def strategy_rows(self, world: str) -> list[dict[str, Any]]:
+        """Every strategy the world has seen: id, name, stage, submitter, submitted_at (by id)."""
+        import sqlalchemy as sa
+
+        from qmtl_core.store import schema
+
+        world_path(self.settings.worlds_dir, world)
+        t = schema.strategies
+        with self.store.read() as conn:
+            rows = conn.execute(sa.select(t.c.strategy_id, t.c.name, t.c.stage, t.c.submitter, t.c.submitted_at)
+                                .where(t.c.world_id == world).order_by(t.c.strategy_id)).all()
+        return [dict(r._mapping) for r in rows]
+
     def strategy_info(self, world: str, strategy_id: str) -> dict[str, Any] | None:
         """The world's row for a strategy (stage, name, code_hash, submitter, meta ...); ``None``
         when the world has never seen it."""
@@ -526,6 +561,48 @@ class WorldService(GovernanceMixin):
                 world_id=snapshot.world_id, snapshot_hash=stored.content_hash,
                 as_of=snapshot.as_of, ttl_sec=snapshot.ttl_sec))
         return stored, created
+
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> list["ControlEvent"]:
+        """Announce a strategy's input queues: each update (``tags, interval, queues, match_mode,
+        execution_domain``) becomes its ``tagquery.upsert`` and ``queue_update`` (DESIGN §8).
+
+        Recorded in the ledger (``queue.updated`` / ``tagquery.upserted``) so that ``/events``
+        subscribers of every server sharing the store receive them, then published on the
+        in-process bus. An event whose subject's last recorded etag is the same is a repeat and
+        writes nothing (a resubmission changes nothing); a changed update is never dropped.
+        """
+        import sqlalchemy as sa
+
+        from qmtl_core import controlbus, ledger
+        from qmtl_core.service._events import ANNOUNCED
+        from qmtl_core.store import schema
+
+        self.load_world(world, record=False)
+        events: list[controlbus.ControlEvent] = []
+        for u in updates:
+            common = {"tags": u.get("tags"), "interval": u.get("interval"),
+                      "match_mode": u.get("match_mode", "any"), "world_id": world,
+                      "execution_domain": u.get("execution_domain")}
+            events += [controlbus.tagquery_upsert(**common),
+                       controlbus.queue_update(**common, queues=u.get("queues") or [])]
+        written = []
+        t = schema.ledger
+        with self.store.write() as conn:
+            ledger.lock(conn)  # the repeat check and the append see one chain
+            for ev in events:
+                kind, subject = ANNOUNCED[ev.type], "/".join(ev.subject[1:])
+                last = conn.execute(sa.select(t.c.payload).where(t.c.world_id == world, t.c.kind == kind,
+                                                                 t.c.subject == subject)
+                                    .order_by(t.c.seq.desc()).limit(1)).scalar()
+                if isinstance(last, dict) and last.get("etag") == ev.etag:
+                    continue
+                ledger.append(conn, actor=self.actor, kind=kind, now=self.clock(), world=world, subject=subject,
+                              reason=f"{ev.type} in {ev.execution_domain}",
+                              payload={"etag": ev.etag, "data": dict(ev.payload)})
+                written.append(ev)
+        for ev in written:
+            self.bus.publish(ev)
+        return written
 
     def risk_snapshot(self, world: str, *, version: str | None = None) -> tuple["StoredSnapshot", "Freshness"]:
         """The latest (or a named) snapshot of a world and its freshness now."""
