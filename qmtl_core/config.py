@@ -174,10 +174,16 @@ class Settings:
         return f"sqlite:///{self.home / 'qmtl.db'}"
 
     def identity(self) -> str:
-        """Who is acting in local mode: the OS user (never a free CLI flag or config value)."""
-        import getpass
+        """Who is acting in local mode: the OS account of the effective uid.
 
+        Never an environment variable (``LOGNAME``, ``USER``) or a flag: anyone can set those. Local
+        mode therefore cannot tell apart people who share an OS account or the database file;
+        remote mode (``qmtl serve`` with one token per person) separates duties.
+        """
+        import pwd
+
+        uid = os.geteuid()
         try:
-            return getpass.getuser()
-        except Exception:  # no user database entry (some containers): fall back to the uid
-            return f"uid-{os.getuid()}"
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:  # no user database entry (some containers): the uid itself
+            return f"uid-{uid}"

@@ -56,6 +56,8 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("POST", "/worlds/gov/promotions", {"strategy_id": "s1", "dry_run": True}, "promote"),
     ("POST", "/promotions/pr-x/approve", {"reason": "x"}, "approve"),
     ("POST", "/worlds/gov/halt", {"reason": "drill"}, "operate"),
+    ("GET", "/worlds/gov/policy", None, "read"),
+    ("POST", "/worlds/gov/policy/approve", {"version": 2, "reason": "x"}, "approve"),
 ]
 ALLOWED = {"rita": {"read"}, "sam": {"read", "evaluate", "risk", "tick", "promote"},
            "alice": {"read", "approve"}, "otto": {"read", "evaluate", "risk", "tick", "promote", "operate"}}
@@ -134,7 +136,7 @@ def test_bad_request_bodies_are_one_clear_error(api) -> None:  # type: ignore[no
     assert r.status_code == 400 and r.json()["exit_code"] == 2 and "strategy_id" in r.json()["message"]
     r = client.post("/worlds/gov/evaluate", json={"strategy_id": "s", "returns": [["nope", 1]]},
                     headers=_h(tokens["sam"]))
-    assert r.status_code == 400 and "not an ISO-8601 time" in r.json()["message"]
+    assert r.status_code == 400 and "is not an ISO-8601" in r.json()["message"]
     assert client.get("/worlds/nope", headers=_h(tokens["rita"])).status_code == 404
 
 

@@ -203,6 +203,12 @@ def campaign_loop(
     A world whose execution would put a strategy live (apply_live) is left untouched, reported as
     refused (exit 10), unless --allow-live is given or the config sets allow_live=true (for cron).
 
+    One world's failure (bad data, a broken policy, a bug) is reported in that world's outcome with
+    its exit code, and the loop carries on with the other worlds and later iterations; a world with
+    paper or live strategies whose policy file is missing or broken is reported with exit 12
+    (policy_unavailable), never skipped (--all includes it). Over worlds the exit is the most severe
+    of 12, 1, 2, 4, 3, 10, 11, 0.
+
     Give --world W (repeatable) or --all: a loop never sweeps every world unless asked to.
     """
     from datetime import datetime, timezone
@@ -272,6 +278,10 @@ def campaign_loop(
                 out.print(f"[bold]{t(o['world'])}[/bold]")
                 if o["status"] in ("busy", "refused"):
                     out.print(f"  {o['status']}: {t(o['message'])}")
+                    continue
+                if o["status"] == "error":
+                    out.print(f"  error ({o.get('error')}, exit {o['exit_code']}): {o['message']}", markup=False,
+                              highlight=False)
                     continue
                 label = labeller(st, o["world"])
                 for a in o["actions"]:

@@ -282,27 +282,51 @@ def decision(
     emit(data, json_mode=state(ctx).json, human=human)
 
 
+def _print_reentries(c: "Console", result: dict[str, Any]) -> None:
+    for r in result.get("reentries") or []:
+        c.print(f"  {r['message']}", markup=False, highlight=False)
+
+
 @world_app.command("rollback")
 @command
 def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
              reason: RequiredReason, allow_live: AllowLiveOption = False,
              json_output: JsonOption = False) -> None:
-    """Restore the previous activation set (as a new set; stages follow it). When the restored set
-    has a live strategy this needs --allow-live."""
+    """Restore the previous activation set (as a new set; stages follow it).
+
+    Rollback never makes a strategy live on its own: a strategy that was live in the restored set
+    but is not live now is restored to paper, and a promotion request is opened for it (approvers
+    or, under auto_apply, the campaign loop decide it through the usual gate). When the restored set
+    keeps a strategy live this needs --allow-live.
+    """
     result = state(ctx).client(allow_live=allow_live).rollback(world, reason=_required_reason(reason, "rollback"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(t(
-        f"rolled back {world} to activation set {result['restored_set']} (now set {result['set_version']}); "
-        + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items()) or "no stage changed"))))
+
+    def human(c: "Console") -> None:
+        c.print(t(f"rolled back {world} to activation set {result['restored_set']} (now set "
+                  f"{result['set_version']}); "
+                  + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items())
+                     or "no stage changed")))
+        _print_reentries(c, result)
+
+    emit(result, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("halt")
 @command
 def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
          reason: RequiredReason, json_output: JsonOption = False) -> None:
-    """Kill switch: every decision becomes compute-only and live actions are blocked, until resume."""
+    """Kill switch: every live strategy goes back to paper and every decision becomes compute-only,
+    until resume. Needs only the world id: works when the policy file is missing or broken."""
     result = state(ctx).client().set_halted(world, halted=True, reason=_required_reason(reason, "halt"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"[red]halted[/red] {t(world)}" if result["changed"] else f"{t(world)} was already halted"))
+
+    def human(c: "Console") -> None:
+        if not result["changed"]:
+            c.print(f"{t(world)} was already halted")
+            return
+        was = result.get("was_live") or []
+        c.print(f"[red]halted[/red] {t(world)}" + (t(f"; back to paper: {', '.join(was)}") if was else ""))
+
+    emit(result, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("resume")
@@ -310,11 +334,16 @@ def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World na
 def resume(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
            reason: RequiredReason, allow_live: AllowLiveOption = False,
            json_output: JsonOption = False) -> None:
-    """Lift the kill switch (needs --allow-live: whatever is activated may trade again)."""
+    """Lift the kill switch (needs --allow-live). What was live at the halt stays in paper, with a
+    promotion request opened for each: resuming never makes a strategy live on its own."""
     result = state(ctx).client(allow_live=allow_live).set_halted(world, halted=False,
                                                                  reason=_required_reason(reason, "resume"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"resumed {t(world)}" if result["changed"] else f"{t(world)} was not halted"))
+
+    def human(c: "Console") -> None:
+        c.print(f"resumed {t(world)}" if result["changed"] else f"{t(world)} was not halted")
+        _print_reentries(c, result)
+
+    emit(result, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("demote")

@@ -17,6 +17,7 @@ from qmtl_core.approval_signing import parse_public_key
 from qmtl_core.grammar import MAX_STORE_INT
 from qmtl_core.metric_names import KNOWN_METRICS, is_known_metric
 from qmtl_core.policy._durations import Duration
+from qmtl_core.world_files import WORLD_ID_PATTERN
 
 #: Evaluation stages: where a run is measured. ``shadow`` is the run of a strategy fed live inputs
 #: with orders off (``qmtl run --domain shadow``), beside its paper stage; it is never a stage a
@@ -353,7 +354,7 @@ class Notifications(_Model):
 class WorldPolicy(_Model):
     """A world's whole policy file."""
 
-    world: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    world: str = Field(min_length=1, max_length=100, pattern=WORLD_ID_PATTERN)
     description: str | None = None
     policy_version: StoreInt = Field(ge=1)
     allow_live: bool = False

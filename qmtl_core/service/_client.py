@@ -100,6 +100,8 @@ class LocalClient:
     # -- worlds ---------------------------------------------------------------------------------------
     def worlds(self) -> dict[str, Any]:
         """``qmtl world list``."""
+        from qmtl_core.service._service import policy_hash
+
         rows = []
         for w in self.service.list_worlds():
             doc = w.policy.model_dump(mode="json") if w.policy is not None else {}
@@ -108,17 +110,26 @@ class LocalClient:
                 "policy_version": doc.get("policy_version"), "allow_live": doc.get("allow_live"),
                 "live_promotion": promotion_mode(doc) if w.ok else None,
                 "rules": len(doc.get("rules", [])) if w.ok else None,
-                "content_hash": w.record.content_hash if w.record else None,
+                "content_hash": policy_hash(w.policy) if w.policy is not None else None,
+                "in_force_version": w.record.policy_version if w.record else None,
                 "description": doc.get("description")})
         return {"worlds": rows, "worlds_dir": str(self.service.settings.worlds_dir)}
 
     def world(self, world: str) -> dict[str, Any]:
         """``qmtl world show``."""
-        loaded = self.service.load_world(world)
+        loaded = self.service.load_world(world, record=False)  # a read: records nothing
         history = self.service.policy_history(world)
         return {"world": loaded.world_id, "path": str(loaded.path), "content_hash": loaded.content_hash,
                 "policy": loaded.policy.model_dump(mode="json"),
-                "policy_versions": [h.to_dict() for h in history], "newly_recorded": loaded.newly_recorded}
+                "policy_versions": [h.to_dict() for h in history], "newly_recorded": False}
+
+    def policy_status(self, world: str) -> dict[str, Any]:
+        """``qmtl world policy status``."""
+        return self.service.policy_status(world)
+
+    def approve_policy(self, world: str, *, version: int, reason: str) -> dict[str, Any]:
+        """``qmtl world policy approve``."""
+        return self.service.approve_policy(world, version=version, reason=reason)
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate_offline(self, world: str, *, stage: str, returns: "ReturnsTable | None",
@@ -330,6 +341,14 @@ class LocalClient:
         return result.to_dict()
 
 
+def _world(world: str) -> str:
+    """A world id checked by the one rule before it becomes part of a URL: ``..`` or ``/`` in an
+    id must never reach another route or another world."""
+    from qmtl_core.world_files import check_world_id
+
+    return check_world_id(world)
+
+
 # --- errors across the wire -------------------------------------------------------------------------------
 def _error_classes() -> dict[str, type[QmtlError]]:
     out: dict[str, type[QmtlError]] = {}
@@ -412,35 +431,42 @@ class HttpClient:
         return self._call("GET", "/worlds")
 
     def world(self, world: str) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}")
+        return self._call("GET", f"/worlds/{_world(world)}")
 
     def world_names(self) -> list[str]:
         return [w["world"] for w in self.worlds()["worlds"]]
+
+    def policy_status(self, world: str) -> dict[str, Any]:
+        return self._call("GET", f"/worlds/{_world(world)}/policy")
+
+    def approve_policy(self, world: str, *, version: int, reason: str) -> dict[str, Any]:
+        return self._call("POST", f"/worlds/{_world(world)}/policy/approve", confirm=True,
+                          body={"version": version, "reason": reason})
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate_offline(self, world: str, *, stage: str, returns: "ReturnsTable | None",
                          metrics: Mapping[str, Mapping[str, Any]] | None, previous_active: Sequence[str] = (),
                          n_trials: int | None = None) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/evaluate-cohort", body={
+        return self._call("POST", f"/worlds/{_world(world)}/evaluate-cohort", body={
             "stage": stage, "record": False, "returns": table_doc(returns),
             "metrics": _json_metrics(metrics), "previous_active": list(previous_active), "n_trials": n_trials})
 
     def record_evaluation(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
                           metrics: Mapping[str, Any] | None = None,
                           returns: Sequence[tuple[datetime, float]] | None = None) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/evaluate", confirm=True, body={
+        return self._call("POST", f"/worlds/{_world(world)}/evaluate", confirm=True, body={
             "strategy_id": strategy_id, "stage": stage, "run_id": run_id,
             "metrics": _json_metric_row(metrics), "returns": returns_doc(returns)})
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None",
                         metrics: Mapping[str, Mapping[str, Any]] | None, run_id: str | None = None) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/evaluate-cohort", confirm=True, body={
+        return self._call("POST", f"/worlds/{_world(world)}/evaluate-cohort", confirm=True, body={
             "stage": stage, "record": True, "run_id": run_id, "returns": table_doc(returns),
             "metrics": _json_metrics(metrics)})
 
     def runs(self, world: str, *, strategy_id: str | None = None, stage: str | None = None,
              history: bool = False) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/runs",
+        return self._call("GET", f"/worlds/{_world(world)}/runs",
                           params={"strategy": strategy_id, "stage": stage, "history": history})
 
     # -- submissions ----------------------------------------------------------------------------------
@@ -448,13 +474,13 @@ class HttpClient:
         return self._call("GET", f"/worlds/{world}/strategies")
 
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/strategies/{strategy_id}")
+        return self._call("GET", f"/worlds/{_world(world)}/strategies/{strategy_id}")
 
     def register_strategy(self, world: str, *, strategy_id: str, name: str | None = None,
                           code_hash: str | None = None, meta: Mapping[str, Any] | None = None,
                           expect_meta: Mapping[str, Any] | None = None, kind: str = "strategy.submitted",
                           reason: str | None = None) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/strategies", confirm=True, body={
+        return self._call("POST", f"/worlds/{_world(world)}/strategies", confirm=True, body={
             "strategy_id": strategy_id, "name": name, "code_hash": code_hash,
             "meta": dict(meta) if meta is not None else None,
             "expect_meta": dict(expect_meta) if expect_meta is not None else None, "kind": kind,
@@ -462,27 +488,27 @@ class HttpClient:
 
     def run_returns(self, world: str, *, strategy_id: str | None = None, stage: str | None = None,
                     history: bool = False, latest_per_stage: bool = False) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/returns", params={
+        return self._call("GET", f"/worlds/{_world(world)}/returns", params={
             "strategy": strategy_id, "stage": stage, "history": history, "latest_per_stage": latest_per_stage})
 
     # -- campaign -------------------------------------------------------------------------------------
     def campaign(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/campaign", params={"strategy": strategy_id})
+        return self._call("GET", f"/worlds/{_world(world)}/campaign", params={"strategy": strategy_id})
 
     def campaign_tick(self, world: str) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/campaign/tick")
+        return self._call("POST", f"/worlds/{_world(world)}/campaign/tick")
 
     def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return self._call("POST", f"/worlds/{world}/queues", body={"updates": [dict(u) for u in updates]})
 
     def campaign_run(self, world: str, *, execute: bool, holder: str, lease_ttl_seconds: float) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/campaign/run", confirm=execute, live=execute, body={
+        return self._call("POST", f"/worlds/{_world(world)}/campaign/run", confirm=execute, live=execute, body={
             "execute": execute, "holder": holder, "lease_ttl_seconds": lease_ttl_seconds})
 
     # -- governance -----------------------------------------------------------------------------------
     def promote(self, world: str, strategy_id: str, *, reason: str | None = None,
                 dry_run: bool = False) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/promotions", confirm=not dry_run, live=not dry_run,
+        return self._call("POST", f"/worlds/{_world(world)}/promotions", confirm=not dry_run, live=not dry_run,
                           body={"strategy_id": strategy_id, "reason": reason, "dry_run": dry_run})
 
     def decide(self, request_id: str, *, decision: str, reason: str, signature: str | None = None) -> dict[str, Any]:
@@ -499,29 +525,29 @@ class HttpClient:
         return self._call("GET", "/promotions", params={"world": world, "all": include_closed})
 
     def decisions(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/decision", params={"strategy": strategy_id})
+        return self._call("GET", f"/worlds/{_world(world)}/decision", params={"strategy": strategy_id})
 
     def rollback(self, world: str, *, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/rollback", confirm=True, live=True, body={"reason": reason})
+        return self._call("POST", f"/worlds/{_world(world)}/rollback", confirm=True, live=True, body={"reason": reason})
 
     def set_halted(self, world: str, *, halted: bool, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/{'halt' if halted else 'resume'}", confirm=True,
+        return self._call("POST", f"/worlds/{_world(world)}/{'halt' if halted else 'resume'}", confirm=True,
                           live=not halted, body={"reason": reason})
 
     def demote(self, world: str, strategy_id: str, *, reason: str, to: str = "paper") -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/demote", confirm=True,
+        return self._call("POST", f"/worlds/{_world(world)}/demote", confirm=True,
                           body={"strategy_id": strategy_id, "reason": reason, "to": to})
 
     def history(self, world: str, *, at: datetime | None = None) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/history", params={"at": at.isoformat() if at else None})
+        return self._call("GET", f"/worlds/{_world(world)}/history", params={"at": at.isoformat() if at else None})
 
     def activations(self, world: str) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/activations")
+        return self._call("GET", f"/worlds/{_world(world)}/activations")
 
     def report(self, world: str, *, strategy_id: str | None = None, at: datetime | None = None, top: int = 10,
                fmt: str = "html", progress: Any = None) -> dict[str, Any]:
         # Rendered by the server (it holds the store); no progress to show meanwhile.
-        return self._call("GET", f"/worlds/{world}/report", params={
+        return self._call("GET", f"/worlds/{_world(world)}/report", params={
             "strategy": strategy_id, "at": at.isoformat() if at else None, "top": top, "format": fmt})
 
     # -- risk hub -------------------------------------------------------------------------------------
@@ -532,7 +558,7 @@ class HttpClient:
         return self._call("POST", "/risk-hub/snapshots", confirm=True, body=dict(document))
 
     def risk_show(self, world: str, *, version: str | None = None) -> dict[str, Any]:
-        return self._call("GET", f"/risk-hub/worlds/{world}", params={"version": version})
+        return self._call("GET", f"/risk-hub/worlds/{_world(world)}", params={"version": version})
 
     # -- ledger ---------------------------------------------------------------------------------------
     def audit_log(self, *, world: str | None = None, since: datetime | None = None, kind: str | None = None,

@@ -128,6 +128,13 @@ class ReasonBody(_Body):
     reason: str = ""
 
 
+class PolicyApproveBody(_Body):
+    """``POST /worlds/{id}/policy/approve``: approve a proposed policy version."""
+
+    version: int = Field(ge=1)
+    reason: str = ""
+
+
 class DecideBody(_Body):
     """``POST /promotions/{id}/approve|reject``."""
 
@@ -518,6 +525,16 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
     def reject_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
         """Reject as the token's actor."""
         return c.decide(request_id, decision="reject", reason=body.reason)
+
+    @app.get("/worlds/{world}/policy", response_model=m.PolicyStatusDoc, **doc)
+    def policy_status(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """The policy version in force and open proposals (diff, approvals)."""
+        return c.policy_status(world)
+
+    @app.post("/worlds/{world}/policy/approve", response_model=m.PolicyApprovalDoc, **doc)
+    def policy_approve(world: str, body: PolicyApproveBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
+        """Approve a proposed policy version (approvers of the version in force)."""
+        return c.approve_policy(world, version=body.version, reason=body.reason)
 
     @app.post("/worlds/{world}/rollback", response_model=m.RollbackDoc, **doc)
     def rollback(world: str, body: ReasonBody, c: LocalClient = Depends(operate)) -> dict[str, Any]:

@@ -320,6 +320,14 @@ class RequestList(Doc):
     requests: list[RequestDoc]
 
 
+class PolicyStatusDoc(Doc):
+    """The policy version in force and open proposals (``qmtl world policy status``)."""
+
+
+class PolicyApprovalDoc(Doc):
+    """An approval of a proposed policy version (``qmtl world policy approve``)."""
+
+
 class RollbackDoc(Doc):
     set_version: int
     changed: dict[str, str | None]
