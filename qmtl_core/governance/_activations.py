@@ -149,6 +149,28 @@ def record_decision(conn: Connection, policy: WorldPolicy, strategy_id: str, *, 
     return envelope
 
 
+def record_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
+                     strategy_id: str | None = None) -> list[Any]:
+    """``current_decisions``, each envelope stored when it changed: for the writers that move the
+    kill switch or the stages (never for a read)."""
+    st = schema.strategies
+    query = sa.select(st.c.strategy_id, st.c.stage).where(st.c.world_id == policy.world)
+    if strategy_id is not None:
+        query = query.where(st.c.strategy_id == strategy_id)
+    stages: dict[str, str | None] = {r.strategy_id: r.stage for r in conn.execute(query.order_by(st.c.strategy_id))}
+    if strategy_id is not None:
+        stages.setdefault(strategy_id, None)
+    halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == policy.world))
+                  .scalar())
+    _, rows = current_set(conn, policy.world)
+    out = []
+    for sid, stage in stages.items():
+        a = rows.get(sid)
+        out.append(record_decision(conn, policy, sid, stage=stage, live_active=a is not None and a.stage == "live",
+                                   halted=halted, now=now, activation_etag=a.etag if a else None))
+    return out
+
+
 def current_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
                       strategy_id: str | None = None) -> list[Any]:
     """The decision envelopes now of one strategy (known to the world or not) or of every strategy
