@@ -42,6 +42,7 @@ __all__ = [
     "LeaseHeld",
     "Unauthorized",
     "Forbidden",
+    "NotOwner",
 ]
 
 
@@ -229,6 +230,12 @@ class Forbidden(BlockedError):
 
 
 # --- 11: waiting --------------------------------------------------------------------------------
+class NotOwner(Forbidden):
+    """The identity may act only on strategies it submitted (HTTP 403)."""
+
+    code = "not_owner"
+
+
 class WaitingError(QmtlError):
     """Nothing is wrong, but the action must wait (approvals, observation windows)."""
 

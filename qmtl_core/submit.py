@@ -53,6 +53,7 @@ from qmtl_core.canonical import sha256_hex
 from qmtl_core.domains import ComputeContext, DecisionEnvelope
 from qmtl_core.errors import (BadInputError, BlockedError, DataFileError, FailClosedError, QmtlError,
                               StrategyNotFound, UsageError)
+from qmtl_core.evidence_class import EvidenceClass
 from qmtl_core.gateway import ComputeContextService, StrategySubmit
 from qmtl_core.sdk import (BAR_FIELDS, BacktestResult, Bars, Order, Runner, Strategy, SubmitResult,
                            TradeExecutionService, load_bars, run_backtest, strategy_id, strategy_source)
@@ -300,7 +301,8 @@ def run_from_doc(doc: Mapping[str, Any]) -> "RunRevision":
                        doc["status"], doc.get("policy_version"), dict(doc.get("metrics") or {}),
                        dict(doc.get("metric_sources") or {}), list(doc.get("rules") or []), doc.get("window"),
                        doc.get("reason"), doc["content_hash"], doc["recorded_at"], doc["recorded_by"],
-                       bool(doc.get("created", True)))
+                       bool(doc.get("created", True)),
+                       str(doc.get("evidence_class") or EvidenceClass.UNVERIFIED), dict(doc.get("metric_classes") or {}))
 
 
 def action_from_doc(doc: Mapping[str, Any] | None) -> "Action | None":
@@ -619,7 +621,8 @@ def submit_strategy(client: "Client | WorldService", strategy: Strategy, world: 
                              "data": str(path)}})
     run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage="backtest",
                                                 metrics={"n_trades": result.n_trades},
-                                                returns=realized_returns(result)))
+                                                returns=realized_returns(result),
+                                                evidence_class=EvidenceClass.REPLAY))
     queues = _announce(client, strategy, world, ctx.execution_domain)
     stage = str(registered["strategy"]["stage"])
     if run.status == "fail" or stage == "retired":
@@ -799,7 +802,7 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
         n_trades = _trades_since(result, start)
         run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage="paper",
                                                     run_id=stage_doc["run_id"], metrics={"n_trades": n_trades},
-                                                    returns=series))
+                                                    returns=series, evidence_class=EvidenceClass.REPLAY))
     client.register_strategy(
         world, strategy_id=sid, meta={"feed": {"bars": _bars_doc(bars), "runs": {**runs_doc, stage: stage_doc}}},
         expect_meta={"feed": feed}, kind="strategy.fed",

@@ -36,13 +36,14 @@ governance:
 
 
 def _run(stage: str, status: str = "pass", *, days: int = 400, n: int | None = None, end: datetime | None = None,
-         policy_version: int = 2, rev: int = 1, run_id: str | None = None) -> RunSummary:
+         policy_version: int = 2, rev: int = 1, run_id: str | None = None,
+         evidence_class: str | None = "hub") -> RunSummary:
     end = end or NOW - timedelta(days=1)
     n = n if n is not None else days + 1
     return RunSummary(run_id or f"{stage}-r", rev, status, policy_version, f"hash-{stage}-{status}-{days}-{n}-{rev}",
                       {"sharpe": 1.0}, ({"id": "sharpe", "status": "fail" if status == "fail" else "pass",
                                         "severity": "blocking", "reason": "sharpe 0.1 is below min 0.5"},),
-                      end - timedelta(days=days), end, n)
+                      end - timedelta(days=days), end, n, evidence_class)
 
 
 def _snap(returns: dict[str, int], *, stage: str = "paper", age: timedelta = timedelta(0),

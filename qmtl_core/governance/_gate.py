@@ -5,6 +5,11 @@ standing between a strategy and live at once. Missing or stale evidence blocks w
 reason code; a policy refusal with a policy code. Approvals count only for the exact evidence they
 were given on, only from listed approvers who are neither the requester nor the submitter, once
 per approver, and only within ``approval_ttl``.
+
+Only trusted evidence counts (DESIGN §11): the paper run must be ``qmtl replay`` or ``hub`` and
+observed after the strategy entered paper, and the snapshot a trusted producer's paper snapshot
+carrying the strategy's realized returns. The evidence hash binds the paper run, the snapshot's
+substance, the policy version and the code (code hash, parameters, data): any change voids a request.
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from qmtl_core.campaign import RunSummary, progress
+from qmtl_core.campaign import RunSummary, StrategyState, counted_run, progress, uncounted_detail
 from qmtl_core.canonical import content_hash
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.risk import SnapshotView, freshness
 from qmtl_core.timeutil import iso
 
 FAIL_CLOSED = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
-                         "risk_snapshot_incomplete"})
+                         "risk_snapshot_incomplete", "evidence_untrusted"})
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,10 @@ class GateInput:
     last_live_promotion_at: datetime | None = None
     submitter: str | None = None
     request: RequestView | None = None
+    #: When the strategy entered its stage (paper runs observed before it do not count).
+    entered_at: datetime | None = None
+    #: ``service.code_binding`` of the strategy's submission (code hash, parameters, data).
+    code_binding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,9 +124,11 @@ def evidence_of(g: GateInput) -> dict[str, Any]:
     run = g.paper_run
     return {
         "world": g.policy.world, "strategy_id": g.strategy_id, "policy_version": g.policy.policy_version,
+        "code_binding": g.code_binding,
         "paper_run": None if run is None else {
             "run_id": run.run_id, "revision": run.revision, "content_hash": run.content_hash,
             "status": run.status, "policy_version": run.policy_version, "metrics": dict(run.metrics),
+            "evidence_class": run.evidence_class,
             "window": {"start": iso(run.window_start) if run.window_start else None,
                        "end": iso(run.window_end) if run.window_end else None,
                        "n_observations": run.n_observations}},
@@ -171,12 +182,18 @@ def promotion_gate(g: GateInput, now: datetime) -> GateResult:
     if g.stage != "paper":
         reasons.append(Reason("not_in_paper", f"the strategy is in {g.stage or 'no stage (unknown)'}, "
                               "not paper: paper observation is never skipped"))
-    run = g.paper_run
+    as_state = StrategyState(g.strategy_id, g.stage or "", {"paper": g.paper_run} if g.paper_run else {},
+                             entered_at=g.entered_at)
+    untrusted = uncounted_detail(as_state, "paper") if g.stage == "paper" else None  # else: not_in_paper
+    if untrusted is not None:
+        reasons.append(Reason("evidence_untrusted", untrusted))
+    run = counted_run(as_state, "paper")
     prog = progress(policy, "paper", run)
     if not prog.satisfied:
         reasons.append(Reason("paper_window_incomplete", prog.label()))
     if run is None or run.status not in ("pass", "warn"):
-        why = "no paper evaluation" if run is None else f"paper run {run.run_id}#{run.revision} is {run.status}"
+        why = ("no trusted paper evaluation" if run is None
+               else f"paper run {run.run_id}#{run.revision} is {run.status}")
         reasons.append(Reason("validation_failed", why))
     elif run.policy_version != policy.policy_version:
         reasons.append(Reason("validation_stale", f"paper run {run.run_id}#{run.revision} was gated under "

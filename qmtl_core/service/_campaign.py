@@ -53,16 +53,21 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
     stages: dict[str, str] = {}
     since: dict[str, str] = {}
     submitters: dict[str, str | None] = {}
-    for sid, stage, updated_at, submitter in conn.execute(
-            sa.select(st.c.strategy_id, st.c.stage, st.c.updated_at, st.c.submitter).where(st.c.world_id == world)):
+    entered: dict[str, datetime | None] = {}
+    bindings: dict[str, str | None] = {}
+    for sid, stage, updated_at, submitter, entered_at, binding in conn.execute(
+            sa.select(st.c.strategy_id, st.c.stage, st.c.updated_at, st.c.submitter, st.c.stage_entered_at,
+                      st.c.code_binding).where(st.c.world_id == world)):
         stages[sid], since[sid], submitters[sid] = stage, updated_at, submitter
+        entered[sid], bindings[sid] = parse_optional_instant(entered_at), binding
     # Metrics and rule results come back as JSON text (a cast, so PostgreSQL's driver does not decode
     # the JSONB either) and are decoded only for the strategies whose action needs them.
     query = sa.select(heads.c.strategy_id, heads.c.stage, heads.c.run_id, heads.c.revision, heads.c.status,
                       heads.c.policy_version, heads.c.content_hash,
                       sa.cast(heads.c.metrics, sa.Text).label("metrics"),
                       sa.cast(heads.c.rule_results, sa.Text).label("rule_results"),
-                      heads.c.window_start, heads.c.window_end, heads.c.n_observations).where(heads.c.world_id == world)
+                      heads.c.window_start, heads.c.window_end, heads.c.n_observations,
+                      heads.c.evidence_class).where(heads.c.world_id == world)
     latest: dict[str, dict[str, RunSummary]] = {}
     times: dict[str | None, datetime | None] = {}  # runs of one cohort share their window's ends
 
@@ -71,18 +76,24 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
             times[text] = parse_optional_instant(text)
         return times[text]
 
-    for sid, stage, run_id, revision, status, policy_version, digest, metrics, rules, start, end, n in conn.execute(query):
+    for sid, stage, run_id, revision, status, policy_version, digest, metrics, rules, start, end, n, klass \
+            in conn.execute(query):
         latest.setdefault(sid, {})[stage] = RunSummary(run_id, revision, status, policy_version, digest,
-                                                       metrics, rules, at(start), at(end), n)
+                                                       metrics, rules, at(start), at(end), n, klass)
     halted = conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar()
     gov = governance_state(conn, world, submitters=submitters)
     # A strategy's stay in its stage: when it last moved, and under which activation set (which
     # tells two moves apart even within one clock tick).
     strategies = tuple(StrategyState(sid, stage, latest.get(sid, {}), submitters.get(sid),
-                                     f"{since.get(sid)}#{gov['set_version']}")
+                                     f"{since.get(sid)}#{gov['set_version']}", entered.get(sid))
                        for sid, stage in sorted(stages.items()))
-    return WorldState(world, loaded.policy, strategies, latest_summary(conn, world), bool(halted),
-                      gov["live_strategies"], gov["last_live_promotion_at"], gov["requests"])
+    # The newest trusted snapshot of each stage: a paper decision reads paper returns, a live one
+    # live returns, and neither is hidden by a newer snapshot of the other stage.
+    snapshots = {stage: snap for stage in ("backtest", "paper", "live")
+                 if (snap := latest_summary(conn, world, stage=stage)) is not None}
+    return WorldState(world, loaded.policy, strategies, None, bool(halted),
+                      gov["live_strategies"], gov["last_live_promotion_at"], gov["requests"],
+                      snapshots=snapshots, code_bindings=bindings)
 
 
 # --- leases ------------------------------------------------------------------------------------------
@@ -184,6 +195,37 @@ def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: s
     return {"status": "executed", **result, **({"notify": notify} if notify else {})}
 
 
+def record_blocks(conn: Connection, actions: Sequence[Action], *, actor: str, now: datetime) -> list[str]:
+    """Write each ``blocked`` action the loop met to the ledger once per idempotency key (which
+    hashes the evidence and the reason: a block on the same evidence is not written again at
+    every tick), and show the latest block on the strategy's pending request; a request whose
+    strategy is no longer blocked stops showing one. Returns the keys written."""
+    ledger.lock(conn)
+    t, requests = schema.campaign_actions, schema.promotion_requests
+    written = []
+    for action in actions:
+        pending = (requests.c.world_id == action.world) & (requests.c.strategy_id == action.strategy_id) \
+            & (requests.c.status == "pending")
+        if action.action != "blocked":
+            conn.execute(sa.update(requests).where(pending & requests.c.blocked_reason.is_not(None))
+                         .values(blocked_reason=None, blocked_at=None))
+            continue
+        if executed(conn, action.idempotency_key):
+            continue
+        why = f"{action.reason}: {action.detail}"
+        conn.execute(sa.insert(t).values(
+            idempotency_key=action.idempotency_key, world_id=action.world, strategy_id=action.strategy_id,
+            action="blocked", stage=action.stage, status="blocked",
+            result={"reason": action.reason, "detail": action.detail}, executed_at=iso(now), executed_by=actor))
+        ledger.append(conn, actor=actor, kind="campaign.blocked", now=now, world=action.world,
+                      subject=f"{action.strategy_id} ({action.stage})", reason=why,
+                      payload={"idempotency_key": action.idempotency_key, "reason": action.reason,
+                               "detail": action.detail, "strategy_id": action.strategy_id})
+        conn.execute(sa.update(requests).where(pending).values(blocked_reason=why, blocked_at=iso(now)))
+        written.append(action.idempotency_key)
+    return written
+
+
 # --- one loop iteration -------------------------------------------------------------------------------
 @dataclass
 class WorldOutcome:
@@ -251,6 +293,9 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                 docs.append(doc)
                 if on_action is not None:
                     on_action(doc)
+        with service.store.write() as conn:
+            if acquire_lease(conn, world, holder, service.clock(), lease_ttl).acquired:
+                record_blocks(conn, final, actor=service.actor, now=service.clock())
     finally:
         with service.store.write() as conn:
             release_lease(conn, world, holder)

@@ -43,6 +43,9 @@ class EvaluateBody(_Body):
     run_id: str | None = None
     metrics: dict[str, float | None] | None = None
     returns: list[list[Any]] | None = Field(None, description="[[ISO timestamp, return], ...]")
+    evidence_class: Literal["qmtl replay"] | None = Field(
+        None, description="claimed by qmtl's own replay (qmtl submit / qmtl run); honoured only for a "
+                          "producer or operator token, else the run is recorded as unverified")
 
 
 class CohortBody(_Body):
@@ -102,7 +105,10 @@ class DemoteBody(_Body):
 
 
 def _error_response(exc: QmtlError) -> JSONResponse:
-    status = {"unauthorized": 401, "forbidden": 403}.get(exc.code) or STATUS.get(exc.exit_code, 400)
+    from qmtl_core.errors import Forbidden
+
+    status = 403 if isinstance(exc, Forbidden) else ({"unauthorized": 401}.get(exc.code)
+                                                     or STATUS.get(exc.exit_code, 400))
     return JSONResponse(status_code=status, content=exc.to_dict())
 
 
@@ -136,7 +142,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     def client(permission: str) -> Callable[..., LocalClient]:
         def dependency(who: Principal = Depends(principal)) -> LocalClient:
             who.require(permission)
-            return LocalClient(base.as_actor(who.actor))
+            return LocalClient(base.as_actor(who.actor, role=who.role))
         return dependency
 
     read, evaluate, risk, tick, promote, approve, operate = (
@@ -164,7 +170,8 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     def evaluate_one(world: str, body: EvaluateBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
         """Record an evaluation run (a new revision when the key exists with other content)."""
         return c.record_evaluation(world, strategy_id=body.strategy_id, stage=body.stage, run_id=body.run_id,
-                                   metrics=body.metrics, returns=returns_from_doc(body.returns))
+                                   metrics=body.metrics, returns=returns_from_doc(body.returns),
+                                   evidence_class=body.evidence_class)
 
     @app.post("/worlds/{world}/evaluate-cohort")
     def evaluate_cohort(world: str, body: CohortBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
@@ -214,7 +221,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     def campaign_run(world: str, body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
         """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``)."""
         who.require("operate" if body.execute else "tick")
-        return LocalClient(base.as_actor(who.actor)).campaign_run(
+        return LocalClient(base.as_actor(who.actor, role=who.role)).campaign_run(
             world, execute=body.execute, holder=body.holder, lease_ttl_seconds=body.lease_ttl_seconds)
 
     @app.get("/worlds/{world}/decision")
@@ -245,9 +252,10 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         return c.promote(world, body.strategy_id, reason=body.reason, dry_run=body.dry_run)
 
     @app.get("/promotions")
-    def promotions(world: str | None = None, all: bool = Query(False), c: LocalClient = Depends(read)) -> dict[str, Any]:
-        """Promotion requests (pending unless ``all``)."""
-        return c.promotions(world=world, include_closed=all)
+    def promotions(world: str | None = None, all: bool = Query(False), at: str | None = None,
+                   c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Promotion requests (pending unless ``all``), as they stood at ``at`` when given."""
+        return c.promotions(world=world, include_closed=all, at=parse_instant(at, what="at") if at else None)
 
     @app.post("/promotions/{request_id}/approve")
     def approve_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
