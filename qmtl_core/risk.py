@@ -43,7 +43,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import PydanticCustomError
 
 from qmtl_core.canonical import content_hash
-from qmtl_core.errors import BadInputError
+from qmtl_core.errors import BadInputError, FailClosedError
 from qmtl_core.evidence_class import EvidenceClass
 
 MAX_TTL_SEC = 86_400
@@ -62,6 +62,13 @@ class SnapshotError(BadInputError):
     """A risk snapshot document is not valid."""
 
     code = "invalid_risk_snapshot"
+
+
+class StoredSnapshotInvalid(FailClosedError):
+    """A snapshot in the store no longer validates (stored before the hub refused what it holds):
+    decisions that need it fail closed, naming it."""
+
+    code = "risk_snapshot_invalid"
 
 
 def _aware(value: Any, what: str) -> datetime:
@@ -567,8 +574,16 @@ def _load(conn: Any, where: Any, order: Any = None) -> StoredSnapshot | None:
         if snapshot is not None:
             _VALIDATED.move_to_end(row.content_hash)
     if snapshot is None:
-        document = conn.execute(sa.select(t.c.document).where(t.c.id == row.id)).scalar_one()
-        snapshot = RiskSnapshot.model_validate(document)
+        document = conn.execute(sa.select(t.c.world_id, t.c.version, t.c.document).where(t.c.id == row.id)).one()
+        try:
+            snapshot = RiskSnapshot.model_validate(document.document)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = (first.get("ctx") or {}).get("where") or _where(tuple(first["loc"]))
+            raise StoredSnapshotInvalid(
+                f"stored risk snapshot {document.world_id} version {document.version} is not valid: {where}: "
+                f"{str(first['msg']).removeprefix('Value error, ')}",
+                hint="post a corrected snapshot under a new version") from None
         with _VALIDATED_LOCK:
             _VALIDATED[row.content_hash] = snapshot
             while len(_VALIDATED) > _VALIDATED_MAX:

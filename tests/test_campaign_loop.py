@@ -105,7 +105,7 @@ def test_full_campaign_then_nothing_repeats(svc) -> None:  # type: ignore[no-unt
     assert {a["reason"] for a in done.actions if a["outcome"] == "reported"} == {"allow_live_false"}
     assert done.exit_code == 10
     keys = [a["idempotency_key"] for it in (first, waiting, done) for a in it.actions if a["outcome"] == "executed"]
-    assert len(keys) == len(set(keys)) == _count(svc, schema.campaign_actions) == 9
+    assert len(keys) == len(set(keys)) == _count(svc, schema.campaign_actions, status="executed") == 9
     # Executing the plan then ticking again yields no executable action at all.
     assert [a for a in svc.campaign_tick(WORLD) if a.executable] == []
     assert svc.audit_verify().ok
@@ -187,7 +187,7 @@ def test_stale_plan_is_skipped_not_misapplied(svc) -> None:  # type: ignore[no-u
     loaded = svc.load_world(WORLD)
     with svc.store.write() as conn:
         assert execute(conn, loaded, action, actor="x", now=svc.clock())["status"] == "skipped"
-    assert _count(svc, schema.campaign_actions) == 1
+    assert _count(svc, schema.campaign_actions, status="executed") == 1
 
 
 # --- processes -----------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_eight_concurrent_loops_execute_each_key_once(svc, store_url: str, camp_
     for out, _ in outs:
         doc = json.loads(out)  # exactly one JSON document per iteration
         assert doc["iteration"] == 1 and doc["worlds"][0]["world"] == WORLD
-    assert _count(svc, schema.campaign_actions) == len(ids)
+    assert _count(svc, schema.campaign_actions, status="executed") == len(ids)
     assert len(svc.audit_log(kind="strategy.promoted")) == len(ids)
     assert all(v.stage == "paper" for v in svc.campaign(WORLD))
     assert svc.audit_verify().ok

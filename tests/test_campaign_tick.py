@@ -109,7 +109,9 @@ def test_paper_new_data_is_evaluated_with_a_data_based_run_id() -> None:
 
 def test_paper_snapshot_of_another_stage_or_stale_is_not_new_data() -> None:
     s = StrategyState("s", "paper", {"backtest": _run("backtest")})
-    assert _one(_world(s, snapshot=_snap({"s": 10}, stage="backtest"))).action == "observe"
+    # A backtest snapshot is not a paper one: for a paper decision the world has none.
+    other = _one(_world(s, snapshot=_snap({"s": 10}, stage="backtest")))
+    assert (other.action, other.reason) == ("blocked", "risk_snapshot_missing")
     lagging = _one(_world(s, snapshot=_snap({"s": 10}, age=timedelta(hours=1))))
     assert (lagging.action, lagging.reason) == ("blocked", "risk_snapshot_lagging")
     expired = _one(_world(s, snapshot=_snap({"s": 10}, received=NOW - timedelta(hours=1))))

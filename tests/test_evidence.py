@@ -395,3 +395,68 @@ def test_a_v4_store_migrates_and_evidence_stored_before_provenance_is_untrusted(
         assert out.status == "blocked" and "evidence_untrusted" in out.gate.codes
     finally:
         again.close()
+
+
+def test_one_bad_stored_snapshot_fails_its_world_closed_and_the_loop_runs_the_others(svc) -> None:  # type: ignore[no-untyped-def]
+    import sqlalchemy as sa
+
+    from qmtl_core.store import schema
+
+    s = Setup(svc, "auto")
+    s.backtest("a")
+    svc.clock.advance(days=12)
+    svc.as_actor("feed").put_risk_snapshot(_snapshot("auto", "p1", svc.clock(), returns={"a": _daily(T0, 12)},
+                                                     weights={"a": 1.0}))
+    # A snapshot stored before the hub refused r < -1 (an older qmtl, or a hand-edited row).
+    t = schema.risk_snapshots
+    with svc.store.write() as conn:
+        document = conn.execute(sa.select(t.c.document)).scalar_one()
+        document["realized_returns"]["a"][3]["r"] = -2.0
+        conn.execute(sa.update(t).values(document=document, content_hash="f" * 64))
+    svc.evaluate_cohort("gov", stage="backtest", returns=_cohort("g"))
+    outcomes = {o.world: o for o in svc.campaign_iteration(["auto", "gov"], execute=True, holder="h",
+                                                          lease_ttl=timedelta(minutes=5))}
+    bad = outcomes["auto"]
+    assert bad.exit_code == 12
+    [failed] = [a for a in bad.actions if a["outcome"] == "error"]
+    assert failed["action"] == "evaluate" and failed["result"]["why"] == "risk_snapshot_invalid"
+    assert "auto a: stored risk snapshot auto version p1 is not valid: realized_returns.a.3.r" in \
+        failed["result"]["message"]
+    assert [a["action"] for a in outcomes["gov"].actions if a["outcome"] == "executed"] == ["promote_to_paper"]
+
+
+def _cohort(sid: str) -> Any:
+    import numpy as np
+
+    from qmtl_core.datafiles import ReturnsTable
+
+    stamps = tuple(datetime(2024, 1, 1, tzinfo=timezone.utc) + timedelta(days=i) for i in range(400))
+    return ReturnsTable((sid,), stamps, np.random.default_rng(3).normal(0.003, 0.01, (1, 400)))
+
+
+@pytest.mark.usefixtures("cli_mode")
+def test_cli_backdated_paper_returns_are_unverified_and_never_promote(qmtl_env: dict[str, str], worlds: Path,
+                                                                     tmp_path: Path) -> None:
+    """Finding 1 as a user types it: ``qmtl world evaluate W --strategy S --stage paper --returns F``."""
+    from tests.cli_helpers import qmtl
+
+    bt = tmp_path / "bt.csv"
+    bt.write_text("timestamp,s1\n" + "".join(
+        f"{(datetime(2024, 1, 1) + timedelta(days=i)).date()},{0.003 * (1 if i % 3 else -0.5)}\n" for i in range(400)))
+    assert qmtl("world", "evaluate", "auto", "--strategy", "s1", "--returns", str(bt)).exit_code == 0
+    assert qmtl("world", "campaign-loop", "--world", "auto", "--once", "--execute").exit_code == 12  # paper, no data
+    today = datetime.now(timezone.utc).date()
+    backdated = tmp_path / "paper.csv"
+    backdated.write_text("timestamp,s1\n" + "".join(
+        f"{today - timedelta(days=20 - i)},{0.003 * (1 if i % 3 else -0.5)}\n" for i in range(12)))
+    ran = qmtl("world", "evaluate", "auto", "--strategy", "s1", "--stage", "paper", "--returns", str(backdated),
+               "--json")
+    doc = ran.json()
+    assert ran.exit_code == 12 and doc["status"] == "insufficient_data" and doc["evidence_class"] == "unverified"
+    assert "12 request.returns observation(s) dated before the strategy entered paper" in doc["reason"]
+    human = qmtl("world", "evaluate", "auto", "--strategy", "s1", "--stage", "paper", "--returns", str(backdated))
+    assert "evidence: unverified (supplied in a request)" in human.stdout
+    loop = qmtl("world", "campaign-loop", "--world", "auto", "--once", "--execute", "--json")
+    assert '"apply_live"' not in loop.stdout
+    promoted = qmtl("promote", "s1", "--world", "auto", "--json")
+    assert promoted.exit_code == 12 and promoted.json()["status"] == "blocked"

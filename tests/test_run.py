@@ -211,7 +211,7 @@ def test_run_refuses_old_or_changed_bars(env: dict[str, str], data: dict[str, tu
     old = qmtl_process("run", str(SMA), "--world", WORLD, "--data", str(hist))
     assert old.exit_code == 2
     assert old.stderr.strip().splitlines() == [
-        f"qmtl: error: {hist}: bar 2004-08-19T00:00:00Z is older than the last bar already fed "
+        f"qmtl: error: {hist}: bar 2024-08-19T00:00:00Z is older than the last bar already fed "
         "(2032-10-04T00:00:00Z) and was never fed; qmtl run only appends new bars "
         "(pass only bars after 2032-10-04T00:00:00Z)"]
     # a bar that was fed cannot come back different

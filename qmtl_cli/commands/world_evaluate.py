@@ -157,6 +157,10 @@ def render_runs(c: "Console", revisions: list[dict[str, Any]], *, explain: bool)
         c.print(f"[bold]{run['strategy_id']}[/bold]  {run['stage']}  run {run['run_id']}"
                 f"#{run['revision']}  {styled(run['status'])}"
                 + ("" if run.get("created", True) else "  (unchanged: same content as the latest revision)"))
+        if run["stage"] != "backtest" and run.get("evidence_class", "unverified") == "unverified":
+            c.print("  evidence: unverified (supplied in a request): recorded and shown, never counted toward a "
+                    "paper window or gate; paper evidence comes from qmtl run or a trusted producer's snapshot",
+                    markup=False)
         window = run.get("window") or {}
         if window.get("n_observations"):
             c.print(f"  window {window['start'][:10]} .. {window['end'][:10]}, "

@@ -270,6 +270,7 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                             message=f"leased by {lease.holder} until {iso(lease.expires_at)[:19]}Z")
     docs: list[dict[str, Any]] = []
     seen: set[str] = set()
+    failed: list[str] = []
     final: list[Action] = []
     try:
         for _ in range(MAX_ROUNDS):
@@ -287,6 +288,13 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                         outcome = execute(conn, loaded, action, actor=service.actor, now=service.clock())
                 except ConflictError as exc:
                     outcome = {"status": "skipped", "why": exc.code, "message": exc.message}
+                except QmtlError as exc:
+                    # One strategy's bad evidence (a snapshot stored before the hub refused it, a
+                    # series that cannot be measured) fails closed for that action only: the other
+                    # strategies and worlds still run, and the world exits 12 naming it.
+                    failed.append(action.idempotency_key)
+                    outcome = {"status": "error", "why": exc.code,
+                               "message": f"{world} {action.strategy_id}: {exc.message}"}
                 if outcome.get("notify"):
                     outcome["notifications"] = service._notify(loaded, outcome.pop("notify"))
                 doc = {**action.to_dict(), "outcome": outcome["status"], "result": outcome}
@@ -304,7 +312,7 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
     for action in final:
         if action.idempotency_key not in done:
             docs.append({**action.to_dict(), "outcome": "planned" if action.executable else "reported"})
-    pending = [a.exit_class for a in final if not a.executable]
+    pending = [a.exit_class for a in final if not a.executable] + [12] * len(failed)
     return WorldOutcome(world, "executed", docs, exit_code=worst_exit(pending))
 
 
