@@ -17,6 +17,7 @@ import difflib
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -251,6 +252,9 @@ def _check_no_holes(path: Path, names: Sequence[str], stamps: Sequence[datetime]
 
 # --- metrics files ----------------------------------------------------------------------------------
 def _check_metric_name(name: str, *, where: str) -> None:
+    if name.startswith(EXTRA_PREFIX):
+        _check_extra_name(name[len(EXTRA_PREFIX):], where=where)
+        return
     if name not in KNOWN_METRICS:
         close = difflib.get_close_matches(name, sorted(KNOWN_METRICS), n=1)
         raise DataFileError(f"{where}: unknown metric {name!r}",
@@ -258,8 +262,25 @@ def _check_metric_name(name: str, *, where: str) -> None:
                             "known: " + ", ".join(sorted(KNOWN_METRICS)))
 
 
+#: A CSV column ``extra.<name>`` holds an extra metric (JSON: ``"extra": {name: value}``).
+EXTRA_PREFIX = "extra."
+
+
+def _check_extra_name(name: str, *, where: str) -> None:
+    # An extra is any name a policy may declare (``metrics:``); a built-in name is not an extra.
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise DataFileError(f"{where}: extra metric name {name!r} must be lower case letters, digits and _")
+    if name in KNOWN_METRICS:
+        raise DataFileError(f"{where}: {name!r} is a built-in metric, not an extra",
+                            hint="put it beside the other metrics, outside extra")
+
+
 def read_metrics(path: Path | str) -> dict[str, dict[str, float]]:
-    """Read a metrics file: ``{strategy: {metric: value}}`` (NaN = not measured)."""
+    """Read a metrics file: ``{strategy: {metric: value}}`` (NaN = not measured).
+
+    Extra metrics (``extra`` in JSON, ``extra.<name>`` columns in CSV) join the strategy's metrics
+    under their own name; a rule can gate on one once the policy declares it under ``metrics:``.
+    """
     path = Path(path)
     if path.suffix.lower() == ".json":
         return _metrics_json(path)
@@ -275,7 +296,7 @@ def read_metrics(path: Path | str) -> dict[str, dict[str, float]]:
         strategy = _strategy_cell(path, line, cells, header, s_col)
         if strategy in out:
             raise DataFileError(f"{path}:{line}: strategy {strategy!r} appears twice")
-        out[strategy] = {header[i]: _number(cells[i], where=f"{path}:{line}:{header[i]}")
+        out[strategy] = {header[i].removeprefix(EXTRA_PREFIX): _number(cells[i], where=f"{path}:{line}:{header[i]}")
                          for i in range(len(header)) if i != s_col}
     if not out:
         raise DataFileError(f"{path}: no data rows after the header")
@@ -313,9 +334,20 @@ def _metrics_json(path: Path) -> dict[str, dict[str, float]]:
             raise DataFileError(f"{path}: strategy {sid!r}: metrics must be an object")
         if sid in out:
             raise DataFileError(f"{path}: strategy {sid!r} appears twice")
+        extra = metrics.get("extra", {})
+        if not isinstance(extra, dict):
+            raise DataFileError(f"{path}: strategy {sid!r}: extra must be an object of metric: value")
         for name in metrics:
-            _check_metric_name(name, where=f"{path}: strategy {sid!r}")
-        out[sid] = {name: _number(v, where=f"{path}: strategy {sid!r} {name}") for name, v in metrics.items()}
+            if name != "extra":
+                _check_metric_name(name, where=f"{path}: strategy {sid!r}")
+        for name in extra:
+            _check_extra_name(name, where=f"{path}: strategy {sid!r} extra")
+            if name in metrics:
+                raise DataFileError(f"{path}: strategy {sid!r}: {name!r} is given twice")
+        out[sid] = {name: _number(v, where=f"{path}: strategy {sid!r} {name}")
+                    for name, v in metrics.items() if name != "extra"}
+        out[sid].update({name: _number(v, where=f"{path}: strategy {sid!r} extra.{name}")
+                         for name, v in extra.items()})
     if not out:
         raise DataFileError(f"{path}: no strategies")
     return out

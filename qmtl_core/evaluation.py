@@ -9,16 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmtl_core.datafiles import ReturnsTable
 from qmtl_core.errors import BadInputError
+from qmtl_core.extra_metrics import computed_extras
+from qmtl_core.metric_names import COMPUTED_EXTRAS
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._engine import GateResult, Status, clean_number, evaluate_gates
 from qmtl_core.policy._selection import Candidate, SelectionResult, select
 
+if TYPE_CHECKING:
+    import numpy as np
+
 SOURCE_GIVEN = "request.metrics"
 SOURCE_RETURNS = "request.returns"
+SOURCE_DERIVED = "derived"
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,33 @@ def merge_metrics(computed: Mapping[str, float | None], given: Mapping[str, Any]
     return values, where
 
 
+def wanted_extras(policy: WorldPolicy) -> frozenset[str]:
+    """The computed extras (``metric_names.COMPUTED_EXTRAS``) a rule or selection step names."""
+    return frozenset(n for n in COMPUTED_EXTRAS if uses_metric(policy, n))
+
+
+def add_extras(policy: WorldPolicy, values: dict[str, float | None], where: dict[str, str], *,
+               series: "np.ndarray | None", benchmark: "np.ndarray | None", source: str) -> None:
+    """Add the computed extras the policy names to one strategy's metrics, unless given already.
+
+    ``n_trades_per_year`` is derived from ``n_trades`` (execution records) wherever that came
+    from, so its source is ``derived``; the others are measured on ``series``.
+    """
+    wanted = wanted_extras(policy) - {n for n, s in where.items() if s == SOURCE_GIVEN}
+    if not wanted:
+        return
+    import numpy as np
+
+    data = series if series is not None else np.array([], dtype=np.float64)
+    measured = computed_extras(data, periods_per_year=policy.periods_per_year, wanted=wanted,
+                               benchmark=benchmark, known=values)
+    for name, value in measured.items():
+        if series is None and name != "n_trades_per_year":
+            continue
+        values[name] = value
+        where[name] = SOURCE_DERIVED if name == "n_trades_per_year" else source
+
+
 def uses_metric(policy: WorldPolicy, name: str) -> bool:
     """Whether any rule or selection step of ``policy`` reads metric ``name``."""
     sel = policy.selection
@@ -144,11 +177,20 @@ def evaluate_cohort(policy: WorldPolicy, *, stage: str,
     ids = sorted(set(given) | set(computed))
     rows = {sid: i for i, sid in enumerate(returns.strategies)} if returns is not None else {}
 
+    benchmark = None
+    if policy.benchmark is not None and {"alpha", "beta"} & wanted_extras(policy):
+        if returns is not None and policy.benchmark in rows:
+            benchmark = returns.matrix[rows[policy.benchmark]]
+        else:
+            notes.append(f"benchmark {policy.benchmark} is not a column of the returns: alpha and beta "
+                         "not measured")
     gates: dict[str, GateResult] = {}
     merged: dict[str, dict[str, float | None]] = {}
     sources: dict[str, dict[str, str]] = {}
     for sid in ids:
         values, where = merge_metrics(computed.get(sid, {}), given.get(sid, {}))
+        add_extras(policy, values, where, series=returns.matrix[rows[sid]] if sid in rows else None,
+                   benchmark=benchmark, source=SOURCE_RETURNS)
         merged[sid], sources[sid] = values, where
         gates[sid] = evaluate_gates(policy, values, stage=stage, strategy_id=sid, sources=where)
 

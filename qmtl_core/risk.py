@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,7 @@ from pydantic_core import PydanticCustomError
 from qmtl_core.canonical import content_hash
 from qmtl_core.errors import BadInputError, FailClosedError
 from qmtl_core.evidence_class import EvidenceClass
+from qmtl_core.metric_names import is_known_metric
 
 MAX_TTL_SEC = 86_400
 DEFAULT_TTL_SEC = 900
@@ -169,6 +171,7 @@ class RiskSnapshot(_Doc):
     realized_returns_ref: str | None = None
     stress: dict[str, Any] = Field(default_factory=dict)
     constraints: dict[str, Any] = Field(default_factory=dict)
+    extra_metrics: dict[str, dict[str, float]] | None = None
     provenance: Provenance
 
     @field_validator("as_of", mode="before")
@@ -191,6 +194,19 @@ class RiskSnapshot(_Doc):
         total = math.fsum(v.values())
         if abs(total - 1.0) > WEIGHT_TOLERANCE:
             raise ValueError(f"weights sum to {total:.9g}, not 1 (tolerance {WEIGHT_TOLERANCE:g})")
+        return v
+
+    @field_validator("extra_metrics")
+    @classmethod
+    def _extra_metrics(cls, v: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]] | None:
+        for sid, values in (v or {}).items():
+            for name, value in values.items():
+                if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                    raise ValueError(f"extra_metrics.{sid}: metric name {name!r} must be lower case letters, "
+                                     "digits and _")
+                if is_known_metric(name):
+                    raise ValueError(f"extra_metrics.{sid}: {name!r} is built in; qmtl measures it itself")
+                _finite(value, f"extra_metrics.{sid}.{name}")
         return v
 
     @model_validator(mode="after")
@@ -226,7 +242,11 @@ class RiskSnapshot(_Doc):
 
     def canonical(self) -> dict[str, Any]:
         """The document as stored and hashed (times normalised to UTC ``Z``)."""
-        return json.loads(self.model_dump_json())
+        doc = json.loads(self.model_dump_json())
+        if doc.get("extra_metrics") is None:
+            # Added after snapshots were stored: absent keeps their content hash what it was.
+            doc.pop("extra_metrics", None)
+        return doc
 
     @property
     def content_hash(self) -> str:
@@ -240,7 +260,7 @@ class RiskSnapshot(_Doc):
     @cached_property
     def _covered(self) -> frozenset[str]:
         # Once per snapshot: a tick asks for every strategy of the world, and the snapshot never changes.
-        return frozenset(self.weights) | frozenset(self.realized_returns or {})
+        return frozenset(self.weights) | frozenset(self.realized_returns or {}) | frozenset(self.extra_metrics or {})
 
     def with_returns(self) -> frozenset[str]:
         """Strategies the snapshot carries realized returns for (what a decision can rest on)."""
@@ -353,6 +373,9 @@ def substance_hash(snapshot: RiskSnapshot, strategy_id: str) -> str:
                  [{"ts": p.ts.isoformat(), "r": p.r} for p in points],
                  "stress": snapshot.stress, "constraints": snapshot.constraints,
                  "stage": snapshot.provenance.stage}
+    extra = (snapshot.extra_metrics or {}).get(strategy_id)
+    if extra:  # only when present, so evidence bound before extra metrics existed keeps its hash
+        substance["extra_metrics"] = extra
     return content_hash(substance)
 
 

@@ -8,7 +8,7 @@ window of returns it was measured on.
 Sourcing, per metric, first source that has it wins (DESIGN §5):
 1. values in the request;
 2. returns in the request;
-3. realized returns for the **same stage** in a fresh risk snapshot;
+3. realized returns (and ``extra_metrics``) for the **same stage** in a fresh risk snapshot;
 4. the previous run of the **same stage**.
 A paper run never takes backtest numbers. With nothing to source from, the run is recorded as
 ``insufficient_data`` with the reasons each source was unavailable.
@@ -19,6 +19,12 @@ the caller is qmtl's own replay; snapshot returns are ``hub`` (only a trusted pr
 are read); a previous run passes on its own class. A run is trusted only when every metric is. For
 a paper or live run of a strategy in that stage, observations dated before it entered the stage
 are dropped (and said so); a paper or live run of a strategy not in that stage is ``unverified``.
+
+Portfolio metrics (``qmtl_core.portfolio``: ``incremental_var_99``, ``max_corr_live`` ...) describe
+the world's book *now*, not the strategy, so they come only from a fresh snapshot: never from the
+request (a submitter cannot vouch for the book) nor from a previous run (the book has changed since).
+When a rule of the run's stage names one the snapshot cannot give, nothing is recorded and
+``EvidenceMissing`` says which entry is missing (``risk_snapshot_incomplete``, exit 12).
 """
 
 from __future__ import annotations
@@ -33,11 +39,14 @@ from sqlalchemy.engine import Connection
 
 from qmtl_core import ledger
 from qmtl_core.canonical import content_hash
-from qmtl_core.errors import BadInputError
+from qmtl_core.errors import BadInputError, EvidenceMissing
+from qmtl_core.evaluation import add_extras
 from qmtl_core.evidence_class import EvidenceClass, is_trusted
+from qmtl_core.metric_names import is_portfolio_metric
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._engine import clean_number, evaluate_gates
-from qmtl_core.risk import Freshness, StoredSnapshot
+from qmtl_core.portfolio import DEFAULT_MIN_OVERLAP, PortfolioRisk, portfolio_risk
+from qmtl_core.risk import INCOMPLETE, MISSING, Freshness, StoredSnapshot
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso
 
@@ -112,14 +121,57 @@ def _metrics_from_returns(series: Returns, periods_per_year: int) -> dict[str, f
     return {k: clean_number(v) for k, v in values.items()}
 
 
+def portfolio_rules(policy: WorldPolicy, stage: str | None = None) -> list[Any]:
+    """The rules (of ``stage``, or of any stage) that name a portfolio metric."""
+    rules = policy.rules if stage is None else policy.rules_for(stage)
+    return [r for r in rules if is_portfolio_metric(r.metric)]
+
+
+def book_risk(policy: WorldPolicy, strategy_id: str, snapshot: StoredSnapshot | None,
+              fresh: Freshness | None, book: frozenset[str]) -> PortfolioRisk | None:
+    """The strategy's portfolio metrics against ``book`` when the policy gates on any and the
+    snapshot is fresh; ``None`` otherwise (``require_portfolio`` says why when it matters)."""
+    if not portfolio_rules(policy) or snapshot is None or fresh is None or not fresh.ok:
+        return None
+    corr = policy.selection.correlation
+    return portfolio_risk(snapshot.snapshot, strategy_id, book, periods_per_year=policy.periods_per_year,
+                          min_overlap=corr.min_overlap if corr is not None else DEFAULT_MIN_OVERLAP)
+
+
+def portfolio_gaps(policy: WorldPolicy, stage: str, risk: PortfolioRisk | None,
+                   fresh: Freshness | None) -> tuple[str, str] | None:
+    """``(reason code, detail)`` when a rule of ``stage`` needs a portfolio metric the snapshot
+    cannot give; ``None`` when every such rule can be measured. Pure."""
+    for rule in portfolio_rules(policy, stage):
+        if risk is None:
+            code = fresh.reason if fresh is not None and fresh.reason else MISSING
+            detail = fresh.detail if fresh is not None else "the world has no risk snapshot"
+            return code or MISSING, f"rule {rule.id} needs {rule.metric} from a fresh risk snapshot: {detail}"
+        if rule.metric in risk.missing or rule.metric not in risk.metrics:
+            lacking = risk.missing.get(rule.metric, f"stress scenario {rule.metric.removeprefix('stress_loss.')}")
+            return INCOMPLETE, (f"rule {rule.id} needs {rule.metric}, but {risk.source.split(':', 1)[1]} "
+                                f"has no {lacking}")
+    return None
+
+
+def require_portfolio(policy: WorldPolicy, stage: str, risk: PortfolioRisk | None,
+                      fresh: Freshness | None) -> None:
+    """Refuse (fail closed, exit 12) when ``portfolio_gaps`` finds one."""
+    gap = portfolio_gaps(policy, stage, risk, fresh)
+    if gap is not None:
+        raise EvidenceMissing(gap[1], code=gap[0], hint="post a risk snapshot with the covariance, weights "
+                              "and stress entries of the strategy and the book (qmtl risk put)")
+
+
 def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
                    metrics: Mapping[str, Any] | None = None, returns: Returns | None = None,
                    snapshot: StoredSnapshot | None = None, snapshot_freshness: Freshness | None = None,
-                   previous: PreviousRun | None = None,
-                   request_class: str = EvidenceClass.UNVERIFIED,
+                   previous: PreviousRun | None = None, portfolio: PortfolioRisk | None = None,
+                   policy: WorldPolicy | None = None, request_class: str = EvidenceClass.UNVERIFIED,
                    observed_since: datetime | None = None, in_stage: bool = True) -> Sourced:
     """Pick each metric from the first source that has it; pure (no store, no clock).
 
+    ``policy`` (when given) names the computed extras to measure on the returns and the benchmark.
     ``request_class`` is the provenance of ``metrics`` and ``returns`` (``unverified`` unless the
     caller is qmtl's own replay). ``observed_since``: observations dated before it are dropped (the
     strategy entered the stage then). ``in_stage`` False: the strategy is not in ``stage``, so
@@ -131,6 +183,12 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
     notes: list[str] = []
     window = Window(None, None, 0, None)
     used_returns: list[tuple[str, float]] | None = None
+    if metrics:
+        given = [n for n in metrics if is_portfolio_metric(n)]
+        if given:
+            notes.append(f"{', '.join(sorted(given))} ignored in the request: portfolio metrics come only "
+                         "from the risk snapshot")
+            metrics = {k: v for k, v in metrics.items() if not is_portfolio_metric(k)}
 
     def take(values: Mapping[str, Any], source: str, klass: str) -> None:
         for name, value in values.items():
@@ -155,11 +213,19 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
         take(_metrics_from_returns(series, periods_per_year), source, klass)
         window = window_of(series, source)
         used_returns = [(iso(t), float(r)) for t, r in series]
+        if policy is not None:
+            extras: dict[str, float | None] = {}
+            where: dict[str, str] = {k: "request.metrics" for k in (metrics or {})}
+            add_extras(policy, extras, where, series=_array([r for _, r in series]),
+                       benchmark=_benchmark(policy, series, snapshot), source=source)
+            take({k: v for k, v in extras.items() if where.get(k) == source}, source, klass)
 
     counted = observed(returns, "request.returns") if returns else None
     # Metrics sent with returns describe those returns: when none of them counts, neither do they.
     if metrics and (counted or not returns):
         take(metrics, "request.metrics", request_class)
+    if portfolio is not None:  # read from a trusted producer's snapshot only
+        take({k: v for k, v in portfolio.metrics.items() if v is not None}, portfolio.source, EvidenceClass.HUB)
     if counted:
         from_series(counted, "request.returns", request_class)
     elif returns:
@@ -178,9 +244,19 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
             notes.append(f"risk snapshot {snap.version} has no realized returns for {strategy_id}")
         elif kept := observed(series, f"risk snapshot {snap.version}"):
             from_series(kept, f"risk_snapshot:{snap.version}", EvidenceClass.HUB)
+    if snapshot is not None and (snapshot_freshness is None or snapshot_freshness.ok) \
+            and snapshot.snapshot.provenance.stage == stage:
+        take((snapshot.snapshot.extra_metrics or {}).get(strategy_id, {}), f"risk_snapshot:{snapshot.version}",
+             EvidenceClass.HUB)
+    if policy is not None:  # n_trades_per_year from n_trades, wherever that came from
+        derived: dict[str, float | None] = dict(chosen)
+        where = dict(sources)
+        add_extras(policy, derived, where, series=None, benchmark=None, source="")
+        take({k: derived[k] for k in where if where[k] == "derived" and k not in sources}, "derived",
+             classes.get("n_trades", EvidenceClass.UNVERIFIED))
     if previous is not None:
         before = set(sources)
-        take({k: v for k, v in previous.metrics.items() if k not in sources},
+        take({k: v for k, v in previous.metrics.items() if k not in sources and not is_portfolio_metric(k)},
              f"previous_run:{previous.run_id}#{previous.revision}",
              previous.evidence_class or EvidenceClass.UNVERIFIED)
         if window.source is None and previous.window and set(sources) != before:
@@ -199,6 +275,24 @@ def run_class(classes: Mapping[str, str], *, window_class: str | None, in_stage:
     if not in_stage or not classes or not all(is_trusted(c) for c in classes.values()):
         return EvidenceClass.UNVERIFIED
     return window_class or next(iter(classes.values()))
+
+
+def _array(values: list[float]) -> Any:
+    import numpy as np
+
+    return np.array(values, dtype=np.float64)
+
+
+def _benchmark(policy: WorldPolicy, ordered: Returns, snapshot: StoredSnapshot | None) -> Any:
+    """The policy's benchmark series aligned to ``ordered``'s time stamps (NaN where it has none),
+    from the snapshot's realized returns; ``None`` when there is none to align."""
+    if policy.benchmark is None or snapshot is None:
+        return None
+    points = snapshot.snapshot.returns_of(policy.benchmark)
+    if not points:
+        return None
+    by_ts = dict(points)
+    return _array([by_ts.get(t, float("nan")) for t, _ in ordered])
 
 
 def _rounded(value: float | None) -> float | None:
@@ -398,12 +492,14 @@ def _head_of(conn: Connection, run_pk: int) -> dict[str, Any]:
 def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: str | None,
                         strategy_id: str, stage: str, run_id: str | None,
                         metrics: Mapping[str, Any] | None, returns: Returns | None, actor: str,
-                        now: datetime, request_class: str = EvidenceClass.UNVERIFIED,
-                        extra_notes: Sequence[str] = ()) -> RunRevision:
+                        now: datetime, book: frozenset[str] = frozenset(),
+                        request_class: str = EvidenceClass.UNVERIFIED, extra_notes: Sequence[str] = ()) -> RunRevision:
     """Source metrics (DESIGN §5) and record the run, inside the caller's write transaction.
 
+    ``book`` is the world's book for portfolio metrics (``risk.portfolio_book``), read by the caller.
     ``request_class``: the provenance of ``metrics`` and ``returns`` (the facade decides it from
-    who is calling; only qmtl's own replay is trusted)."""
+    who is calling; only qmtl's own replay is trusted).
+    """
     from qmtl_core.risk import freshness, latest_snapshot
     from qmtl_core.timeutil import parse_instant, parse_optional_instant
 
@@ -416,16 +512,19 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
         observed_since = parse_optional_instant(row.stage_entered_at) if in_stage else None
         if not in_stage:
             notes.append(f"{strategy_id} is in {row.stage}, not {stage}: nothing observed here counts")
-    snapshot = None if returns else latest_snapshot(conn, policy.world, stage=stage)
+    snapshot = latest_snapshot(conn, policy.world, stage=stage) if not returns or portfolio_rules(policy) else None
     fresh = (freshness(snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=strategy_id)
              if snapshot is not None else None)
+    risk = book_risk(policy, strategy_id, snapshot, fresh, book)
+    require_portfolio(policy, stage, risk, fresh)  # raising rolls back the row made above
     previous = previous_run(conn, world_id=policy.world, strategy_id=strategy_id, stage=stage)
     if previous is not None and observed_since is not None and not _within(previous.window, observed_since):
         previous = None  # measured in an earlier stay in this stage
     sourced = source_metrics(stage=stage, periods_per_year=policy.periods_per_year,
                              strategy_id=strategy_id, metrics=metrics, returns=returns,
-                             snapshot=snapshot, snapshot_freshness=fresh, previous=previous,
-                             request_class=request_class, observed_since=observed_since, in_stage=in_stage)
+                             snapshot=snapshot if not returns else None, snapshot_freshness=fresh,
+                             previous=previous, portfolio=risk, policy=policy, request_class=request_class,
+                             observed_since=observed_since, in_stage=in_stage)
     sourced.notes[:0] = notes
     end = parse_instant(sourced.window.end) if sourced.window.end is not None else None
     key = run_id or suggested_run_id(stage, end, now)

@@ -51,6 +51,13 @@ def current_set(conn: Connection, world: str) -> tuple[int, dict[str, Activation
     return int(version), read_set(conn, world, int(version))
 
 
+def book_members(conn: Connection, policy: WorldPolicy) -> frozenset[str]:
+    """The strategies a candidate's portfolio metrics are measured against: the world's live
+    activations, and its paper ones too with ``risk.portfolio_book: live_and_paper``."""
+    stages = {"live"} if policy.risk.portfolio_book == "live" else {"live", "paper"}
+    return frozenset(sid for sid, a in current_set(conn, policy.world)[1].items() if a.stage in stages)
+
+
 def read_set(conn: Connection, world: str, version: int) -> dict[str, Activation]:
     """The rows of one activation set."""
     acts = schema.activations

@@ -11,6 +11,7 @@ from qmtl_core.policy._models import (
     Hysteresis,
     LivePromotion,
     LiveWindow,
+    MetricDeclaration,
     Notifications,
     PolicyProblem,
     Risk,
@@ -27,7 +28,7 @@ from qmtl_core.policy._models import (
 
 __all__ = [
     "WorldPolicy", "Rule", "Costs", "Validation", "Selection", "TopK", "Correlation", "Hysteresis",
-    "Campaign", "StageWindow", "LiveWindow", "Governance", "LivePromotion", "Risk", "Notifications",
+    "MetricDeclaration", "Campaign", "StageWindow", "LiveWindow", "Governance", "LivePromotion", "Risk", "Notifications",
     "Stage", "STAGES", "Severity", "PolicyProblem", "Problem", "Duration", "parse_duration",
     "format_duration", "load_policy_file", "load_policy_text", "check_policy_text",
     "policy_json_schema",

@@ -7,12 +7,13 @@ loader can point at the exact line and column instead of at the enclosing block.
 from __future__ import annotations
 
 import difflib
+import re
 from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
-from qmtl_core.metric_names import KNOWN_METRICS
+from qmtl_core.metric_names import KNOWN_METRICS, is_known_metric
 from qmtl_core.policy._durations import Duration
 
 Stage = Literal["backtest", "paper", "live"]
@@ -31,12 +32,33 @@ class PolicyProblem(ValueError):
         self.hint = hint
 
 
+def unknown_metric(name: str, declared: frozenset[str] | set[str] = frozenset()) -> str | None:
+    """Why a rule may not name ``name`` (with a did-you-mean), or ``None`` when it may."""
+    if is_known_metric(name, declared):
+        return None
+    names = sorted(KNOWN_METRICS | set(declared))
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(names)
+    return (f"unknown metric {name!r} ({hint}; declare an extra metric under metrics: to gate on it)"
+            if not close else f"unknown metric {name!r} ({hint})")
+
+
 def _check_metric(name: str) -> str:
-    if name not in KNOWN_METRICS:
-        close = difflib.get_close_matches(name, sorted(KNOWN_METRICS), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(sorted(KNOWN_METRICS))
-        raise ValueError(f"unknown metric {name!r} ({hint})")
+    # Only the shape here: whether the name is known depends on the policy's own ``metrics:``
+    # declarations, which ``WorldPolicy._known_metrics`` sees and a nested model does not.
+    if not name.strip():
+        raise ValueError("a metric name is empty")
     return name
+
+
+class MetricDeclaration(BaseModel):
+    """An extra metric a policy's rules may name: measured elsewhere (a metrics file's ``extra``,
+    a snapshot's ``extra_metrics``) and declared here so a typo in a rule is still caught."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    description: str | None = None
+    better: Literal["higher", "lower"] | None = None
 
 
 class _Model(BaseModel):
@@ -207,10 +229,14 @@ class Governance(_Model):
 
 
 class Risk(_Model):
-    """Freshness limits for decisions that need the risk snapshot, and who may produce it."""
+    """Freshness limits for decisions that need the risk snapshot, who may produce it, and the book
+    portfolio metrics measure a candidate against."""
 
     snapshot_max_age: Duration = timedelta(minutes=15)
     decision_ttl: Duration = timedelta(minutes=10)
+    portfolio_book: Literal["live", "live_and_paper"] = Field(
+        "live", description="strategies a candidate's portfolio metrics (incremental_var_99, "
+                            "max_corr_live, ...) are measured against")
     #: Local identities whose snapshots are trusted ``hub`` evidence (remote: tokens with role
     #: ``producer``). Anyone else's snapshot is stored as ``unverified`` and never decided on.
     producers: list[str] = Field(default_factory=list)
@@ -240,6 +266,38 @@ class WorldPolicy(_Model):
     governance: Governance | None = None
     risk: Risk = Risk()
     notifications: Notifications = Notifications()
+    metrics: dict[str, MetricDeclaration] = Field(
+        default_factory=dict, description="extra metrics rules may name (measured in metrics files' "
+                                          "extra or a snapshot's extra_metrics)")
+    benchmark: str | None = Field(None, min_length=1, description="the returns column (strategy id) "
+                                                                   "beta and alpha are measured against")
+
+    @field_validator("metrics")
+    @classmethod
+    def _declared(cls, v: dict[str, MetricDeclaration]) -> dict[str, MetricDeclaration]:
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise PolicyProblem((name,), f"metric name {name!r} must be lower case letters, digits "
+                                    "and _ (starting with a letter)")
+            if is_known_metric(name):
+                raise PolicyProblem((name,), f"metric {name!r} is built in",
+                                    "declare only metrics qmtl does not measure itself")
+        return v
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> "WorldPolicy":
+        declared = frozenset(self.metrics)
+        named: list[tuple[tuple[str | int, ...], str]] = [
+            (("rules", i, "metric"), r.metric) for i, r in enumerate(self.rules)]
+        for step in ("top_k", "hysteresis"):
+            chosen = getattr(self.selection, step)
+            if chosen is not None:
+                named.append((("selection", step, "metric"), chosen.metric))
+        for path, name in named:
+            problem = unknown_metric(name, declared)
+            if problem is not None:
+                raise PolicyProblem(path, problem)
+        return self
 
     @model_validator(mode="after")
     def _unique_rule_ids(self) -> "WorldPolicy":

@@ -86,6 +86,20 @@ def _stream_window(upstream: Node | None, items: deque[tuple[Any, Any]] | None) 
     return tuple(payloads)
 
 
+def _as_strategy(strategy: Any) -> Strategy:
+    """An instance as given; a Strategy subclass instantiated with its defaults."""
+    if isinstance(strategy, type) and issubclass(strategy, Strategy):
+        try:
+            return strategy()
+        except TypeError as exc:  # an __init__ with required arguments
+            raise BadInputError(f"cannot build {strategy.__qualname__} without arguments: {exc}",
+                                hint="pass an instance: Runner.submit(MyStrategy(...), world=...)") from None
+    if isinstance(strategy, Strategy):
+        return strategy
+    raise BadInputError(f"Runner.submit needs a Strategy subclass or instance, got {strategy!r}",
+                        hint="pass the class (Runner.submit(MyStrategy, world=...)) or an instance")
+
+
 class _StreamView:
     """The view a compute function gets when fed from queues: the node's cached windows."""
 
@@ -202,13 +216,19 @@ class Runner:
 
     # --- submission and backtests -----------------------------------------------------------------
     @classmethod
-    def submit(cls, strategy: Strategy, world: str, execution_domain: str | None = None) -> SubmitResult:
-        """Submit ``strategy`` to ``world``: compute its id, resolve its context, apply it.
+    def submit(cls, strategy: Strategy | type[Strategy], world: str,
+               execution_domain: str | None = None) -> SubmitResult:
+        """Submit ``strategy`` (an instance, or a Strategy class built with its defaults, as
+        upstream's ``Runner.submit(MyStrategy, world=...)``) to ``world``: compute its id,
+        resolve its context, apply it.
 
         Without a submit handler this is the local path: the context comes from the world client
         set with :meth:`set_world_client` (none: ``backtest``/``decision_unavailable``, or
         ``shadow`` when asked for).
         """
+        strategy = _as_strategy(strategy)
+        if not isinstance(world, str) or not world:
+            raise BadInputError(f"Runner.submit needs a world id, got {world!r}")
         handler = cls._submit_handler
         if handler is not None:
             return handler(strategy, world, execution_domain)

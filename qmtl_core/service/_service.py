@@ -300,6 +300,7 @@ class WorldService(GovernanceMixin):
         What the request supplies is ``unverified`` unless it is qmtl's own replay (``evidence_class``
         claimed, and honoured for who is calling); a submitter may record only its own strategies."""
         from qmtl_core import ledger, runs
+        from qmtl_core.governance._activations import book_members
 
         check_stage(stage)
         loaded = self.load_world(world)
@@ -310,36 +311,59 @@ class WorldService(GovernanceMixin):
             return runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
                                             strategy_id=strategy_id, stage=stage, run_id=run_id,
                                             metrics=metrics, returns=returns, actor=self.actor,
-                                            now=self.clock(), request_class=klass, extra_notes=notes)
+                                            now=self.clock(), book=book_members(conn, loaded.policy),
+                                            request_class=klass, extra_notes=notes)
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None" = None,
                         metrics: Mapping[str, Mapping[str, Any]] | None = None,
                         run_id: str | None = None) -> list["RunRevision"]:
         """Record one run per strategy of a cohort, with metrics from the vectorised path."""
         from qmtl_core import ledger, runs
-        from qmtl_core.evaluation import cohort_metrics, merge_metrics, uses_metric
+        from qmtl_core.evaluation import add_extras, cohort_metrics, merge_metrics, uses_metric
         from qmtl_core.evidence_class import EvidenceClass
+        from qmtl_core.governance._activations import book_members
+        from qmtl_core.metric_names import is_portfolio_metric
+        from qmtl_core.risk import freshness, latest_snapshot
 
         check_stage(stage)
         loaded = self.load_world(world)
+        policy = loaded.policy
         now = self.clock()
-        computed = cohort_metrics(returns, loaded.policy.periods_per_year,
-                                  len(returns.strategies) if uses_metric(loaded.policy, "dsr") else None) \
+        computed = cohort_metrics(returns, policy.periods_per_year,
+                                  len(returns.strategies) if uses_metric(policy, "dsr") else None) \
             if returns is not None else {}
         ids = sorted(set(computed) | set(metrics or {}))
+        bench = (returns.row(policy.benchmark) if returns is not None and policy.benchmark in returns.strategies
+                 else None)
         out = []
         with self.store.write() as conn:
             ledger.lock(conn)
+            snapshot = latest_snapshot(conn, world, stage=stage) if runs.portfolio_rules(policy) else None
+            book = book_members(conn, policy)
+            risks = {}
+            for sid in ids:  # every strategy checked before anything is written: all or nothing
+                fresh = (freshness(snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=sid)
+                         if snapshot is not None else None)
+                risks[sid] = runs.book_risk(policy, sid, snapshot, fresh, book)
+                runs.require_portfolio(policy, stage, risks[sid], fresh)
             for sid in ids:
                 self._check_owner(conn, loaded.policy, sid)
             for sid in ids:
                 runs.ensure_strategy(conn, world_id=world, strategy_id=sid, now=now, submitter=self.actor)
                 series = returns.series(sid) if returns is not None and sid in returns.strategies else None
-                values, where = merge_metrics(computed.get(sid, {}), (metrics or {}).get(sid, {}))
+                given = {k: v for k, v in (metrics or {}).get(sid, {}).items() if not is_portfolio_metric(k)}
+                values, where = merge_metrics(computed.get(sid, {}), given)
+                add_extras(policy, values, where, series=returns.row(sid) if series else None,
+                           benchmark=bench, source="request.returns")
+                risk = risks[sid]
+                for name, value in (risk.metrics.items() if risk is not None else ()):
+                    if value is not None:
+                        values[name], where[name] = value, risk.source
                 sourced = runs.Sourced(
                     values, where, runs.window_of(series, "request.returns"),
                     [(iso(t), r) for t, r in series] if series else None,
-                    metric_classes={k: EvidenceClass.UNVERIFIED for k in values})
+                    metric_classes={k: EvidenceClass.HUB if risk is not None and where.get(k) == risk.source
+                                    else EvidenceClass.UNVERIFIED for k in values})
                 end = series[-1][0] if series else None
                 key = run_id or runs.suggested_run_id(stage, end, now)
                 out.append(runs.record_run(conn, policy=loaded.policy, strategy_id=sid, stage=stage,

@@ -1,0 +1,1 @@
+"""Upstream ``qmtl.foundation`` (see :mod:`qmtl`)."""

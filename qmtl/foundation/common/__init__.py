@@ -1,0 +1,1 @@
+"""Upstream ``qmtl.foundation.common`` (see :mod:`qmtl`)."""

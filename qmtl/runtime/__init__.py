@@ -1,0 +1,1 @@
+"""Upstream ``qmtl.runtime`` (see :mod:`qmtl`)."""

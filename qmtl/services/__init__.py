@@ -1,0 +1,1 @@
+"""Upstream ``qmtl.services``: the gateway (see :mod:`qmtl`)."""

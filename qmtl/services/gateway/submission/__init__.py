@@ -1,0 +1,1 @@
+"""Upstream ``qmtl.services.gateway.submission`` (see :mod:`qmtl`)."""

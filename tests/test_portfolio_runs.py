@@ -1,0 +1,179 @@
+"""Portfolio metrics in recorded runs and the live gate, on SQLite and PostgreSQL: sourced from the
+snapshot's covariance and stress against the world's live book, fail closed when an entry is
+missing, never taken from the request."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qmtl_core.datafiles import ReturnsTable
+from qmtl_core.errors import EvidenceMissing
+from qmtl_core.portfolio import portfolio_risk
+from qmtl_core.risk import parse_snapshot
+from tests._service import Clock, make_service
+from tests.test_portfolio import demo_returns
+
+T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
+#: The world's strategies are two demo columns (real GOOG-based returns) under short names.
+COLUMNS = {"a": "buy_hold", "b": "sma_10_30"}
+
+
+def policy(*, ivar_max: float = 0.05, stress_max: float = 0.5, extra: str = "") -> str:
+    return f"""\
+world: port
+policy_version: 1
+allow_live: true
+rules:
+  - {{id: sharpe, metric: sharpe, min: -5}}
+  - {{id: ivar, metric: incremental_var_99, max: {ivar_max}, stages: [paper]}}
+  - {{id: worst, metric: stress_loss_max, max: {stress_max}, stages: [paper]}}
+{extra}campaign:
+  backtest: {{window: 300d, min_observations: 250}}
+  paper: {{window: 10d, min_observations: 8}}
+governance:
+  live_promotion: {{mode: auto_apply, cooldown: 0s, max_live_slots: 3}}
+risk: {{snapshot_max_age: 1h}}
+"""
+
+
+class World:
+    """The ``port`` world on one store, with helpers to post real-data snapshots."""
+
+    def __init__(self, svc: Any) -> None:
+        self.svc = svc
+        stamps, matrix = demo_returns(list(COLUMNS.values()), last=400)
+        self.matrix = matrix
+        self.cov = np.cov(matrix, rowvar=False, ddof=1)
+
+    def backtest(self) -> None:
+        stamps = tuple(datetime(2024, 1, 1, tzinfo=timezone.utc) + timedelta(days=i) for i in range(400))
+        self.svc.evaluate_cohort("port", stage="backtest",
+                                 returns=ReturnsTable(tuple(COLUMNS), stamps, np.ascontiguousarray(self.matrix.T)))
+        self.loop()
+        self.svc.clock.advance(days=12)  # paper returns count only when observed after entry (T0)
+
+    def loop(self) -> Any:
+        return self.svc.campaign_iteration(["port"], execute=True, holder="t", lease_ttl=timedelta(minutes=5))[0]
+
+    def doc(self, version: str, *, weights: dict[str, float], covariance: bool = True,
+            drop: str | None = None, stress: dict[str, Any] | None = None) -> dict[str, Any]:
+        now = self.svc.clock()
+        names = list(COLUMNS)
+        rets = {sid: [{"ts": (now - timedelta(days=12 - i)).isoformat(), "r": float(self.matrix[-12 + i, k])}
+                      for i in range(12)] for k, sid in enumerate(names)}
+        doc: dict[str, Any] = {"world_id": "port", "version": version, "as_of": now.isoformat(), "ttl_sec": 3600,
+                               "weights": weights, "realized_returns": rets,
+                               "provenance": {"actor": "risk", "stage": "paper"}}
+        if covariance:
+            doc["covariance"] = {f"{x},{y}": float(self.cov[i, j]) for i, x in enumerate(names)
+                                 for j, y in enumerate(names) if j >= i and f"{x},{y}" != drop}
+        worst = int(np.argmin(self.matrix[:, 0]))  # GOOG's worst day in the window: a historical scenario
+        doc["stress"] = stress if stress is not None else {
+            "worst_day": {sid: float(self.matrix[worst, k]) for k, sid in enumerate(names)}}
+        return doc
+
+    def put(self, doc: dict[str, Any]) -> Any:
+        """Posted by a trusted producer: the only snapshots decisions read (DESIGN §11)."""
+        return self.svc.as_actor("risk", role="producer").put_risk_snapshot(parse_snapshot(doc))
+
+
+@pytest.fixture
+def world(store_url: str, worlds_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    (worlds_dir / "port.yaml").write_text(policy())
+    service = make_service(store_url, worlds_dir, tmp_path / "home", Clock(T0)).as_actor("cron")
+    w = World(service)
+    w.backtest()
+    yield w
+    service.close()
+
+
+def _paper_runs(svc: Any, sid: str) -> list[Any]:
+    return svc.list_runs("port", strategy_id=sid, stage="paper")
+
+
+def test_missing_covariance_fails_closed_and_writes_nothing(world: World) -> None:
+    svc = world.svc
+    assert {v.strategy_id: v.stage for v in svc.campaign("port")} == {"a": "paper", "b": "paper"}
+    world.put(world.doc("nocov", weights={"a": 0.5, "b": 0.5}, covariance=False))
+    with pytest.raises(EvidenceMissing) as err:
+        svc.record_evaluation("port", strategy_id="a", stage="paper")
+    assert err.value.code == "risk_snapshot_incomplete" and err.value.exit_code == 12
+    assert "rule ivar needs incremental_var_99" in err.value.message and "covariance" in err.value.message
+    assert _paper_runs(svc, "a") == []
+
+
+def test_book_metrics_match_the_reference_and_a_live_book_counts(world: World) -> None:
+    svc = world.svc
+    world.put(world.doc("v1", weights={"a": 0.7, "b": 0.3}))
+    run = svc.record_evaluation("port", strategy_id="a", stage="paper")
+    assert run.status == "pass", run.rule_results
+    var_a = world.cov[0, 0] * 0.7 ** 2
+    assert run.metrics["incremental_var_99"] == pytest.approx(2.3263478740408408 * np.sqrt(var_a), rel=1e-9)
+    assert run.metric_sources["incremental_var_99"] == "risk_snapshot:v1"
+    world.loop()  # auto_apply: a goes live
+    assert {v.strategy_id: v.stage for v in svc.campaign("port")}["a"] == "live"
+
+    world.svc.clock.advance(minutes=1)
+    doc = world.doc("v2", weights={"a": 0.7, "b": 0.3})
+    world.put(doc)
+    run_b = svc.record_evaluation("port", strategy_id="b", stage="paper")
+    expected = portfolio_risk(parse_snapshot(doc), "b", ["a"], periods_per_year=252)
+    w = np.array([0.7, 0.3])
+    s_with, s_book = np.sqrt(w @ world.cov @ w), np.sqrt(0.49 * world.cov[0, 0])
+    assert run_b.metrics["incremental_var_99"] == pytest.approx(2.3263478740408408 * (s_with - s_book), rel=1e-9)
+    assert run_b.metrics["incremental_var_99"] == pytest.approx(expected.metrics["incremental_var_99"])
+    assert run_b.metrics["max_corr_live"] == pytest.approx(world.cov[0, 1] / np.sqrt(world.cov[0, 0] * world.cov[1, 1]))
+    assert run_b.metric_sources["max_corr_live"] == "risk_snapshot:v2"
+
+
+def test_a_stress_scenario_blocks_the_candidate(world: World) -> None:
+    svc = world.svc
+    crash = {"crash": {"a": -0.05, "b": -0.9}}  # b loses 90 %: nothing is live, so the book is b alone
+    world.put(world.doc("s1", weights={"a": 0.5, "b": 0.5}, stress=crash))
+    run = svc.record_evaluation("port", strategy_id="b", stage="paper")
+    worst = next(r for r in run.rule_results if r["id"] == "worst")
+    assert run.metrics["stress_loss.crash"] == pytest.approx(0.45)
+    assert worst["status"] == "pass"  # 0.45 <= 0.5
+    world.svc.clock.advance(minutes=1)
+    world.put(world.doc("s2", weights={"a": 0.4, "b": 0.6}, stress=crash))
+    run = svc.record_evaluation("port", strategy_id="b", stage="paper")
+    worst = next(r for r in run.rule_results if r["id"] == "worst")
+    assert run.status == "fail" and worst["status"] == "fail" and worst["observed"] == pytest.approx(0.54)
+    assert worst["source"] == "risk_snapshot:s2"
+
+
+def test_portfolio_metrics_in_the_request_never_count(world: World) -> None:
+    svc = world.svc
+    world.put(world.doc("v1", weights={"a": 0.4, "b": 0.6},
+                        stress={"crash": {"a": -0.9, "b": -0.9}}))
+    run = svc.record_evaluation("port", strategy_id="b", stage="paper",
+                                metrics={"sharpe": 1.0, "stress_loss_max": 0.0, "incremental_var_99": 0.0})
+    assert run.metrics["stress_loss_max"] == pytest.approx(0.54)
+    assert run.metric_sources["stress_loss_max"] == "risk_snapshot:v1"
+    assert run.status == "fail" and "ignored in the request" in (run.reason or "")
+
+
+def test_stale_snapshot_is_not_replaced_by_a_previous_run(world: World) -> None:
+    svc = world.svc
+    world.put(world.doc("v1", weights={"a": 0.5, "b": 0.5}))
+    assert svc.record_evaluation("port", strategy_id="b", stage="paper").status == "pass"
+    svc.clock.advance(hours=2)  # the snapshot is now lagging
+    with pytest.raises(EvidenceMissing) as err:
+        svc.record_evaluation("port", strategy_id="b", stage="paper", run_id="again")
+    assert err.value.code in ("risk_snapshot_expired", "risk_snapshot_lagging")
+
+
+def test_cohort_recording_is_all_or_nothing(world: World) -> None:
+    svc = world.svc
+    world.put(world.doc("v1", weights={"a": 0.5, "b": 0.5}, drop="b,b"))
+    stamps = tuple(T0 - timedelta(days=12 - i) for i in range(12))
+    table = ReturnsTable(("a", "b"), stamps, np.ascontiguousarray(world.matrix[-12:].T))
+    with pytest.raises(EvidenceMissing) as err:
+        svc.evaluate_cohort("port", stage="paper", returns=table)
+    assert err.value.code == "risk_snapshot_incomplete" and "b,b" in err.value.message
+    assert _paper_runs(svc, "a") == [] and _paper_runs(svc, "b") == []
