@@ -28,6 +28,10 @@ __all__ = [
     "EvidenceChanged",
     "PolicyVersionConflict",
     "LedgerBroken",
+    "CheckpointMismatch",
+    "CheckpointUnsigned",
+    "LedgerStateMismatch",
+    "CheckpointError",
     "BlockedError",
     "GateFailed",
     "PromotionRefused",
@@ -133,6 +137,12 @@ class Unauthorized(ConfigError):
     code = "unauthorized"
 
 
+class CheckpointError(BadInputError):
+    """A checkpoint file that is not a well-formed signed note."""
+
+    code = "bad_checkpoint"
+
+
 class StoreVersionError(BadInputError):
     """The store was written by a newer qmtl than this one."""
 
@@ -201,6 +211,24 @@ class LedgerBroken(ConflictError):
     """The audit ledger's hash chain does not verify."""
 
     code = "ledger_broken"
+
+
+class CheckpointMismatch(LedgerBroken):
+    """The chain does not hold a signed checkpoint's head at its position (rewritten or truncated)."""
+
+    code = "checkpoint_mismatch"
+
+
+class CheckpointUnsigned(ConflictError):
+    """A checkpoint file carries no valid signature by the configured key."""
+
+    code = "checkpoint_unsigned"
+
+
+class LedgerStateMismatch(LedgerBroken):
+    """The decision tables hold something the ledger does not vouch for (``audit verify --deep``)."""
+
+    code = "ledger_state_mismatch"
 
 
 # --- 10: blocked by policy ----------------------------------------------------------------------

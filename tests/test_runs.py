@@ -269,7 +269,7 @@ def test_migrating_a_v2_store_fills_run_heads_and_the_latest_snapshot_summary(sv
     store = Store(store_url)
     with store.write() as conn:
         assert current_version(conn) == 2
-        assert migrate(conn) == [3, 4, 5]
+        assert migrate(conn) == [3, 4, 5, 6]
     with store.read() as conn:
         summaries = dict(conn.execute(sa.select(schema.risk_snapshots.c.version, schema.risk_snapshots.c.summary)).all())
         assert summaries == {"v1": None, "v2": summarize(new)}  # only the latest is filled

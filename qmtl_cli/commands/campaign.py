@@ -105,6 +105,17 @@ def _print_action(c: "Console", doc: dict[str, Any]) -> None:
             f"{doc['reason']}: {doc['detail']}{extra}", markup=True, highlight=False)
 
 
+def _checkpoint_publisher(settings: Any) -> Any:
+    """With ``checkpoint_dir`` set, a function that publishes a signed checkpoint of a head into it
+    (a misconfigured key fails the loop before it acts, not after)."""
+    if settings.checkpoint_dir is None:
+        return None
+    from qmtl_core.checkpoint import publish, require_signer
+
+    signer = require_signer(settings.checkpoint_key)
+    return lambda head: publish(head, signer, settings.checkpoint_dir)
+
+
 @app.command("campaign-loop")
 @command
 def campaign_loop(
@@ -152,6 +163,7 @@ def campaign_loop(
     if not targets:
         raise UsageError("no worlds to run", hint="add policy files to --worlds-dir")
     holder = new_holder()
+    publisher = _checkpoint_publisher(st.settings()) if execute else None
     limit = 1 if once else max_iterations
     iteration = 0
     code = 0
@@ -175,6 +187,9 @@ def campaign_loop(
         code = worst_outcome(outcomes)
         doc = {"iteration": iteration, "started_at": started.isoformat(), "mode": "execute" if execute else "plan",
                "holder": holder, "exit_code": code, "worlds": outcomes}
+        if publisher is not None:
+            published = publisher(client.audit_head())
+            doc["checkpoint"] = str(published)
         if st.json:
             sys.stdout.write(json.dumps(doc, default=str) + "\n")
             sys.stdout.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -116,6 +117,10 @@ def approve(
     ctx: typer.Context,
     request: Annotated[str, typer.Argument(help="Request id (qmtl promote --list).")],
     reason: ReasonOption = None,
+    key: Annotated[Optional[Path], typer.Option(
+        "--key", help="Sign the approval with this SSH key (ssh-keygen -Y sign, namespace qmtl-approval): "
+        "a private key file, or the .pub of a key held by ssh-agent. Required where the world sets "
+        "require_signatures.")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Approve a promotion request as yourself (the OS user locally, the token's actor remotely).
@@ -123,8 +128,24 @@ def approve(
     You must be a listed approver, not the requester or the strategy's submitter; your approval
     counts once and only for the evidence the request was opened on (changed evidence voids the
     request: exit 4). The last required approval applies the promotion if every gate passes.
+    With --key the approval carries your SSH signature over the request's world, strategy, id and
+    evidence hash; it counts only if it verifies against your ssh_key in the policy.
+
+    Example: qmtl approve pr-7a5a0f631882 --reason "drawdown within budget" --key ~/.ssh/id_ed25519
     """
-    _finish(ctx, state(ctx).client().decide(request, decision="approve", reason=reason or ""))
+    client = state(ctx).client()
+    signature = None
+    if key is not None:
+        from qmtl_core.approval_signing import approval_message, sign
+        from qmtl_core.errors import RequestNotFound
+
+        found = [r for r in client.promotions(include_closed=True)["requests"] if r["request_id"] == request]
+        if not found:
+            raise RequestNotFound(f"no promotion request {request!r}", hint="qmtl promote --list shows open requests")
+        r = found[0]
+        signature = sign(key.expanduser(), approval_message(world=r["world"], strategy_id=r["strategy_id"],
+                                                            request_id=request, evidence_hash=r["evidence_hash"]))
+    _finish(ctx, client.decide(request, decision="approve", reason=reason or "", signature=signature))
 
 
 def reject(

@@ -213,11 +213,11 @@ class LocalClient:
         """``qmtl promote``."""
         return self.service.promote(world, strategy_id, reason=reason, dry_run=dry_run).to_dict()
 
-    def decide(self, request_id: str, *, decision: str, reason: str) -> dict[str, Any]:
+    def decide(self, request_id: str, *, decision: str, reason: str, signature: str | None = None) -> dict[str, Any]:
         """``qmtl approve`` / ``qmtl reject``; changed evidence raises ``EvidenceChanged`` (exit 4)."""
         from qmtl_core.errors import EvidenceChanged
 
-        outcome = self.service.decide_request(request_id, decision=decision, reason=reason)
+        outcome = self.service.decide_request(request_id, decision=decision, reason=reason, signature=signature)
         if outcome.status == "voided":
             raise EvidenceChanged(outcome.message, details=outcome.to_dict())
         return outcome.to_dict()
@@ -285,15 +285,19 @@ class LocalClient:
         entries = self.service.audit_log(world=world, since=since, kind=kind, limit=limit)
         return {"entries": [e.to_dict() for e in entries]}
 
-    def audit_verify(self) -> dict[str, Any]:
-        """``qmtl audit verify``; a broken chain raises ``LedgerBroken`` (exit 4)."""
-        from qmtl_core.errors import LedgerBroken
+    def audit_head(self) -> dict[str, Any]:
+        """The ledger head and the store's origin (what ``qmtl audit checkpoint`` signs)."""
+        return self.service.audit_head()
 
-        result = self.service.audit_verify()
-        if not result.ok:
-            raise LedgerBroken(f"ledger broken at entry {result.first_broken_seq}: {result.problem}",
-                               hint="restore the store from a backup; the entries from there on cannot be trusted",
-                               details=result.to_dict())
+    def audit_verify(self, *, checkpoints: Sequence[Mapping[str, Any]] = (), deep: bool = False) -> dict[str, Any]:
+        """``qmtl audit verify``: a broken chain, a checkpoint the chain does not hold, or (``deep``) a table
+        the ledger does not vouch for raises (exit 4). ``checkpoints`` are ``{label, origin, seq, hash}``
+        claims whose signatures the caller has checked."""
+        from qmtl_core.checkpoint import Checkpoint
+
+        claims = [(str(c["label"]), Checkpoint(str(c["origin"]), int(c["seq"]), str(c["hash"]))) for c in checkpoints]
+        result = self.service.audit_verify(checkpoints=claims, deep=deep)
+        result.raise_for_problems()
         return result.to_dict()
 
 
@@ -444,8 +448,11 @@ class HttpClient:
         return self._call("POST", f"/worlds/{world}/promotions", confirm=not dry_run,
                           body={"strategy_id": strategy_id, "reason": reason, "dry_run": dry_run})
 
-    def decide(self, request_id: str, *, decision: str, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body={"reason": reason})
+    def decide(self, request_id: str, *, decision: str, reason: str, signature: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"reason": reason}
+        if signature is not None:
+            body["signature"] = signature
+        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body=body)
 
     def promotions(self, *, world: str | None = None, include_closed: bool = False,
                    at: datetime | None = None) -> dict[str, Any]:
@@ -494,8 +501,11 @@ class HttpClient:
         return self._call("GET", "/audit", params={"world": world, "since": since.isoformat() if since else None,
                                                    "kind": kind, "limit": limit})
 
-    def audit_verify(self) -> dict[str, Any]:
-        return self._call("GET", "/audit/verify")
+    def audit_head(self) -> dict[str, Any]:
+        return self._call("GET", "/audit/head")
+
+    def audit_verify(self, *, checkpoints: Sequence[Mapping[str, Any]] = (), deep: bool = False) -> dict[str, Any]:
+        return self._call("POST", "/audit/verify", body={"checkpoints": [dict(c) for c in checkpoints], "deep": deep})
 
 
 def _json_metric_row(row: Mapping[str, Any] | None) -> dict[str, float | None] | None:

@@ -96,12 +96,36 @@ class ReasonBody(_Body):
     reason: str = ""
 
 
+class DecideBody(_Body):
+    """``POST /promotions/{id}/approve|reject``."""
+
+    reason: str = ""
+    signature: str | None = Field(None, max_length=20_000,
+                                  description="armored SSH signature (namespace qmtl-approval) of the approval message")
+
+
 class DemoteBody(_Body):
     """``POST /worlds/{id}/demote``."""
 
     strategy_id: str = Field(min_length=1)
     to: str = "paper"
     reason: str = ""
+
+
+class CheckpointClaim(_Body):
+    """A signed checkpoint's claim, its signature already checked by the caller."""
+
+    label: str = Field(min_length=1, max_length=500)
+    origin: str = Field(min_length=1, max_length=500)
+    seq: int = Field(ge=0)
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class VerifyBody(_Body):
+    """``POST /audit/verify``."""
+
+    checkpoints: list[CheckpointClaim] = Field(default_factory=list, max_length=1000)
+    deep: bool = False
 
 
 def _error_response(exc: QmtlError) -> JSONResponse:
@@ -134,6 +158,19 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         return JSONResponse(status_code=500, content={
             "error": "internal_error", "exit_code": 1,
             "message": f"internal error on the server: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+
+    if settings.checkpoint_dir is not None:
+        from qmtl_core.checkpoint import publish, require_signer
+
+        signer, directory = require_signer(settings.checkpoint_key), settings.checkpoint_dir
+
+        @app.middleware("http")
+        async def _publish_checkpoint(request: Request, call_next: Callable[..., Any]) -> Any:
+            """After each change, a signed checkpoint of the new head into ``checkpoint_dir``."""
+            response = await call_next(request)
+            if request.method not in ("GET", "HEAD", "OPTIONS") and response.status_code < 400:
+                await asyncio.to_thread(lambda: publish(base.audit_head(), signer, directory))
+            return response
 
     def principal(request: Request) -> Principal:
         with base.store.read() as conn:
@@ -258,9 +295,9 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         return c.promotions(world=world, include_closed=all, at=parse_instant(at, what="at") if at else None)
 
     @app.post("/promotions/{request_id}/approve")
-    def approve_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
+    def approve_(request_id: str, body: DecideBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
         """Approve as the token's actor."""
-        return c.decide(request_id, decision="approve", reason=body.reason)
+        return c.decide(request_id, decision="approve", reason=body.reason, signature=body.signature)
 
     @app.post("/promotions/{request_id}/reject")
     def reject_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
@@ -305,9 +342,21 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
                            limit=limit)
 
     @app.get("/audit/verify")
-    def audit_verify(c: LocalClient = Depends(read)) -> dict[str, Any]:
-        """Verify the hash chain (409 naming the first broken entry)."""
-        return c.audit_verify()
+    def audit_verify(deep: bool = False, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Verify the hash chain (409 naming the first broken entry); ``deep`` also replays the decision
+        tables from the ledger (409 naming the first difference)."""
+        return c.audit_verify(deep=deep)
+
+    @app.post("/audit/verify")
+    def audit_verify_checkpoints(body: VerifyBody, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Verify the chain and that it holds each checkpoint's head at its position (409 naming the
+        first checkpoint it does not hold)."""
+        return c.audit_verify(checkpoints=[cp.model_dump() for cp in body.checkpoints], deep=body.deep)
+
+    @app.get("/audit/head")
+    def audit_head(c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """The ledger's head and the store's origin, for a checkpoint signed by the caller's key."""
+        return c.audit_head()
 
     @app.websocket("/events")
     async def events(ws: WebSocket, world: str | None = None, domain: str | None = None,
