@@ -1,10 +1,13 @@
 """Print a risk snapshot carrying a strategy's realized paper (or, with --stage live, live) returns,
 for the demo.
 
-A real deployment has a risk engine post these; the demo stands one in. The returns are the
+A real deployment has a risk engine post these, as a trusted producer (a ``producer`` token, or an
+OS account in the world's ``risk.producers``); the demo stands one in. The returns are the
 strategy's last ``--days`` daily returns from ``worlds/data/demo-returns.csv`` (real GOOG prices),
-replayed as the most recent ``--days`` days ending now, so the snapshot is fresh and the paper
-window advances by exactly that much data. Pipe it to the hub:
+replayed as the most recent ``--days`` observations ending now, one every ``--spacing-seconds``
+(a day by default), so the snapshot is fresh and the paper window advances by exactly that much
+data. Only observations after the strategy entered paper count: the demo posts one a second, as
+if just observed, and measures its paper window in seconds. Pipe it to the hub:
 
     .venv/bin/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 12 \\
         | qmtl risk put -
@@ -29,17 +32,20 @@ def main() -> None:
     parser.add_argument("--returns", default=str(ROOT / "worlds/data/demo-returns.csv"))
     parser.add_argument("--stage", default="paper", choices=["paper", "live"],
                         help="which stage's realized returns these are")
+    parser.add_argument("--spacing-seconds", type=int, default=86400,
+                        help="seconds between two observations (default: a day)")
     args = parser.parse_args()
     with open(args.returns, newline="") as fh:
         column = [row[args.strategy] for row in csv.DictReader(fh) if row[args.strategy]]
     values = [float(v) for v in column[-args.days:]]
-    now = datetime.now(timezone.utc).replace(second=0, microsecond=0)
-    today = now.replace(hour=0, minute=0)
-    points = [{"ts": (today - timedelta(days=len(values) - 1 - i)).isoformat().replace("+00:00", "Z"),
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    step = timedelta(seconds=args.spacing_seconds)
+    last = now if args.spacing_seconds < 86400 else now.replace(hour=0, minute=0, second=0)
+    points = [{"ts": (last - step * (len(values) - 1 - i)).isoformat().replace("+00:00", "Z"),
                "r": r} for i, r in enumerate(values)]
     snapshot = {
         "world_id": args.world,
-        "version": f"{args.stage}-{args.strategy}-{args.days}d-{now:%Y%m%dT%H%M}",
+        "version": f"{args.stage}-{args.strategy}-{args.days}-{now:%Y%m%dT%H%M%S}",
         "as_of": now.isoformat().replace("+00:00", "Z"),
         "ttl_sec": 3600,
         "weights": {args.strategy: 1.0},
