@@ -18,6 +18,7 @@ __all__ = [
     "DataFileError",
     "ConfigError",
     "StoreVersionError",
+    "AmbiguousId",
     "NotFoundError",
     "WorldNotFound",
     "StrategyNotFound",
@@ -102,6 +103,12 @@ class UsageError(BadInputError):
     """A command was called with arguments that do not fit together."""
 
     code = "usage"
+
+
+class AmbiguousId(UsageError):
+    """An id prefix matches more than one strategy or request (``details['candidates']``)."""
+
+    code = "ambiguous_id"
 
 
 class PolicyError(BadInputError):

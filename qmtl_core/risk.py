@@ -47,6 +47,7 @@ from qmtl_core.canonical import content_hash
 from qmtl_core.errors import BadInputError, FailClosedError
 from qmtl_core.evidence_class import EvidenceClass
 from qmtl_core.metric_names import is_known_metric
+from qmtl_core.timeutil import human_duration
 
 MAX_TTL_SEC = 86_400
 DEFAULT_TTL_SEC = 900
@@ -556,7 +557,7 @@ def freshness(stored: SnapshotView | None, *, now: datetime, max_age: timedelta,
     lag = now - stored.as_of
     if lag > max_age:
         return Freshness("stale", LAGGING, f"snapshot {version} as_of {stored.as_of.isoformat()} "
-                         f"lags {lag} (max {max_age})", version)
+                         f"lags {human_duration(lag)} (max {human_duration(max_age)})", version)
     if strategy_id is not None and strategy_id not in stored.with_returns():
         return Freshness("stale", INCOMPLETE, incomplete_detail(version, strategy_id), version)
     return Freshness("fresh", None, f"snapshot {version} as_of {stored.as_of.isoformat()}", version)

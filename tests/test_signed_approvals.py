@@ -109,3 +109,35 @@ def test_policy_with_required_signatures_needs_every_key(ssh_keys: dict[str, tup
     bad = _signed_policy("bob", ssh_keys).replace(ssh_keys["me"][1], "ssh-ed25519 AAAAnotakey")
     with pytest.raises(Exception, match=r"ssh_key: not an OpenSSH public key"):
         load_policy_text(bad)
+
+
+def test_the_gate_counts_a_stored_approval_only_with_a_valid_signature(ssh_keys: dict[str, tuple[Path, str]]) -> None:
+    """Even an approval that reached the store (say, written with the ledger entry forged and the chain
+    rehashed) counts at the gate only if its signature verifies for this request and evidence."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from qmtl_core.campaign import RunSummary
+    from qmtl_core.governance import Approval, GateInput, RequestView, promotion_gate
+    from qmtl_core.risk import StoredSnapshot, parse_snapshot
+
+    now = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
+    policy = load_policy_text(_signed_policy("bob", ssh_keys).replace("required_approvals: 2", "required_approvals: 1"))
+    run = RunSummary("paper-r", 1, "pass", 1, "h", {"sharpe": 1.0}, (), now - timedelta(days=12),
+                     now - timedelta(days=1), 12)
+    snap = parse_snapshot({"world_id": "gov", "version": "v", "as_of": now.isoformat(), "weights": {"a": 1.0},
+                           "provenance": {"actor": "r", "stage": "paper"}})
+    base = GateInput(policy, "a", "paper", run, StoredSnapshot(snap, snap.content_hash, now, "r"))
+    evidence = promotion_gate(base, now).evidence_hash
+    msg = approval_message(world="gov", strategy_id="a", request_id="pr-1", evidence_hash=evidence)
+
+    def gate(signature: str | None) -> tuple[str, ...]:
+        request = RequestView("pr-1", "carol", evidence, now, (Approval("alice", "approve", evidence, now, "ok",
+                                                                        signature),))
+        return promotion_gate(replace(base, request=request), now).valid_approvals
+
+    assert gate(sign(ssh_keys["alice"][0], msg)) == ("alice",)
+    assert gate(None) == ()
+    assert gate(sign(ssh_keys["mallory"][0], msg)) == ()
+    other_request = approval_message(world="gov", strategy_id="a", request_id="pr-2", evidence_hash=evidence)
+    assert gate(sign(ssh_keys["alice"][0], other_request)) == ()

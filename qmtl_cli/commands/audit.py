@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qmtl_cli._output import emit, table
+from qmtl_cli._output import emit, table, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 
@@ -96,7 +96,7 @@ def checkpoint(
         write_new(out, note)
     doc = {**head, "key": signer.name, "note": note, "path": str(out) if out else None}
     emit(doc, json_mode=st.json,
-         human=lambda c: c.print(f"wrote checkpoint of entry {head['seq']} to {out}") if out
+         human=lambda c: c.print(t(f"wrote checkpoint of entry {head['seq']} to {out}")) if out
          else sys.stdout.write(note))
 
 
@@ -121,4 +121,4 @@ def keygen(
     pub, verifier = write_keypair(out, name)
     doc = {"key": str(out), "public_key": str(pub), "verifier": verifier.encode()}
     emit(doc, json_mode=state(ctx).json,
-         human=lambda c: c.print(f"wrote {out} (private, 0600) and {pub}\nverifier: {verifier.encode()}"))
+         human=lambda c: c.print(t(f"wrote {out} (private, 0600) and {pub}") + "\n" + t(f"verifier: {verifier.encode()}")))

@@ -377,6 +377,7 @@ def list_requests(conn: Connection, *, world: str | None, include_closed: bool) 
                     "status": row.status, "requester": row.requester, "reason": row.reason,
                     "created_at": row.created_at, "decided_at": row.decided_at,
                     "evidence_hash": row.evidence_hash,
+                    "policy_version": (row.evidence or {}).get("policy_version"),
                     "reasons": (row.evidence or {}).get("reasons", []),
                     "blocked_reason": row.blocked_reason, "blocked_at": row.blocked_at,
                     "approvals": [{"approver": a.approver, "decision": a.decision, "reason": a.reason,

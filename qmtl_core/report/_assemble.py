@@ -128,6 +128,8 @@ class Report:
     top: int
     only: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: The approver's view of each pending request (``approval_view``), by request id; now only.
+    approvals: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def full(self) -> list[StrategyReport]:
@@ -143,6 +145,7 @@ class Report:
                 "strategies_total": len(self.strategies), "strategies_in_full": [s.strategy_id for s in self.full],
                 "halted": self.halted, "set_version": self.set_version, "activations": self.activations,
                 "pending_requests": self.pending, "timeline": self.timeline, "notes": self.notes,
+                "approval_views": self.approvals,
                 "strategies": [s.to_dict() for s in self.strategies]}
 
 

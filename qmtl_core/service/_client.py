@@ -158,6 +158,11 @@ class LocalClient:
         return {"runs": [r.to_dict() for r in revs]}
 
     # -- submissions (qmtl submit / qmtl run; the strategy itself runs on the client) -------------------
+    def strategies(self, world: str) -> dict[str, Any]:
+        """Every strategy of the world with its name and stage (short ids and prefixes in the CLI)."""
+        self.service.load_world(world, record=False)  # an unknown world is world_not_found
+        return {"world": world, "strategies": self.service.strategy_rows(world)}
+
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
         """The world's row for a strategy (stage, name, code_hash, submitter, meta ...);
         ``StrategyNotFound`` (exit 3, HTTP 404) when the world has never seen it."""
@@ -227,6 +232,27 @@ class LocalClient:
         """``qmtl promote --list [--at T]``."""
         return {"requests": self.service.promotion_requests(world=world, include_closed=include_closed, at=at),
                 "at": at.isoformat() if at is not None else None}
+
+    def approval_view(self, request_id: str) -> dict[str, Any]:
+        """``qmtl promote --show REQ``: what an approver reads, from reads only (the gate as a dry run)."""
+        from qmtl_core.approval_view import approval_view
+        from qmtl_core.errors import NotFoundError, RequestNotFound
+
+        request = next((r for r in self.service.promotion_requests(include_closed=True)
+                        if r["request_id"] == request_id), None)
+        if request is None:
+            raise RequestNotFound(f"no promotion request {request_id!r}", hint="qmtl promote --list --all lists them")
+        world, sid = request["world"], request["strategy_id"]
+        gate = self.service.promote(world, sid, dry_run=True).to_dict().get("gate") or {}
+        runs = [r.to_dict() for r in self.service.list_runs(world, strategy_id=sid)]
+        try:
+            snapshot: dict[str, Any] | None = self.risk_show(world)
+        except NotFoundError:
+            snapshot = None
+        live = [a["strategy_id"] for a in self.service.activations(world)["activations"]
+                if a["stage"] == "live" and a["strategy_id"] != sid]
+        policy = self.world(world)["policy"]
+        return approval_view(request, gate, runs, policy=policy, snapshot=snapshot, live=live)
 
     def decisions(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
         """``qmtl world decision``."""
@@ -413,6 +439,9 @@ class HttpClient:
                           params={"strategy": strategy_id, "stage": stage, "history": history})
 
     # -- submissions ----------------------------------------------------------------------------------
+    def strategies(self, world: str) -> dict[str, Any]:
+        return self._call("GET", f"/worlds/{world}/strategies")
+
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
         return self._call("GET", f"/worlds/{world}/strategies/{strategy_id}")
 
@@ -453,6 +482,9 @@ class HttpClient:
         if signature is not None:
             body["signature"] = signature
         return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body=body)
+
+    def approval_view(self, request_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/promotions/{request_id}/view")
 
     def promotions(self, *, world: str | None = None, include_closed: bool = False,
                    at: datetime | None = None) -> dict[str, Any]:

@@ -10,18 +10,20 @@ PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from qmtl_core._version import __version__
 from qmtl_core.config import Settings
 from qmtl_core.errors import QmtlError
+from qmtl_core.telemetry import HttpMetrics, LoopMetrics, exposition, new_registry
 from qmtl_core.service._auth import Principal, authenticate
 from qmtl_core.service._client import LocalClient, returns_from_doc, table_from_doc
 from qmtl_core.service._service import WorldService
@@ -141,6 +143,17 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     app = FastAPI(title="qmtl WorldService", version=__version__,
                   description="Worlds, evaluation runs, campaigns, governance and the risk hub.")
     base = WorldService(settings, clock=clock)
+    registry = new_registry(base.store, clock)
+    http_metrics, loop_metrics = HttpMetrics(registry), LoopMetrics(registry)
+
+    @app.middleware("http")
+    async def _timed(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        http_metrics.observe(request.method, getattr(route, "path", "unmatched"), response.status_code,
+                             time.perf_counter() - started)
+        return response
 
     @app.exception_handler(QmtlError)
     async def _qmtl_error(request: Request, exc: QmtlError) -> JSONResponse:
@@ -193,6 +206,12 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
             pass
         return {"ok": True, "version": __version__, "store": base.store.backend}
 
+    @app.get("/metrics", response_class=Response)
+    def metrics(_: LocalClient = Depends(read)) -> Response:
+        """Prometheus exposition: the store families (snapshot age, approvals, live strategies, actions,
+        blocks, campaign progress), loop runs through this server, and HTTP latency. Needs a read token."""
+        return Response(exposition(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/worlds")
     def worlds(c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Every world with its version and live settings."""
@@ -224,6 +243,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
              c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Evaluation runs, newest first."""
         return c.runs(world, strategy_id=strategy, stage=stage, history=history)
+
+    @app.get("/worlds/{world}/strategies")
+    def strategies(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Every strategy of the world with its name and stage."""
+        return c.strategies(world)
 
     @app.get("/worlds/{world}/strategies/{strategy_id}")
     def strategy(world: str, strategy_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -258,8 +282,10 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     def campaign_run(world: str, body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
         """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``)."""
         who.require("operate" if body.execute else "tick")
-        return LocalClient(base.as_actor(who.actor, role=who.role)).campaign_run(
+        outcome = LocalClient(base.as_actor(who.actor, role=who.role)).campaign_run(
             world, execute=body.execute, holder=body.holder, lease_ttl_seconds=body.lease_ttl_seconds)
+        loop_metrics.observe(outcome, clock())
+        return outcome
 
     @app.get("/worlds/{world}/decision")
     def decision(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -293,6 +319,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
                    c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Promotion requests (pending unless ``all``), as they stood at ``at`` when given."""
         return c.promotions(world=world, include_closed=all, at=parse_instant(at, what="at") if at else None)
+
+    @app.get("/promotions/{request_id}/view")
+    def approval_view(request_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """What an approver reads: the gate checklist now, stages side by side, risk evidence, caveats."""
+        return c.approval_view(request_id)
 
     @app.post("/promotions/{request_id}/approve")
     def approve_(request_id: str, body: DecideBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:

@@ -423,6 +423,19 @@ class WorldService(GovernanceMixin):
         return [p.stem for p in world_files(self.settings.worlds_dir)]
 
     # -- submissions -------------------------------------------------------------------------------
+    def strategy_rows(self, world: str) -> list[dict[str, Any]]:
+        """Every strategy the world has seen: id, name, stage, submitter, submitted_at (by id)."""
+        import sqlalchemy as sa
+
+        from qmtl_core.store import schema
+
+        world_path(self.settings.worlds_dir, world)
+        t = schema.strategies
+        with self.store.read() as conn:
+            rows = conn.execute(sa.select(t.c.strategy_id, t.c.name, t.c.stage, t.c.submitter, t.c.submitted_at)
+                                .where(t.c.world_id == world).order_by(t.c.strategy_id)).all()
+        return [dict(r._mapping) for r in rows]
+
     def strategy_info(self, world: str, strategy_id: str) -> dict[str, Any] | None:
         """The world's row for a strategy (stage, name, code_hash, submitter, meta ...); ``None``
         when the world has never seen it."""
