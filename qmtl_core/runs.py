@@ -391,20 +391,23 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
     revision unchanged when the content is identical). Call inside a write transaction."""
     if sourced.empty:
         status, rule_results = INSUFFICIENT, []
-        reason = "nothing to source metrics from: " + "; ".join(sourced.notes)
+        outcome = "nothing to source metrics from"
+        reason = outcome + ": " + "; ".join(sourced.notes)
     else:
         gates = evaluate_gates(policy, sourced.metrics, stage=stage, strategy_id=strategy_id,
                                sources=sourced.sources)
         status, rule_results = gates.status, [r.to_dict() for r in gates.rules]
         failing = [r["id"] for r in rule_results if r["status"] != "pass" and r["severity"] != "info"]
-        reason = ("rules not passing: " + ", ".join(failing)) if failing else "every rule passes"
+        reason = outcome = ("rules not passing: " + ", ".join(failing)) if failing else "every rule passes"
         if sourced.notes:
             reason += " (" + "; ".join(sourced.notes) + ")"
     body = {"status": status, "policy_version": policy.policy_version, "metrics": sourced.metrics,
             "metric_sources": sourced.sources, "rule_results": rule_results,
-            "window": sourced.window.to_dict(), "returns": sourced.returns, "reason": reason,
+            "window": sourced.window.to_dict(), "returns": sourced.returns, "reason": outcome,
             "evidence_class": sourced.evidence_class, "metric_classes": sourced.metric_classes}
-    # Float noise below 12 significant digits (1-D vs cohort kernels) is not new evidence.
+    # Float noise below 12 significant digits (1-D vs cohort kernels) is not new evidence, and
+    # neither are the notes on why a source went unused: they carry ages that change by the
+    # second ("snapshot 3600s old"), so hashing them made a new, empty revision on every call.
     digest = content_hash({**body, "metrics": {k: _rounded(v) for k, v in sourced.metrics.items()},
                            "rule_results": [{**r, "observed": _rounded(r["observed"])} for r in rule_results]})
     runs, revs = schema.evaluation_runs, schema.run_revisions
@@ -528,6 +531,11 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
     sourced.notes[:0] = notes
     end = parse_instant(sourced.window.end) if sourced.window.end is not None else None
     key = run_id or suggested_run_id(stage, end, now)
+    if run_id is None and end is None:
+        # No data names this run, so its id would be the clock's: the stage's latest run, when it
+        # had no data either, is the same run instead, and identical content a no-op rather
+        # than a new run per call.
+        key = _dataless_head(conn, policy.world, strategy_id, stage) or key
     return record_run(conn, policy=policy, strategy_id=strategy_id, stage=stage, run_id=key,
                       sourced=sourced, actor=actor, now=now, policy_hash=policy_hash)
 
@@ -537,6 +545,14 @@ def _within(window: Mapping[str, Any] | None, since: datetime) -> bool:
 
     start = parse_optional_instant((window or {}).get("start"))
     return start is not None and start >= since
+
+
+def _dataless_head(conn: Connection, world_id: str, strategy_id: str, stage: str) -> str | None:
+    """The run id of the stage's latest run when that run had no data window, else ``None``."""
+    heads = schema.run_heads
+    row = conn.execute(sa.select(heads.c.run_id, heads.c.window_end).where(
+        heads.c.world_id == world_id, heads.c.strategy_id == strategy_id, heads.c.stage == stage)).first()
+    return str(row.run_id) if row is not None and row.window_end is None else None
 
 
 def list_runs(conn: Connection, *, world_id: str, strategy_id: str | None = None,

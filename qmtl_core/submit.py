@@ -34,9 +34,11 @@ still computed and reported, but nothing is published: the bus is in-process, an
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import json
 import os
+import re
 import sys
 import traceback
 import zlib
@@ -55,6 +57,7 @@ from qmtl_core.errors import (BadInputError, BlockedError, DataFileError, FailCl
                               StrategyNotFound, UsageError)
 from qmtl_core.evidence_class import EvidenceClass
 from qmtl_core.gateway import ComputeContextService, StrategySubmit
+from qmtl_core.grammar import GrammarError, loads_json, parse_number
 from qmtl_core.sdk import (BAR_FIELDS, BacktestResult, Bars, Order, Runner, Strategy, SubmitResult,
                            TradeExecutionService, load_bars, run_backtest, strategy_id, strategy_source)
 from qmtl_core.timeutil import iso, parse_instant
@@ -221,23 +224,83 @@ def pick_strategy(module: ModuleType, path: str | Path, name: str | None = None)
     return found[0]
 
 
-def parse_params(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values are JSON when they parse (``5``, ``0.5``, ``false``), else text."""
+def parse_params(items: Sequence[str], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, each typed by its default (``defaults``, the strategy's).
+
+    A bool takes ``true``/``false``; an int a plain integer; a float a number of the shared
+    grammar; a str any text; a list or dict a JSON value of that kind; a default of ``None`` a
+    JSON value, else text. Anything else, and a key the strategy does not declare, is a
+    ``UsageError`` naming the parameter: ``allow_short=maybe`` must not become a truthy string
+    (and a new strategy id). Without ``defaults`` values are JSON when they parse, else text.
+    """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise UsageError(f"--param {item!r} is not KEY=VALUE", hint="e.g. --param fast=5")
-        text = raw.strip()
-        if text.lower() in ("true", "false"):
-            value: Any = text.lower() == "true"
-        else:
-            try:
-                value = json.loads(text)
-            except ValueError:
-                value = raw
-        out[key.strip()] = value
+        if key in out:
+            raise UsageError(f"--param {key} is given twice", hint="give each parameter once")
+        if defaults is None:
+            out[key] = _untyped_param(raw)
+            continue
+        if key not in defaults:
+            close = difflib.get_close_matches(key, sorted(defaults), n=1)
+            raise UsageError(f"--param {key}: the strategy has no parameter {key!r}",
+                             hint=f"did you mean {close[0]!r}?" if close else
+                             f"known: {', '.join(sorted(defaults)) or '(none)'}", code="unknown_param")
+        out[key] = _typed_param(key, raw, defaults[key])
     return out
+
+
+def _untyped_param(raw: str) -> Any:
+    text = raw.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return loads_json(text)
+    except GrammarError:
+        return raw
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _typed_param(key: str, raw: str, default: Any) -> Any:
+    text = raw.strip()
+
+    def bad(kind: str, example: str) -> UsageError:
+        return UsageError(f"--param {key}={raw}: {key} takes {kind} (its default is {default!r})",
+                          hint=f"e.g. --param {key}={example}", code="bad_param")
+
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise bad("true or false", "false")
+        return text.lower() == "true"
+    if isinstance(default, int):
+        if _INTEGER.fullmatch(text) is None or len(text) > 20:
+            raise bad("an integer", str(default))
+        return int(text)
+    if isinstance(default, float):
+        try:
+            return parse_number(text, missing_ok=False)
+        except GrammarError:
+            raise bad("a finite number", repr(default)) from None
+    if isinstance(default, str):
+        return raw
+    if default is None:
+        return _untyped_param(raw)
+    kind = list if isinstance(default, (list, tuple)) else dict if isinstance(default, Mapping) else None
+    if kind is None:
+        raise UsageError(f"--param {key}: a {type(default).__name__} parameter cannot be set from the "
+                         "command line", hint="change its default in the strategy file", code="bad_param")
+    try:
+        value = loads_json(text)
+    except GrammarError:
+        value = None
+    if not isinstance(value, kind):
+        raise bad(f"a JSON {'list' if kind is list else 'object'}", json.dumps(default)[:40])
+    return value
 
 
 def instantiate(cls: type[Strategy], params: Mapping[str, Any], *, shown: str | None = None) -> Strategy:
@@ -547,7 +610,8 @@ class Submission:
                          "end": iso(_to_datetime(stamps[-1])) if len(stamps) else None,
                          "n_trades": bt.n_trades, "closed_trades": len(bt.trades),
                          "total_return": bt.total_return, "fee_bps": bt.fee_bps,
-                         "slippage_bps": bt.slippage_bps, "unfilled_orders": bt.unfilled_orders},
+                         "slippage_bps": bt.slippage_bps, "unfilled_orders": bt.unfilled_orders,
+                         "liquidated_at": bt.extra.get("liquidated_at")},
             "run": {**self.run.to_dict(), "created": self.run.created},
             "registered": self.registered,
             "next_action": _action_doc(self.next_action),

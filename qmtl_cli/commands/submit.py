@@ -30,7 +30,9 @@ WorldOpt = Annotated[str, typer.Option("--world", "-w", help="World to submit to
 ClassOpt = Annotated[Optional[str], typer.Option(
     "--strategy", "-s", help="Strategy class to use when the file defines several.")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option(
-    "--param", "-p", help="Strategy parameter KEY=VALUE (repeatable); part of the strategy id.")]
+    "--param", "-p", help="Strategy parameter KEY=VALUE (repeatable), typed by the parameter's "
+                          "default (true/false, an integer, a number, text or JSON); part of the "
+                          "strategy id.")]
 
 STATUS_STYLE = {"active": "green", "pending": "yellow", "rejected": "red"}
 
@@ -38,9 +40,9 @@ STATUS_STYLE = {"active": "green", "pending": "yellow", "rejected": "red"}
 def _load(file: Path, strategy: str | None, params: list[str] | None) -> "Strategy":
     from qmtl_core.submit import instantiate, load_strategy_file, parse_params, pick_strategy
 
-    values = parse_params(params or [])
     module = load_strategy_file(file)
     cls = pick_strategy(module, file, strategy)
+    values = parse_params(params or [], cls.defaults)  # typed by the strategy's own defaults
     return instantiate(cls, values, shown=str(file))
 
 

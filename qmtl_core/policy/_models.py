@@ -9,11 +9,12 @@ from __future__ import annotations
 import difflib
 import re
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from qmtl_core.approval_signing import parse_public_key
+from qmtl_core.grammar import MAX_STORE_INT
 from qmtl_core.metric_names import KNOWN_METRICS, is_known_metric
 from qmtl_core.policy._durations import Duration
 
@@ -52,6 +53,10 @@ def _check_metric(name: str) -> str:
     return name
 
 
+#: An integer the store keeps: bounded so it is refused here, at its line, not by the database.
+StoreInt = Annotated[int, Field(le=MAX_STORE_INT)]
+
+
 class MetricDeclaration(BaseModel):
     """An extra metric a policy's rules may name: measured elsewhere (a metrics file's ``extra``,
     a snapshot's ``extra_metrics``) and declared here so a typo in a rule is still caught."""
@@ -63,7 +68,9 @@ class MetricDeclaration(BaseModel):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: a NaN threshold compares false both ways, so it would pass every
+    # gate it guards; an infinite one cannot be stored as JSON.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Costs(_Model):
@@ -108,16 +115,20 @@ class Rule(_Model):
 
 
 class Validation(_Model):
-    """How the gates treat a metric that could not be measured."""
+    """How the gates treat a metric that could not be measured, and returns whose spacing does
+    not match ``periods_per_year``."""
 
     on_missing_metric: Literal["fail", "warn"] = "fail"
+    on_spacing_mismatch: Literal["warn", "fail"] = Field(
+        "warn", description="returns observed at a rate more than 1.25x away from periods_per_year "
+                            "(weekly returns under 252): warn in the notes, or fail (exit 2)")
 
 
 class TopK(_Model):
     """Keep the ``k`` best strategies by ``metric`` (higher is better unless ``order: asc``)."""
 
     metric: str
-    k: int = Field(ge=1)
+    k: StoreInt = Field(ge=1)
     order: Literal["desc", "asc"] = "desc"
 
     @field_validator("metric")
@@ -130,7 +141,7 @@ class Correlation(_Model):
     """Drop a strategy whose returns correlate above ``max`` with one already kept."""
 
     max: float = Field(gt=-1, le=1)
-    min_overlap: int = Field(20, ge=2, description="fewest overlapping periods to trust a correlation")
+    min_overlap: StoreInt = Field(20, ge=2, description="fewest overlapping periods to trust a correlation")
 
 
 class Hysteresis(_Model):
@@ -165,7 +176,7 @@ class StageWindow(_Model):
     """Observation a stage needs before its campaign can move on, measured on data."""
 
     window: Duration
-    min_observations: int = Field(1, ge=1)
+    min_observations: StoreInt = Field(1, ge=1)
 
     @field_validator("window")
     @classmethod
@@ -212,10 +223,10 @@ class LivePromotion(_Model):
 
     mode: PromotionMode = "disabled"
     approvers: list[Approver] = Field(default_factory=list)
-    required_approvals: int = Field(1, ge=1)
+    required_approvals: StoreInt = Field(1, ge=1)
     approval_ttl: Duration = timedelta(hours=72)
     cooldown: Duration = timedelta(0)
-    max_live_slots: int = Field(1, ge=1)
+    max_live_slots: StoreInt = Field(1, ge=1)
     require_signatures: bool = Field(False, description="an approval counts only with a valid SSH signature "
                                                         "by the approver's ssh_key over the request's evidence")
 
@@ -298,7 +309,7 @@ class WorldPolicy(_Model):
 
     world: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     description: str | None = None
-    policy_version: int = Field(ge=1)
+    policy_version: StoreInt = Field(ge=1)
     allow_live: bool = False
     periods_per_year: int = Field(252, ge=1, le=525_600)
     costs: Costs = Costs()

@@ -22,6 +22,8 @@ from qmtl_core.report._series import STAGE_ORDER
 #: Metrics shown per stage for a strategy shown in full, in this order.
 KEY_METRICS = ("sharpe", "sortino", "cagr", "total_return", "annual_volatility", "max_drawdown", "calmar",
                "win_rate", "n_trades", "n_observations")
+#: Fractions shown as percentages wherever they appear (one unit per metric across the page).
+PERCENT_METRICS = frozenset({"cagr", "total_return", "annual_volatility", "max_drawdown", "win_rate"})
 
 
 @dataclass

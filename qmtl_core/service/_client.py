@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from qmtl_core.errors import BadInputError, QmtlError
+from qmtl_core.grammar import GrammarError, parse_number
 
 if TYPE_CHECKING:
     from qmtl_core.datafiles import ReturnsTable
@@ -40,9 +41,9 @@ def returns_from_doc(doc: Any, *, what: str = "returns") -> list[tuple[datetime,
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise BadInputError(f"{what}[{i}] must be [timestamp, return]")
         try:
-            value = float(item[1])
-        except (TypeError, ValueError):
-            raise BadInputError(f"{what}[{i}]: {item[1]!r} is not a number") from None
+            value = parse_number(item[1], missing_ok=False)
+        except GrammarError as exc:
+            raise BadInputError(f"{what}[{i}]: {exc.message}", hint=exc.hint) from None
         out.append((parse_instant(str(item[0]), what=f"{what}[{i}] timestamp"), value))
     return out
 
@@ -70,8 +71,10 @@ def table_from_doc(doc: Any) -> "ReturnsTable | None":
     try:
         strategies = tuple(str(s) for s in doc["strategies"])
         stamps = tuple(parse_instant(str(t), what="timestamp") for t in doc["timestamps"])
-        matrix = np.array([[np.nan if v is None else float(v) for v in row] for row in doc["matrix"]],
+        matrix = np.array([[parse_number(v) for v in row] for row in doc["matrix"]],
                           dtype=np.float64).reshape(len(strategies), len(stamps))
+    except GrammarError as exc:
+        raise BadInputError(f"returns table: matrix: {exc.message}", hint=exc.hint) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInputError(f"returns table: {exc}",
                             hint="send {strategies: [...], timestamps: [...], matrix: [[...]]}") from None
