@@ -44,7 +44,8 @@ from qmtl_core.evaluation import add_extras
 from qmtl_core.evidence_class import EvidenceClass, is_trusted
 from qmtl_core.metric_names import is_portfolio_metric
 from qmtl_core.policy import WorldPolicy
-from qmtl_core.policy._engine import clean_number, evaluate_gates
+from qmtl_core.consistency import consistency_results
+from qmtl_core.policy._engine import RuleResult, clean_number, evaluate_gates, summarize
 from qmtl_core.portfolio import DEFAULT_MIN_OVERLAP, PortfolioRisk, portfolio_risk
 from qmtl_core.risk import INCOMPLETE, MISSING, Freshness, StoredSnapshot
 from qmtl_core.store import schema
@@ -387,8 +388,9 @@ def previous_run(conn: Connection, *, world_id: str, strategy_id: str, stage: st
 def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage: str, run_id: str,
                sourced: Sourced, actor: str, now: datetime, policy_hash: str | None = None,
                ledger_entry: bool = True) -> RunRevision:
-    """Gate the sourced metrics and store them as the run's next revision (or return the latest
-    revision unchanged when the content is identical). Call inside a write transaction."""
+    """Gate the sourced metrics (and the world's consistency checks at this stage) and store them
+    as the run's next revision (or return the latest revision unchanged when the content is
+    identical). Call inside a write transaction."""
     if sourced.empty:
         status, rule_results = INSUFFICIENT, []
         outcome = "nothing to source metrics from"
@@ -396,7 +398,8 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
     else:
         gates = evaluate_gates(policy, sourced.metrics, stage=stage, strategy_id=strategy_id,
                                sources=sourced.sources)
-        status, rule_results = gates.status, [r.to_dict() for r in gates.rules]
+        results = list(gates.rules) + _consistency(conn, policy, strategy_id, stage, sourced)
+        status, rule_results = summarize(results), [r.to_dict() for r in results]
         failing = [r["id"] for r in rule_results if r["status"] != "pass" and r["severity"] != "info"]
         reason = outcome = ("rules not passing: " + ", ".join(failing)) if failing else "every rule passes"
         if sourced.notes:
@@ -490,6 +493,28 @@ def _head_of(conn: Connection, run_pk: int) -> dict[str, Any]:
             "n_observations": int(window.get("n_observations") or 0), "metrics": row.metrics,
             "rule_results": row.rule_results, "updated_at": row.updated_at,
             "evidence_class": row.evidence_class}
+
+
+def reference_returns(conn: Connection, *, world_id: str, strategy_id: str, stage: str) -> list[float] | None:
+    """The returns of the latest revision of the strategy's latest run at ``stage`` (``None``: no run)."""
+    h, revs = schema.run_heads, schema.run_revisions
+    head = conn.execute(sa.select(h.c.run_pk, h.c.revision).where(
+        h.c.world_id == world_id, h.c.strategy_id == strategy_id, h.c.stage == stage)).first()
+    if head is None:
+        return None
+    stored = conn.execute(sa.select(revs.c.returns).where(revs.c.run_pk == head.run_pk,
+                                                          revs.c.revision == head.revision)).scalar()
+    return [float(r) for _, r in (stored or [])] or None
+
+
+def _consistency(conn: Connection, policy: WorldPolicy, strategy_id: str, stage: str,
+                 sourced: Sourced) -> list[RuleResult]:
+    checks = policy.consistency_for(stage)
+    if not checks:
+        return []
+    refs = {c.against: reference_returns(conn, world_id=policy.world, strategy_id=strategy_id, stage=c.against)
+            for c in checks}
+    return consistency_results(policy, stage, [r for _, r in sourced.returns or []], refs)
 
 
 def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: str | None,

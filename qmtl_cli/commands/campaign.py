@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from qmtl_cli._output import console, emit, styled, user_text as t
-from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._runtime import AllowLiveOption, JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app
 
@@ -185,6 +185,7 @@ def campaign_loop(
     lease_ttl: Annotated[str, typer.Option(
         "--lease-ttl", help="How long a world's lease lasts without renewal (a crashed loop "
                             "blocks others this long).")] = "10m",
+    allow_live: AllowLiveOption = False,
     metrics_file: Annotated[Optional[Path], typer.Option(
         "--metrics-file", help="After each iteration, write Prometheus metrics to PATH atomically, for "
                                "node_exporter's textfile collector (e.g. /var/lib/node_exporter/qmtl.prom): "
@@ -199,13 +200,21 @@ def campaign_loop(
     policy), 12 (evidence missing or stale) over the actions; 75 when every world was leased by
     another loop. With --json, one JSON document per iteration (one per line). With
     checkpoint_dir set, each executing iteration also publishes a signed ledger checkpoint there.
+    A world whose execution would put a strategy live (apply_live) is left untouched, reported as
+    refused (exit 10), unless --allow-live is given or the config sets allow_live=true (for cron).
+
+    One world's failure (bad data, a broken policy, a bug) is reported in that world's outcome with
+    its exit code, and the loop carries on with the other worlds and later iterations; a world with
+    paper or live strategies whose policy file is missing or broken is reported with exit 12
+    (policy_unavailable), never skipped (--all includes it). Over worlds the exit is the most severe
+    of 12, 1, 2, 4, 3, 10, 11, 0.
 
     Give --world W (repeatable) or --all: a loop never sweeps every world unless asked to.
     """
     from datetime import datetime, timezone
 
     from qmtl_cli._ids import labeller
-    from qmtl_core.errors import UsageError
+    from qmtl_core.errors import LiveNotConfirmed, UsageError
     from qmtl_core.service._campaign import new_holder, worst_outcome
 
     if worlds and all_worlds:
@@ -222,7 +231,7 @@ def campaign_loop(
     pause = _parse_interval(interval, "--interval") if interval else 0.0
     ttl = _parse_interval(lease_ttl, "--lease-ttl")
     st = state(ctx)
-    client = st.client()
+    client = st.client(allow_live=allow_live)
     targets = client.world_names() if all_worlds else list(dict.fromkeys(worlds or []))
     if not targets:
         raise UsageError("no worlds to run", hint="add policy files to --worlds-dir")
@@ -246,7 +255,11 @@ def campaign_loop(
         for world in targets:
             if live is not None:
                 live.update(f"iteration {iteration}: {t(world)}")
-            outcomes.append(client.campaign_run(world, execute=execute, holder=holder, lease_ttl_seconds=ttl))
+            try:
+                outcomes.append(client.campaign_run(world, execute=execute, holder=holder, lease_ttl_seconds=ttl))
+            except LiveNotConfirmed as exc:  # this world did nothing; the others still run
+                outcomes.append({"world": world, "status": "refused", "exit_code": exc.exit_code,
+                                 "holder": None, "message": exc.one_line(), "actions": []})
         if live is not None:
             live.stop()
         code = worst_outcome(outcomes)
@@ -263,8 +276,12 @@ def campaign_loop(
         else:
             for o in outcomes:
                 out.print(f"[bold]{t(o['world'])}[/bold]")
-                if o["status"] == "busy":
-                    out.print(f"  busy: {t(o['message'])}")
+                if o["status"] in ("busy", "refused"):
+                    out.print(f"  {o['status']}: {t(o['message'])}")
+                    continue
+                if o["status"] == "error":
+                    out.print(f"  error ({o.get('error')}, exit {o['exit_code']}): {o['message']}", markup=False,
+                              highlight=False)
                     continue
                 label = labeller(st, o["world"])
                 for a in o["actions"]:

@@ -17,9 +17,13 @@ from qmtl_core.approval_signing import parse_public_key
 from qmtl_core.grammar import MAX_STORE_INT
 from qmtl_core.metric_names import KNOWN_METRICS, is_known_metric
 from qmtl_core.policy._durations import Duration
+from qmtl_core.world_files import WORLD_ID_PATTERN
 
-Stage = Literal["backtest", "paper", "live"]
-STAGES: tuple[Stage, ...] = ("backtest", "paper", "live")
+#: Evaluation stages: where a run is measured. ``shadow`` is the run of a strategy fed live inputs
+#: with orders off (``qmtl run --domain shadow``), beside its paper stage; it is never a stage a
+#: strategy stands in.
+Stage = Literal["backtest", "paper", "shadow", "live"]
+STAGES: tuple[Stage, ...] = ("backtest", "paper", "shadow", "live")
 Severity = Literal["blocking", "soft", "info"]
 PromotionMode = Literal["disabled", "manual_approval", "auto_apply"]
 
@@ -114,6 +118,52 @@ class Rule(_Model):
         return self.stages is None or stage in self.stages
 
 
+#: Metrics where more is better: a consistency check's ``max_drop`` is a fall in one of these.
+HIGHER_IS_BETTER = frozenset({"sharpe", "sortino", "calmar", "cagr", "total_return", "win_rate",
+                              "profit_factor", "tail_ratio", "psr"})
+
+
+class Consistency(_Model):
+    """A drift check: a later stage's returns against an earlier stage's (the backtest by default).
+
+    ``max_drop``: the later stage's ``metric`` may fall at most this much below the reference's
+    (``reference - observed``, same units as the metric). ``ks_p_min``: the two-sample
+    Kolmogorov-Smirnov test that both return series come from one distribution must give a p-value
+    of at least this (a smaller p says the stage behaves unlike its backtest). Both sides need
+    ``min_observations`` returns, else the check counts as a missing metric.
+    """
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    stage: Literal["paper", "shadow", "live"]
+    against: Literal["backtest", "paper", "shadow"] = "backtest"
+    metric: str = "sharpe"
+    max_drop: float | None = Field(None, ge=0, allow_inf_nan=False)
+    ks_p_min: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
+    min_observations: int = Field(20, ge=2, le=1_000_000)
+    severity: Severity = "blocking"
+
+    @field_validator("metric")
+    @classmethod
+    def _rising_metric(cls, v: str) -> str:
+        _check_metric(v)
+        if v not in HIGHER_IS_BETTER:
+            raise ValueError(f"consistency metric {v!r} is not one where more is better "
+                             f"(use one of {', '.join(sorted(HIGHER_IS_BETTER))})")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Consistency":
+        if self.max_drop is None and self.ks_p_min is None:
+            raise PolicyProblem((), f"consistency check {self.id!r} has neither max_drop nor ks_p_min",
+                                "give max_drop:, ks_p_min: or both")
+        order = ("backtest", "paper", "shadow", "live")
+        if order.index(self.against) >= order.index(self.stage):
+            raise PolicyProblem(("against",), f"consistency check {self.id!r} compares {self.stage} "
+                                f"against {self.against}, which does not come before it",
+                                "compare a later stage against an earlier one, e.g. against: backtest")
+        return self
+
+
 class Validation(_Model):
     """How the gates treat a metric that could not be measured, and returns whose spacing does
     not match ``periods_per_year``."""
@@ -197,6 +247,8 @@ class Campaign(_Model):
 
     backtest: StageWindow | None = None
     paper: StageWindow | None = None
+    #: Optional: when present, the live gate also needs this much shadow observation on data.
+    shadow: StageWindow | None = None
     live: LiveWindow | None = None
 
 
@@ -307,13 +359,15 @@ class Notifications(_Model):
 class WorldPolicy(_Model):
     """A world's whole policy file."""
 
-    world: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    world: str = Field(min_length=1, max_length=100, pattern=WORLD_ID_PATTERN)
     description: str | None = None
     policy_version: StoreInt = Field(ge=1)
     allow_live: bool = False
     periods_per_year: int = Field(252, ge=1, le=525_600)
     costs: Costs = Costs()
     rules: list[Rule] = Field(default_factory=list)
+    #: Drift checks (``qmtl_core.consistency``): a later stage's returns against an earlier one's.
+    consistency: list[Consistency] = Field(default_factory=list)
     validation: Validation = Validation()
     selection: Selection = Selection()
     campaign: Campaign = Campaign()
@@ -361,7 +415,16 @@ class WorldPolicy(_Model):
                 raise PolicyProblem(("rules", i, "id"), f"rule id {rule.id!r} is used twice",
                                     "give every rule its own id")
             seen.add(rule.id)
+        for i, check in enumerate(self.consistency):
+            if check.id in seen:
+                raise PolicyProblem(("consistency", i, "id"), f"id {check.id!r} is used twice",
+                                    "give every rule and consistency check its own id")
+            seen.add(check.id)
         return self
+
+    def consistency_for(self, stage: str) -> list[Consistency]:
+        """The consistency checks measured on runs at ``stage``, in file order."""
+        return [c for c in self.consistency if c.stage == stage]
 
     @property
     def live_promotion(self) -> LivePromotion:

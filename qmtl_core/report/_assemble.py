@@ -322,6 +322,8 @@ def assemble(*, world: str, policy: Any, runs: Sequence[Any], returns: Sequence[
             nxt = view.get("next_action")
         else:
             reached = STAGE_ORDER[: STAGE_ORDER.index(stage) + 1] if stage in STAGE_ORDER else STAGE_ORDER
+            if "shadow" in runs_of or (policy.campaign.shadow is not None and "paper" in reached):
+                reached = reached[:2] + ("shadow",) + reached[2:]  # as qmtl_core.campaign.campaign_view
             progress = [_progress_at(policy, st, runs_of.get(st)) for st in reached]
             nxt = None
         s = StrategyReport(sid, stage, {st: runs_of[st] for st in STAGE_ORDER if st in runs_of}, progress, nxt,
