@@ -356,7 +356,7 @@ def test_requests_and_the_report_at_t_show_only_what_was_known_at_t(svc) -> None
 
 
 # --- schema v5 ----------------------------------------------------------------------------------------
-def test_a_v5_store_migrates_and_evidence_stored_before_provenance_is_untrusted(svc, store_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_v6_store_migrates_and_evidence_stored_before_provenance_is_untrusted(svc, store_url: str) -> None:  # type: ignore[no-untyped-def]
     import sqlalchemy as sa
 
     from qmtl_core.store import migrate, schema
@@ -366,7 +366,7 @@ def test_a_v5_store_migrates_and_evidence_stored_before_provenance_is_untrusted(
     s.ready("a")
     with svc.store.read() as conn:
         entered = conn.execute(sa.select(schema.strategies.c.stage_entered_at)).scalar_one()
-    # Turn the store back into a v5 store: no provenance columns.
+    # Turn the store back into a v6 store: no provenance columns.
     dropped = {"strategies": ("stage_entered_at", "code_binding"),
                "run_revisions": ("evidence_class", "metric_classes"), "run_heads": ("evidence_class",),
                "risk_snapshots": ("stage", "evidence_class"), "promotion_requests": ("blocked_reason", "blocked_at")}
@@ -375,11 +375,11 @@ def test_a_v5_store_migrates_and_evidence_stored_before_provenance_is_untrusted(
         for table, columns in dropped.items():
             for column in columns:
                 conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
-        conn.execute(sa.delete(schema.schema_version).where(schema.schema_version.c.version > 5))
+        conn.execute(sa.delete(schema.schema_version).where(schema.schema_version.c.version > 6))
     svc.close()
     store = Store(store_url)
     with store.write() as conn:
-        assert migrate(conn) == [6]
+        assert migrate(conn) == [7]
     with store.read() as conn:
         st, rs = schema.strategies, schema.risk_snapshots
         row = conn.execute(sa.select(st.c.stage_entered_at, st.c.updated_at, st.c.stage)).one()

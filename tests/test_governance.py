@@ -216,7 +216,8 @@ def test_world_halted_blocks_and_decisions_become_compute_only(svc) -> None:  # 
     [entry] = resumed["reentries"]
     assert (entry["strategy_id"], entry["status"]) == ("a", "blocked") and "cooldown_active" in entry["message"]
     assert svc.decision("auto", "a").effective_mode == "paper"  # resume never makes it live on its own
-    svc.clock.advance(hours=25)
+    # The halt took a back to paper: only paper returns observed since then count (a new window).
+    svc.clock.advance(days=11)
     s.snapshot(["a", "b"], 12, version="p12-later")
     s.loop()  # the gate decides again; under auto_apply the loop applies once every gate passes
     assert svc.decision("auto", "a").effective_mode == "live"
