@@ -26,6 +26,7 @@ import orjson
 
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._durations import format_duration
+from qmtl_core.portfolio import PortfolioRisk
 from qmtl_core.risk import INCOMPLETE, Freshness, SnapshotView, freshness
 from qmtl_core.runs import INSUFFICIENT, suggested_run_id
 from qmtl_core.timeutil import iso
@@ -112,6 +113,8 @@ class WorldState:
     last_live_promotion_at: datetime | None = None
     #: Open promotion requests by strategy (``qmtl_core.governance.RequestView``).
     requests: Mapping[str, Any] = field(default_factory=dict)
+    #: Paper strategies' portfolio metrics against the book, when a rule gates on them.
+    portfolio: Mapping[str, PortfolioRisk] = field(default_factory=dict)
 
 
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -335,7 +338,8 @@ class _Ticker:
         request = self.state.requests.get(s.strategy_id)
         gate = promotion_gate(GateInput(
             self.policy, s.strategy_id, s.stage, run, self.snap, self.state.halted, self.state.live_strategies,
-            self.state.last_live_promotion_at, s.submitter, request), self.now)
+            self.state.last_live_promotion_at, s.submitter, request, self.state.portfolio.get(s.strategy_id)),
+            self.now)
         ev = {"gate_evidence": gate.evidence_hash, "request": request.request_id if request else None,
               "approvals": list(gate.valid_approvals), "codes": gate.codes}
         detail = "; ".join(f"{r.code}: {r.detail}" for r in gate.reasons)

@@ -35,6 +35,16 @@ def explain_rules(c: "Console", rules: list[dict[str, Any]]) -> None:
                 f"[dim]({r['severity']}{source})[/dim]")
 
 
+def explain_portfolio(c: "Console", metrics: dict[str, Any], sources: dict[str, str]) -> None:
+    """The run's portfolio metrics (the book with the strategy), each with the snapshot it came from."""
+    from qmtl_core.metric_names import is_portfolio_metric
+
+    shown = {k: v for k, v in metrics.items() if is_portfolio_metric(k)}
+    if shown:
+        c.print("  portfolio with the book: " + ", ".join(
+            f"{k} {_fmt(v)} ({sources.get(k, '-')})" for k, v in shown.items()), markup=False, soft_wrap=True)
+
+
 def render_evaluation(c: "Console", doc: dict[str, Any], *, explain: bool) -> None:
     """Human rendering: a summary table, or per strategy and rule with ``explain``."""
     c.print(f"world [bold]{doc['world']}[/bold]  stage {doc['stage']}  policy_version "
@@ -162,6 +172,8 @@ def render_runs(c: "Console", revisions: list[dict[str, Any]], *, explain: bool)
             c.print(f"  window {window['start'][:10]} .. {window['end'][:10]}, "
                     f"{window['n_observations']} observations ({window['source']})")
         c.print(f"  {run['reason']}", markup=False)
+        if explain:
+            explain_portfolio(c, run.get("metrics") or {}, run.get("metric_sources") or {})
         if explain and run.get("rules"):
             explain_rules(c, run["rules"])
 

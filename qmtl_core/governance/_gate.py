@@ -16,10 +16,15 @@ from typing import Any
 
 from qmtl_core.campaign import RunSummary, progress
 from qmtl_core.canonical import content_hash
-from qmtl_core.policy import WorldPolicy
-from qmtl_core.risk import SnapshotView, freshness
+from qmtl_core.metric_names import is_portfolio_metric
+from qmtl_core.policy import Rule, WorldPolicy
+from qmtl_core.policy._engine import check_rule
+from qmtl_core.portfolio import PortfolioRisk
+from qmtl_core.risk import INCOMPLETE, SnapshotView, freshness
 from qmtl_core.timeutil import iso
 
+#: A portfolio rule fails for the book with the candidate (a policy block, exit 10).
+PORTFOLIO_LIMIT = "portfolio_limit_exceeded"
 FAIL_CLOSED = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
                          "risk_snapshot_incomplete"})
 
@@ -72,6 +77,8 @@ class GateInput:
     last_live_promotion_at: datetime | None = None
     submitter: str | None = None
     request: RequestView | None = None
+    #: The candidate's portfolio metrics against the live book, from ``snapshot`` (``runs.book_risk``).
+    portfolio: PortfolioRisk | None = None
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,50 @@ class GateResult:
                 "valid_approvals": list(self.valid_approvals), "exit_code": self.exit_code}
 
 
+def portfolio_gate_rules(policy: WorldPolicy) -> list[Rule]:
+    """Blocking rules on portfolio metrics the live gate re-checks at decision time: those of the
+    paper and live stages (taking a strategy live adds it to the live book, so the book *now* decides)."""
+    return [r for r in policy.rules if is_portfolio_metric(r.metric) and r.severity == "blocking"
+            and (r.applies_to("paper") or r.applies_to("live"))]
+
+
+def portfolio_reasons(g: GateInput) -> list[Reason]:
+    """Why the book with the candidate breaks a portfolio rule, or cannot be measured (fail closed)."""
+    reasons: list[Reason] = []
+    risk = g.portfolio
+    for rule in portfolio_gate_rules(g.policy):
+        observed = None if risk is None else risk.metrics.get(rule.metric)
+        if risk is None or observed is None:
+            reasons.append(Reason(INCOMPLETE, f"rule {rule.id} needs {rule.metric}: " + _lacking(risk, rule.metric)))
+            continue
+        result = check_rule(rule, observed, on_missing="fail", source=risk.source)
+        if result.status == "fail" and rule.severity == "blocking":
+            book = ", ".join(risk.book) or "nothing live"
+            reasons.append(Reason(PORTFOLIO_LIMIT, f"rule {rule.id}: {result.reason} (book: {book}; {risk.source})"))
+    return reasons
+
+
+def _lacking(risk: PortfolioRisk | None, metric: str) -> str:
+    if risk is None:
+        return "the risk snapshot gave no portfolio metrics"
+    version = risk.source.split(":", 1)[1]
+    return f"snapshot {version} has no " + risk.missing.get(metric, "stress scenario " + metric.removeprefix("stress_loss."))
+
+
 def evidence_of(g: GateInput) -> dict[str, Any]:
-    """What a promotion is decided on: paper run revision, metrics, window, policy, snapshot."""
+    """What a promotion is decided on: paper run revision, metrics, window, policy, snapshot, and
+    (when rules gate on them) the portfolio metrics of the book with the candidate."""
+    evidence = _evidence(g)
+    names = sorted({r.metric for r in portfolio_gate_rules(g.policy)})
+    if names:  # only then, so evidence bound before portfolio rules existed keeps its hash
+        risk = g.portfolio
+        evidence["portfolio"] = None if risk is None else {
+            "source": risk.source, "book": list(risk.book),
+            "metrics": {n: risk.metrics.get(n) for n in names}}
+    return evidence
+
+
+def _evidence(g: GateInput) -> dict[str, Any]:
     run = g.paper_run
     return {
         "world": g.policy.world, "strategy_id": g.strategy_id, "policy_version": g.policy.policy_version,
@@ -185,6 +234,8 @@ def promotion_gate(g: GateInput, now: datetime) -> GateResult:
     fresh = freshness(g.snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=g.strategy_id)
     if not fresh.ok:
         reasons.append(Reason(fresh.reason or "risk_snapshot_missing", fresh.detail))
+    else:
+        reasons.extend(portfolio_reasons(g))
     if g.last_live_promotion_at is not None and g.last_live_promotion_at + lp.cooldown > now:
         reasons.append(Reason("cooldown_active", f"last live promotion at {iso(g.last_live_promotion_at)[:19]}Z; "
                               f"cooldown until {iso(g.last_live_promotion_at + lp.cooldown)[:19]}Z"))

@@ -20,10 +20,11 @@ from sqlalchemy.engine import Connection
 from qmtl_core import ledger
 from qmtl_core.campaign import RunSummary
 from qmtl_core.errors import BlockedError, ConflictError, RequestNotFound
-from qmtl_core.governance._activations import current_set, set_stage
+from qmtl_core.governance._activations import book_members, current_set, set_stage
 from qmtl_core.governance._gate import Approval, GateInput, GateResult, RequestView, promotion_gate
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.risk import latest_snapshot
+from qmtl_core.runs import book_risk
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso, parse_instant, parse_optional_instant
 
@@ -107,9 +108,11 @@ def gate_input(conn: Connection, policy: WorldPolicy, strategy_id: str, *, reque
                                                                    st.c.strategy_id == strategy_id)).first()
     gov = governance_state(conn, world)
     halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar())
+    snapshot = latest_snapshot(conn, world)
+    risk = book_risk(policy, strategy_id, snapshot, None, book_members(conn, policy), check_fresh=False)
     return GateInput(policy, strategy_id, row.stage if row else None, paper_run_summary(conn, world, strategy_id),
-                     latest_snapshot(conn, world), halted, gov["live_strategies"], gov["last_live_promotion_at"],
-                     row.submitter if row else None, request)
+                     snapshot, halted, gov["live_strategies"], gov["last_live_promotion_at"],
+                     row.submitter if row else None, request, risk)
 
 
 # --- writing ------------------------------------------------------------------------------------------
