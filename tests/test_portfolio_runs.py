@@ -255,3 +255,28 @@ def test_explain_and_report_show_portfolio_metrics_with_their_source(qmtl_env: d
     page = out.read_text()
     assert "Portfolio risk with the book" in page and "incremental_var_99" in page
     assert "<code>risk_snapshot:v1</code>" in page
+
+
+def test_snapshot_extra_metrics_are_sourced_for_declared_rules(store_url: str, worlds_dir: Path, tmp_path: Path) -> None:
+    (worlds_dir / "port.yaml").write_text(policy(extra="  - {id: turnover, metric: turnover, max: 10}\n")
+                                          .replace("campaign:", "metrics:\n  turnover: {better: lower}\ncampaign:"))
+    service = make_service(store_url, worlds_dir, tmp_path / "home", Clock(T0)).as_actor("cron")
+    try:
+        w = World(service)
+        w.backtest()
+        doc = w.doc("x1", weights={"a": 0.5, "b": 0.5})
+        plain = parse_snapshot(doc).content_hash
+        doc["extra_metrics"] = {"b": {"turnover": 14.0}}
+        snap = parse_snapshot(doc)
+        assert snap.content_hash != plain and "extra_metrics" not in parse_snapshot(w.doc("x1", weights={
+            "a": 0.5, "b": 0.5})).canonical()  # absent stays absent: old snapshots keep their hash
+        w.put(doc)
+        run = service.record_evaluation("port", strategy_id="b", stage="paper")
+        rule = next(r for r in run.rule_results if r["id"] == "turnover")
+        assert run.metrics["turnover"] == 14.0 and run.metric_sources["turnover"] == "risk_snapshot:x1"
+        assert rule["status"] == "fail" and run.status == "fail"
+        bad = {**doc, "version": "x2", "extra_metrics": {"b": {"sharpe": 9.0}}}
+        with pytest.raises(Exception, match="built in"):
+            parse_snapshot(bad)
+    finally:
+        service.close()
