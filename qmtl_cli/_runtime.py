@@ -22,7 +22,10 @@ def report_error(*, message: str, exit_code: int, payload: dict[str, Any], json_
     """Print an error: JSON on stdout in ``--json`` mode, and always one line on stderr."""
     if json_mode:
         sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
-    sys.stderr.write(f"qmtl: error: {message}\n")
+    from qmtl_cli._output import control_escaped
+
+    # The message may quote user input (an id, a reason): never let it drive the terminal.
+    sys.stderr.write(f"qmtl: error: {control_escaped(message)}\n")
     sys.stderr.flush()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from qmtl_cli._output import Markup
+
 BLOCKS = "▁▂▃▄▅▆▇█"
 STATUS_STYLE = {"pass": "green", "warn": "yellow", "fail": "red"}
 
@@ -52,11 +54,11 @@ def equity_sparkline(returns: Iterable[float], width: int = 20) -> str:
     return sparkline(equity(returns), width)
 
 
-def styled_sparkline(returns: Iterable[float], status: str | None, width: int = 20) -> str:
+def styled_sparkline(returns: Iterable[float], status: str | None, width: int = 20) -> Markup:
     """The equity sparkline wrapped in rich markup coloured by ``status`` (pass/warn/fail)."""
     line = equity_sparkline(returns, width)
     style = STATUS_STYLE.get(status or "")
-    return f"[{style}]{line}[/{style}]" if line and style else line
+    return Markup(f"[{style}]{line}[/{style}]" if line and style else line)
 
 
 def gate_status(rules: Iterable[dict[str, object]]) -> str | None:

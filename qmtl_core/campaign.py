@@ -364,7 +364,9 @@ class _Ticker:
         worst = (next((r for r in gate.reasons if r.code in standing), None)
                  or next((r for r in gate.reasons if r.code in FAIL_CLOSED), None)
                  or next(r for r in gate.reasons if r.code not in ("approval_required", "approvals_expired")))
-        return self.make(s, "blocked", worst.code, detail, evidence=ev)
+        # The action's reason is worst.code already: its detail leads without repeating the code.
+        others = [f"{r.code}: {r.detail}" for r in gate.reasons if r is not worst]
+        return self.make(s, "blocked", worst.code, "; ".join([worst.detail, *others]), evidence=ev)
 
     def live(self, s: StrategyState) -> Action:
         run = s.runs.get("live")

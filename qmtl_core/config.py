@@ -21,6 +21,12 @@ CONFIG_KEYS: dict[str, str] = {
     "token": "bearer token used in remote mode",
     "database_url": "SQLAlchemy URL of the store, e.g. postgresql+psycopg://user@host/db",
     "worlds_dir": "directory holding the world policy files",
+    "checkpoint_key": "file holding the Ed25519 key that signs ledger checkpoints (qmtl audit keygen); "
+                      "keep it where the database's users cannot read it",
+    "checkpoint_verifier": "the checkpoint public key (name+id+key) or the .pub file holding it; "
+                           "qmtl audit verify --checkpoint checks signatures against it",
+    "checkpoint_dir": "directory where the campaign loop and qmtl serve publish a signed checkpoint "
+                      "after each change (append-only, outside the store)",
 }
 
 ENV_VARS: dict[str, str] = {
@@ -29,6 +35,9 @@ ENV_VARS: dict[str, str] = {
     "server": "QMTL_SERVER",
     "database_url": "QMTL_DATABASE_URL",
     "token": "QMTL_TOKEN",
+    "checkpoint_key": "QMTL_CHECKPOINT_KEY",
+    "checkpoint_verifier": "QMTL_CHECKPOINT_VERIFIER",
+    "checkpoint_dir": "QMTL_CHECKPOINT_DIR",
 }
 
 
@@ -94,6 +103,10 @@ def write_config(home: Path, values: dict[str, Any]) -> Path:
     return path
 
 
+def _path(value: Any) -> Path | None:
+    return Path(str(value)).expanduser() if value else None
+
+
 @dataclass
 class Settings:
     """Resolved settings for one invocation."""
@@ -103,6 +116,9 @@ class Settings:
     server: str | None = None
     token: str | None = None
     database_url: str | None = None
+    checkpoint_key: Path | None = None
+    checkpoint_verifier: str | None = None
+    checkpoint_dir: Path | None = None
 
     @classmethod
     def resolve(cls, *, home: Path | None = None, worlds_dir: Path | None = None,
@@ -127,6 +143,9 @@ class Settings:
             server=pick("server", server),
             token=pick("token", None),
             database_url=pick("database_url", None),
+            checkpoint_key=_path(pick("checkpoint_key", None)),
+            checkpoint_verifier=pick("checkpoint_verifier", None),
+            checkpoint_dir=_path(pick("checkpoint_dir", None)),
         )
 
     @property

@@ -18,6 +18,7 @@ __all__ = [
     "DataFileError",
     "ConfigError",
     "StoreVersionError",
+    "AmbiguousId",
     "NotFoundError",
     "WorldNotFound",
     "StrategyNotFound",
@@ -28,6 +29,10 @@ __all__ = [
     "EvidenceChanged",
     "PolicyVersionConflict",
     "LedgerBroken",
+    "CheckpointMismatch",
+    "CheckpointUnsigned",
+    "LedgerStateMismatch",
+    "CheckpointError",
     "BlockedError",
     "GateFailed",
     "PromotionRefused",
@@ -99,6 +104,12 @@ class UsageError(BadInputError):
     code = "usage"
 
 
+class AmbiguousId(UsageError):
+    """An id prefix matches more than one strategy or request (``details['candidates']``)."""
+
+    code = "ambiguous_id"
+
+
 class PolicyError(BadInputError):
     """A world policy file is not valid; carries the file, line and column of the problem."""
 
@@ -130,6 +141,12 @@ class Unauthorized(ConfigError):
     """Remote mode: no token, or a token the server does not accept."""
 
     code = "unauthorized"
+
+
+class CheckpointError(BadInputError):
+    """A checkpoint file that is not a well-formed signed note."""
+
+    code = "bad_checkpoint"
 
 
 class StoreVersionError(BadInputError):
@@ -200,6 +217,24 @@ class LedgerBroken(ConflictError):
     """The audit ledger's hash chain does not verify."""
 
     code = "ledger_broken"
+
+
+class CheckpointMismatch(LedgerBroken):
+    """The chain does not hold a signed checkpoint's head at its position (rewritten or truncated)."""
+
+    code = "checkpoint_mismatch"
+
+
+class CheckpointUnsigned(ConflictError):
+    """A checkpoint file carries no valid signature by the configured key."""
+
+    code = "checkpoint_unsigned"
+
+
+class LedgerStateMismatch(LedgerBroken):
+    """The decision tables hold something the ledger does not vouch for (``audit verify --deep``)."""
+
+    code = "ledger_state_mismatch"
 
 
 # --- 10: blocked by policy ----------------------------------------------------------------------

@@ -8,7 +8,8 @@ a deleted last row) breaks verification at the first affected entry.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -104,8 +105,6 @@ def append(conn: Connection, *, actor: str, kind: str, now: datetime, world: str
 
 def _json_roundtrip(payload: dict[str, Any]) -> dict[str, Any]:
     # What is hashed must be exactly what a reader gets back from the database.
-    import json
-
     return json.loads(canonical_json(payload))
 
 
@@ -133,7 +132,8 @@ def entries(conn: Connection, *, world: str | None = None, since: datetime | Non
 
 @dataclass
 class VerifyResult:
-    """Outcome of ``verify``: ok, or the first broken entry and what is wrong with it."""
+    """Outcome of ``verify``: ok, or the first broken entry and what is wrong with it; plus, for each
+    anchor (a signed checkpoint's ``(seq, hash)``), whether the chain holds that hash at that seq."""
 
     ok: bool
     entries: int
@@ -141,12 +141,27 @@ class VerifyResult:
     first_broken_seq: int | None = None
     problem: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    anchors: list[dict[str, Any]] = field(default_factory=list)
+    head_hash: str = GENESIS_HASH
+
+    @property
+    def anchors_ok(self) -> bool:
+        """Whether every anchor was found in the chain."""
+        return all(a["ok"] for a in self.anchors)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for ``qmtl audit verify --json``."""
-        return {"ok": self.ok, "entries": self.entries, "head_seq": self.head_seq,
-                "first_broken_seq": self.first_broken_seq, "problem": self.problem,
-                **({"details": self.details} if self.details else {})}
+        return {"ok": self.ok and self.anchors_ok, "entries": self.entries, "head_seq": self.head_seq,
+                "head_hash": self.head_hash, "first_broken_seq": self.first_broken_seq, "problem": self.problem,
+                **({"details": self.details} if self.details else {}),
+                **({"checkpoints": self.anchors} if self.anchors else {})}
+
+
+def head(conn: Connection) -> tuple[int, str]:
+    """The chain's tail as the head row records it: ``(seq, hash)``; ``(0, GENESIS_HASH)`` when empty."""
+    row = conn.execute(sa.select(schema.ledger_head.c.seq, schema.ledger_head.c.hash)
+                       .where(schema.ledger_head.c.id == _HEAD_ID)).first()
+    return (int(row.seq), str(row.hash)) if row else (0, GENESIS_HASH)
 
 
 def _iter_rows(conn: Connection, batch: int = 5000) -> Iterator[LedgerEntry]:
@@ -164,33 +179,58 @@ def _iter_rows(conn: Connection, batch: int = 5000) -> Iterator[LedgerEntry]:
         last = rows[-1].seq
 
 
-def verify(conn: Connection) -> VerifyResult:
-    """Walk the chain from the start; stop at the first entry that does not verify."""
-    head = conn.execute(sa.select(schema.ledger_head.c.seq, schema.ledger_head.c.hash)
-                        .where(schema.ledger_head.c.id == _HEAD_ID)).first()
-    head_seq, head_hash = (int(head.seq), head.hash) if head else (0, GENESIS_HASH)
+def _check_anchor(label: str, seq: int, expected: str, found: str | None) -> dict[str, Any]:
+    if found is None:
+        problem = (f"the chain has no entry {seq} (it was truncated after the checkpoint was taken)")
+    elif found != expected:
+        problem = (f"entry {seq} has hash {found[:16]}..., the checkpoint says {expected[:16]}... "
+                   "(the chain was rewritten)")
+    else:
+        problem = None
+    return {"checkpoint": label, "seq": seq, "hash": expected, "ok": problem is None, "problem": problem}
+
+
+def verify(conn: Connection, *, anchors: Mapping[str, tuple[int, str]] | None = None,
+           visit: Callable[[LedgerEntry], None] | None = None) -> VerifyResult:
+    """Walk the chain from the start; stop at the first entry that does not verify.
+
+    ``anchors`` maps a label to a ``(seq, hash)`` the chain must hold (a signed checkpoint's head);
+    ``visit`` sees every entry that verified, in order (``audit verify --deep`` rebuilds state from them
+    in the same pass).
+    """
+    head_seq, head_hash = head(conn)
+    wanted: dict[int, list[tuple[str, str]]] = {}
+    for label, (seq, digest) in (anchors or {}).items():
+        wanted.setdefault(seq, []).append((label, digest))
+    checked = [_check_anchor(label, 0, digest, GENESIS_HASH) for label, digest in wanted.pop(0, [])]
     prev_hash = GENESIS_HASH
     expected_seq = 1
     count = 0
+
+    def broken(seq: int, problem: str, details: dict[str, Any] | None = None) -> VerifyResult:
+        return VerifyResult(False, count, head_seq, seq, problem, details or {}, checked, head_hash)
+
     for entry in _iter_rows(conn):
         count += 1
         if entry.seq != expected_seq:
             problem = ("an entry is missing before this one (deleted)" if entry.seq > expected_seq
                        else "sequence out of order")
-            return VerifyResult(False, count, head_seq, expected_seq, problem,
-                                {"found_seq": entry.seq})
+            return broken(expected_seq, problem, {"found_seq": entry.seq})
         if entry.prev_hash != prev_hash:
-            return VerifyResult(False, count, head_seq, entry.seq,
-                                "prev_hash does not match the previous entry "
-                                "(an entry was inserted, deleted or reordered here)")
+            return broken(entry.seq, "prev_hash does not match the previous entry "
+                                     "(an entry was inserted, deleted or reordered here)")
         if entry_hash(prev_hash, entry.body()) != entry.hash:
-            return VerifyResult(False, count, head_seq, entry.seq,
-                                "content does not match its hash (the entry was edited)")
+            return broken(entry.seq, "content does not match its hash (the entry was edited)")
+        for label, digest in wanted.pop(entry.seq, []):
+            checked.append(_check_anchor(label, entry.seq, digest, entry.hash))
+        if visit is not None:
+            visit(entry)
         prev_hash = entry.hash
         expected_seq += 1
+    for seq, items in sorted(wanted.items()):
+        checked.extend(_check_anchor(label, seq, digest, None) for label, digest in items)
     last_seq = expected_seq - 1
     if last_seq != head_seq or prev_hash != head_hash:
-        return VerifyResult(False, count, head_seq, last_seq + 1,
-                            f"the chain ends at {last_seq} but the head says {head_seq} "
-                            "(entries at the end were deleted, or the head was altered)")
-    return VerifyResult(True, count, head_seq)
+        return broken(last_seq + 1, f"the chain ends at {last_seq} but the head says {head_seq} "
+                                    "(entries at the end were deleted, or the head was altered)")
+    return VerifyResult(True, count, head_seq, anchors=checked, head_hash=head_hash)

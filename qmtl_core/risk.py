@@ -36,6 +36,7 @@ from pydantic_core import PydanticCustomError
 from qmtl_core.canonical import content_hash
 from qmtl_core.errors import BadInputError
 from qmtl_core.metric_names import is_known_metric
+from qmtl_core.timeutil import human_duration
 
 MAX_TTL_SEC = 86_400
 DEFAULT_TTL_SEC = 900
@@ -464,7 +465,7 @@ def freshness(stored: SnapshotView | None, *, now: datetime, max_age: timedelta,
     lag = now - stored.as_of
     if lag > max_age:
         return Freshness("stale", LAGGING, f"snapshot {version} as_of {stored.as_of.isoformat()} "
-                         f"lags {lag} (max {max_age})", version)
+                         f"lags {human_duration(lag)} (max {human_duration(max_age)})", version)
     if strategy_id is not None and strategy_id not in stored.covered():
         return Freshness("stale", INCOMPLETE, f"snapshot {version} does not cover strategy "
                          f"{strategy_id}", version)

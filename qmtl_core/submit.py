@@ -800,8 +800,13 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
         run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage="paper",
                                                     run_id=stage_doc["run_id"], metrics={"n_trades": n_trades},
                                                     returns=series))
+    # Cumulative order-gate blocks by reason: Prometheus' qmtl_order_gate_blocks_total reads them here.
+    gate_blocks = dict((feed or {}).get("orders_blocked") or {})
+    for reason, n in stats["blocked"].items():
+        gate_blocks[reason] = int(gate_blocks.get(reason, 0)) + int(n)
     client.register_strategy(
-        world, strategy_id=sid, meta={"feed": {"bars": _bars_doc(bars), "runs": {**runs_doc, stage: stage_doc}}},
+        world, strategy_id=sid, meta={"feed": {"bars": _bars_doc(bars), "runs": {**runs_doc, stage: stage_doc},
+                                               "orders_blocked": gate_blocks}},
         expect_meta={"feed": feed}, kind="strategy.fed",
         reason=f"{len(fresh)} new bar(s) {iso(first_new)[:10]}..{iso(_to_datetime(fresh.timestamp[-1]))[:10]} "
                f"in {ctx.execution_domain}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from qmtl_core.errors import BadInputError
 
@@ -42,3 +42,23 @@ def iso(value: datetime) -> str:
     u = value.astimezone(timezone.utc)
     return (f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}."
             f"{u.microsecond:06d}Z")
+
+
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def human_duration(value: "timedelta | float") -> str:
+    """A duration as people read it: the two largest units, rounded down (``17m 1s``, ``272d 8h``,
+    ``45s``); never Python's ``0:17:01.328945``. Negative durations get a ``-`` sign."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    sign, rest = ("-", -seconds) if seconds < 0 else ("", seconds)
+    rest = int(rest)
+    parts = []
+    for unit, size in _UNITS:
+        if rest >= size or (unit == "s" and not parts):
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+        if len(parts) == 2:
+            break
+    # "1d 0h" says no more than "1d"
+    return sign + " ".join(p for i, p in enumerate(parts) if i == 0 or not p.startswith("0"))

@@ -19,6 +19,10 @@ from qmtl_core.config import Settings
 
 SERVER = "http://qmtl.test"
 
+#: ``audit verify --deep`` tests set this: the harness's tokens are then created the ledgered way
+#: (``create_token``), since a token no ledger entry vouches for is exactly what --deep reports.
+LEDGER_TOKENS = False
+
 
 class InProcessServer(httpx.BaseTransport):
     """An httpx transport that runs requests through ``create_app`` in a private event loop."""
@@ -40,11 +44,19 @@ class InProcessServer(httpx.BaseTransport):
         actor = settings.identity()
         # Inserted directly (no ledger entry), so both modes leave identical ledgers behind.
         self.tokens = {role: f"qmtl_test_{secrets.token_urlsafe(16)}" for role in ("operator", "approver")}
-        with service.store.write() as conn:
-            for role, token in self.tokens.items():
-                conn.execute(sa.insert(schema.api_tokens).values(
-                    token_hash=token_hash(token), token_id=secrets.token_hex(6), actor=actor, role=role,
-                    created_at=iso(service.clock()), created_by="test-harness"))
+        if LEDGER_TOKENS:
+            from qmtl_core.service._auth import create_token
+
+            with service.store.write() as conn:
+                for role in list(self.tokens):
+                    _, self.tokens[role] = create_token(conn, actor=actor, role=role, created_by="test-harness",
+                                                        now=service.clock())
+        else:
+            with service.store.write() as conn:
+                for role, token in self.tokens.items():
+                    conn.execute(sa.insert(schema.api_tokens).values(
+                        token_hash=token_hash(token), token_id=secrets.token_hex(6), actor=actor, role=role,
+                        created_at=iso(service.clock()), created_by="test-harness"))
         self._asgi = httpx.ASGITransport(app=self.app)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)

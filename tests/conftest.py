@@ -18,7 +18,7 @@ EXAMPLE_WORLDS = ROOT / "worlds"
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads or writes the user's ~/.qmtl or inherits qmtl settings from the shell."""
     for var in ("QMTL_HOME", "QMTL_WORLDS_DIR", "QMTL_SERVER", "QMTL_DATABASE_URL", "QMTL_TOKEN",
-                "QMTL_JSON", "QMTL_DEBUG"):
+                "QMTL_JSON", "QMTL_DEBUG", "QMTL_CHECKPOINT_KEY", "QMTL_CHECKPOINT_VERIFIER", "QMTL_CHECKPOINT_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("QMTL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NO_COLOR", "1")

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from qmtl_core import ledger
 from qmtl_core.store import open_store, schema
+from tests._tamper import as_owner
 from tests.cli_helpers import qmtl, qmtl_process
 
 pytestmark = pytest.mark.usefixtures("cli_mode")
@@ -47,7 +48,7 @@ def test_audit_verify_ok_then_tampered(filled: str) -> None:
     ok = qmtl("audit", "verify", "--json")
     assert ok.exit_code == 0 and ok.json()["ok"] is True and ok.json()["entries"] == 3
     store = open_store(filled)
-    with store.write() as conn:
+    with as_owner(store) as conn:
         conn.execute(sa.update(schema.ledger).where(schema.ledger.c.seq == 2).values(actor="mallory"))
     store.dispose()
     bad = qmtl_process("audit", "verify")

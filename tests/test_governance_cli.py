@@ -221,3 +221,59 @@ def test_webhook_receives_events_and_failures_never_block(store_url: str, worlds
     assert failed and failed[-1].subject == "world.resumed" and "HTTP 503" in (failed[-1].reason or "")
     assert svc.audit_verify().ok
     svc.close()
+
+
+# --- the outbox: a notification survives a SIGKILL between commit and delivery, and is sent once ---------
+_KILL_BEFORE_DELIVERY = """
+import os, signal, sys
+from pathlib import Path
+from tests._service import make_service
+import qmtl_core.outbox as outbox
+
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+outbox.flush = die   # the decision has committed; delivery never starts
+svc = make_service(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])).as_actor("alice")
+svc.decide_request(sys.argv[4], decision="approve", reason="ok")
+print("survived")
+"""
+
+
+class _KeyedHook(_Hook):
+    keys: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        type(self).keys.append(self.headers.get("Idempotency-Key", ""))
+        super().do_POST()
+
+
+def test_outbox_delivers_after_a_crash_exactly_once(store_url: str, worlds_dir: Path, tmp_path: Path) -> None:
+    handler = type("Hook", (_KeyedHook,), {"received": [], "status": 200, "keys": []})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/qmtl"
+        (worlds_dir / "gov.yaml").write_text(policy_text() + f"notifications: {{webhook: '{url}'}}\n")
+        svc = make_service(store_url, worlds_dir, tmp_path / "h", Clock(datetime.now(timezone.utc))).as_actor("cron")
+        Setup(svc).ready("a")
+        rid = svc.as_actor("carol").promote("gov", "a").request_id
+        assert [e["event"] for e in handler.received] == ["promotion.requested"]
+        proc = subprocess.run([sys.executable, "-c", _KILL_BEFORE_DELIVERY, store_url, str(worlds_dir),
+                               str(tmp_path / "h"), rid], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == -9 and "survived" not in proc.stdout, proc.stderr[-800:]
+        assert [e.actor for e in svc.audit_log(kind="promotion.approved")] == ["alice"]  # committed
+        assert len(handler.received) == 1  # ... but not announced
+        svc.campaign_iteration(["gov"], execute=True, holder="next", lease_ttl=timedelta(minutes=5))
+        approved = [e for e in handler.received if e["event"] == "promotion.approved"]
+        assert len(approved) == 1 and approved[0]["request_id"] == rid and approved[0]["actor"] == "alice"
+        assert handler.keys[-1] == approved[0]["event_id"] and len(set(handler.keys)) == len(handler.keys)
+        count = len(handler.received)
+        assert svc.flush_outbox() == []  # nothing is due twice
+        svc.set_halted("gov", halted=True, reason="drill")
+        assert len(handler.received) == count + 1 and handler.received[-1]["event"] == "world.halted"
+        assert svc.audit_verify().ok
+        svc.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from qmtl_core import ledger
 from qmtl_core.store import open_store, schema
+from tests._tamper import as_owner
 
 NOW = datetime(2026, 1, 31, tzinfo=timezone.utc)
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,7 @@ def _verify(store) -> ledger.VerifyResult:  # type: ignore[no-untyped-def]
 
 def test_edited_row_is_caught(store_url: str) -> None:
     store = _fill(store_url)
-    with store.write() as conn:
+    with as_owner(store) as conn:
         conn.execute(sa.update(schema.ledger).where(schema.ledger.c.seq == 3)
                      .values(reason="nothing to see"))
     result = _verify(store)
@@ -63,7 +64,7 @@ def test_edited_row_is_caught(store_url: str) -> None:
 
 def test_edited_payload_is_caught(store_url: str) -> None:
     store = _fill(store_url)
-    with store.write() as conn:
+    with as_owner(store) as conn:
         conn.execute(sa.update(schema.ledger).where(schema.ledger.c.seq == 2)
                      .values(payload={"i": 99, "x": 0.1}))
     result = _verify(store)
@@ -73,7 +74,7 @@ def test_edited_payload_is_caught(store_url: str) -> None:
 
 def test_deleted_row_is_caught(store_url: str) -> None:
     store = _fill(store_url)
-    with store.write() as conn:
+    with as_owner(store) as conn:
         conn.execute(sa.delete(schema.ledger).where(schema.ledger.c.seq == 2))
     result = _verify(store)
     assert not result.ok and result.first_broken_seq == 2 and "missing" in result.problem
@@ -82,7 +83,7 @@ def test_deleted_row_is_caught(store_url: str) -> None:
 
 def test_deleted_last_row_is_caught(store_url: str) -> None:
     store = _fill(store_url)
-    with store.write() as conn:
+    with as_owner(store) as conn:
         conn.execute(sa.delete(schema.ledger).where(schema.ledger.c.seq == 5))
     result = _verify(store)
     assert not result.ok and result.first_broken_seq == 5
@@ -93,7 +94,7 @@ def test_inserted_row_is_caught(store_url: str) -> None:
     """A forged row slipped in at seq 3, later rows renumbered to keep seq contiguous."""
     store = _fill(store_url)
     t = schema.ledger
-    with store.write() as conn:
+    with as_owner(store) as conn:
         for seq in range(5, 2, -1):
             conn.execute(sa.update(t).where(t.c.seq == seq).values(seq=seq + 1))
         prev = conn.execute(sa.select(t.c.hash).where(t.c.seq == 2)).scalar_one()
@@ -112,7 +113,7 @@ def test_inserted_row_is_caught(store_url: str) -> None:
 def test_reordered_rows_are_caught(store_url: str) -> None:
     store = _fill(store_url)
     t = schema.ledger
-    with store.write() as conn:
+    with as_owner(store) as conn:
         conn.execute(sa.update(t).where(t.c.seq == 2).values(seq=-2))
         conn.execute(sa.update(t).where(t.c.seq == 3).values(seq=2))
         conn.execute(sa.update(t).where(t.c.seq == -2).values(seq=3))

@@ -184,7 +184,7 @@ def test_cli_against_a_real_server(real_server) -> None:  # type: ignore[no-unty
     assert rec.returncode == 12 and json.loads(rec.stdout)["status"] == "insufficient_data"
     missing = run("world", "show", "nope")
     assert missing.returncode == 3 and missing.stderr.count("\n") == 1 and "known worlds" in missing.stderr
-    tail = run("events", "tail", "--world", "gov", "--limit", "2", "--json")
+    tail = run("events", "tail", "--world", "gov", "--since", "0", "--limit", "2", "--json")
     assert tail.returncode == 0, tail.stderr
     kinds = [json.loads(line)["kind"] for line in tail.stdout.splitlines()]
     assert kinds == ["policy.recorded", "run.recorded"]

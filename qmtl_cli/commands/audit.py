@@ -1,12 +1,14 @@
-"""``qmtl audit``: read and verify the hash-chained ledger."""
+"""``qmtl audit``: read and verify the hash-chained ledger; sign and check its checkpoints."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from qmtl_cli._output import emit, table
+from qmtl_cli._output import emit, table, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 
@@ -41,8 +43,82 @@ def log(
 
 @app.command("verify")
 @command
-def verify(ctx: typer.Context, json_output: JsonOption = False) -> None:
-    """Check the ledger's hash chain; exit 4 naming the first broken entry."""
-    result = state(ctx).client().audit_verify()
-    emit(result, json_mode=state(ctx).json,
-         human=lambda c: c.print(f"[green]ok[/green]: {result['entries']} ledger entries verify"))
+def verify(
+    ctx: typer.Context,
+    checkpoint: Annotated[Optional[list[Path]], typer.Option(
+        "--checkpoint", "-c", help="A signed checkpoint file the chain must contain (repeatable); exit 4 "
+        "naming it when the chain was rewritten or truncated since.")] = None,
+    verifier: Annotated[Optional[str], typer.Option(
+        "--verifier", help="Checkpoint public key (name+id+key) or its .pub file [default: checkpoint_verifier "
+        "setting, QMTL_CHECKPOINT_VERIFIER].")] = None,
+    deep: Annotated[bool, typer.Option(
+        "--deep", help="Also rebuild approvals, activation sets, stages, halts and tokens from the ledger "
+        "alone, re-verify approval signatures, and exit 4 on any difference with the tables.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Check the ledger's hash chain; exit 4 naming the first broken entry, checkpoint or difference.
+
+    Example: qmtl audit verify --checkpoint /witness/qmtl-000000000042.checkpoint --deep
+    """
+    from qmtl_core.checkpoint import read_claims, require_verifier
+
+    st = state(ctx)
+    claims = read_claims(checkpoint, require_verifier(verifier or st.settings().checkpoint_verifier)) \
+        if checkpoint else []
+    result = st.client().audit_verify(checkpoints=claims, deep=deep)
+    extra = (f", {len(claims)} checkpoint(s) held" if claims else "") + (", tables match the ledger" if deep else "")
+    emit(result, json_mode=st.json,
+         human=lambda c: c.print(f"[green]ok[/green]: {result['entries']} ledger entries verify{extra}"))
+
+
+@app.command("checkpoint")
+@command
+def checkpoint(
+    ctx: typer.Context,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write the checkpoint to this new file (never overwritten) instead of stdout.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Sign the ledger's current head (origin, size, hash) with the checkpoint key.
+
+    The key is read from the checkpoint_key setting (QMTL_CHECKPOINT_KEY); keep copies of the
+    checkpoints where the database's users cannot write (see README "Audit ledger").
+
+    Example: qmtl audit checkpoint --out /witness/$(date +%s).checkpoint
+    """
+    from qmtl_core.checkpoint import from_head, require_signer, sign, write_new
+
+    st = state(ctx)
+    signer = require_signer(st.settings().checkpoint_key)
+    head = st.client().audit_head()
+    note = sign(from_head(head), signer)
+    if out is not None:
+        write_new(out, note)
+    doc = {**head, "key": signer.name, "note": note, "path": str(out) if out else None}
+    emit(doc, json_mode=st.json,
+         human=lambda c: c.print(t(f"wrote checkpoint of entry {head['seq']} to {out}")) if out
+         else sys.stdout.write(note))
+
+
+@app.command("keygen")
+@command
+def keygen(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The new private key file (mode 0600); the public "
+                                      "key goes to FILE.pub. Neither is ever overwritten.")],
+    name: Annotated[str, typer.Option("--name", help="Key name shown in signature lines.")] = "qmtl-checkpoint",
+    json_output: JsonOption = False,
+) -> None:
+    """Make an Ed25519 key pair for signing ledger checkpoints.
+
+    Keep the private key away from the database's users (another account, or the cron host), then:
+    qmtl config set checkpoint_key FILE and hand FILE.pub to whoever verifies.
+
+    Example: qmtl audit keygen --out /etc/qmtl/checkpoint.key --name acme-qmtl
+    """
+    from qmtl_core.checkpoint import write_keypair
+
+    pub, verifier = write_keypair(out, name)
+    doc = {"key": str(out), "public_key": str(pub), "verifier": verifier.encode()}
+    emit(doc, json_mode=state(ctx).json,
+         human=lambda c: c.print(t(f"wrote {out} (private, 0600) and {pub}") + "\n" + t(f"verifier: {verifier.encode()}")))

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from qmtl_cli._output import console, emit, styled
+from qmtl_cli._output import console, emit, styled, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console
 
 ACTION_STYLE = {"evaluate": "cyan", "promote_to_paper": "green", "apply_live": "green",
@@ -29,19 +32,20 @@ def _bar(done: float, total: float, width: int = 12) -> str:
 
 
 def render_campaign(c: "Console", world: str, views: list[dict[str, Any]],
-                    curves: dict[str, list[float]] | None = None) -> None:
+                    curves: dict[str, list[float]] | None = None,
+                    label: "Callable[[str], str]" = str) -> None:
     """Human rendering of ``qmtl world campaign`` (``curves``: each strategy's chained returns, drawn
-    as a sparkline coloured by its gates' pass/warn/fail)."""
+    as a sparkline coloured by its gates' pass/warn/fail; ``label``: how a strategy id is shown)."""
     from qmtl_cli._sparkline import gate_status, styled_sparkline
 
     if not views:
-        c.print(f"world {world} has no strategies yet (submit one, or record a run with "
+        c.print(f"world {t(world)} has no strategies yet (submit one, or record a run with "
                 "qmtl world evaluate --strategy)")
         return
     for v in views:
         status = gate_status(v["rules"])
         spark = styled_sparkline((curves or {}).get(v["strategy_id"], []), status, width=24)
-        c.print(f"[bold]{v['strategy_id']}[/bold]  {v['phase']}" + (f"  {spark}" if spark else "")
+        c.print(f"[bold]{t(label(v['strategy_id']))}[/bold]  {t(v['phase'])}" + (f"  {spark}" if spark else "")
                 + (f"  {styled(status)}" if status else ""))
         for p in v["progress"]:
             span = p["span_seconds"]
@@ -50,15 +54,14 @@ def render_campaign(c: "Console", world: str, views: list[dict[str, Any]],
             frac_span = span / window if window else 1.0
             frac = min(frac_span, obs / need if need else 1.0)
             mark = "[green]✓[/green]" if p["satisfied"] else " "
-            c.print(f"  {mark} {_bar(frac, 1.0)} {p['label']}")
+            c.print(f"  {mark} {_bar(frac, 1.0)} {t(p['label'])}")
         nxt = v["next_action"]
         if nxt is not None:
             style = ACTION_STYLE.get(nxt["action"], "")
-            c.print(f"  next: [{style}]{nxt['action']}[/{style}] ({nxt['reason']}): {nxt['detail']}",
-                    markup=True)
+            c.print(f"  next: [{style}]{t(nxt['action'])}[/{style}] ({t(nxt['reason'])}): {t(nxt['detail'])}")
         failing = [r for r in v["rules"] if r.get("status") != "pass"]
         for r in failing:
-            c.print(f"  {styled(r['status'])} {r['id']}: {r['reason']}")
+            c.print(f"  {styled(r['status'])} {t(r['id'])}: {t(r['reason'])}")
 
 
 @app.command("campaign")
@@ -66,15 +69,23 @@ def render_campaign(c: "Console", world: str, views: list[dict[str, Any]],
 def campaign(
     ctx: typer.Context,
     world: Annotated[str, typer.Argument(help="World name.")],
-    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy.")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy (its id or any unique prefix).")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Show each strategy's campaign: phase, window progress measured on data, gates, next action."""
+    """Show each strategy's campaign: phase, window progress measured on data, gates, next action.
+
+    STRATEGY (--strategy) may be any unique prefix of the id, as git accepts for commits.
+    """
+    from qmtl_cli._ids import labeller, strategy_id
+
+    strategy = strategy_id(state(ctx), world, strategy)
     views = state(ctx).client().campaign(world, strategy_id=strategy)["strategies"]
+
     def human(c: "Console") -> None:
         from qmtl_cli._sparkline import strategy_curves
 
-        render_campaign(c, world, views, strategy_curves(state(ctx), world, strategy) if views else None)
+        render_campaign(c, world, views, strategy_curves(state(ctx), world, strategy) if views else None,
+                        labeller(state(ctx), world))
 
     emit({"world": world, "strategies": views}, json_mode=state(ctx).json, human=human)
 
@@ -92,7 +103,47 @@ def _parse_interval(text: str) -> float:
     return seconds
 
 
-def _print_action(c: "Console", doc: dict[str, Any]) -> None:
+class _LoopTextfile:
+    """``--metrics-file``: the loop's families (carried over from the file it replaces, so counters only
+    grow across cron runs) plus the store families when the store is local."""
+
+    def __init__(self, st: Any, path: Path) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from qmtl_core.errors import ConfigError
+        from qmtl_core.telemetry import LoopMetrics, new_registry, read_counters
+
+        import os
+
+        # Checked before the loop acts, not after: a cron line must not act and then fail to report.
+        problem = ("is a directory" if path.is_dir() else "no such directory" if not path.parent.is_dir()
+                   else "directory not writable" if not os.access(path.parent, os.W_OK) else None)
+        if problem:
+            raise ConfigError(f"--metrics-file {path}: {problem}",
+                              hint="give a file in an existing directory, e.g. /var/lib/node_exporter/qmtl.prom")
+        self.path = path
+        if st.remote:  # the server's /metrics has the store families; the store is not here
+            self.registry = CollectorRegistry(auto_describe=False)
+        else:
+            service = st.service()
+            self.registry = new_registry(service.store, service.clock)
+        self.loop = LoopMetrics(self.registry)
+        self.loop.carry_over(read_counters(path, ("qmtl_loop_runs", "qmtl_loop_actions")))
+
+    def write(self, outcomes: list[dict[str, Any]], at: Any) -> None:
+        from qmtl_core.errors import ConfigError
+        from qmtl_core.telemetry import write_textfile
+
+        for outcome in outcomes:
+            self.loop.observe(outcome, at)
+        try:
+            write_textfile(self.path, self.registry)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-file {self.path}: cannot write ({exc.strerror or exc})",
+                              hint="point it at a writable directory, e.g. node_exporter's textfile directory") from None
+
+
+def _print_action(c: "Console", doc: dict[str, Any], label: "Callable[[str], str]" = str) -> None:
     style = ACTION_STYLE.get(doc["action"], "")
     outcome = doc.get("outcome", "")
     result = doc.get("result") or {}
@@ -101,8 +152,19 @@ def _print_action(c: "Console", doc: dict[str, Any]) -> None:
         extra = f" -> run {result['run_id']}#{result['revision']} {result.get('run_status', '')}"
     elif result.get("why"):
         extra = f" ({result['why']})"
-    c.print(f"  {outcome:<9} [{style}]{doc['action']:<16}[/{style}] {doc['strategy_id']:<20} "
-            f"{doc['reason']}: {doc['detail']}{extra}", markup=True, highlight=False)
+    c.print(f"  {t(outcome):<9} [{style}]{t(doc['action']):<16}[/{style}] {t(label(doc['strategy_id'])):<20} "
+            f"{t(doc['reason'])}: {t(doc['detail'])}{t(extra)}", highlight=False)
+
+
+def _checkpoint_publisher(settings: Any) -> Any:
+    """With ``checkpoint_dir`` set, a function that publishes a signed checkpoint of a head into it
+    (a misconfigured key fails the loop before it acts, not after)."""
+    if settings.checkpoint_dir is None:
+        return None
+    from qmtl_core.checkpoint import publish, require_signer
+
+    signer = require_signer(settings.checkpoint_key)
+    return lambda head: publish(head, signer, settings.checkpoint_dir)
 
 
 @app.command("campaign-loop")
@@ -122,6 +184,11 @@ def campaign_loop(
     lease_ttl: Annotated[str, typer.Option(
         "--lease-ttl", help="How long a world's lease lasts without renewal (a crashed loop "
                             "blocks others this long).")] = "10m",
+    metrics_file: Annotated[Optional[Path], typer.Option(
+        "--metrics-file", help="After each iteration, write Prometheus metrics to PATH atomically, for "
+                               "node_exporter's textfile collector (e.g. /var/lib/node_exporter/qmtl.prom): "
+                               "the loop's runs and actions, and (locally) the store's gauges, the same "
+                               "families qmtl serve exposes at /metrics.", show_default=False)] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Tick worlds and (with --execute) act: evaluate, promote to paper; live goes to governance.
@@ -130,14 +197,20 @@ def campaign_loop(
     loops off the same world. Exit: the most severe of 0 (done), 11 (waiting), 10 (blocked by
     policy), 12 (evidence missing or stale) over the actions; 75 when every world was leased by
     another loop. With --json, one JSON document per iteration (one per line).
+
+    Give --world W (repeatable) or --all: a loop never sweeps every world unless asked to.
     """
     from datetime import datetime, timezone
 
+    from qmtl_cli._ids import labeller
     from qmtl_core.errors import UsageError
     from qmtl_core.service._campaign import new_holder, worst_outcome
 
     if worlds and all_worlds:
         raise UsageError("give --world or --all, not both")
+    if not worlds and not all_worlds:
+        # Acting on every world must be asked for by name: a cron line missing --world never sweeps the fleet.
+        raise UsageError("give --world W (repeatable) or --all", hint="e.g. --world demo-momentum --once")
     if once and interval:
         raise UsageError("give --once or --interval, not both")
     if not once and not interval:
@@ -148,10 +221,12 @@ def campaign_loop(
     ttl = _parse_interval(lease_ttl)
     st = state(ctx)
     client = st.client()
-    targets = client.world_names() if all_worlds or not worlds else list(dict.fromkeys(worlds))
+    targets = client.world_names() if all_worlds else list(dict.fromkeys(worlds or []))
     if not targets:
         raise UsageError("no worlds to run", hint="add policy files to --worlds-dir")
     holder = new_holder()
+    metrics = _LoopTextfile(st, metrics_file) if metrics_file is not None else None
+    publisher = _checkpoint_publisher(st.settings()) if execute else None
     limit = 1 if once else max_iterations
     iteration = 0
     code = 0
@@ -168,24 +243,30 @@ def campaign_loop(
         outcomes = []
         for world in targets:
             if live is not None:
-                live.update(f"iteration {iteration}: {world}")
+                live.update(f"iteration {iteration}: {t(world)}")
             outcomes.append(client.campaign_run(world, execute=execute, holder=holder, lease_ttl_seconds=ttl))
         if live is not None:
             live.stop()
         code = worst_outcome(outcomes)
+        if metrics is not None:
+            metrics.write(outcomes, started)
         doc = {"iteration": iteration, "started_at": started.isoformat(), "mode": "execute" if execute else "plan",
                "holder": holder, "exit_code": code, "worlds": outcomes}
+        if publisher is not None:
+            published = publisher(client.audit_head())
+            doc["checkpoint"] = str(published)
         if st.json:
             sys.stdout.write(json.dumps(doc, default=str) + "\n")
             sys.stdout.flush()
         else:
             for o in outcomes:
-                out.print(f"[bold]{o['world']}[/bold]")
+                out.print(f"[bold]{t(o['world'])}[/bold]")
                 if o["status"] == "busy":
-                    out.print(f"  busy: {o['message']}")
+                    out.print(f"  busy: {t(o['message'])}")
                     continue
+                label = labeller(st, o["world"])
                 for a in o["actions"]:
-                    _print_action(out, a)
+                    _print_action(out, a, label)
             word = "executed" if execute else "planned (nothing executed; add --execute to act)"
             out.print(f"iteration {iteration}: {word}; exit {code}")
         if limit is not None and iteration >= limit:

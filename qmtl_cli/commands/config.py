@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from qmtl_cli._output import emit, table
+from qmtl_cli._output import emit, table, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 
@@ -47,7 +47,7 @@ def get(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Setting nam
     if key not in values:
         raise NotFoundError(f"setting {key!r} is not set", hint=f"qmtl config set {key} VALUE")
     emit({"key": key, "value": values[key]}, json_mode=state(ctx).json,
-         human=lambda c: c.print(str(values[key]), markup=False))
+         human=lambda c: c.print(t(values[key])))
 
 
 @app.command("set")
@@ -64,7 +64,7 @@ def set_(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Setting na
     values[key] = value
     path = write_config(home, values)
     emit({"key": key, "value": value, "path": str(path)}, json_mode=state(ctx).json,
-         human=lambda c: c.print(f"{key} = {value}  ({path})", markup=False))
+         human=lambda c: c.print(t(f"{key} = {value}  ({path})")))
 
 
 @app.command("unset")
@@ -80,5 +80,4 @@ def unset(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Setting n
     was_set = values.pop(key, None) is not None
     path = write_config(home, values)
     emit({"key": key, "removed": was_set, "path": str(path)}, json_mode=state(ctx).json,
-         human=lambda c: c.print(f"{key} {'removed' if was_set else 'was not set'}  ({path})",
-                                 markup=False))
+         human=lambda c: c.print(t(f"{key} {'removed' if was_set else 'was not set'}  ({path})")))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from qmtl_cli._output import console, emit
+from qmtl_cli._output import console, emit, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app
@@ -45,7 +45,7 @@ def _progress(enabled: bool) -> "Iterator[Callable[..., None]]":
 def report(
     ctx: typer.Context,
     world: Annotated[str, typer.Argument(help="World name.")],
-    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy.")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy (its id or any unique prefix).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Where to write: the HTML file, or with --format png a directory "
                             "[default: $QMTL_HOME/reports/<world>.html, or <world>/<strategy>.html].",
@@ -79,9 +79,12 @@ def report(
     from qmtl_core.report._document import CONTENT_KEYS, save_report
     from qmtl_core.timeutil import parse_instant
 
+    from qmtl_cli._ids import strategy_id
+
     st = state(ctx)
     when = parse_instant(at, what="--at") if at else None
     client = st.client()
+    strategy = strategy_id(st, world, strategy)
     with _progress(not st.json and sys.stderr.isatty()) as update:
         update(0, None, f"reading {world}" if st.settings().server is None else f"rendering {world} on the server")
         report_doc = client.report(world, strategy_id=strategy, at=when, top=top, fmt=fmt, progress=update)
@@ -93,7 +96,7 @@ def report(
                                      "or record a run with qmtl world evaluate --strategy)")
             emit({"world": world, "at": stamp, "format": fmt, "path": None, "files": [],
                   "strategies_total": 0, "message": message}, json_mode=st.json,
-                 human=lambda c: c.print(message, markup=False))
+                 human=lambda c: c.print(t(message)))
             return
         target = out if out is not None else default_report_path(st.settings().home, world, strategy, fmt)
         files = save_report(report_doc, target)
@@ -104,9 +107,9 @@ def report(
 
     def human(c: "Console") -> None:
         what = "report" if fmt == "html" else f"{len(files)} PNG files in"
-        c.print(f"wrote {what} {target}  ({total} {'strategy' if total == 1 else 'strategies'}, {shown} in full"
-                + (f", as of {at_label}" if at_label else "") + ")", markup=False, highlight=False)
+        c.print(t(f"wrote {what} {target}  ({total} {'strategy' if total == 1 else 'strategies'}, {shown} in full"
+                  + (f", as of {at_label}" if at_label else "") + ")"), highlight=False)
         for p in summary["pending_requests"]:
-            c.print(f"  pending {p['request_id']} {p['strategy_id']}: evidence {p['evidence_hash']}", markup=False)
+            c.print(t(f"  pending {p['request_id']} {p['strategy_id']}: evidence {p['evidence_hash']}"))
 
     emit(doc, json_mode=st.json, human=human)

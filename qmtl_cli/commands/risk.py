@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from qmtl_cli._output import emit, table
+from qmtl_cli._output import emit, table, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 
@@ -44,11 +44,11 @@ def put(
     document = json_document(text, source=source)
     data = state(ctx).client().risk_put(document, source=source)
     emit(data, json_mode=state(ctx).json,
-         human=lambda c: c.print(
+         human=lambda c: c.print(t(
              f"stored risk snapshot {data['world']} version {data['version']} "
              f"(hash {data['content_hash'][:12]})" if data["created"] else
              f"unchanged: risk snapshot {data['world']} version {data['version']} is already "
-             "stored with this content"))
+             "stored with this content")))
 
 
 @app.command("show")
@@ -66,12 +66,12 @@ def show(
 
     def human(c: "Console") -> None:
         colour = "green" if fresh["ok"] else "red"
-        c.print(f"[bold]{world}[/bold] risk snapshot {doc['version']}  as_of {doc['as_of']}  "
-                f"ttl {doc['ttl_sec']}s  [{colour}]{fresh['status']}[/{colour}]"
-                + (f" ({fresh['reason']}: {fresh['detail']})" if fresh["reason"] else ""))
-        c.print(f"received {doc['recorded_at']} from {doc['recorded_by']}; produced by "
-                f"{doc['provenance']['actor']} for stage {doc['provenance']['stage']}; "
-                f"hash {doc['content_hash'][:12]}")
+        c.print(f"[bold]{t(world)}[/bold] risk snapshot {t(doc['version'])}  as_of {t(doc['as_of'])}  "
+                f"ttl {t(doc['ttl_sec'])}s  [{colour}]{t(fresh['status'])}[/{colour}]"
+                + (t(f" ({fresh['reason']}: {fresh['detail']})") if fresh["reason"] else ""))
+        c.print(t(f"received {doc['recorded_at']} from {doc['recorded_by']}; produced by "
+                  f"{doc['provenance']['actor']} for stage {doc['provenance']['stage']}; "
+                  f"hash {doc['content_hash'][:12]}"))
         realized = doc.get("realized_returns") or {}
         c.print(table(None, ["strategy", "weight", "realized returns"],
                       [[s, f"{w:.4f}", len(realized.get(s, [])) or "-"]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qmtl_cli._output import console, emit, table
+from qmtl_cli._output import console, emit, table, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 
@@ -36,6 +36,7 @@ def serve(
     settings = state(ctx).service().settings  # local settings: the server owns the store
     state(ctx).service().store  # open (and migrate) the store before taking requests
     app = create_app(settings)
+    app.state.service.flush_outbox()  # notifications a crashed process left behind go out first
     sys.stderr.write(f"qmtl serve: http://{host}:{port} (docs at /docs), store {app.state.service.store.backend}\n")
     uvicorn.run(app, host=host, port=port, workers=1 if workers == 1 else workers, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=5)
@@ -56,8 +57,8 @@ def token_create(
     with service.store.write() as conn:
         token_id, token = create_token(conn, actor=actor, role=role, created_by=service.actor, now=service.clock())
     emit({"token_id": token_id, "actor": actor, "role": role, "token": token}, json_mode=state(ctx).json,
-         human=lambda c: c.print(f"{token}\n(token {token_id} for {actor} as {role}; shown once — store it now, "
-                                 "e.g. export QMTL_TOKEN=...)", markup=False))
+         human=lambda c: c.print(t(token) + "\n" + t(f"(token {token_id} for {actor} as {role}; shown once — "
+                                                    "store it now, e.g. export QMTL_TOKEN=...)")))
 
 
 @token_app.command("list")
@@ -85,7 +86,7 @@ def token_revoke(ctx: typer.Context, token_id: Annotated[str, typer.Argument(hel
     with service.store.write() as conn:
         revoke_token(conn, token_id=token_id, revoked_by=service.actor, now=service.clock())
     emit({"token_id": token_id, "revoked": True}, json_mode=state(ctx).json,
-         human=lambda c: c.print(f"revoked token {token_id}"))
+         human=lambda c: c.print(f"revoked token {t(token_id)}"))
 
 
 @events_app.command("tail")
@@ -94,12 +95,17 @@ def events_tail(
     ctx: typer.Context,
     world: Annotated[Optional[str], typer.Option("--world", "-w", help="Only this world.")] = None,
     domain: Annotated[Optional[str], typer.Option("--domain", help="Only this execution domain.")] = None,
-    since: Annotated[int, typer.Option("--since", min=0, help="Start after this ledger sequence number.")] = 0,
+    since: Annotated[Optional[int], typer.Option(
+        "--since", min=0, help="Start after this ledger sequence number; 0 replays every event "
+                               "[default: now, only new events].", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1,
                                                  help="Stop after N events [default: follow].")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Follow control events (/events WebSocket) from --server, one line (or JSON object) each."""
+    """Follow control events (/events WebSocket) from --server, one line (or JSON object) each.
+
+    Starts at the ledger's head, as tail -f does: only events from now on (--since 0 replays all).
+    """
     from urllib.parse import urlencode
 
     from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
@@ -111,6 +117,9 @@ def events_tail(
     settings = st.settings()
     if not settings.server:
         raise UsageError("events tail follows a qmtl serve", hint="pass --server URL (and QMTL_TOKEN)")
+    if since is None:  # from now: the newest entry's sequence number (0 on an empty ledger)
+        newest = st.client().audit_log(limit=1)["entries"]
+        since = int(newest[-1]["seq"]) if newest else 0
     base = settings.server.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
     query = urlencode({k: v for k, v in {"world": world, "domain": domain, "since": since}.items() if v is not None})
     headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
@@ -126,9 +135,9 @@ def events_tail(
                     sys.stdout.flush()
                 else:
                     assert out is not None
-                    out.print(f"{event['seq']:>6} {event['ts'][:19]}Z {event['type']:<22} {event['world_id'] or '-'}"
-                              f" {event.get('execution_domain') or '-':<8} {event['actor']}: {event['subject']}"
-                              f" ({event['reason']})", markup=False)
+                    out.print(t(f"{event['seq']:>6} {event['ts'][:19]}Z {event['type']:<22} {event['world_id'] or '-'}"
+                                f" {event.get('execution_domain') or '-':<8} {event['actor']}: {event['subject']}"
+                                f" ({event['reason']})"))
     except InvalidStatus as exc:
         raise StoreUnavailable(f"{settings.server} refused the event stream: HTTP {exc.response.status_code}") from None
     except ConnectionClosed as exc:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from qmtl_cli._output import emit, styled
+from qmtl_cli._output import emit, styled, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world_evaluate import explain_rules
@@ -71,14 +71,14 @@ def next_step(action: dict[str, Any] | None, *, world: str, args: str, strategy_
 
 
 def _domain_line(doc: dict[str, Any]) -> str:
-    line = doc["execution_domain"]
+    line = t(doc["execution_domain"])
     if doc.get("downgrade_reason"):
-        line += f"  [yellow](downgraded: {doc['downgrade_reason']})[/yellow]"
+        line += f"  [yellow](downgraded: {t(doc['downgrade_reason'])})[/yellow]"
     elif (doc.get("context") or {}).get("requested_domain"):
-        line += f"  (requested {doc['context']['requested_domain']})"
+        line += f"  (requested {t(doc['context']['requested_domain'])})"
     decision = doc.get("decision")
     if decision:
-        line += f"  [dim]decision {decision['effective_mode']}: {decision['reason']}[/dim]"
+        line += f"  [dim]decision {t(decision['effective_mode'])}: {t(decision['reason'])}[/dim]"
     return line
 
 
@@ -86,25 +86,25 @@ def _print_next(c: "Console", step: dict[str, Any] | None) -> None:
     if step is None:
         c.print("  next      nothing (the campaign does not tick this strategy)")
         return
-    c.print(f"  next      {step['action']} ({step['reason']}): {step['detail']}", markup=False)
+    c.print(t(f"  next      {step['action']} ({step['reason']}): {step['detail']}"))
     if step.get("command"):
-        c.print(f"            {step['command']}", markup=False)
+        c.print(t(f"            {step['command']}"))
 
 
 def render_submission(c: "Console", doc: dict[str, Any]) -> None:
     """Human rendering of ``qmtl submit``."""
     run, bt = doc["run"], doc["backtest"]
     style = STATUS_STYLE.get(doc["status"], "")
-    c.print(f"[bold]{doc['strategy']}[/bold]  {doc['file'] or ''}")
-    c.print(f"  id        {doc['strategy_id']}")
-    c.print(f"  world     {doc['world']}  (stage {doc['stage']})")
-    c.print(f"  status    [{style}]{doc['status']}[/{style}]")
+    c.print(f"[bold]{t(doc['strategy'])}[/bold]  {t(doc['file'] or '')}")
+    c.print(f"  id        {t(doc['strategy_id'])}")
+    c.print(t(f"  world     {doc['world']}  (stage {doc['stage']})"))
+    c.print(f"  status    [{style}]{t(doc['status'])}[/{style}]")
     c.print(f"  domain    {_domain_line(doc)}")
-    c.print(f"  backtest  {Path(bt['data']).name}: {bt['bars']} bars {(bt['start'] or '-')[:10]}..{(bt['end'] or '-')[:10]}, "
-            f"{bt['n_trades']} trades, total return {bt['total_return']:+.1%} "
-            f"(fee {bt['fee_bps']:g} bps, slippage {bt['slippage_bps']:g} bps)", markup=False)
+    c.print(t(f"  backtest  {Path(bt['data']).name}: {bt['bars']} bars {(bt['start'] or '-')[:10]}..{(bt['end'] or '-')[:10]}, "
+              f"{bt['n_trades']} trades, total return {bt['total_return']:+.1%} "
+              f"(fee {bt['fee_bps']:g} bps, slippage {bt['slippage_bps']:g} bps)"))
     same = "" if run["created"] else "  (unchanged: same code and data as the latest revision)"
-    c.print(f"  run       {run['run_id']}#{run['revision']} {styled(run['status'])}{same}")
+    c.print(f"  run       {t(run['run_id'])}#{run['revision']} {styled(run['status'])}{same}")
     if run.get("rules"):
         c.print("  gates")
         explain_rules(c, run["rules"])
@@ -114,27 +114,27 @@ def render_submission(c: "Console", doc: dict[str, Any]) -> None:
 def render_feed(c: "Console", doc: dict[str, Any]) -> None:
     """Human rendering of ``qmtl run``."""
     bars, orders = doc["bars"], doc["orders"]
-    c.print(f"[bold]{doc['strategy']}[/bold]  {doc['strategy_id']}")
-    c.print(f"  world     {doc['world']}  (stage {doc['stage']})")
+    c.print(f"[bold]{t(doc['strategy'])}[/bold]  {t(doc['strategy_id'])}")
+    c.print(t(f"  world     {doc['world']}  (stage {doc['stage']})"))
     c.print(f"  domain    {_domain_line(doc)}")
     if bars["new"]:
         dup = f", {bars['duplicates']} already fed" if bars["duplicates"] else ""
-        c.print(f"  bars      {bars['new']} new {bars['first_new'][:10]}..{bars['last_new'][:10]}{dup}; "
-                f"{bars['total_fed']} fed in all")
+        c.print(t(f"  bars      {bars['new']} new {bars['first_new'][:10]}..{bars['last_new'][:10]}{dup}; "
+                  f"{bars['total_fed']} fed in all"))
     blocked = ", ".join(f"{k} {v}" for k, v in sorted(orders["blocked"].items()))
-    c.print(f"  orders    {len(orders['emitted'])} on the last bar: {orders['published']} sent"
-            + (f", blocked by the gate: {blocked}" if blocked else ""))
+    c.print(t(f"  orders    {len(orders['emitted'])} on the last bar: {orders['published']} sent"
+              + (f", blocked by the gate: {blocked}" if blocked else "")))
     run = doc.get("run")
     if run is not None:
         same = "" if run["created"] else "  (unchanged)"
         window = run.get("window") or {}
-        c.print(f"  run       {run['run_id']}#{run['revision']} {styled(run['status'])}{same}; "
-                f"{window.get('n_observations', 0)} returns {(window.get('start') or '-')[:10]}.."
-                f"{(window.get('end') or '-')[:10]}, {doc['n_trades'] if doc['n_trades'] is not None else '-'} trades")
+        c.print(f"  run       {t(run['run_id'])}#{run['revision']} {styled(run['status'])}{same}; "
+                + t(f"{window.get('n_observations', 0)} returns {(window.get('start') or '-')[:10]}.."
+                    f"{(window.get('end') or '-')[:10]}, {doc['n_trades'] if doc['n_trades'] is not None else '-'} trades"))
         if run.get("rules"):
             explain_rules(c, run["rules"])
     if doc.get("note"):
-        c.print(f"  note      {doc['note']}", markup=False)
+        c.print(t(f"  note      {doc['note']}"))
     _print_next(c, doc.get("next_step"))
 
 

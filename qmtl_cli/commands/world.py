@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from qmtl_cli._output import emit, styled, table
+from qmtl_cli._output import emit, styled, table, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 
@@ -37,10 +37,10 @@ def validate(
     def human(c: "Console") -> None:
         for r in results:
             if r.ok:
-                c.print(f"[green]ok[/green]      {r.path}  (world {r.world}, policy_version "
-                        f"{r.policy_version})")
+                c.print(f"[green]ok[/green]      {t(r.path)}  (world {t(r.world)}, policy_version "
+                        f"{t(r.policy_version)})")
             else:
-                c.print(f"[red]invalid[/red] {r.message}", markup=True)
+                c.print(f"[red]invalid[/red] {t(r.message)}")
         c.print(f"{sum(r.ok for r in results)} of {len(results)} valid")
 
     emit({"valid": ok, "results": [r.to_dict() for r in results]}, json_mode=state(ctx).json,
@@ -63,22 +63,25 @@ def schema(ctx: typer.Context, json_output: JsonOption = False) -> None:
 @app.command("list")
 @command
 def list_(ctx: typer.Context, json_output: JsonOption = False) -> None:
-    """List the worlds in --worlds-dir with their policy version and live settings."""
+    """List the worlds in --worlds-dir with their policy version and live settings; exit 2 when any is
+    invalid (each listed with its error)."""
     doc = state(ctx).client().worlds()
     rows = doc["worlds"]
 
     def human(c: "Console") -> None:
         if not rows:
-            c.print(f"no worlds in {doc['worlds_dir']}")
+            c.print(f"no worlds in {t(doc['worlds_dir'])}")
             return
         c.print(table(None, ["world", "version", "allow_live", "live promotion", "rules", "status"],
                       [[r["world"], r["policy_version"], r["allow_live"], r["live_promotion"],
                         r["rules"], "ok" if r["valid"] else "invalid"] for r in rows]))
         for r in rows:
             if not r["valid"]:
-                c.print(f"[red]invalid[/red] {r['error']}")
+                c.print(f"[red]invalid[/red] {t(r['error'])}")
 
     emit(doc, json_mode=state(ctx).json, human=human)
+    if any(not r["valid"] for r in rows):
+        raise typer.Exit(2)
 
 
 @app.command("show")
@@ -94,14 +97,14 @@ def show(
     history = data["policy_versions"]
 
     def human(c: "Console") -> None:
-        c.print(f"[bold]{data['world']}[/bold]  policy_version {doc['policy_version']}  ({data['path']})")
+        c.print(f"[bold]{t(data['world'])}[/bold]  policy_version {t(doc['policy_version'])}  ({t(data['path'])})")
         if doc.get("description"):
-            c.print(doc["description"], markup=False)
+            c.print(t(doc["description"]))
         from qmtl_core.service._client import promotion_mode
 
         mode = promotion_mode(doc)
-        c.print(f"allow_live: {doc['allow_live']}   live promotion: {mode}   "
-                f"periods_per_year: {doc.get('periods_per_year')}")
+        c.print(t(f"allow_live: {doc['allow_live']}   live promotion: {mode}   "
+                  f"periods_per_year: {doc.get('periods_per_year')}"))
         c.print(table("gates", ["id", "metric", "min", "max", "severity", "stages"],
                       [[r["id"], r["metric"], r.get("min"), r.get("max"), r.get("severity"),
                         ",".join(r.get("stages") or []) or "all"] for r in doc.get("rules", [])]))
@@ -114,7 +117,7 @@ def show(
                       [[h["policy_version"], h["content_hash"][:12], h["recorded_at"][:19] + "Z",
                         h["recorded_by"]] for h in history]))
         if data.get("newly_recorded"):
-            c.print(f"recorded new policy version {doc['policy_version']} in the store")
+            c.print(f"recorded new policy version {t(doc['policy_version'])} in the store")
 
     emit(data, json_mode=state(ctx).json, human=human)
 

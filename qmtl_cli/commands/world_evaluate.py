@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from qmtl_cli._output import emit, styled, table
+from qmtl_cli._output import emit, styled, table, user_text as t
 from qmtl_cli._runtime import JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app
@@ -31,8 +31,8 @@ def explain_rules(c: "Console", rules: list[dict[str, Any]]) -> None:
     for r in rules:
         pad = " " * (4 - len(r["status"]))
         source = f", {r['source']}" if r.get("source") else ""
-        c.print(f"  {styled(r['status'])}{pad}  {r['id']:<{width}}  {r['reason']}  "
-                f"[dim]({r['severity']}{source})[/dim]")
+        c.print(f"  {styled(r['status'])}{pad}  {t(r['id']):<{width}}  {t(r['reason'])}  "
+                f"[dim]({t(r['severity'])}{t(source)})[/dim]")
 
 
 def explain_portfolio(c: "Console", metrics: dict[str, Any], sources: dict[str, str]) -> None:
@@ -47,8 +47,8 @@ def explain_portfolio(c: "Console", metrics: dict[str, Any], sources: dict[str, 
 
 def render_evaluation(c: "Console", doc: dict[str, Any], *, explain: bool) -> None:
     """Human rendering: a summary table, or per strategy and rule with ``explain``."""
-    c.print(f"world [bold]{doc['world']}[/bold]  stage {doc['stage']}  policy_version "
-            f"{doc['policy_version']}  strategies {len(doc['strategies'])}  "
+    c.print(f"world [bold]{t(doc['world'])}[/bold]  stage {t(doc['stage'])}  policy_version "
+            f"{t(doc['policy_version'])}  strategies {len(doc['strategies'])}  "
             f"pass {doc['counts']['pass']} / warn {doc['counts']['warn']} / fail {doc['counts']['fail']}")
     if not explain:
         rows = []
@@ -62,12 +62,12 @@ def render_evaluation(c: "Console", doc: dict[str, Any], *, explain: bool) -> No
     else:
         for s in doc["strategies"]:
             verdict = "selected" if s["selected"] else "not selected"
-            c.print(f"\n[bold]{s['strategy_id']}[/bold]  {styled(s['status'])}  {verdict}: "
-                    f"{s['selection_reason']}")
+            c.print(f"\n[bold]{t(s['strategy_id'])}[/bold]  {styled(s['status'])}  {verdict}: "
+                    f"{t(s['selection_reason'])}")
             explain_rules(c, s["rules"])
-    c.print(f"\nselected ({len(doc['selected'])}): {', '.join(doc['selected']) or 'none'}")
+    c.print(f"\nselected ({len(doc['selected'])}): {t(', '.join(doc['selected']) or 'none')}")
     for note in doc["notes"]:
-        c.print(f"note: {note}")
+        c.print(f"note: {t(note)}")
 
 
 @app.command("evaluate")
@@ -164,14 +164,14 @@ def _strategy_metrics(path: Path, strategy: str) -> dict[str, float]:
 def render_runs(c: "Console", revisions: list[dict[str, Any]], *, explain: bool) -> None:
     """Human rendering of recorded run revisions."""
     for run in revisions:
-        c.print(f"[bold]{run['strategy_id']}[/bold]  {run['stage']}  run {run['run_id']}"
+        c.print(f"[bold]{t(run['strategy_id'])}[/bold]  {t(run['stage'])}  run {t(run['run_id'])}"
                 f"#{run['revision']}  {styled(run['status'])}"
                 + ("" if run.get("created", True) else "  (unchanged: same content as the latest revision)"))
         window = run.get("window") or {}
         if window.get("n_observations"):
-            c.print(f"  window {window['start'][:10]} .. {window['end'][:10]}, "
-                    f"{window['n_observations']} observations ({window['source']})")
-        c.print(f"  {run['reason']}", markup=False)
+            c.print(t(f"  window {window['start'][:10]} .. {window['end'][:10]}, "
+                      f"{window['n_observations']} observations ({window['source']})"))
+        c.print(f"  {t(run['reason'])}")
         if explain:
             explain_portfolio(c, run.get("metrics") or {}, run.get("metric_sources") or {})
         if explain and run.get("rules"):
@@ -211,12 +211,18 @@ def _record_runs(ctx: typer.Context, world: str, *, strategy: str | None, stage:
 def runs(
     ctx: typer.Context,
     world: Annotated[str, typer.Argument(help="World name.")],
-    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy.")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only this strategy (its id or any unique prefix).")] = None,
     stage: Annotated[Optional[str], typer.Option("--stage", help="Only this stage.")] = None,
     history: Annotated[bool, typer.Option("--history", help="Every revision, not just the latest.")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """List evaluation runs (latest revision each; --history for all), newest first."""
+    """List evaluation runs (latest revision each; --history for all), newest first.
+
+    --strategy may be any unique prefix of the id.
+    """
+    from qmtl_cli._ids import labeller, strategy_id
+
+    strategy = strategy_id(state(ctx), world, strategy)
     docs = state(ctx).client().runs(world, strategy_id=strategy, stage=stage, history=history)["runs"]
 
     def human(c: "Console") -> None:
@@ -226,8 +232,9 @@ def runs(
         from qmtl_cli._sparkline import run_curves, styled_sparkline
 
         curves = run_curves(state(ctx), world, strategy_id=strategy, stage=stage, history=history)
+        label = labeller(state(ctx), world)
         c.print(table(None, ["strategy", "stage", "run", "status", "equity", "sharpe", "max_dd", "obs", "recorded"],
-                      [[d["strategy_id"], d["stage"], f"{d['run_id']}#{d['revision']}", styled(d["status"]),
+                      [[label(d["strategy_id"]), d["stage"], f"{d['run_id']}#{d['revision']}", styled(d["status"]),
                         styled_sparkline(curves.get((d["strategy_id"], d["stage"], d["run_id"], d["revision"]), []),
                                          d["status"]),
                         _fmt(d["metrics"].get("sharpe")), _fmt(d["metrics"].get("max_drawdown")),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from qmtl_core.approval_signing import approval_message, signature_problem
 from qmtl_core.campaign import RunSummary, progress
 from qmtl_core.canonical import content_hash
 from qmtl_core.metric_names import is_portfolio_metric
@@ -50,6 +51,8 @@ class Approval:
     evidence_hash: str
     created_at: datetime
     reason: str = ""
+    #: An SSH signature (armored ``ssh-keygen -Y sign`` output) over ``approval_message``, if given.
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,21 @@ def snapshot_evidence(stored: SnapshotView, strategy_id: str) -> dict[str, Any]:
     return {"content_hash": stored.substance_hash(strategy_id)}
 
 
+def signature_problem_for(g: GateInput, a: Approval) -> str | None:
+    """Why ``a`` does not carry the signature the policy asks for (``None`` when it needs none or has a
+    valid one). A signature given where none is required must still verify: a bad one never counts."""
+    lp = g.policy.live_promotion
+    key = lp.ssh_keys.get(a.approver)
+    if not lp.require_signatures and a.signature is None:
+        return None
+    if key is None:
+        return f"{a.approver} has no ssh_key in the policy"
+    assert g.request is not None
+    message = approval_message(world=g.policy.world, strategy_id=g.strategy_id, request_id=g.request.request_id,
+                               evidence_hash=a.evidence_hash)
+    return signature_problem(key, a.signature, message)
+
+
 def count_approvals(g: GateInput, evidence_hash: str, now: datetime) -> tuple[list[str], list[Reason]]:
     """Approvers whose approval counts now, and notes on the ones that do not."""
     lp = g.policy.live_promotion
@@ -191,9 +209,11 @@ def count_approvals(g: GateInput, evidence_hash: str, now: datetime) -> tuple[li
     for a in sorted(request.approvals, key=lambda x: x.created_at):
         if a.decision != "approve" or a.approver in valid:
             continue
-        if a.approver not in lp.approvers or a.approver in (request.requester, g.submitter):
+        if a.approver not in lp.approver_names or a.approver in (request.requester, g.submitter):
             continue  # refused when given; never counts even if the store says otherwise
         if a.evidence_hash != evidence_hash:
+            continue
+        if signature_problem_for(g, a) is not None:
             continue
         if a.created_at + lp.approval_ttl < now:
             expired.append(a.approver)

@@ -1,6 +1,7 @@
 """Webhook notifications: POST a JSON event when a request is opened, approved, applied, blocked,
 or a world is halted. Delivery never blocks or undoes a decision: it happens after the decision is
-committed, with a timeout and bounded retries, and a failure is reported back for the ledger."""
+committed (from the outbox, ``qmtl_core.outbox``), with a timeout and bounded retries, and a failure
+is reported back for the ledger."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def deliver(url: str, events: Sequence[dict[str, Any]], *, backoff: Sequence[flo
                     time.sleep(delay)
                 attempts += 1
                 try:
-                    response = client.post(url, json=event)
+                    # The receiver deduplicates on the key: a retry after a crash re-sends the same event.
+                    key = event.get("event_id")
+                    response = client.post(url, json=event, headers={"Idempotency-Key": str(key)} if key else None)
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"
                     continue

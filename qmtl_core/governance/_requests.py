@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from qmtl_core import ledger
+from qmtl_core.approval_signing import approval_message, signature_problem
 from qmtl_core.campaign import RunSummary
 from qmtl_core.errors import BlockedError, ConflictError, RequestNotFound
 from qmtl_core.governance._activations import book_members, current_set, set_stage
@@ -53,11 +54,30 @@ class Outcome:
 # --- reading ------------------------------------------------------------------------------------------
 
 def request_view(conn: Connection, row: Any) -> RequestView:
-    """A request row with its approvals, as the gate sees it."""
-    a = schema.approvals
-    approvals = tuple(Approval(r.approver, r.decision, r.evidence_hash, parse_instant(r.created_at), r.reason)
-                      for r in conn.execute(sa.select(a).where(a.c.request_id == row.request_id).order_by(a.c.id)))
-    return RequestView(row.request_id, row.requester, row.evidence_hash, parse_instant(row.created_at), approvals)
+    """A request row with the approvals the ledger vouches for, as the gate sees it.
+
+    A row of the approvals table counts only through the ledger entry it names, and only if that
+    entry records the same decision by the same approver on the same request and evidence; the
+    approval's time, reason and signature are read from the entry. A row written behind qmtl's back
+    (``audit verify --deep`` names it) therefore changes nothing.
+    """
+    a, led = schema.approvals, schema.ledger
+    query = (sa.select(a.c.approver, a.c.decision, a.c.evidence_hash, led.c.actor, led.c.kind, led.c.ts,
+                       led.c.reason, led.c.payload)
+             .join(led, led.c.seq == a.c.ledger_seq).where(a.c.request_id == row.request_id).order_by(a.c.id))
+    approvals = []
+    for r in conn.execute(query):
+        payload = r.payload or {}
+        if (_DECISION_KINDS.get(r.kind) != r.decision or r.actor != r.approver
+                or payload.get("request_id") != row.request_id or payload.get("evidence_hash") != r.evidence_hash):
+            continue
+        approvals.append(Approval(r.approver, r.decision, r.evidence_hash, parse_instant(r.ts), r.reason or "",
+                                  payload.get("signature")))
+    return RequestView(row.request_id, row.requester, row.evidence_hash, parse_instant(row.created_at),
+                       tuple(approvals))
+
+
+_DECISION_KINDS = {"promotion.approved": "approve", "promotion.rejected": "reject"}
 
 
 def pending_request(conn: Connection, world: str, strategy_id: str) -> Any:
@@ -217,7 +237,7 @@ def promote(conn: Connection, policy: WorldPolicy, strategy_id: str, *, actor: s
                            "required_approvals": policy.live_promotion.required_approvals})
     out = Outcome("pending", world, strategy_id, gate, request_id,
                   f"opened request {request_id}: needs {policy.live_promotion.required_approvals} approvals from "
-                  f"{', '.join(policy.live_promotion.approvers)}", 11)
+                  f"{', '.join(policy.live_promotion.approver_names)}", 11)
     out.notify = notes + [_event("promotion.requested", out, evidence_hash=gate.evidence_hash)]
     return out
 
@@ -233,9 +253,9 @@ def load_request(conn: Connection, request_id: str) -> Any:
 
 def _check_approver(policy: WorldPolicy, row: Any, actor: str, submitter: str | None) -> None:
     lp = policy.live_promotion
-    if actor not in lp.approvers:
+    if actor not in lp.approver_names:
         raise BlockedError(f"{actor} is not an approver in world {policy.world}",
-                           hint=f"approvers: {', '.join(lp.approvers) or 'none'}", code="not_an_approver")
+                           hint=f"approvers: {', '.join(lp.approver_names) or 'none'}", code="not_an_approver")
     if actor == row.requester:
         raise BlockedError(f"{actor} opened request {row.request_id} and cannot approve or reject it",
                            hint="another approver must decide (four eyes)", code="requester_cannot_approve")
@@ -244,21 +264,51 @@ def _check_approver(policy: WorldPolicy, row: Any, actor: str, submitter: str | 
                            hint="another approver must decide (four eyes)", code="submitter_cannot_approve")
 
 
-def _vote(conn: Connection, row: Any, *, actor: str, decision: str, reason: str, now: datetime) -> None:
-    """Record an approver's decision on the request's evidence: a new row, or the approver's earlier
-    one on the same evidence brought up to date (a renewal after ``approval_ttl``, or a change of mind)."""
+def _check_signature(policy: WorldPolicy, row: Any, actor: str, signature: str | None) -> None:
+    lp = policy.live_promotion
+    if not lp.require_signatures and signature is None:
+        return
+    key = lp.ssh_keys.get(actor)
+    if key is None:
+        raise BlockedError(f"{actor} has no ssh_key in world {policy.world}, so a signature cannot count",
+                           hint="add the key to the approver's entry in the policy, or approve without --key",
+                           code="signature_invalid")
+    if signature is None:
+        raise BlockedError(f"world {policy.world} requires approvals signed with the approver's SSH key",
+                           hint="qmtl approve REQUEST --reason ... --key ~/.ssh/id_ed25519", code="signature_required")
+    message = approval_message(world=row.world_id, strategy_id=row.strategy_id, request_id=row.request_id,
+                               evidence_hash=row.evidence_hash)
+    problem = signature_problem(key, signature, message)
+    if problem is not None:
+        raise BlockedError(f"the signature on {actor}'s approval of {row.request_id} does not count: {problem}",
+                           hint=f"sign with the key listed for {actor} in the policy", code="signature_invalid")
+
+
+def _vote(conn: Connection, row: Any, *, actor: str, decision: str, reason: str, now: datetime,
+          signature: str | None = None) -> None:
+    """Record an approver's decision on the request's evidence: a ledger entry, and a row of the
+    approvals table naming it — new, or the approver's earlier one on the same evidence brought up to
+    date (a renewal after ``approval_ttl``, or a change of mind)."""
+    payload: dict[str, Any] = {"request_id": row.request_id, "evidence_hash": row.evidence_hash}
+    if signature is not None:
+        payload["signature"] = signature
+    entry = ledger.append(conn, actor=actor, kind="promotion.approved" if decision == "approve" else "promotion.rejected",
+                          now=now, world=row.world_id, subject=row.strategy_id, reason=reason, payload=payload)
     a = schema.approvals
     key = (a.c.request_id == row.request_id) & (a.c.approver == actor) & (a.c.evidence_hash == row.evidence_hash)
+    values = {"decision": decision, "reason": reason, "created_at": iso(now), "ledger_seq": entry.seq}
     if conn.execute(sa.select(a.c.id).where(key)).first() is None:
-        conn.execute(sa.insert(a).values(request_id=row.request_id, approver=actor, decision=decision, reason=reason,
-                                         evidence_hash=row.evidence_hash, created_at=iso(now)))
+        conn.execute(sa.insert(a).values(request_id=row.request_id, approver=actor,
+                                         evidence_hash=row.evidence_hash, **values))
     else:
-        conn.execute(sa.update(a).where(key).values(decision=decision, reason=reason, created_at=iso(now)))
+        conn.execute(sa.update(a).where(key).values(**values))
 
 
 def decide(conn: Connection, policy: WorldPolicy, row: Any, *, actor: str, decision: str, reason: str,
-           now: datetime) -> Outcome:
-    """``qmtl approve`` / ``qmtl reject`` on a pending request."""
+           now: datetime, signature: str | None = None) -> Outcome:
+    """``qmtl approve`` / ``qmtl reject`` on a pending request. An approval under
+    ``require_signatures`` (or one that carries a signature) is refused unless ``signature`` verifies
+    for this approver, request and evidence; the signature goes into the ledger entry."""
     ledger.lock(conn)
     row = load_request(conn, row.request_id)  # re-read under the lock: a concurrent reject or apply wins
     world, strategy_id = row.world_id, row.strategy_id
@@ -284,19 +334,16 @@ def decide(conn: Connection, policy: WorldPolicy, row: Any, *, actor: str, decis
     if decision == "reject":
         _vote(conn, row, actor=actor, decision="reject", reason=reason, now=now)
         _close(conn, row.request_id, "rejected", now)
-        ledger.append(conn, actor=actor, kind="promotion.rejected", now=now, world=world, subject=strategy_id,
-                      reason=reason, payload={"request_id": row.request_id, "evidence_hash": row.evidence_hash})
         out = Outcome("rejected", world, strategy_id, gate, row.request_id, f"request {row.request_id} rejected", 0)
         out.notify.append(_event("promotion.rejected", out, actor=actor, reason=reason))
         return out
+    _check_signature(policy, row, actor, signature)
     ttl = policy.live_promotion.approval_ttl
     already = any(a.approver == actor and a.decision == "approve" and a.evidence_hash == row.evidence_hash
                   and a.created_at + ttl >= now for a in view.approvals)  # an expired one may be renewed
     notify: list[dict[str, Any]] = []
     if not already:
-        _vote(conn, row, actor=actor, decision="approve", reason=reason, now=now)
-        ledger.append(conn, actor=actor, kind="promotion.approved", now=now, world=world, subject=strategy_id,
-                      reason=reason, payload={"request_id": row.request_id, "evidence_hash": row.evidence_hash})
+        _vote(conn, row, actor=actor, decision="approve", reason=reason, now=now, signature=signature)
         notify.append({"event": "promotion.approved", "world": world, "strategy_id": strategy_id,
                        "request_id": row.request_id, "actor": actor, "reason": reason})
         view = request_view(conn, row)
@@ -331,6 +378,7 @@ def list_requests(conn: Connection, *, world: str | None, include_closed: bool) 
                     "status": row.status, "requester": row.requester, "reason": row.reason,
                     "created_at": row.created_at, "decided_at": row.decided_at,
                     "evidence_hash": row.evidence_hash,
+                    "policy_version": (row.evidence or {}).get("policy_version"),
                     "reasons": (row.evidence or {}).get("reasons", []),
                     "approvals": [{"approver": a.approver, "decision": a.decision, "reason": a.reason,
                                    "evidence_hash": a.evidence_hash, "at": iso(a.created_at)} for a in view.approvals]})

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
+from qmtl_core.approval_signing import parse_public_key
 from qmtl_core.metric_names import KNOWN_METRICS, is_known_metric
 from qmtl_core.policy._durations import Duration
 
@@ -188,25 +189,62 @@ class Campaign(_Model):
     live: LiveWindow | None = None
 
 
+class Approver(_Model):
+    """An approver with an SSH public key (``approvers: [{name: alice, ssh_key: "ssh-ed25519 AAAA..."}]``);
+    a plain name in the list is an approver without a key."""
+
+    name: str
+    ssh_key: str | None = Field(None, description="OpenSSH public key line; approvals are signed with it")
+
+    @field_validator("ssh_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_public_key(v)
+            except ValueError as exc:
+                raise PolicyProblem((), str(exc), 'paste the whole line of id_ed25519.pub, e.g. "ssh-ed25519 AAAA..."')
+        return v
+
+
 class LivePromotion(_Model):
     """How a strategy goes from paper to live."""
 
     mode: PromotionMode = "disabled"
-    approvers: list[str] = Field(default_factory=list)
+    approvers: list[Approver] = Field(default_factory=list)
     required_approvals: int = Field(1, ge=1)
     approval_ttl: Duration = timedelta(hours=72)
     cooldown: Duration = timedelta(0)
     max_live_slots: int = Field(1, ge=1)
+    require_signatures: bool = Field(False, description="an approval counts only with a valid SSH signature "
+                                                        "by the approver's ssh_key over the request's evidence")
+
+    @field_validator("approvers", mode="before")
+    @classmethod
+    def _plain_names(cls, v: Any) -> Any:
+        # A plain name is an approver without a key (the original, still valid, form).
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
     @field_validator("approvers")
     @classmethod
-    def _approvers(cls, v: list[str]) -> list[str]:
-        for i, name in enumerate(v):
+    def _approvers(cls, v: list[Approver]) -> list[Approver]:
+        names = [a.name for a in v]
+        for i, name in enumerate(names):
             if not name.strip():
                 raise PolicyProblem((i,), "an approver name is empty")
-            if name in v[:i]:
+            if name in names[:i]:
                 raise PolicyProblem((i,), f"approver {name!r} is listed twice")
         return v
+
+    @property
+    def approver_names(self) -> tuple[str, ...]:
+        """The approvers' names, in policy order."""
+        return tuple(a.name for a in self.approvers)
+
+    @property
+    def ssh_keys(self) -> dict[str, str]:
+        """Approver name -> SSH public key, for approvers that have one."""
+        return {a.name: a.ssh_key for a in self.approvers if a.ssh_key}
 
     @model_validator(mode="after")
     def _consistent(self) -> "LivePromotion":
@@ -219,6 +257,11 @@ class LivePromotion(_Model):
                                 f"required_approvals is {self.required_approvals} but only "
                                 f"{len(self.approvers)} approver(s) are listed",
                                 "add approvers or lower required_approvals")
+        if self.require_signatures:
+            for i, a in enumerate(self.approvers):
+                if not a.ssh_key:
+                    raise PolicyProblem(("approvers", i), f"require_signatures is on but approver {a.name!r} "
+                                        "has no ssh_key", f'write it as {{name: {a.name}, ssh_key: "ssh-ed25519 AAAA..."}}')
         return self
 
 

@@ -336,7 +336,7 @@ def assemble(*, world: str, policy: Any, runs: Sequence[Any], returns: Sequence[
                      "next actions are not reconstructed")
     return Report(world=world, generated_at=iso(now), at=iso(at) if at is not None else None,
                   policy={"policy_version": policy.policy_version, "allow_live": policy.allow_live,
-                          "mode": lp.mode, "approvers": list(lp.approvers),
+                          "mode": lp.mode, "approvers": list(lp.approver_names),
                           "required_approvals": lp.required_approvals, "max_live_slots": lp.max_live_slots,
                           "periods_per_year": policy.periods_per_year, "description": policy.description},
                   rank_metric=rank_metric, rank_order=rank_order, strategies=out, activations=acts,

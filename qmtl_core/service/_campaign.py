@@ -255,10 +255,11 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                         if acquire_lease(conn, world, holder, service.clock(), lease_ttl).acquired is False:
                             raise QmtlError("lost the lease mid-iteration", code="lease_lost")
                         outcome = execute(conn, loaded, action, actor=service.actor, now=service.clock())
+                        ids = service._enqueue(conn, loaded, outcome.pop("notify", []))
                 except ConflictError as exc:
-                    outcome = {"status": "skipped", "why": exc.code, "message": exc.message}
-                if outcome.get("notify"):
-                    outcome["notifications"] = service._notify(loaded, outcome.pop("notify"))
+                    outcome, ids = {"status": "skipped", "why": exc.code, "message": exc.message}, []
+                if ids:
+                    outcome["notifications"] = service._deliver(ids)
                 doc = {**action.to_dict(), "outcome": outcome["status"], "result": outcome}
                 docs.append(doc)
                 if on_action is not None:
@@ -278,7 +279,9 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
 def run_iteration(service: "WorldService", worlds: Sequence[str], *, execute_actions: bool, holder: str,
                   lease_ttl: timedelta, on_action: Callable[[dict[str, Any]], None] | None = None,
                   on_world: Callable[[str], None] | None = None) -> list[WorldOutcome]:
-    """One pass of the loop over ``worlds``."""
+    """One pass of the loop over ``worlds`` (first delivering notifications an earlier process left)."""
+    if execute_actions:
+        service.flush_outbox()
     out = []
     for world in worlds:
         if on_world is not None:

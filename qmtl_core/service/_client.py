@@ -156,6 +156,11 @@ class LocalClient:
         return {"runs": [r.to_dict() for r in revs]}
 
     # -- submissions (qmtl submit / qmtl run; the strategy itself runs on the client) -------------------
+    def strategies(self, world: str) -> dict[str, Any]:
+        """Every strategy of the world with its name and stage (short ids and prefixes in the CLI)."""
+        self.service.load_world(world, record=False)  # an unknown world is world_not_found
+        return {"world": world, "strategies": self.service.strategy_rows(world)}
+
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
         """The world's row for a strategy (stage, name, code_hash, submitter, meta ...);
         ``StrategyNotFound`` (exit 3, HTTP 404) when the world has never seen it."""
@@ -211,11 +216,11 @@ class LocalClient:
         """``qmtl promote``."""
         return self.service.promote(world, strategy_id, reason=reason, dry_run=dry_run).to_dict()
 
-    def decide(self, request_id: str, *, decision: str, reason: str) -> dict[str, Any]:
+    def decide(self, request_id: str, *, decision: str, reason: str, signature: str | None = None) -> dict[str, Any]:
         """``qmtl approve`` / ``qmtl reject``; changed evidence raises ``EvidenceChanged`` (exit 4)."""
         from qmtl_core.errors import EvidenceChanged
 
-        outcome = self.service.decide_request(request_id, decision=decision, reason=reason)
+        outcome = self.service.decide_request(request_id, decision=decision, reason=reason, signature=signature)
         if outcome.status == "voided":
             raise EvidenceChanged(outcome.message, details=outcome.to_dict())
         return outcome.to_dict()
@@ -223,6 +228,27 @@ class LocalClient:
     def promotions(self, *, world: str | None = None, include_closed: bool = False) -> dict[str, Any]:
         """``qmtl promote --list``."""
         return {"requests": self.service.promotion_requests(world=world, include_closed=include_closed)}
+
+    def approval_view(self, request_id: str) -> dict[str, Any]:
+        """``qmtl promote --show REQ``: what an approver reads, from reads only (the gate as a dry run)."""
+        from qmtl_core.approval_view import approval_view
+        from qmtl_core.errors import NotFoundError, RequestNotFound
+
+        request = next((r for r in self.service.promotion_requests(include_closed=True)
+                        if r["request_id"] == request_id), None)
+        if request is None:
+            raise RequestNotFound(f"no promotion request {request_id!r}", hint="qmtl promote --list --all lists them")
+        world, sid = request["world"], request["strategy_id"]
+        gate = self.service.promote(world, sid, dry_run=True).to_dict().get("gate") or {}
+        runs = [r.to_dict() for r in self.service.list_runs(world, strategy_id=sid)]
+        try:
+            snapshot: dict[str, Any] | None = self.risk_show(world)
+        except NotFoundError:
+            snapshot = None
+        live = [a["strategy_id"] for a in self.service.activations(world)["activations"]
+                if a["stage"] == "live" and a["strategy_id"] != sid]
+        policy = self.world(world)["policy"]
+        return approval_view(request, gate, runs, policy=policy, snapshot=snapshot, live=live)
 
     def decisions(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
         """``qmtl world decision``."""
@@ -281,15 +307,19 @@ class LocalClient:
         entries = self.service.audit_log(world=world, since=since, kind=kind, limit=limit)
         return {"entries": [e.to_dict() for e in entries]}
 
-    def audit_verify(self) -> dict[str, Any]:
-        """``qmtl audit verify``; a broken chain raises ``LedgerBroken`` (exit 4)."""
-        from qmtl_core.errors import LedgerBroken
+    def audit_head(self) -> dict[str, Any]:
+        """The ledger head and the store's origin (what ``qmtl audit checkpoint`` signs)."""
+        return self.service.audit_head()
 
-        result = self.service.audit_verify()
-        if not result.ok:
-            raise LedgerBroken(f"ledger broken at entry {result.first_broken_seq}: {result.problem}",
-                               hint="restore the store from a backup; the entries from there on cannot be trusted",
-                               details=result.to_dict())
+    def audit_verify(self, *, checkpoints: Sequence[Mapping[str, Any]] = (), deep: bool = False) -> dict[str, Any]:
+        """``qmtl audit verify``: a broken chain, a checkpoint the chain does not hold, or (``deep``) a table
+        the ledger does not vouch for raises (exit 4). ``checkpoints`` are ``{label, origin, seq, hash}``
+        claims whose signatures the caller has checked."""
+        from qmtl_core.checkpoint import Checkpoint
+
+        claims = [(str(c["label"]), Checkpoint(str(c["origin"]), int(c["seq"]), str(c["hash"]))) for c in checkpoints]
+        result = self.service.audit_verify(checkpoints=claims, deep=deep)
+        result.raise_for_problems()
         return result.to_dict()
 
 
@@ -403,6 +433,9 @@ class HttpClient:
                           params={"strategy": strategy_id, "stage": stage, "history": history})
 
     # -- submissions ----------------------------------------------------------------------------------
+    def strategies(self, world: str) -> dict[str, Any]:
+        return self._call("GET", f"/worlds/{world}/strategies")
+
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
         return self._call("GET", f"/worlds/{world}/strategies/{strategy_id}")
 
@@ -438,8 +471,14 @@ class HttpClient:
         return self._call("POST", f"/worlds/{world}/promotions", confirm=not dry_run,
                           body={"strategy_id": strategy_id, "reason": reason, "dry_run": dry_run})
 
-    def decide(self, request_id: str, *, decision: str, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body={"reason": reason})
+    def decide(self, request_id: str, *, decision: str, reason: str, signature: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"reason": reason}
+        if signature is not None:
+            body["signature"] = signature
+        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body=body)
+
+    def approval_view(self, request_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/promotions/{request_id}/view")
 
     def promotions(self, *, world: str | None = None, include_closed: bool = False) -> dict[str, Any]:
         return self._call("GET", "/promotions", params={"world": world, "all": include_closed})
@@ -486,8 +525,11 @@ class HttpClient:
         return self._call("GET", "/audit", params={"world": world, "since": since.isoformat() if since else None,
                                                    "kind": kind, "limit": limit})
 
-    def audit_verify(self) -> dict[str, Any]:
-        return self._call("GET", "/audit/verify")
+    def audit_head(self) -> dict[str, Any]:
+        return self._call("GET", "/audit/head")
+
+    def audit_verify(self, *, checkpoints: Sequence[Mapping[str, Any]] = (), deep: bool = False) -> dict[str, Any]:
+        return self._call("POST", "/audit/verify", body={"checkpoints": [dict(c) for c in checkpoints], "deep": deep})
 
 
 def _json_metric_row(row: Mapping[str, Any] | None) -> dict[str, float | None] | None:

@@ -17,32 +17,33 @@ class GovernanceMixin:
     """Governance methods of ``WorldService`` (mixed in; uses its store, clock and actor)."""
 
     # -- notifications ------------------------------------------------------------------------------
-    def _notify(self: "WorldService", loaded: "LoadedWorld", events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Deliver events to the world's webhook after the decision committed; record failures."""
+    def _enqueue(self: "WorldService", conn: Any, loaded: "LoadedWorld", events: list[dict[str, Any]]) -> list[str]:
+        """Write the events for the world's webhook into the outbox, inside the change's transaction."""
         url = loaded.policy.notifications.webhook
         if not events or url is None:
             return []
-        from qmtl_core import ledger
+        from qmtl_core import outbox
+
+        return outbox.enqueue(conn, url=str(url), world=loaded.world_id, events=events, actor=self.actor,
+                              now=self.clock())
+
+    def flush_outbox(self: "WorldService") -> list[dict[str, Any]]:
+        """Deliver every notification that is due (this change's and any an earlier process left)."""
+        from qmtl_core import outbox
         from qmtl_core.governance._notify import deliver
 
-        now = self.clock()
-        stamped = [{**e, "ts": now.isoformat(), "actor": self.actor} for e in events]
-        results = deliver(str(url), stamped, **self._notify_options)
-        failed = [r for r in results if not r.ok]
-        if failed:
-            with self.store.write() as conn:
-                for r in failed:
-                    ledger.append(conn, actor=self.actor, kind="notification.failed", now=now,
-                                  world=loaded.world_id, subject=r.event,
-                                  reason=f"{r.error} after {r.attempts} attempt(s)",
-                                  payload={"url": str(url), "event": r.event, "attempts": r.attempts})
-        return [{"event": r.event, "ok": r.ok, "attempts": r.attempts, "error": r.error} for r in results]
+        return outbox.flush(self.store, lambda url, events: deliver(url, events, **self._notify_options),
+                            actor=self.actor, now=self.clock)
+
+    def _deliver(self: "WorldService", ids: list[str]) -> list[dict[str, Any]]:
+        """After the commit: flush the outbox; the fate of the events ``ids`` (enqueued by this change)."""
+        if not ids:
+            return []
+        done = {d["event_id"]: d for d in self.flush_outbox()}
+        return [done[i] if i in done else {"event_id": i, "ok": False, "attempts": 0, "error": "queued"}
+                for i in ids]
 
     _notify_options: dict[str, Any] = {}
-
-    def _finish(self: "WorldService", loaded: "LoadedWorld", outcome: "Outcome") -> "Outcome":
-        outcome.extra["notifications"] = self._notify(loaded, outcome.notify)
-        return outcome
 
     # -- promotion ----------------------------------------------------------------------------------
     def promote(self: "WorldService", world: str, strategy_id: str, *, reason: str | None = None,
@@ -58,10 +59,14 @@ class GovernanceMixin:
                                dry_run=True)
         with self.store.write() as conn:
             outcome = promote(conn, loaded.policy, strategy_id, actor=self.actor, reason=reason, now=self.clock())
-        return self._finish(loaded, outcome)
+            ids = self._enqueue(conn, loaded, outcome.notify)
+        outcome.extra["notifications"] = self._deliver(ids)
+        return outcome
 
-    def decide_request(self: "WorldService", request_id: str, *, decision: str, reason: str) -> "Outcome":
-        """Approve or reject a request as the calling identity."""
+    def decide_request(self: "WorldService", request_id: str, *, decision: str, reason: str,
+                       signature: str | None = None) -> "Outcome":
+        """Approve or reject a request as the calling identity (``signature``: an SSH signature of the
+        approval message, ``qmtl_core.approval_signing``)."""
         from qmtl_core.errors import UsageError
         from qmtl_core.governance._requests import decide, load_request
 
@@ -73,8 +78,10 @@ class GovernanceMixin:
         with self.store.write() as conn:
             row = load_request(conn, request_id)
             outcome = decide(conn, loaded.policy, row, actor=self.actor, decision=decision, reason=reason.strip(),
-                             now=self.clock())
-        return self._finish(loaded, outcome)
+                             now=self.clock(), signature=signature)
+            ids = self._enqueue(conn, loaded, outcome.notify)
+        outcome.extra["notifications"] = self._deliver(ids)
+        return outcome
 
     def promotion_requests(self: "WorldService", *, world: str | None = None,
                            include_closed: bool = False) -> list[dict[str, Any]]:
@@ -93,7 +100,7 @@ class GovernanceMixin:
             try:
                 lp = self.load_world(r["world"], record=False).policy.live_promotion
                 r["required_approvals"] = lp.required_approvals
-                r["approvers"] = list(lp.approvers)
+                r["approvers"] = list(lp.approver_names)
             except Exception:  # a world file removed since: the request still lists
                 r["required_approvals"] = None
         return rows
@@ -115,7 +122,8 @@ class GovernanceMixin:
         loaded = self.load_world(world)
         with self.store.write() as conn:
             result = rollback(conn, policy=loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
-        result["notifications"] = self._notify(loaded, [{"event": "world.rollback", "world": world, **result}])
+            ids = self._enqueue(conn, loaded, [{"event": "world.rollback", "world": world, **result}])
+        result["notifications"] = self._deliver(ids)
         return result
 
     def set_halted(self: "WorldService", world: str, *, halted: bool, reason: str) -> dict[str, Any]:
@@ -126,8 +134,9 @@ class GovernanceMixin:
         with self.store.write() as conn:
             changed = set_halt(conn, policy=loaded.policy, halted=halted, actor=self.actor, now=self.clock(),
                                reason=reason)
-        event = "world.halted" if halted else "world.resumed"
-        sent = self._notify(loaded, [{"event": event, "world": world, "reason": reason}]) if changed else []
+            event = "world.halted" if halted else "world.resumed"
+            ids = self._enqueue(conn, loaded, [{"event": event, "world": world, "reason": reason}]) if changed else []
+        sent = self._deliver(ids)
         return {"world": world, "halted": halted, "changed": changed, "notifications": sent}
 
     def demote(self: "WorldService", world: str, strategy_id: str, *, reason: str, to: str = "paper") -> dict[str, Any]:
@@ -143,8 +152,9 @@ class GovernanceMixin:
         with self.store.write() as conn:
             version = set_stage(conn, policy=loaded.policy, strategy_id=strategy_id, expect=expect[to], to=to,
                                 actor=self.actor, now=self.clock(), kind="strategy.demoted", reason=reason)
-        sent = self._notify(loaded, [{"event": "strategy.demoted", "world": world, "strategy_id": strategy_id,
-                                      "to": to, "reason": reason}])
+            ids = self._enqueue(conn, loaded, [{"event": "strategy.demoted", "world": world, "strategy_id": strategy_id,
+                                                "to": to, "reason": reason}])
+        sent = self._deliver(ids)
         return {"world": world, "strategy_id": strategy_id, "to": to, "set_version": version, "notifications": sent}
 
     def decisions(self: "WorldService", world: str, *, strategy_id: str | None = None) -> list["DecisionEnvelope"]:

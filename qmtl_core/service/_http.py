@@ -10,18 +10,20 @@ PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from qmtl_core._version import __version__
 from qmtl_core.config import Settings
 from qmtl_core.errors import QmtlError
+from qmtl_core.telemetry import HttpMetrics, LoopMetrics, exposition, new_registry
 from qmtl_core.service._auth import Principal, authenticate
 from qmtl_core.service._client import LocalClient, returns_from_doc, table_from_doc
 from qmtl_core.service._service import WorldService
@@ -93,12 +95,36 @@ class ReasonBody(_Body):
     reason: str = ""
 
 
+class DecideBody(_Body):
+    """``POST /promotions/{id}/approve|reject``."""
+
+    reason: str = ""
+    signature: str | None = Field(None, max_length=20_000,
+                                  description="armored SSH signature (namespace qmtl-approval) of the approval message")
+
+
 class DemoteBody(_Body):
     """``POST /worlds/{id}/demote``."""
 
     strategy_id: str = Field(min_length=1)
     to: str = "paper"
     reason: str = ""
+
+
+class CheckpointClaim(_Body):
+    """A signed checkpoint's claim, its signature already checked by the caller."""
+
+    label: str = Field(min_length=1, max_length=500)
+    origin: str = Field(min_length=1, max_length=500)
+    seq: int = Field(ge=0)
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class VerifyBody(_Body):
+    """``POST /audit/verify``."""
+
+    checkpoints: list[CheckpointClaim] = Field(default_factory=list, max_length=1000)
+    deep: bool = False
 
 
 def _error_response(exc: QmtlError) -> JSONResponse:
@@ -111,6 +137,17 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     app = FastAPI(title="qmtl WorldService", version=__version__,
                   description="Worlds, evaluation runs, campaigns, governance and the risk hub.")
     base = WorldService(settings, clock=clock)
+    registry = new_registry(base.store, clock)
+    http_metrics, loop_metrics = HttpMetrics(registry), LoopMetrics(registry)
+
+    @app.middleware("http")
+    async def _timed(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        http_metrics.observe(request.method, getattr(route, "path", "unmatched"), response.status_code,
+                             time.perf_counter() - started)
+        return response
 
     @app.exception_handler(QmtlError)
     async def _qmtl_error(request: Request, exc: QmtlError) -> JSONResponse:
@@ -128,6 +165,19 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         return JSONResponse(status_code=500, content={
             "error": "internal_error", "exit_code": 1,
             "message": f"internal error on the server: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+
+    if settings.checkpoint_dir is not None:
+        from qmtl_core.checkpoint import publish, require_signer
+
+        signer, directory = require_signer(settings.checkpoint_key), settings.checkpoint_dir
+
+        @app.middleware("http")
+        async def _publish_checkpoint(request: Request, call_next: Callable[..., Any]) -> Any:
+            """After each change, a signed checkpoint of the new head into ``checkpoint_dir``."""
+            response = await call_next(request)
+            if request.method not in ("GET", "HEAD", "OPTIONS") and response.status_code < 400:
+                await asyncio.to_thread(lambda: publish(base.audit_head(), signer, directory))
+            return response
 
     def principal(request: Request) -> Principal:
         with base.store.read() as conn:
@@ -149,6 +199,12 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         with base.store.read():
             pass
         return {"ok": True, "version": __version__, "store": base.store.backend}
+
+    @app.get("/metrics", response_class=Response)
+    def metrics(_: LocalClient = Depends(read)) -> Response:
+        """Prometheus exposition: the store families (snapshot age, approvals, live strategies, actions,
+        blocks, campaign progress), loop runs through this server, and HTTP latency. Needs a read token."""
+        return Response(exposition(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/worlds")
     def worlds(c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -180,6 +236,11 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
              c: LocalClient = Depends(read)) -> dict[str, Any]:
         """Evaluation runs, newest first."""
         return c.runs(world, strategy_id=strategy, stage=stage, history=history)
+
+    @app.get("/worlds/{world}/strategies")
+    def strategies(world: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Every strategy of the world with its name and stage."""
+        return c.strategies(world)
 
     @app.get("/worlds/{world}/strategies/{strategy_id}")
     def strategy(world: str, strategy_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -214,8 +275,10 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
     def campaign_run(world: str, body: RunBody, who: Principal = Depends(principal)) -> dict[str, Any]:
         """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``)."""
         who.require("operate" if body.execute else "tick")
-        return LocalClient(base.as_actor(who.actor)).campaign_run(
+        outcome = LocalClient(base.as_actor(who.actor)).campaign_run(
             world, execute=body.execute, holder=body.holder, lease_ttl_seconds=body.lease_ttl_seconds)
+        loop_metrics.observe(outcome, clock())
+        return outcome
 
     @app.get("/worlds/{world}/decision")
     def decision(world: str, strategy: str | None = None, c: LocalClient = Depends(read)) -> dict[str, Any]:
@@ -249,10 +312,15 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
         """Promotion requests (pending unless ``all``)."""
         return c.promotions(world=world, include_closed=all)
 
+    @app.get("/promotions/{request_id}/view")
+    def approval_view(request_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """What an approver reads: the gate checklist now, stages side by side, risk evidence, caveats."""
+        return c.approval_view(request_id)
+
     @app.post("/promotions/{request_id}/approve")
-    def approve_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
+    def approve_(request_id: str, body: DecideBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
         """Approve as the token's actor."""
-        return c.decide(request_id, decision="approve", reason=body.reason)
+        return c.decide(request_id, decision="approve", reason=body.reason, signature=body.signature)
 
     @app.post("/promotions/{request_id}/reject")
     def reject_(request_id: str, body: ReasonBody, c: LocalClient = Depends(approve)) -> dict[str, Any]:
@@ -297,9 +365,21 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow) ->
                            limit=limit)
 
     @app.get("/audit/verify")
-    def audit_verify(c: LocalClient = Depends(read)) -> dict[str, Any]:
-        """Verify the hash chain (409 naming the first broken entry)."""
-        return c.audit_verify()
+    def audit_verify(deep: bool = False, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Verify the hash chain (409 naming the first broken entry); ``deep`` also replays the decision
+        tables from the ledger (409 naming the first difference)."""
+        return c.audit_verify(deep=deep)
+
+    @app.post("/audit/verify")
+    def audit_verify_checkpoints(body: VerifyBody, c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """Verify the chain and that it holds each checkpoint's head at its position (409 naming the
+        first checkpoint it does not hold)."""
+        return c.audit_verify(checkpoints=[cp.model_dump() for cp in body.checkpoints], deep=body.deep)
+
+    @app.get("/audit/head")
+    def audit_head(c: LocalClient = Depends(read)) -> dict[str, Any]:
+        """The ledger's head and the store's origin, for a checkpoint signed by the caller's key."""
+        return c.audit_head()
 
     @app.websocket("/events")
     async def events(ws: WebSocket, world: str | None = None, domain: str | None = None,

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from qmtl_core.datafiles import ReturnsTable
     from qmtl_core.risk import Freshness, RiskSnapshot, StoredSnapshot
     from qmtl_core.runs import RunRevision
-    from qmtl_core.ledger import LedgerEntry, VerifyResult
+    from qmtl_core.audit import AuditResult, SignatureCheck, SignedDecision
+    from qmtl_core.checkpoint import Checkpoint
+    from qmtl_core.ledger import LedgerEntry
     from qmtl_core.policy import WorldPolicy
     from qmtl_core.service._policies import PolicyRecord
     from qmtl_core.store import Store
@@ -348,6 +350,19 @@ class WorldService(GovernanceMixin):
         return [p.stem for p in world_files(self.settings.worlds_dir)]
 
     # -- submissions -------------------------------------------------------------------------------
+    def strategy_rows(self, world: str) -> list[dict[str, Any]]:
+        """Every strategy the world has seen: id, name, stage, submitter, submitted_at (by id)."""
+        import sqlalchemy as sa
+
+        from qmtl_core.store import schema
+
+        world_path(self.settings.worlds_dir, world)
+        t = schema.strategies
+        with self.store.read() as conn:
+            rows = conn.execute(sa.select(t.c.strategy_id, t.c.name, t.c.stage, t.c.submitter, t.c.submitted_at)
+                                .where(t.c.world_id == world).order_by(t.c.strategy_id)).all()
+        return [dict(r._mapping) for r in rows]
+
     def strategy_info(self, world: str, strategy_id: str) -> dict[str, Any] | None:
         """The world's row for a strategy (stage, name, code_hash, submitter, meta ...); ``None``
         when the world has never seen it."""
@@ -485,9 +500,47 @@ class WorldService(GovernanceMixin):
         with self.store.read() as conn:
             return ledger.entries(conn, world=world, since=since, kind=kind, limit=limit)
 
-    def audit_verify(self) -> "VerifyResult":
-        """Verify the whole hash chain."""
+    def audit_head(self) -> dict[str, Any]:
+        """The chain's head and this store's identity: what a checkpoint signs."""
         from qmtl_core import ledger
+        from qmtl_core.audit import store_origin
 
         with self.store.read() as conn:
-            return ledger.verify(conn)
+            seq, digest = ledger.head(conn)
+            return {"origin": store_origin(conn), "seq": seq, "hash": digest}
+
+    def audit_verify(self, *, checkpoints: "Sequence[tuple[str, Checkpoint]]" = (),
+                     deep: bool = False) -> "AuditResult":
+        """Verify the hash chain, that it holds each checkpoint's head, and (``deep``) that the decision
+        tables hold exactly what the ledger records, approval signatures included."""
+        from qmtl_core.audit import verify_store
+
+        with self.store.read() as conn:
+            return verify_store(conn, checkpoints=checkpoints, deep=deep, check=self._approval_signature_check())
+
+    def _approval_signature_check(self) -> "SignatureCheck":
+        """Re-verify an approval in the ledger against the approver's key in the world's policy file: a
+        signature must verify; none is needed only where the policy does not require one."""
+        from qmtl_core.approval_signing import approval_message, signature_problem
+
+        policies: dict[str, Any] = {}
+
+        def check(d: "SignedDecision") -> str | None:
+            if d.world not in policies:
+                try:
+                    policies[d.world] = self.load_world(d.world, record=False).policy.live_promotion
+                except QmtlError:
+                    policies[d.world] = None
+            lp = policies[d.world]
+            if lp is None:
+                return None if d.signature is None else "the world's policy cannot be read to check the signature"
+            if d.signature is None:
+                return "unsigned, but the world requires signatures" if lp.require_signatures else None
+            key = lp.ssh_keys.get(d.approver)
+            if key is None:
+                return f"signed, but {d.approver} has no ssh_key in the world's policy"
+            message = approval_message(world=str(d.world), strategy_id=str(d.strategy_id), request_id=d.request_id,
+                                       evidence_hash=d.evidence_hash)
+            return signature_problem(key, d.signature, message)
+
+        return check

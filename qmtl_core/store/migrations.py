@@ -83,11 +83,40 @@ def _snapshot_summaries(conn: Connection) -> None:
         conn.execute(sa.update(t).where(t.c.id == snapshot_id).values(summary=summary))
 
 
+def _audit_anchors(conn: Connection) -> None:
+    """The store's identity, approvals tied to their ledger entries, the notification outbox and,
+    on PostgreSQL, the trigger that keeps the ledger append-only."""
+    schema.store_meta.create(conn, checkfirst=True)  # stamps a new store_id
+    schema.notification_outbox.create(conn, checkfirst=True)
+    if "ledger_seq" not in {c["name"] for c in sa.inspect(conn).get_columns("approvals")}:
+        kind = schema.approvals.c.ledger_seq.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE approvals ADD COLUMN ledger_seq {kind}"))
+    # Tie each existing decision to the newest ledger entry that records it; a row no entry records
+    # stays untied and stops counting, which is the point.
+    led, a = schema.ledger, schema.approvals
+    vouched: dict[tuple[str, str, str, str], int] = {}
+    for row in conn.execute(sa.select(led.c.seq, led.c.actor, led.c.kind, led.c.payload)
+                            .where(led.c.kind.in_(("promotion.approved", "promotion.rejected")))
+                            .order_by(led.c.seq)):
+        payload = row.payload or {}
+        decision = "approve" if row.kind == "promotion.approved" else "reject"
+        vouched[(str(payload.get("request_id")), row.actor, str(payload.get("evidence_hash")), decision)] = row.seq
+    for row in conn.execute(sa.select(a.c.id, a.c.request_id, a.c.approver, a.c.evidence_hash, a.c.decision)).all():
+        seq = vouched.get((row.request_id, row.approver, row.evidence_hash, row.decision))
+        if seq is not None:
+            conn.execute(sa.update(a).where(a.c.id == row.id).values(ledger_seq=seq))
+    if conn.dialect.name == "postgresql":
+        for statement in schema.LEDGER_GUARD_DDL:
+            conn.exec_driver_sql(statement)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _initial),
     Migration(2, "api tokens for qmtl serve", _api_tokens),
     Migration(3, "run heads: the latest run per strategy and stage", _run_heads),
     Migration(4, "risk snapshot summaries for the campaign tick", _snapshot_summaries),
+    Migration(5, "audit anchors: store id, approvals tied to the ledger, outbox, append-only ledger",
+              _audit_anchors),
 ]
 
 

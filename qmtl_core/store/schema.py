@@ -182,6 +182,9 @@ approvals = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("evidence_hash", Hash, nullable=False),
     sa.Column("created_at", Time, nullable=False),
+    #: Schema v5: the ledger entry that records this decision. Only a row whose entry exists and
+    #: agrees with it counts (``governance._requests.request_view``): a row alone proves nothing.
+    sa.Column("ledger_seq", sa.BigInteger().with_variant(sa.Integer, "sqlite")),
     sa.UniqueConstraint("request_id", "approver", "evidence_hash", name="uq_approvals_once"),
 )
 
@@ -243,6 +246,23 @@ ledger = sa.Table(
 )
 sa.Index("ix_ledger_world_ts", ledger.c.world_id, ledger.c.ts)
 
+#: PostgreSQL refuses UPDATE, DELETE and TRUNCATE on the ledger for every role but a superuser or
+#: the table's owner disabling the trigger (schema v5). That owner can still rewrite history,
+#: which is what signed checkpoints kept outside the database catch.
+LEDGER_GUARD_DDL = (
+    "CREATE OR REPLACE FUNCTION qmtl_ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "BEGIN RAISE EXCEPTION USING MESSAGE = 'the qmtl ledger is append-only: ' || TG_OP || ' refused', "
+    "ERRCODE = 'insufficient_privilege'; END $$",
+    "DROP TRIGGER IF EXISTS ledger_append_only ON ledger",
+    "CREATE TRIGGER ledger_append_only BEFORE UPDATE OR DELETE ON ledger "
+    "FOR EACH ROW EXECUTE FUNCTION qmtl_ledger_append_only()",
+    "DROP TRIGGER IF EXISTS ledger_no_truncate ON ledger",
+    "CREATE TRIGGER ledger_no_truncate BEFORE TRUNCATE ON ledger "
+    "FOR EACH STATEMENT EXECUTE FUNCTION qmtl_ledger_append_only()",
+)
+for _statement in LEDGER_GUARD_DDL:
+    sa.event.listen(ledger, "after_create", sa.DDL(_statement).execute_if(dialect="postgresql"))
+
 #: One row (id = 1) holding the chain's tail: appends serialise on it, and it exposes a deleted tail.
 ledger_head = sa.Table(
     "ledger_head", metadata,
@@ -262,3 +282,39 @@ api_tokens = sa.Table(
     sa.Column("created_by", Name, nullable=False),
     sa.Column("revoked_at", Time),
 )
+
+#: Facts about the store itself (schema v5); ``store_id`` is its identity, the origin of its checkpoints.
+store_meta = sa.Table(
+    "store_meta", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+def _stamp_store_id(target: sa.Table, connection: sa.Connection, **_: object) -> None:
+    import uuid
+
+    connection.execute(target.insert().values(key="store_id", value=uuid.uuid4().hex))
+
+
+sa.event.listen(store_meta, "after_create", _stamp_store_id)
+
+#: Webhook deliveries written in the same transaction as the change they announce (schema v5), and
+#: delivered after commit by whichever qmtl process runs next; ``event_id`` is the idempotency key
+#: a receiver sees, so a delivery retried after a crash is recognisable as the same event.
+notification_outbox = sa.Table(
+    "notification_outbox", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("world_id", Name),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("event", JSONDoc, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | delivered | failed
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("next_attempt_at", Time, nullable=False),
+    sa.Column("claimed_until", Time),
+    sa.Column("delivered_at", Time),
+    sa.Column("last_error", sa.Text),
+)
+sa.Index("ix_outbox_status_next", notification_outbox.c.status, notification_outbox.c.next_attempt_at)

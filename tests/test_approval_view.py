@@ -1,0 +1,84 @@
+"""The approval view (issue 18, items 8-10): what an approver reads before signing, in the terminal
+(``qmtl promote --show``) and as JSON, locally and through the HTTP API, on both backends."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmtl_core.approval_view import checklist, correlation, min_track_record_length
+from tests._service import Clock, make_service
+from tests.cli_helpers import qmtl
+from tests.test_governance import Setup, policy_text
+
+
+def test_min_track_record_length_follows_bailey_lopez_de_prado() -> None:
+    # eq. 11 with normal returns (skew 0, kurtosis 3): 1 + (1 + SR²/2)·(z/SR)²
+    z = 1.6448536269514722
+    assert min_track_record_length(0.1, 0.0, 0.0) == pytest.approx(1 + (1 + 0.01 / 2) * (z / 0.1) ** 2)
+    # negative skew and fat tails need a longer record for the same Sharpe
+    assert min_track_record_length(0.1, -1.0, 6.0) > min_track_record_length(0.1, 0.0, 0.0)  # type: ignore[operator]
+    assert min_track_record_length(0.0, 0.0, 0.0) is None and min_track_record_length(-0.1, 0.0, 0.0) is None
+    assert min_track_record_length(math.nan, 0.0, 0.0) is None
+
+
+def test_checklist_marks_each_condition_and_never_hides_an_unknown_block() -> None:
+    rows = checklist([{"code": "risk_snapshot_lagging", "detail": "lags 2h"}, {"code": "approval_required",
+                                                                              "detail": "0 of 2"},
+                      {"code": "some_new_gate", "detail": "from a newer qmtl"}])
+    failing = {r["condition"]: r["detail"] for r in rows if not r["ok"]}
+    assert failing == {"a fresh risk snapshot covers the strategy": "lags 2h",
+                       "the required approvals are in": "0 of 2", "some_new_gate": "from a newer qmtl"}
+    assert sum(r["ok"] for r in rows) == 9
+
+
+def test_correlation_on_common_timestamps() -> None:
+    a = [("t1", 0.01), ("t2", -0.02), ("t3", 0.03), ("t4", 0.0)]
+    b = [("t2", -0.04), ("t3", 0.06), ("t4", 0.0), ("t5", 9.0), ("t1", 0.02)]
+    assert correlation(a, b) == (pytest.approx(1.0), 4)
+    assert correlation(a, [("t1", 1.0)]) == (None, 1)
+
+
+@pytest.fixture
+def pending(qmtl_env: dict[str, str], worlds_dir: Path, tmp_path: Path) -> str:
+    (worlds_dir / "gov.yaml").write_text(policy_text())
+    svc = make_service(qmtl_env["QMTL_DATABASE_URL"], worlds_dir, tmp_path / "h", Clock())
+    Setup(svc).ready("a")
+    request_id = svc.as_actor("carol").promote("gov", "a", reason="paper is clean").request_id
+    svc.close()
+    assert request_id is not None
+    return request_id
+
+
+@pytest.mark.usefixtures("cli_mode")
+def test_promote_show_opens_the_request_as_an_approver_reads_it(pending: str) -> None:
+    doc = qmtl("promote", "--show", pending[3:9], "--json")
+    assert doc.exit_code == 0, doc.stderr
+    view: dict[str, Any] = doc.json()
+    assert view["request"]["request_id"] == pending and view["request"]["requester"] == "carol"
+    rows = {r["condition"]: r for r in view["checklist"]}
+    assert not rows["the required approvals are in"]["ok"] and rows["the strategy is in paper"]["ok"]
+    assert view["stages"] == ["backtest", "paper"]
+    sharpe = next(r for r in view["side_by_side"] if r["metric"] == "sharpe")
+    assert set(sharpe["values"]) == {"backtest", "paper"}
+    assert any(c.startswith("paper: annualised figures extrapolate") for c in view["caveats"])
+    assert view["small_sample"]["n_observations"] == 12 and view["small_sample"]["min_track_record_length"]
+    assert view["risk"]["weight"] == 1.0 and view["risk"]["snapshot"]["version"] == "p12"
+    assert re.fullmatch(r"[0-9a-f]{64}", view["evidence"]["request"]) and view["evidence"]["unchanged"]
+
+    human = qmtl("promote", "--show", pending)
+    assert human.exit_code == 0, human.stderr
+    text = human.stdout
+    order = [text.index(s) for s in ("live gate", "stages side by side", "small sample", "risk evidence",
+                                     f"evidence {view['evidence']['request']}")]
+    assert order == sorted(order)  # in the order an approver needs it
+    assert "✗ the required approvals are in" in text and "✓ the world is not halted" in text
+    assert not re.search(r"-0(\.0+)?%?(?![\d.])", text)  # no "-0.0" cells
+    assert "Bailey & López de Prado" in text
+    total = next(ln for ln in text.splitlines() if ln.startswith("total return"))
+    assert total.count("%") == 2  # one unit for every stage
+    assert qmtl("promote", "--show", "pr-ffffffffffff").exit_code == 3

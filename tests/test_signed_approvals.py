@@ -1,0 +1,143 @@
+"""Approvals signed with the approver's own SSH key (real ``ssh-keygen`` keys and signatures).
+
+A signature by the wrong key, over other evidence, or by an approver not listed does not count; a
+valid one does, in local and remote mode (``qmtl approve --key``); ``audit verify --deep`` catches
+a signature edited in the ledger even when the chain was rehashed to hide the edit."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from qmtl_core.approval_signing import approval_message, sign
+from qmtl_core.config import Settings
+from qmtl_core.errors import BlockedError
+from qmtl_core.policy import load_policy_text
+from qmtl_core.store import open_store, schema
+from tests import _remote
+from tests._service import Clock, make_service
+from tests._tamper import as_owner
+from tests.cli_helpers import qmtl
+from tests.test_audit_anchors import _rehash_from
+from tests.test_governance import Setup, policy_text
+
+
+def _keygen(path: Path) -> tuple[Path, str]:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True)
+    return path, path.with_suffix(".pub").read_text().strip()
+
+
+@pytest.fixture
+def ssh_keys(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    d = tmp_path / "ssh"
+    d.mkdir()
+    return {who: _keygen(d / who) for who in ("alice", "me", "mallory")}
+
+
+def _signed_policy(me: str, keys: dict[str, tuple[Path, str]]) -> str:
+    listed = (f'    approvers: [{{name: alice, ssh_key: "{keys["alice"][1]}"}}, '
+              f'{{name: "{me}", ssh_key: "{keys["me"][1]}"}}]\n    required_approvals: 2\n'
+              "    require_signatures: true\n")
+    return policy_text().replace("    approvers: [alice, bob, carol]\n    required_approvals: 2\n", listed)
+
+
+def test_only_a_valid_signature_by_the_listed_key_counts(qmtl_env: dict[str, str], worlds_dir: Path,
+                                                         tmp_path: Path, cli_mode: str,
+                                                         ssh_keys: dict[str, tuple[Path, str]],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_remote, "LEDGER_TOKENS", True)
+    me = Settings.resolve().identity()  # the CLI's actor in both modes
+    (worlds_dir / "gov.yaml").write_text(_signed_policy(me, ssh_keys))
+    assert load_policy_text(_signed_policy(me, ssh_keys)).live_promotion.ssh_keys["alice"] == ssh_keys["alice"][1]
+    url = qmtl_env["QMTL_DATABASE_URL"]
+    svc = make_service(url, worlds_dir, tmp_path / "h", Clock(datetime.now(timezone.utc))).as_actor("cron")
+    Setup(svc).ready("a")
+    rid = svc.as_actor("carol").promote("gov", "a").request_id
+    evidence = svc.promotion_requests(world="gov")[0]["evidence_hash"]
+    right = approval_message(world="gov", strategy_id="a", request_id=rid, evidence_hash=evidence)
+    alice = svc.as_actor("alice")
+
+    def refused(signature: str | None, code: str, who: str = "alice") -> None:
+        with pytest.raises(BlockedError) as caught:
+            svc.as_actor(who).decide_request(rid, decision="approve", reason="ok", signature=signature)
+        assert caught.value.code == code and caught.value.exit_code == 10
+
+    refused(None, "signature_required")
+    refused(sign(ssh_keys["mallory"][0], right), "signature_invalid")  # another key
+    other = approval_message(world="gov", strategy_id="a", request_id=rid, evidence_hash="0" * 64)
+    refused(sign(ssh_keys["alice"][0], other), "signature_invalid")  # other evidence
+    refused(sign(ssh_keys["mallory"][0], right), "not_an_approver", who="mallory")  # not listed
+    refused(sign(ssh_keys["alice"][0], right), "signature_invalid", who=me)  # alice's key is not mine
+    assert svc.audit_log(kind="promotion.approved") == []  # nothing refused was recorded
+    first = alice.decide_request(rid, decision="approve", reason="signed", signature=sign(ssh_keys["alice"][0], right))
+    assert first.status == "pending" and first.gate is not None and first.gate.valid_approvals == ("alice",)
+    entry = svc.audit_log(kind="promotion.approved")[-1]
+    assert (entry.payload or {})["signature"].startswith("-----BEGIN SSH SIGNATURE-----")
+    svc.close()
+
+    unsigned = qmtl("approve", rid, "--reason", "no key")
+    assert unsigned.exit_code == 10 and "--key" in unsigned.stderr
+    done = qmtl("approve", rid, "--reason", "signed too", "--key", str(ssh_keys["me"][0]), "--json")
+    assert done.exit_code == 0 and done.json()["status"] == "applied", done.stderr
+    assert qmtl("audit", "verify", "--deep").exit_code == 0
+
+    store = open_store(url)  # swap alice's signature for mallory's over the same message, rehash
+    with as_owner(store) as conn:
+        t = schema.ledger
+        seq, payload = conn.execute(sa.select(t.c.seq, t.c.payload).where(t.c.kind == "promotion.approved",
+                                                                          t.c.actor == "alice")).one()
+        conn.execute(sa.update(t).where(t.c.seq == seq).values(
+            payload={**payload, "signature": sign(ssh_keys["mallory"][0], right)}))
+        _rehash_from(conn, seq)
+    store.dispose()
+    assert qmtl("audit", "verify").exit_code == 0  # the chain was rehashed: only --deep can tell
+    deep = qmtl("audit", "verify", "--deep", "--json")
+    assert deep.exit_code == 4
+    diffs = deep.json()["details"]["differences"]
+    assert [(d["kind"], d["key"]) for d in diffs] == [("signature", f"{rid}/alice")]
+    assert "another key" in diffs[0]["problem"]
+
+
+def test_policy_with_required_signatures_needs_every_key(ssh_keys: dict[str, tuple[Path, str]]) -> None:
+    text = _signed_policy("bob", ssh_keys).replace(f'{{name: "bob", ssh_key: "{ssh_keys["me"][1]}"}}', "bob")
+    with pytest.raises(Exception, match=r"approvers\[1\].*bob.*has no ssh_key"):
+        load_policy_text(text)
+    bad = _signed_policy("bob", ssh_keys).replace(ssh_keys["me"][1], "ssh-ed25519 AAAAnotakey")
+    with pytest.raises(Exception, match=r"ssh_key: not an OpenSSH public key"):
+        load_policy_text(bad)
+
+
+def test_the_gate_counts_a_stored_approval_only_with_a_valid_signature(ssh_keys: dict[str, tuple[Path, str]]) -> None:
+    """Even an approval that reached the store (say, written with the ledger entry forged and the chain
+    rehashed) counts at the gate only if its signature verifies for this request and evidence."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from qmtl_core.campaign import RunSummary
+    from qmtl_core.governance import Approval, GateInput, RequestView, promotion_gate
+    from qmtl_core.risk import StoredSnapshot, parse_snapshot
+
+    now = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
+    policy = load_policy_text(_signed_policy("bob", ssh_keys).replace("required_approvals: 2", "required_approvals: 1"))
+    run = RunSummary("paper-r", 1, "pass", 1, "h", {"sharpe": 1.0}, (), now - timedelta(days=12),
+                     now - timedelta(days=1), 12)
+    snap = parse_snapshot({"world_id": "gov", "version": "v", "as_of": now.isoformat(), "weights": {"a": 1.0},
+                           "provenance": {"actor": "r", "stage": "paper"}})
+    base = GateInput(policy, "a", "paper", run, StoredSnapshot(snap, snap.content_hash, now, "r"))
+    evidence = promotion_gate(base, now).evidence_hash
+    msg = approval_message(world="gov", strategy_id="a", request_id="pr-1", evidence_hash=evidence)
+
+    def gate(signature: str | None) -> tuple[str, ...]:
+        request = RequestView("pr-1", "carol", evidence, now, (Approval("alice", "approve", evidence, now, "ok",
+                                                                        signature),))
+        return promotion_gate(replace(base, request=request), now).valid_approvals
+
+    assert gate(sign(ssh_keys["alice"][0], msg)) == ("alice",)
+    assert gate(None) == ()
+    assert gate(sign(ssh_keys["mallory"][0], msg)) == ()
+    other_request = approval_message(world="gov", strategy_id="a", request_id="pr-2", evidence_hash=evidence)
+    assert gate(sign(ssh_keys["alice"][0], other_request)) == ()
