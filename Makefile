@@ -7,6 +7,7 @@ QMTL   := QMTL_HOME=$(DEMO_HOME) QMTL_WORLDS_DIR=$(CURDIR)/worlds $(BIN)/qmtl
 PG_BIN := /usr/lib/postgresql/15/bin
 # Steps whose non-zero exit is part of the story (blocked, waiting, fail-closed) say so and go on.
 SAYEXIT := || echo "   (exit $$?: see Exit codes in README.md)"
+TOKEN_OF := $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["token"])'
 FIRST_REQUEST := $(QMTL) promote --list --json | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["requests"][0]["request_id"])'
 
 .PHONY: demo test install dev postgres browser promtool bench docs clean
@@ -53,7 +54,7 @@ browser:
 demo: install
 	@rm -rf $(DEMO_HOME)
 	@echo "== 1. validate the bundled worlds (recorded as policy versions in $(DEMO_HOME)/qmtl.db)"
-	$(QMTL) world validate --all
+	$(QMTL) world validate --all --record
 	$(QMTL) world list
 	@echo "== 2. gate and select eight GOOG strategies offline (nothing recorded)"
 	$(QMTL) world evaluate demo-momentum --returns worlds/data/demo-returns.csv $(SAYEXIT)
@@ -72,10 +73,20 @@ demo: install
 	@echo "== 6. governance: the loop opened a live request; the approvers read its report, then two sign it"
 	$(QMTL) world report demo-momentum --strategy sma_10_30
 	$(QMTL) promote --list
-	@echo '$$ LOGNAME=alice qmtl approve REQUEST --reason "paper window clean"'
-	@LOGNAME=alice $(QMTL) approve $$($(FIRST_REQUEST)) --reason "paper window clean" $(SAYEXIT)
-	@echo '$$ LOGNAME=bob qmtl approve REQUEST --reason "agreed"'
-	@LOGNAME=bob $(QMTL) approve $$($(FIRST_REQUEST)) --reason "agreed" $(SAYEXIT)
+	@echo "   local mode acts as your OS account, so two people approve the way they would in production:"
+	@echo "   each with their own token, against a qmtl serve started here on a free localhost port"
+	$(QMTL) token create --actor alice --role approver --json | $(TOKEN_OF) > $(DEMO_HOME)/alice.token
+	$(QMTL) token create --actor bob --role approver --json | $(TOKEN_OF) > $(DEMO_HOME)/bob.token
+	@port=$$($(BIN)/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
+	  $(QMTL) serve --host 127.0.0.1 --port $$port & pid=$$!; trap "kill $$pid" EXIT; \
+	  for i in $$(seq 100); do $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$$port/healthz')" 2>/dev/null && break; sleep 0.2; done; \
+	  request=$$($(FIRST_REQUEST)); \
+	  echo "\$$ QMTL_TOKEN=\$$(cat alice.token) qmtl --server http://127.0.0.1:$$port approve $$request --reason \"paper window clean\""; \
+	  QMTL_TOKEN=$$(cat $(DEMO_HOME)/alice.token) $(QMTL) --server http://127.0.0.1:$$port approve $$request --reason "paper window clean" $(SAYEXIT); \
+	  echo "\$$ QMTL_TOKEN=\$$(cat bob.token) qmtl --server http://127.0.0.1:$$port approve $$request --reason \"agreed\"   (the last approval: without --allow-live it only says what it would do)"; \
+	  QMTL_TOKEN=$$(cat $(DEMO_HOME)/bob.token) $(QMTL) --server http://127.0.0.1:$$port approve $$request --reason "agreed" $(SAYEXIT); \
+	  echo "\$$ QMTL_TOKEN=\$$(cat bob.token) qmtl --server http://127.0.0.1:$$port approve $$request --reason \"agreed\" --allow-live"; \
+	  QMTL_TOKEN=$$(cat $(DEMO_HOME)/bob.token) $(QMTL) --server http://127.0.0.1:$$port approve $$request --reason "agreed" --allow-live $(SAYEXIT)
 	$(QMTL) world decision demo-momentum --strategy sma_10_30
 	$(QMTL) world history demo-momentum
 	@echo "== live returns arrive; the loop records the live run (monitoring)"
@@ -90,6 +101,10 @@ demo: install
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv $(SAYEXIT)
 	$(QMTL) world campaign demo-momentum
+	@echo "== 7b. shadow: the same new bars as a mirror of the live inputs; every order is blocked and counted"
+	$(QMTL) submit examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/history.csv --domain shadow $(SAYEXIT)
+	$(QMTL) run examples/strategies/sma_crossover.py --world demo-momentum --param allow_short=false --data $(DEMO_HOME)/new-bars.csv --domain shadow $(SAYEXIT)
+	$(QMTL) world runs demo-momentum --stage shadow
 	$(QMTL) submit examples/strategies/mean_reversion.py --world research-sandbox --param allow_short=false --domain shadow $(SAYEXIT)
 	@echo "== 8. runs with equity sparklines, and the world's report"
 	$(QMTL) world runs demo-momentum --strategy sma_10_30

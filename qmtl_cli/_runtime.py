@@ -16,6 +16,10 @@ from qmtl_cli._state import state
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+AllowLiveOption = Annotated[bool, typer.Option(
+    "--allow-live", help="Confirm you mean to change what is live (sends X-Allow-Live: true). Without it a "
+                         "call that would make or keep a strategy live changes nothing, says what it would "
+                         "have done and exits 10. Config allow_live=true (QMTL_ALLOW_LIVE) sets it for cron.")]
 
 
 def report_error(*, message: str, exit_code: int, payload: dict[str, Any], json_mode: bool) -> None:

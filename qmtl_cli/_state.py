@@ -29,6 +29,7 @@ class CliState:
     _settings: "Settings | None" = field(default=None, repr=False)
     _service: "WorldService | None" = field(default=None, repr=False)
     _client: "LocalClient | HttpClient | None" = field(default=None, repr=False)
+    _client_live: bool = field(default=False, repr=False)
 
     def settings(self) -> "Settings":
         """Settings resolved from options, environment and config file."""
@@ -53,19 +54,31 @@ class CliState:
             self._service = WorldService(settings)
         return self._service
 
-    def client(self) -> "LocalClient | HttpClient":
-        """The facade as documents: in-process, or over HTTP with --server (remote mode)."""
+    def client(self, *, allow_live: bool = False) -> "LocalClient | HttpClient":
+        """The facade as documents: in-process, or over HTTP with --server (remote mode).
+
+        ``allow_live`` (a command's ``--allow-live``, or the ``allow_live`` setting) is the caller's
+        live intent: remotely the ``X-Allow-Live: true`` header on the calls that can change what
+        is live, locally the same facade flag the server sets from that header."""
+        settings = self.settings()
+        live = allow_live or settings.allow_live
+        if self._client is not None and live and not self._client_live:
+            # The intent holds for the rest of the invocation: every later client() call (id
+            # lookups, a second request) gets this same client, so nothing holds a closed one.
+            if settings.server:
+                self._client.close()
+            self._client = None
         if self._client is None:
-            settings = self.settings()
             if settings.server:
                 from qmtl_core.service._client import HttpClient
 
                 transport = TRANSPORT_FACTORY(settings.server) if TRANSPORT_FACTORY is not None else None
-                self._client = HttpClient(settings.server, settings.token, transport=transport)
+                self._client = HttpClient(settings.server, settings.token, transport=transport, allow_live=live)
             else:
                 from qmtl_core.service._client import LocalClient
 
-                self._client = LocalClient(self.service())
+                self._client = LocalClient(self.service().confirming_live(live))
+            self._client_live = live
         return self._client
 
     @property

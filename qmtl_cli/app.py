@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from qmtl_cli._state import CliState, set_current
 from qmtl_cli.commands import audit, campaign, config, governance, report, risk, serve, world, world_evaluate  # noqa: F401 (registers commands)
-from qmtl_cli.commands import submit
+from qmtl_cli.commands import submit, world_policy  # noqa: F401 (registers commands)
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 #: Whether this invocation asked for JSON (``--json`` anywhere, or QMTL_JSON), known before parsing.

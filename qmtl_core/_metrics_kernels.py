@@ -57,6 +57,16 @@ ERR_INFINITE = 2
 ERR_BELOW_MINUS_ONE = 3
 ERR_WEALTH_OVERFLOW = 4
 
+#: Fewest observations ``psr``/``dsr`` are reported from: below it the normal approximation
+#: of the Sharpe ratio's sampling distribution they rest on does not hold (two returns can give
+#: psr = 1.0), so they are NaN, "not measured".
+PSR_MIN_OBSERVATIONS = 30
+
+#: Dispersion at or below this many float64 epsilons of the data's scale (1 + |mean|, the wealth
+#: ratios simple returns come from) is rounding noise, not risk: ``p[1:] / p[:-1] - 1`` of a price
+#: growing by a constant rate varies by ~1e-16, which would read as a Sharpe of ~1e13.
+DISPERSION_RESOLUTION = 1024 * 2.220446049250313e-16
+
 # Above this exponent ``expm1`` overflows float64 (log of the largest double is ~709.78).
 _MAX_EXP = 709.78
 _SQRT2 = math.sqrt(2.0)
@@ -121,7 +131,13 @@ def finish_row(out: npt.NDArray[np.float64], col: int, n: int, ppy: float, sr_st
 
     # Sample (ddof=1) dispersion; s2 == 0 exactly for constant rows (the caller checks
     # min == max), so a constant series gets NaN ratios rather than ~1e15 from rounding noise.
+    # Dispersion below float resolution at the data's scale is the same rounding noise: zero.
     std = math.sqrt(s2 / (n - 1)) if n >= 2 else nan
+    if std <= DISPERSION_RESOLUTION * (1.0 + abs(mean)):
+        s2 = 0.0
+        s3 = 0.0
+        s4 = 0.0
+        std = 0.0 if n >= 2 else nan
     out[ANNUAL_VOLATILITY, col] = std * math.sqrt(ppy)
     sr = mean / std if std > 0.0 else nan  # per-period Sharpe; NaN comparisons are False
     out[SHARPE, col] = sr * math.sqrt(ppy)
@@ -152,7 +168,7 @@ def finish_row(out: npt.NDArray[np.float64], col: int, n: int, ppy: float, sr_st
     # Probabilistic / deflated Sharpe (Bailey & López de Prado) on the per-period Sharpe.
     psr = nan
     dsr = nan
-    if n >= 2 and sr == sr:
+    if n >= PSR_MIN_OBSERVATIONS and sr == sr:
         inner = 1.0 - skew * sr + (kurt + 2.0) / 4.0 * sr * sr
         if inner > 0.0:
             scale = math.sqrt(n - 1) / math.sqrt(inner)

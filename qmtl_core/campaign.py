@@ -37,11 +37,13 @@ PHASES: dict[str, str] = {"backtest": "backtest_campaign", "paper": "paper_campa
 #: Actions the loop executes; the others only report.
 EXECUTABLE = frozenset({"evaluate", "promote_to_paper", "request_live_approval", "apply_live", "demote"})
 
-WAITING_REASONS = frozenset({"window_incomplete", "awaiting_data", "approval_pending", "approval_required"})
+WAITING_REASONS = frozenset({"window_incomplete", "awaiting_data", "approval_pending", "approval_required",
+                             "shadow_window_incomplete"})
 BLOCKED_REASONS = frozenset({"validation_failed", "backtest_window_incomplete", "allow_live_false",
                              "promotion_disabled", "world_halted", "cooldown_active",
                              "max_live_slots_exceeded", "not_in_paper", "paper_window_incomplete",
-                             "approvals_expired", "evidence_changed", "validation_stale"})
+                             "approvals_expired", "evidence_changed", "validation_stale",
+                             "shadow_validation_failed"})
 FAIL_CLOSED_REASONS = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
                                  "risk_snapshot_incomplete", "insufficient_data"})
 
@@ -338,8 +340,8 @@ class _Ticker:
         request = self.state.requests.get(s.strategy_id)
         gate = promotion_gate(GateInput(
             self.policy, s.strategy_id, s.stage, run, self.snap, self.state.halted, self.state.live_strategies,
-            self.state.last_live_promotion_at, s.submitter, request, self.state.portfolio.get(s.strategy_id)),
-            self.now)
+            self.state.last_live_promotion_at, s.submitter, request, shadow_run=s.runs.get("shadow"),
+            portfolio=self.state.portfolio.get(s.strategy_id)), self.now)
         ev = {"gate_evidence": gate.evidence_hash, "request": request.request_id if request else None,
               "approvals": list(gate.valid_approvals), "codes": gate.codes}
         detail = "; ".join(f"{r.code}: {r.detail}" for r in gate.reasons)
@@ -358,6 +360,10 @@ class _Ticker:
                                  f"{self.policy.live_promotion.required_approvals} approvals",
                                  requires=("approvers",), evidence=ev, body=body)
             return self.make(s, "observe", "approval_pending", f"request {request.request_id}: {detail}",
+                             evidence=ev)
+        if codes - {"approval_required", "approvals_expired"} == {"shadow_window_incomplete"}:
+            return self.make(s, "observe", "shadow_window_incomplete",
+                             next(r.detail for r in gate.reasons if r.code == "shadow_window_incomplete"),
                              evidence=ev)
         # A standing refusal says more than stale evidence (it will never pass); then fail-closed.
         standing = ("allow_live_false", "promotion_disabled", "world_halted")
@@ -431,6 +437,9 @@ def campaign_view(state: WorldState, now: datetime) -> list[CampaignView]:
     order = ("backtest", "paper", "live")
     for s in sorted(state.strategies, key=lambda x: x.strategy_id):
         reached = order[: order.index(s.stage) + 1] if s.stage in order else order
+        if "shadow" in s.runs or (state.policy.campaign.shadow is not None and "paper" in reached):
+            # The shadow segment sits beside paper: live inputs mirrored, orders off.
+            reached = reached[:2] + ("shadow",) + reached[2:]
         current = s.runs.get(s.stage)
         out.append(CampaignView(
             s.strategy_id, s.stage, PHASES.get(s.stage, s.stage),

@@ -21,6 +21,8 @@ CONFIG_KEYS: dict[str, str] = {
     "token": "bearer token used in remote mode",
     "database_url": "SQLAlchemy URL of the store, e.g. postgresql+psycopg://user@host/db",
     "worlds_dir": "directory holding the world policy files",
+    "allow_live": ("true: commands that can make or keep a strategy live (promote, approve, rollback, "
+                   "resume, campaign-loop --execute) act as if given --allow-live (for cron); default false"),
     "checkpoint_key": "file holding the Ed25519 key that signs ledger checkpoints (qmtl audit keygen); "
                       "keep it where the database's users cannot read it",
     "checkpoint_verifier": "the checkpoint public key (name+id+key) or the .pub file holding it; "
@@ -35,6 +37,7 @@ ENV_VARS: dict[str, str] = {
     "server": "QMTL_SERVER",
     "database_url": "QMTL_DATABASE_URL",
     "token": "QMTL_TOKEN",
+    "allow_live": "QMTL_ALLOW_LIVE",
     "checkpoint_key": "QMTL_CHECKPOINT_KEY",
     "checkpoint_verifier": "QMTL_CHECKPOINT_VERIFIER",
     "checkpoint_dir": "QMTL_CHECKPOINT_DIR",
@@ -71,6 +74,18 @@ def read_config(home: Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{path}: unknown setting {unknown[0]!r}", hint=_suggest(unknown[0]))
     return parsed
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean setting: TOML true/false or the text true/false; anything else is an error, so a
+    typo never turns into consent."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return text == "true"
+    raise ConfigError(f"setting {name} must be true or false, got {value!r}",
+                      hint=f"e.g. qmtl config set {name} true (or {ENV_VARS.get(name, name)}=true)")
 
 
 def check_key(key: str) -> None:
@@ -116,6 +131,8 @@ class Settings:
     server: str | None = None
     token: str | None = None
     database_url: str | None = None
+    #: The standing live intent (config ``allow_live`` / ``QMTL_ALLOW_LIVE``), for unattended runs.
+    allow_live: bool = False
     checkpoint_key: Path | None = None
     checkpoint_verifier: str | None = None
     checkpoint_dir: Path | None = None
@@ -143,6 +160,7 @@ class Settings:
             server=pick("server", server),
             token=pick("token", None),
             database_url=pick("database_url", None),
+            allow_live=_flag("allow_live", pick("allow_live", None)),
             checkpoint_key=_path(pick("checkpoint_key", None)),
             checkpoint_verifier=pick("checkpoint_verifier", None),
             checkpoint_dir=_path(pick("checkpoint_dir", None)),
@@ -156,10 +174,16 @@ class Settings:
         return f"sqlite:///{self.home / 'qmtl.db'}"
 
     def identity(self) -> str:
-        """Who is acting in local mode: the OS user (never a free CLI flag or config value)."""
-        import getpass
+        """Who is acting in local mode: the OS account of the effective uid.
 
+        Never an environment variable (``LOGNAME``, ``USER``) or a flag: anyone can set those. Local
+        mode therefore cannot tell apart people who share an OS account or the database file;
+        remote mode (``qmtl serve`` with one token per person) separates duties.
+        """
+        import pwd
+
+        uid = os.geteuid()
         try:
-            return getpass.getuser()
-        except Exception:  # no user database entry (some containers): fall back to the uid
-            return f"uid-{os.getuid()}"
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:  # no user database entry (some containers): the uid itself
+            return f"uid-{uid}"

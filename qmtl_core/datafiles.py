@@ -15,16 +15,17 @@ from __future__ import annotations
 import csv
 import difflib
 import io
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qmtl_core import grammar
 from qmtl_core.errors import DataFileError
+from qmtl_core.grammar import GrammarError
 from qmtl_core.metric_names import KNOWN_METRICS
 
 if TYPE_CHECKING:
@@ -54,32 +55,19 @@ class ReturnsTable:
 
 
 def parse_timestamp(text: str, *, where: str) -> datetime:
-    """An ISO-8601 date or time; naive values are taken as UTC (bar files rarely carry a zone)."""
-    raw = text.strip()
+    """A timestamp of the shared grammar; naive values are taken as UTC (return files rarely
+    carry a zone)."""
     try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise DataFileError(f"{where}: {text!r} is not an ISO-8601 date or time",
-                            hint="use e.g. 2026-01-31 or 2026-01-31T16:00:00Z") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+        return grammar.parse_timestamp(text, naive_utc=True)
+    except GrammarError as exc:
+        raise DataFileError(f"{where}: {exc.message}", hint=exc.hint) from None
 
 
 def _number(text: Any, *, where: str) -> float:
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        raw = "" if text is None else str(text).strip()
-        if raw == "" or raw.lower() in ("nan", "na", "null", "none"):
-            return math.nan
-        try:
-            value = float(raw)
-        except ValueError:
-            raise DataFileError(f"{where}: {raw!r} is not a number") from None
-    if math.isinf(value):
-        raise DataFileError(f"{where}: infinite value", hint="returns and metrics must be finite")
-    return value
+    try:
+        return grammar.parse_number(text)
+    except GrammarError as exc:
+        raise DataFileError(f"{where}: {exc.message}", hint=exc.hint) from None
 
 
 # --- tabular input ----------------------------------------------------------------------------------
@@ -305,11 +293,11 @@ def read_metrics(path: Path | str) -> dict[str, dict[str, float]]:
 
 def _metrics_json(path: Path) -> dict[str, dict[str, float]]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = grammar.loads_json(grammar.decode_text(path.read_bytes()))
     except FileNotFoundError:
         raise DataFileError(f"{path}: no such file") from None
-    except json.JSONDecodeError as exc:
-        raise DataFileError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except GrammarError as exc:
+        raise DataFileError(exc.at(str(path)), hint=exc.hint) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataFileError(f"{path}: cannot read ({exc})") from None
     if isinstance(doc, dict) and isinstance(doc.get("strategies"), (dict, list)):

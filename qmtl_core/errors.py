@@ -47,6 +47,7 @@ __all__ = [
     "LeaseHeld",
     "Unauthorized",
     "Forbidden",
+    "LiveNotConfirmed",
 ]
 
 
@@ -261,6 +262,14 @@ class Forbidden(BlockedError):
     """Remote mode: the token's role may not do this."""
 
     code = "forbidden"
+
+
+class LiveNotConfirmed(BlockedError):
+    """A call would make or keep something live without the caller's explicit live intent
+    (``X-Allow-Live: true`` over HTTP, ``--allow-live`` in the CLI); nothing was changed.
+    HTTP answers 428 Precondition Required."""
+
+    code = "allow_live_required"
 
 
 # --- 11: waiting --------------------------------------------------------------------------------

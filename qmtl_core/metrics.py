@@ -23,8 +23,10 @@ Keys (``r`` the n returns after leading NaN, ``W = prod(1 + r)`` the final wealt
 ``cagr``               W ** (P / n) - 1 (empyrical ``annual_return``); -1 once wealth hits 0.
 ``annual_volatility``  std * sqrt(P); NaN for n < 2.
 ``sharpe``             mean / std * sqrt(P); NaN for n < 2 or std = 0 (constant returns: std is
-                       taken as exactly 0 whenever min == max, so rounding noise cannot produce
-                       a huge ratio).
+                       taken as exactly 0 whenever min == max, and whenever it is at most
+                       ``DISPERSION_RESOLUTION`` = 1024 float64 epsilons (~2.3e-13) times the
+                       data's scale 1 + |mean|, so rounding noise cannot produce a huge ratio;
+                       skew, kurtosis, psr and dsr are then NaN too).
 ``sortino``            mean * P / (sqrt(mean(min(r, 0)²)) * sqrt(P)) (empyrical, required
                        return 0, the downside mean is over all n periods); NaN for n < 2 or no
                        negative return.
@@ -48,14 +50,18 @@ Keys (``r`` the n returns after leading NaN, ``W = prod(1 + r)`` the final wealt
                        when values tie at the cutoff (those are all included here).
 ``psr``                Probabilistic Sharpe ratio against a benchmark Sharpe of 0:
                        Φ(SR·sqrt(n-1) / sqrt(1 - skew·SR + (kurtosis+2)/4·SR²)) with SR the
-                       per-period (not annualised) Sharpe mean/std; NaN where SR is NaN.
+                       per-period (not annualised) Sharpe mean/std; NaN where SR is NaN and
+                       for n < ``PSR_MIN_OBSERVATIONS`` (30), where the normal approximation it
+                       rests on does not hold.
 ``dsr``                Only when ``n_trials`` is given: the deflated Sharpe ratio (Bailey & López
                        de Prado 2014), the same expression with SR replaced by SR - SR*, where
                        SR* = sqrt(V / P)·((1-γ)·Φ⁻¹(1 - 1/N) + γ·Φ⁻¹(1 - 1/(N·e))) is the expected
                        maximum per-period Sharpe of N unskilled trials, γ the Euler-Mascheroni
                        constant and V = ``trials_sharpe_variance``, the variance across the trials
                        of their *annualised* Sharpe ratios (the units of ``sharpe``). For N = 1,
-                       SR* = 0 and dsr = psr.
+                       SR* = 0 and dsr = psr. Φ⁻¹(1 - p) is computed as -Φ⁻¹(p), exact for any
+                       N up to ``MAX_TRIALS`` (1e300); a larger N is a ``ValueError`` naming
+                       ``n_trials``.
 
 Percentiles use order statistics around the virtual index (n-1)·q with numpy's interpolation
 formula, so ``var_95`` and ``tail_ratio`` match ``np.percentile`` bit for bit. Φ is computed
@@ -77,7 +83,13 @@ import numpy.typing as npt
 
 from qmtl_core import _metrics_kernels as _k
 
-__all__ = ["METRIC_KEYS", "compute_cohort", "compute_metrics"]
+__all__ = ["DISPERSION_RESOLUTION", "MAX_TRIALS", "METRIC_KEYS", "PSR_MIN_OBSERVATIONS", "compute_cohort",
+           "compute_metrics"]
+
+PSR_MIN_OBSERVATIONS = _k.PSR_MIN_OBSERVATIONS
+DISPERSION_RESOLUTION = _k.DISPERSION_RESOLUTION
+#: The largest number of trials ``dsr`` deflates by (1/N must stay a normal float64).
+MAX_TRIALS = 10**300
 
 #: Keys of the result, in order; ``dsr`` is present only when ``n_trials`` is given.
 METRIC_KEYS: tuple[str, ...] = _k.KEYS
@@ -255,6 +267,9 @@ def _deflation_benchmark(n_trials: int | None, variance: float | None, ppy: floa
         return math.nan
     if isinstance(n_trials, bool) or not isinstance(n_trials, numbers.Integral) or n_trials < 1:
         raise ValueError(f"n_trials must be an integer >= 1, got {n_trials!r}")
+    if n_trials > MAX_TRIALS:
+        raise ValueError(f"n_trials is too large ({len(str(int(n_trials)))} digits): at most 1e300 "
+                         "trials can be deflated")
     if variance is not None:
         if isinstance(variance, bool) or not isinstance(variance, numbers.Real):
             raise ValueError(f"trials_sharpe_variance must be a number, got {variance!r}")
@@ -266,7 +281,9 @@ def _deflation_benchmark(n_trials: int | None, variance: float | None, ppy: floa
         raise ValueError("dsr with n_trials > 1 needs trials_sharpe_variance (the variance of "
                          "the trials' annualised Sharpe ratios)")
     inv = NormalDist().inv_cdf
-    n = int(n_trials)
-    expected_max_z = ((1.0 - _EULER_GAMMA) * inv(1.0 - 1.0 / n)
-                      + _EULER_GAMMA * inv(1.0 - 1.0 / (n * math.e)))
+    # Φ⁻¹(1 - p) = -Φ⁻¹(p): 1 - 1/N rounds to 1.0 past 2^53 (and loses digits long before);
+    # the lower tail keeps 1/N exact. N·e is formed as a float so a huge int cannot overflow.
+    p1 = 1.0 / n_trials
+    p2 = p1 / math.e
+    expected_max_z = (1.0 - _EULER_GAMMA) * -inv(p1) + _EULER_GAMMA * -inv(p2)
     return math.sqrt(float(variance) / ppy) * expected_max_z

@@ -25,16 +25,26 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import PydanticCustomError
 
 from qmtl_core.canonical import content_hash
 from qmtl_core.errors import BadInputError
+from qmtl_core.grammar import GrammarError, loads_json, parse_number, parse_timestamp
 from qmtl_core.metric_names import is_known_metric
 from qmtl_core.timeutil import human_duration
 
@@ -55,17 +65,30 @@ class SnapshotError(BadInputError):
 
 
 def _aware(value: Any, what: str) -> datetime:
-    if isinstance(value, str):
-        raw = value.strip()
-        try:
-            value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"{what} {raw!r} is not an ISO-8601 time") from None
-    if not isinstance(value, datetime):
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        value = value.isoformat()
+    if not isinstance(value, str):
         raise ValueError(f"{what} must be an ISO-8601 time with a time zone")
-    if value.tzinfo is None:
-        raise ValueError(f"{what} {value.isoformat()!r} has no time zone (add Z or an offset)")
-    return value.astimezone(timezone.utc)
+    try:
+        return parse_timestamp(value)  # the shared grammar: a zone, inside the calendar in UTC
+    except GrammarError as exc:
+        raise ValueError(f"{what} {exc.message} ({exc.hint})") from None
+
+
+def _number(value: Any, what: str) -> Any:
+    """A number sent as text is read by the shared grammar (``"1_0"`` is not 10)."""
+    if not isinstance(value, str):
+        return value  # the field's own type check (finite float) applies
+    try:
+        return parse_number(value, missing_ok=False)
+    except GrammarError as exc:
+        raise ValueError(f"{what}: {exc.message}") from None
+
+
+def _numbers(value: Any, what: str) -> Any:
+    if not isinstance(value, Mapping):
+        return value
+    return {k: _number(v, f"{what}.{k}") for k, v in value.items()}
 
 
 def _finite(value: float, what: str) -> float:
@@ -108,7 +131,10 @@ def _points(value: Any) -> Any:
             extra = sorted(set(point) - {"ts", "r"})
             if extra:
                 raise _located(f"{where}.{extra[0]}", "Extra inputs are not permitted")
-            r = point.get("r")
+            try:
+                r = _number(point.get("r"), "r")
+            except ValueError as exc:
+                raise _located(f"{where}.r", str(exc)) from None
             if isinstance(r, float):
                 try:
                     _finite(r, "r")
@@ -156,6 +182,18 @@ class RiskSnapshot(_Doc):
     @classmethod
     def _as_of(cls, v: Any) -> datetime:
         return _aware(v, "as_of")
+
+    @field_validator("weights", "covariance", mode="before")
+    @classmethod
+    def _numbers_by_grammar(cls, v: Any, info: ValidationInfo) -> Any:
+        return _numbers(v, str(info.field_name))
+
+    @field_validator("extra_metrics", mode="before")
+    @classmethod
+    def _extra_numbers_by_grammar(cls, v: Any) -> Any:
+        if not isinstance(v, Mapping):
+            return v
+        return {sid: _numbers(values, f"extra_metrics.{sid}") for sid, values in v.items()}
 
     @field_validator("realized_returns", mode="before")
     @classmethod
@@ -270,9 +308,9 @@ def parse_snapshot(document: Any, *, source: str = "snapshot") -> RiskSnapshot:
 def json_document(text: str, *, source: str) -> Any:
     """JSON text (a file or stdin) as a document; bad JSON names line and column."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SnapshotError(f"{source}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+        return loads_json(text)
+    except GrammarError as exc:
+        raise SnapshotError(exc.at(source), hint=exc.hint) from None
 
 
 def load_snapshot_text(text: str, *, source: str) -> RiskSnapshot:

@@ -36,7 +36,8 @@ from qmtl_core.errors import BadInputError, EvidenceMissing
 from qmtl_core.evaluation import add_extras
 from qmtl_core.metric_names import is_portfolio_metric
 from qmtl_core.policy import WorldPolicy
-from qmtl_core.policy._engine import clean_number, evaluate_gates
+from qmtl_core.consistency import consistency_results
+from qmtl_core.policy._engine import RuleResult, clean_number, evaluate_gates, summarize
 from qmtl_core.portfolio import DEFAULT_MIN_OVERLAP, PortfolioRisk, portfolio_risk
 from qmtl_core.risk import INCOMPLETE, MISSING, Freshness, StoredSnapshot
 from qmtl_core.store import schema
@@ -344,23 +345,28 @@ def previous_run(conn: Connection, *, world_id: str, strategy_id: str, stage: st
 def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage: str, run_id: str,
                sourced: Sourced, actor: str, now: datetime, policy_hash: str | None = None,
                ledger_entry: bool = True) -> RunRevision:
-    """Gate the sourced metrics and store them as the run's next revision (or return the latest
-    revision unchanged when the content is identical). Call inside a write transaction."""
+    """Gate the sourced metrics (and the world's consistency checks at this stage) and store them
+    as the run's next revision (or return the latest revision unchanged when the content is
+    identical). Call inside a write transaction."""
     if sourced.empty:
         status, rule_results = INSUFFICIENT, []
-        reason = "nothing to source metrics from: " + "; ".join(sourced.notes)
+        outcome = "nothing to source metrics from"
+        reason = outcome + ": " + "; ".join(sourced.notes)
     else:
         gates = evaluate_gates(policy, sourced.metrics, stage=stage, strategy_id=strategy_id,
                                sources=sourced.sources)
-        status, rule_results = gates.status, [r.to_dict() for r in gates.rules]
+        results = list(gates.rules) + _consistency(conn, policy, strategy_id, stage, sourced)
+        status, rule_results = summarize(results), [r.to_dict() for r in results]
         failing = [r["id"] for r in rule_results if r["status"] != "pass" and r["severity"] != "info"]
-        reason = ("rules not passing: " + ", ".join(failing)) if failing else "every rule passes"
+        reason = outcome = ("rules not passing: " + ", ".join(failing)) if failing else "every rule passes"
         if sourced.notes:
             reason += " (" + "; ".join(sourced.notes) + ")"
     body = {"status": status, "policy_version": policy.policy_version, "metrics": sourced.metrics,
             "metric_sources": sourced.sources, "rule_results": rule_results,
-            "window": sourced.window.to_dict(), "returns": sourced.returns, "reason": reason}
-    # Float noise below 12 significant digits (1-D vs cohort kernels) is not new evidence.
+            "window": sourced.window.to_dict(), "returns": sourced.returns, "reason": outcome}
+    # Float noise below 12 significant digits (1-D vs cohort kernels) is not new evidence, and
+    # neither are the notes on why a source went unused: they carry ages that change by the
+    # second ("snapshot 3600s old"), so hashing them made a new, empty revision on every call.
     digest = content_hash({**body, "metrics": {k: _rounded(v) for k, v in sourced.metrics.items()},
                            "rule_results": [{**r, "observed": _rounded(r["observed"])} for r in rule_results]})
     runs, revs = schema.evaluation_runs, schema.run_revisions
@@ -441,6 +447,28 @@ def _head_of(conn: Connection, run_pk: int) -> dict[str, Any]:
             "rule_results": row.rule_results, "updated_at": row.updated_at}
 
 
+def reference_returns(conn: Connection, *, world_id: str, strategy_id: str, stage: str) -> list[float] | None:
+    """The returns of the latest revision of the strategy's latest run at ``stage`` (``None``: no run)."""
+    h, revs = schema.run_heads, schema.run_revisions
+    head = conn.execute(sa.select(h.c.run_pk, h.c.revision).where(
+        h.c.world_id == world_id, h.c.strategy_id == strategy_id, h.c.stage == stage)).first()
+    if head is None:
+        return None
+    stored = conn.execute(sa.select(revs.c.returns).where(revs.c.run_pk == head.run_pk,
+                                                          revs.c.revision == head.revision)).scalar()
+    return [float(r) for _, r in (stored or [])] or None
+
+
+def _consistency(conn: Connection, policy: WorldPolicy, strategy_id: str, stage: str,
+                 sourced: Sourced) -> list[RuleResult]:
+    checks = policy.consistency_for(stage)
+    if not checks:
+        return []
+    refs = {c.against: reference_returns(conn, world_id=policy.world, strategy_id=strategy_id, stage=c.against)
+            for c in checks}
+    return consistency_results(policy, stage, [r for _, r in sourced.returns or []], refs)
+
+
 def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: str | None,
                         strategy_id: str, stage: str, run_id: str | None,
                         metrics: Mapping[str, Any] | None, returns: Returns | None, actor: str,
@@ -468,8 +496,21 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
     ensure_strategy(conn, world_id=policy.world, strategy_id=strategy_id, now=now, submitter=actor)
     end = parse_instant(sourced.window.end) if sourced.window.end is not None else None
     key = run_id or suggested_run_id(stage, end, now)
+    if run_id is None and end is None:
+        # No data names this run, so its id would be the clock's: the stage's latest run, when it
+        # had no data either, is the same run instead, and identical content a no-op rather
+        # than a new run per call.
+        key = _dataless_head(conn, policy.world, strategy_id, stage) or key
     return record_run(conn, policy=policy, strategy_id=strategy_id, stage=stage, run_id=key,
                       sourced=sourced, actor=actor, now=now, policy_hash=policy_hash)
+
+
+def _dataless_head(conn: Connection, world_id: str, strategy_id: str, stage: str) -> str | None:
+    """The run id of the stage's latest run when that run had no data window, else ``None``."""
+    heads = schema.run_heads
+    row = conn.execute(sa.select(heads.c.run_id, heads.c.window_end).where(
+        heads.c.world_id == world_id, heads.c.strategy_id == strategy_id, heads.c.stage == stage)).first()
+    return str(row.run_id) if row is not None and row.window_end is None else None
 
 
 def list_runs(conn: Connection, *, world_id: str, strategy_id: str | None = None,

@@ -24,19 +24,23 @@ The bars fed so far live in the strategy's row (``meta["feed"]``), written after
 recorded and compare-and-set against what was read, so a crash in between heals on the next run
 and two concurrent runs cannot both append (also across hosts: the check runs in the store).
 
-Control-bus announcements (``queue_update`` for the strategy's input queues) are published on the
-in-process bus of a ``LocalClient``'s service only. Through ``HttpClient`` the queue names are
-still computed and reported, but nothing is published: the bus is in-process, and subscribers of a
-``qmtl serve`` follow ``/events``, which streams the ``strategy.submitted`` / ``strategy.fed`` and
-``run.recorded`` ledger entries a submission writes.
+Control-bus announcements (``queue_update`` and ``tagquery.upsert`` for the strategy's input
+queues in its world/domain namespace) go through the client like everything else: the facade
+records them in the ledger, so ``/events`` subscribers of any ``qmtl serve`` sharing the store
+receive them with the DESIGN §8 payload, and publishes them on its in-process bus. In ``shadow``
+(``feed_strategy(..., execution_domain="shadow")``) the replay runs on the shadow mirror with every
+order blocked by the gate, and the strategy's shadow run is recorded like paper's, on its own
+series of fed bars (``meta["shadow_feed"]``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import json
 import os
+import re
 import sys
 import traceback
 import zlib
@@ -54,6 +58,7 @@ from qmtl_core.domains import ComputeContext, DecisionEnvelope
 from qmtl_core.errors import (BadInputError, BlockedError, DataFileError, FailClosedError, QmtlError,
                               StrategyNotFound, UsageError)
 from qmtl_core.gateway import ComputeContextService, StrategySubmit
+from qmtl_core.grammar import GrammarError, loads_json, parse_number
 from qmtl_core.sdk import (BAR_FIELDS, BacktestResult, Bars, Order, Runner, Strategy, SubmitResult,
                            TradeExecutionService, load_bars, run_backtest, strategy_id, strategy_source)
 from qmtl_core.timeutil import iso, parse_instant
@@ -91,7 +96,10 @@ __all__ = [
 DEFAULT_BARS = "GOOG.csv"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 #: Execution domain -> the stage whose run a feed appends to.
-FEED_STAGE = {"dryrun": "paper", "live": "live"}
+FEED_STAGE = {"dryrun": "paper", "shadow": "shadow", "live": "live"}
+#: Where a strategy's row keeps the bars fed so far, per stage: shadow mirrors live inputs on its
+#: own series, so feeding it never consumes (or is refused by) the bars paper was fed.
+FEED_META = {"paper": "feed", "live": "feed", "shadow": "shadow_feed"}
 
 
 # --- loading a strategy file ------------------------------------------------------------------------
@@ -220,23 +228,83 @@ def pick_strategy(module: ModuleType, path: str | Path, name: str | None = None)
     return found[0]
 
 
-def parse_params(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values are JSON when they parse (``5``, ``0.5``, ``false``), else text."""
+def parse_params(items: Sequence[str], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, each typed by its default (``defaults``, the strategy's).
+
+    A bool takes ``true``/``false``; an int a plain integer; a float a number of the shared
+    grammar; a str any text; a list or dict a JSON value of that kind; a default of ``None`` a
+    JSON value, else text. Anything else, and a key the strategy does not declare, is a
+    ``UsageError`` naming the parameter: ``allow_short=maybe`` must not become a truthy string
+    (and a new strategy id). Without ``defaults`` values are JSON when they parse, else text.
+    """
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise UsageError(f"--param {item!r} is not KEY=VALUE", hint="e.g. --param fast=5")
-        text = raw.strip()
-        if text.lower() in ("true", "false"):
-            value: Any = text.lower() == "true"
-        else:
-            try:
-                value = json.loads(text)
-            except ValueError:
-                value = raw
-        out[key.strip()] = value
+        if key in out:
+            raise UsageError(f"--param {key} is given twice", hint="give each parameter once")
+        if defaults is None:
+            out[key] = _untyped_param(raw)
+            continue
+        if key not in defaults:
+            close = difflib.get_close_matches(key, sorted(defaults), n=1)
+            raise UsageError(f"--param {key}: the strategy has no parameter {key!r}",
+                             hint=f"did you mean {close[0]!r}?" if close else
+                             f"known: {', '.join(sorted(defaults)) or '(none)'}", code="unknown_param")
+        out[key] = _typed_param(key, raw, defaults[key])
     return out
+
+
+def _untyped_param(raw: str) -> Any:
+    text = raw.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return loads_json(text)
+    except GrammarError:
+        return raw
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _typed_param(key: str, raw: str, default: Any) -> Any:
+    text = raw.strip()
+
+    def bad(kind: str, example: str) -> UsageError:
+        return UsageError(f"--param {key}={raw}: {key} takes {kind} (its default is {default!r})",
+                          hint=f"e.g. --param {key}={example}", code="bad_param")
+
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise bad("true or false", "false")
+        return text.lower() == "true"
+    if isinstance(default, int):
+        if _INTEGER.fullmatch(text) is None or len(text) > 20:
+            raise bad("an integer", str(default))
+        return int(text)
+    if isinstance(default, float):
+        try:
+            return parse_number(text, missing_ok=False)
+        except GrammarError:
+            raise bad("a finite number", repr(default)) from None
+    if isinstance(default, str):
+        return raw
+    if default is None:
+        return _untyped_param(raw)
+    kind = list if isinstance(default, (list, tuple)) else dict if isinstance(default, Mapping) else None
+    if kind is None:
+        raise UsageError(f"--param {key}: a {type(default).__name__} parameter cannot be set from the "
+                         "command line", hint="change its default in the strategy file", code="bad_param")
+    try:
+        value = loads_json(text)
+    except GrammarError:
+        value = None
+    if not isinstance(value, kind):
+        raise bad(f"a JSON {'list' if kind is list else 'object'}", json.dumps(default)[:40])
+    return value
 
 
 def instantiate(cls: type[Strategy], params: Mapping[str, Any], *, shown: str | None = None) -> Strategy:
@@ -545,7 +613,8 @@ class Submission:
                          "end": iso(_to_datetime(stamps[-1])) if len(stamps) else None,
                          "n_trades": bt.n_trades, "closed_trades": len(bt.trades),
                          "total_return": bt.total_return, "fee_bps": bt.fee_bps,
-                         "slippage_bps": bt.slippage_bps, "unfilled_orders": bt.unfilled_orders},
+                         "slippage_bps": bt.slippage_bps, "unfilled_orders": bt.unfilled_orders,
+                         "liquidated_at": bt.extra.get("liquidated_at")},
             "run": {**self.run.to_dict(), "created": self.run.created},
             "registered": self.registered,
             "next_action": _action_doc(self.next_action),
@@ -553,26 +622,27 @@ class Submission:
 
 
 def _announce(client: "Client", strategy: Strategy, world: str, domain: str) -> tuple[str, ...]:
-    """The strategy's input queues in its world/domain namespace, published on the control bus of
-    an in-process facade (a remote client publishes nothing: see the module docstring)."""
-    from qmtl_core.controlbus import ControlBus, input_queue
+    """The strategy's input queues in its world/domain namespace, announced through the facade
+    (in-process or over HTTP): recorded, so every ``/events`` subscriber sees the
+    ``queue_update`` and ``tagquery.upsert``, and published on the in-process bus."""
+    from qmtl_core.controlbus import input_queue, queue_update
 
-    service = getattr(client, "service", None)
-    # Remote: a private bus nobody subscribes to, so the events are built and checked exactly as
-    # in-process (same queues reported) but go nowhere.
-    bus = service.bus if service is not None else ControlBus(history=64)
-    out = []
+    out, updates = [], []
     for node in strategy.build():
         if node.inputs:
             continue
         try:
             queue = input_queue(world, domain, node.name)
-            bus.publish_queue_update(tags=[node.name], interval=node.interval,
-                                     queues=[{"queue": queue, "global": False}],
-                                     world_id=world, execution_domain=domain)
+            update = {"tags": [node.name], "interval": node.interval,
+                      "queues": [{"queue": queue, "global": False}], "match_mode": "any",
+                      "execution_domain": domain}
+            queue_update(**update, world_id=world)  # checked here: a bad name is skipped, not sent
         except BadInputError:  # a name that cannot be a queue: nothing to announce
             continue
         out.append(queue)
+        updates.append(update)
+    if updates:
+        client.announce_queues(world, updates)
     return tuple(out)
 
 
@@ -721,21 +791,29 @@ def _nothing_to_feed(world: str, name: str, sid: str, ctx: ComputeContext,
 
 def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: str, data: str | Path, *,
                   source_file: str | None = None,
-                  execution_service: TradeExecutionService | None = None) -> FeedResult:
+                  execution_service: TradeExecutionService | None = None,
+                  execution_domain: str | None = None) -> FeedResult:
     """Feed the bars in ``data`` to a submitted strategy in the domain its world decides.
 
     ``dryrun`` (paper): replay every bar fed so far plus the new ones through the backtest engine
     with the policy's costs and record the paper run's next revision over all paper returns.
     ``live``: the same replay, then the orders of the bar that just closed go through the one order
     gate to ``execution_service`` (else the one set on ``Runner``; none: fail closed, exit 12; one
-    new bar per run). Anything else: nothing to feed (``BlockedError``, exit 10). Bars already fed
+    new bar per run). ``execution_domain="shadow"`` (``qmtl run --domain shadow``): the same
+    replay on the shadow mirror of the live inputs, every order blocked by the gate and counted,
+    recording the next revision of the strategy's shadow run (its own series of fed bars, from
+    after the backtest data, like paper). Anything else: nothing to feed (``BlockedError``, exit 10). Bars already fed
     are dropped; older ones are refused. ``client`` as for :func:`submit_strategy`: the replay and
     the order gate run here, the server (if any) only stores the run and the fed bars.
     """
     client = as_client(client)
+    if execution_domain not in (None, "shadow"):
+        raise BadInputError(f"--domain {execution_domain}: only shadow can be asked for; the world decides "
+                            "paper or live", hint="drop --domain, or use --domain shadow", code="bad_domain")
     if execution_service is not None:
         with Runner.trading(execution_service):
-            return feed_strategy(client, strategy, world, data, source_file=source_file)
+            return feed_strategy(client, strategy, world, data, source_file=source_file,
+                                 execution_domain=execution_domain)
     fee_bps, slippage_bps, files, shown, sid = _prepare(client, strategy, world, source_file)
     cls = type(strategy)
     name = cls.__qualname__
@@ -744,8 +822,11 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
         raise StrategyNotFound(f"strategy {name} ({sid[:12]}) is not in world {world}",
                                hint=f"submit it first (qmtl submit FILE --world {world}), with the same "
                                     "--strategy/--param as here", code="strategy_not_submitted")
-    ctx, envelope = resolve_context(client, strategy, world, sid)
+    ctx, envelope = resolve_context(client, strategy, world, sid, execution_domain)
     stage = FEED_STAGE.get(ctx.execution_domain)
+    if stage == "shadow" and info.get("stage") == "retired":
+        raise BlockedError(f"{name} ({sid[:12]}) is retired in world {world}: nothing to shadow",
+                           hint="submit it again to bring it back", code="retired")
     if stage is None:
         raise _nothing_to_feed(world, name, sid, ctx, envelope)
     if stage == "live" and not Runner.has_trade_execution_service():
@@ -753,7 +834,8 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
                               hint="pass --broker-webhook URL (or set QMTL_BROKER_WEBHOOK)",
                               code="no_execution_service")
     meta = dict(info.get("meta") or {})
-    feed = meta.get("feed")
+    feed_key = FEED_META[stage]
+    feed = meta.get(feed_key)
     old = _bars_from_doc(feed["bars"]) if feed else None
     floor = None
     if old is None:
@@ -793,11 +875,11 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
     stage_doc = runs_doc.get(stage) or {"run_id": _run_id(stage, first_new), "start": iso(first_new)}
     run = None
     n_trades = None
-    if stage == "paper":
+    if stage in ("paper", "shadow"):
         start = parse_instant(stage_doc["start"])
         series = [(t, r) for t, r in realized_returns(result) if t >= start]
         n_trades = _trades_since(result, start)
-        run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage="paper",
+        run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage=stage,
                                                     run_id=stage_doc["run_id"], metrics={"n_trades": n_trades},
                                                     returns=series))
     # Cumulative order-gate blocks by reason: Prometheus' qmtl_order_gate_blocks_total reads them here.
@@ -805,9 +887,9 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
     for reason, n in stats["blocked"].items():
         gate_blocks[reason] = int(gate_blocks.get(reason, 0)) + int(n)
     client.register_strategy(
-        world, strategy_id=sid, meta={"feed": {"bars": _bars_doc(bars), "runs": {**runs_doc, stage: stage_doc},
-                                               "orders_blocked": gate_blocks}},
-        expect_meta={"feed": feed}, kind="strategy.fed",
+        world, strategy_id=sid, meta={feed_key: {"bars": _bars_doc(bars), "runs": {**runs_doc, stage: stage_doc},
+                                                 "orders_blocked": gate_blocks}},
+        expect_meta={feed_key: feed}, kind="strategy.fed",
         reason=f"{len(fresh)} new bar(s) {iso(first_new)[:10]}..{iso(_to_datetime(fresh.timestamp[-1]))[:10]} "
                f"in {ctx.execution_domain}")
     note = None

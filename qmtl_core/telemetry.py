@@ -114,9 +114,10 @@ class StoreCollector(Collector):
         blocked: dict[tuple[str, str], int] = defaultdict(int)
         for world, meta in conn.execute(sa.select(t.c.world_id, sa.cast(t.c.meta, sa.Text))
                                         .where(t.c.meta.is_not(None))):
-            feed = (json_loads(meta) or {}).get("feed") or {}
-            for reason, n in (feed.get("orders_blocked") or {}).items():
-                blocked[(world, reason)] += int(n)
+            doc = json_loads(meta) or {}
+            for key in ("feed", "shadow_feed"):  # paper/live and shadow keep their own fed series
+                for reason, n in ((doc.get(key) or {}).get("orders_blocked") or {}).items():
+                    blocked[(world, reason)] += int(n)
         for (world, reason), n in sorted(blocked.items()):
             gate.add_metric([world, reason], n)
         yield gate

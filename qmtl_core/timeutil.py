@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from qmtl_core.errors import BadInputError
+from qmtl_core.grammar import GrammarError, parse_timestamp
 
 
 def utcnow() -> datetime:
@@ -13,22 +14,16 @@ def utcnow() -> datetime:
 
 
 def parse_instant(text: str, *, what: str = "time") -> datetime:
-    """Parse an ISO-8601 instant with a time zone (``Z`` allowed); naive or malformed is an error.
+    """Parse a timestamp of the shared grammar (``qmtl_core.grammar``) that carries a time zone.
 
-    A bare date (``2026-01-31``) is taken as midnight UTC, since it names a day, not a local time.
+    A bare date (``2026-01-31``) is taken as midnight UTC, since it names a day, not a local time;
+    a date-time without a zone, or one outside the calendar in UTC, is a ``BadInputError`` naming
+    ``what`` (the option or field the value came from).
     """
-    raw = text.strip()
     try:
-        if len(raw) == 10:
-            return datetime.fromisoformat(raw).replace(tzinfo=timezone.utc)
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise BadInputError(f"{what} {text!r} is not an ISO-8601 time",
-                            hint="use e.g. 2026-01-31T00:00Z") from None
-    if value.tzinfo is None:
-        raise BadInputError(f"{what} {text!r} has no time zone",
-                            hint="add Z or an offset, e.g. 2026-01-31T00:00Z")
-    return value.astimezone(timezone.utc)
+        return parse_timestamp(text)
+    except GrammarError as exc:
+        raise BadInputError(f"{what}: {exc.message}", hint=exc.hint) from None
 
 
 def parse_optional_instant(text: str | None) -> datetime | None:

@@ -5,6 +5,12 @@ error mapping exactly as over a socket; only the socket is missing (``tests/test
 a real ``qmtl serve`` on a free port for that). The transport holds tokens for the calling OS
 user (one approver token, one operator token) so CLI tests can run unchanged in both modes with the
 same actors in the ledger.
+
+Tests that need several people (a requester and two approvers) act as them the way real people do
+in remote mode: each person has their own tokens. ``as_person("alice")`` gives the environment of a
+CLI run with alice's token; the transport sends her approver token to approve/reject and her
+operator token elsewhere. Local mode cannot tell people apart (the actor is the OS account), so such
+tests run in remote mode only.
 """
 
 from __future__ import annotations
@@ -19,9 +25,24 @@ from qmtl_core.config import Settings
 
 SERVER = "http://qmtl.test"
 
+#: People with tokens on every in-process server, besides the OS user.
+PEOPLE = ("alice", "bob", "carol", "dave")
+ROLES = ("operator", "approver")
+_ALIAS = "qmtl_test_person_"
+
 #: ``audit verify --deep`` tests set this: the harness's tokens are then created the ledgered way
 #: (``create_token``), since a token no ledger entry vouches for is exactly what --deep reports.
 LEDGER_TOKENS = False
+
+
+def as_person(person: str) -> dict[str, str]:
+    """The environment of a CLI run as ``person`` (remote mode): their token."""
+    assert person in PEOPLE, person
+    return {"QMTL_TOKEN": _ALIAS + person}
+
+
+def _token(person: str, role: str) -> str:
+    return f"qmtl_test_{person}_{role}_token"
 
 
 class InProcessServer(httpx.BaseTransport):
@@ -43,7 +64,7 @@ class InProcessServer(httpx.BaseTransport):
         service = self.app.state.service
         actor = settings.identity()
         # Inserted directly (no ledger entry), so both modes leave identical ledgers behind.
-        self.tokens = {role: f"qmtl_test_{secrets.token_urlsafe(16)}" for role in ("operator", "approver")}
+        self.tokens = {role: f"qmtl_test_{secrets.token_urlsafe(16)}" for role in ROLES}
         if LEDGER_TOKENS:
             from qmtl_core.service._auth import create_token
 
@@ -52,10 +73,14 @@ class InProcessServer(httpx.BaseTransport):
                     _, self.tokens[role] = create_token(conn, actor=actor, role=role, created_by="test-harness",
                                                         now=service.clock())
         else:
+            people = {(p, r): _token(p, r) for p in PEOPLE for r in ROLES}
             with service.store.write() as conn:
-                for role, token in self.tokens.items():
+                rows = [(actor, role, token) for role, token in self.tokens.items()]
+                known = {r.token_hash for r in conn.execute(sa.select(schema.api_tokens.c.token_hash))}
+                rows += [(p, r, t) for (p, r), t in people.items() if token_hash(t) not in known]
+                for who, role, token in rows:
                     conn.execute(sa.insert(schema.api_tokens).values(
-                        token_hash=token_hash(token), token_id=secrets.token_hex(6), actor=actor, role=role,
+                        token_hash=token_hash(token), token_id=secrets.token_hex(6), actor=who, role=role,
                         created_at=iso(service.clock()), created_by="test-harness"))
         self._asgi = httpx.ASGITransport(app=self.app)
         self._loop = asyncio.new_event_loop()
@@ -64,7 +89,10 @@ class InProcessServer(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         role = "approver" if request.url.path.endswith(("/approve", "/reject")) else "operator"
-        if "authorization" not in request.headers:
+        sent = request.headers.get("authorization", "")
+        if sent.startswith(f"Bearer {_ALIAS}"):
+            request.headers["Authorization"] = f"Bearer {_token(sent[len('Bearer ' + _ALIAS):], role)}"
+        elif not sent:
             request.headers["Authorization"] = f"Bearer {self.tokens[role]}"
         request.read()
 

@@ -23,9 +23,12 @@ class Clock:
         self.now += timedelta(**kw)
 
 
-def make_service(store_url: str, worlds_dir: Path, home: Path, clock: Clock | None = None) -> WorldService:
+def make_service(store_url: str, worlds_dir: Path, home: Path, clock: Clock | None = None, *,
+                 live: bool = True) -> WorldService:
+    """A facade on the given store. ``live``: it acts with the caller's live intent (as with
+    ``--allow-live``), which governance tests assume; tests of that intent pass ``live=False``."""
     settings = Settings(home=home, worlds_dir=worlds_dir, database_url=store_url)
-    return WorldService(settings, clock=clock or Clock())
+    return WorldService(settings, clock=clock or Clock(), live_confirmed=live)
 
 
 def daily(n: int, *, start: datetime | None = None, mean: float = 0.001, seed: int = 0) -> list[tuple[datetime, float]]:

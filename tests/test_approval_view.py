@@ -82,3 +82,25 @@ def test_promote_show_opens_the_request_as_an_approver_reads_it(pending: str) ->
     total = next(ln for ln in text.splitlines() if ln.startswith("total return"))
     assert total.count("%") == 2  # one unit for every stage
     assert qmtl("promote", "--show", "pr-ffffffffffff").exit_code == 3
+
+
+def test_report_opens_the_pending_request_first_with_one_unit_and_no_negative_zero(
+        pending: str, qmtl_env: dict[str, str], worlds_dir: Path, tmp_path: Path) -> None:
+    from qmtl_core.report._collect import collect
+    from qmtl_core.report._render import _pct, render_html
+
+    assert _pct(-1e-6) == "0.0%" and _pct(-0.0) == "0.0%" and _pct(-0.0012) == "-0.1%"
+    svc = make_service(qmtl_env["QMTL_DATABASE_URL"], worlds_dir, tmp_path / "h2", Clock())
+    try:
+        report = collect(svc, "gov")
+    finally:
+        svc.close()
+    view = report.approvals[pending]
+    assert view["request"]["request_id"] == pending and not view["allowed_now"]
+    page = render_html(report)
+    assert page.index(f'id="approve-{pending}"') < page.index('id="strategies"')
+    assert view["evidence"]["request"] in page and "✗ the required approvals are in" in page
+    metrics_rows = re.findall(r"<tr><td>total_return</td>(.*?)</tr>", page)
+    assert metrics_rows and all(cell.endswith("%") for row in metrics_rows
+                                for cell in re.findall(r'<td class="num">([^<]*)</td>', row))
+    assert not re.search(r">-0(\.0+)?%?<", page)

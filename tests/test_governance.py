@@ -20,8 +20,11 @@ T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 
 
 def policy_text(world: str = "gov", *, allow_live: bool = True, mode: str = "manual_approval", version: int = 1,
-                slots: int = 2, cooldown: str = "24h") -> str:
-    approvers = "    approvers: [alice, bob, carol]\n    required_approvals: 2\n" if mode == "manual_approval" else ""
+                slots: int = 2, cooldown: str = "24h", approvers: bool | None = None) -> str:
+    """A test world; ``approvers`` (default: under manual_approval) lists alice, bob and carol, two
+    of whom must approve a promotion or a change of the policy in force."""
+    listed = mode == "manual_approval" if approvers is None else approvers
+    approvers_text = "    approvers: [alice, bob, carol]\n    required_approvals: 2\n" if listed else ""
     return f"""\
 world: {world}
 policy_version: {version}
@@ -34,7 +37,7 @@ campaign:
 governance:
   live_promotion:
     mode: {mode}
-{approvers}    approval_ttl: 72h
+{approvers_text}    approval_ttl: 72h
     cooldown: {cooldown}
     max_live_slots: {slots}
 risk: {{snapshot_max_age: 1h, decision_ttl: 10m}}
@@ -195,13 +198,21 @@ def test_world_halted_blocks_and_decisions_become_compute_only(svc) -> None:  # 
     s.ready("a", "b")
     assert svc.promote("auto", "a").status == "applied"
     assert svc.decision("auto", "a").effective_mode == "live"
-    (svc.settings.worlds_dir / "auto.yaml").write_text(policy_text("auto", mode="auto_apply", cooldown="0s",
-                                                                   version=2))
-    svc.set_halted("auto", halted=True, reason="broker outage")
+    halted = svc.set_halted("auto", halted=True, reason="broker outage")
+    assert halted["was_live"] == ["a"] and halted["stages_changed"] == {"a": "paper"}
     d = svc.decision("auto", "a")
     assert (d.effective_mode, d.execution_domain, d.reason) == ("compute-only", "backtest", "world_halted")
+    assert {x["strategy_id"]: x["stage"] for x in svc.activations("auto")["activations"]} == {"a": "paper",
+                                                                                              "b": "paper"}
     _assert_blocked(svc, "auto", "b", "world_halted", 10)
-    svc.set_halted("auto", halted=False, reason="fixed")
+    resumed = svc.set_halted("auto", halted=False, reason="fixed")
+    # the way back goes through the gate, which blocks (recorded): a went live less than a cooldown ago
+    [entry] = resumed["reentries"]
+    assert (entry["strategy_id"], entry["status"]) == ("a", "blocked") and "cooldown_active" in entry["message"]
+    assert svc.decision("auto", "a").effective_mode == "paper"  # resume never makes it live on its own
+    svc.clock.advance(hours=25)
+    s.snapshot(["a", "b"], 12, version="p12-later")
+    s.loop()  # the gate decides again; under auto_apply the loop applies once every gate passes
     assert svc.decision("auto", "a").effective_mode == "live"
     kinds = [e.kind for e in svc.audit_log(world="auto")]
     assert "world.halted" in kinds and "world.resumed" in kinds
@@ -363,30 +374,36 @@ def test_unknown_strategy_and_request(svc) -> None:  # type: ignore[no-untyped-d
 
 # --- regressions from review -------------------------------------------------------------------------
 def test_paper_run_gated_under_an_older_policy_cannot_go_live(svc) -> None:  # type: ignore[no-untyped-def]
+    (svc.settings.worlds_dir / "auto.yaml").write_text(policy_text("auto", mode="auto_apply", approvers=True))
     s = Setup(svc, "auto")
     s.ready("a")
-    tighter = policy_text("auto", mode="auto_apply", version=2).replace(
+    tighter = policy_text("auto", mode="auto_apply", version=2, approvers=True).replace(
         "  - {id: sharpe, metric: sharpe, min: 0.3}",
         "  - {id: sharpe, metric: sharpe, min: 0.3}\n  - {id: strict, metric: sharpe, min: 50, stages: [paper]}")
     (svc.settings.worlds_dir / "auto.yaml").write_text(tighter)
+    svc.load_world("auto")  # recorded as a proposal (a is in paper), in force once two approvers agree
+    svc.as_actor("alice").approve_policy("auto", version=2, reason="stricter paper gate")
+    svc.as_actor("bob").approve_policy("auto", version=2, reason="agreed")
     out = svc.promote("auto", "a")
     assert out.status == "blocked" and "validation_stale" in out.gate.codes
     s.loop()  # the loop re-evaluates under version 2: the run now fails, and nothing goes live
     assert {v.strategy_id: v.stage for v in svc.campaign("auto")} == {"a": "paper"}
 
 
-def test_a_strategy_rolled_back_to_live_while_failing_is_demoted_again(svc) -> None:  # type: ignore[no-untyped-def]
+def test_rolling_back_a_demotion_restores_paper_and_asks_the_gate(svc) -> None:  # type: ignore[no-untyped-def]
     s = Setup(svc, "auto")
     s.ready("a")
     assert svc.promote("auto", "a").status == "applied"
     svc.record_evaluation("auto", strategy_id="a", stage="live", metrics={"sharpe": -1.0})
     first = s.loop()
     assert [a["action"] for a in first.actions if a["outcome"] == "executed"] == ["demote"]
-    svc.rollback("auto", reason="undo")  # back to live, still failing
-    svc.clock.advance(hours=1)
-    again = s.loop()
-    assert [a["action"] for a in again.actions if a["outcome"] == "executed"] == ["demote"]
+    rolled = svc.rollback("auto", reason="undo")  # the restored set has a live: it comes back as paper
+    assert rolled["changed"] == {} and [r["strategy_id"] for r in rolled["reentries"]] == ["a"]
+    assert rolled["reentries"][0]["status"] == "blocked"  # the cooldown since its promotion still runs
     assert {v.strategy_id: v.stage for v in svc.campaign("auto")} == {"a": "paper"}
+    assert svc.decision("auto", "a").effective_mode == "paper"
+    entry = svc.audit_log(world="auto", kind="world.rollback")[-1]
+    assert entry.payload["requests_for"] == ["a"] and all(x["stage"] == "paper" for x in entry.payload["activations"])
 
 
 def test_a_blocked_apply_does_not_use_up_its_key(svc, worlds: Path) -> None:  # type: ignore[no-untyped-def]

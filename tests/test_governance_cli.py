@@ -18,6 +18,7 @@ from qmtl_core.campaign import RunSummary
 from qmtl_core.governance import Approval, GateInput, RequestView, promotion_gate
 from qmtl_core.policy import load_policy_text
 from qmtl_core.risk import StoredSnapshot, parse_snapshot
+from tests._remote import as_person
 from tests._service import Clock, make_service
 from tests.cli_helpers import qmtl
 from tests.test_governance import Setup, policy_text
@@ -70,10 +71,12 @@ def ready_world(qmtl_env: dict[str, str], worlds_dir: Path, tmp_path: Path) -> d
     return qmtl_env
 
 
-def _as(user: str) -> dict[str, str]:
-    return {"LOGNAME": user, "USER": user}
+# Several people act here, so these run in remote mode: each person with their own token, as in
+# production. (Local mode acts as the OS account; it cannot tell people apart.)
+_as = as_person
 
 
+@pytest.mark.parametrize("cli_mode", ["remote"], indirect=True)
 @pytest.mark.usefixtures("cli_mode")
 def test_cli_promote_approve_list_decision_history(ready_world: dict[str, str]) -> None:
     dry = qmtl("promote", "a", "--world", "gov", "--dry-run", "--json")
@@ -90,7 +93,13 @@ def test_cli_promote_approve_list_decision_history(ready_world: dict[str, str]) 
     assert self_approval.exit_code == 10 and "four eyes" in self_approval.stderr
     first = qmtl("approve", rid, "--reason", "sharpe holds", env=_as("alice"))
     assert first.exit_code == 11 and "1 of 2" in first.stdout
-    done = qmtl("approve", rid, "--reason", "agreed", "--json", env=_as("bob"))
+    # The last approval would apply: without --allow-live nothing is recorded and it says so (exit 10).
+    unconfirmed = qmtl("approve", rid, "--reason", "agreed", env=_as("bob"))
+    assert unconfirmed.exit_code == 10 and "would put a live in gov" in unconfirmed.stderr
+    assert "--allow-live" in unconfirmed.stderr
+    assert qmtl("world", "history", "gov", "--json").json()["live"] == []
+    assert "1/2" in qmtl("promote", "--list").stdout  # bob's approval was not kept either
+    done = qmtl("approve", rid, "--reason", "agreed", "--json", "--allow-live", env=_as("bob"))
     assert done.exit_code == 0 and done.json()["status"] == "applied"
     decision = qmtl("world", "decision", "gov", "--json").json()["decisions"][0]
     assert decision["effective_mode"] == "live" and decision["ttl_sec"] == 600 and decision["etag"]
@@ -104,6 +113,7 @@ def test_cli_promote_approve_list_decision_history(ready_world: dict[str, str]) 
     assert qmtl("audit", "verify").exit_code == 0
 
 
+@pytest.mark.parametrize("cli_mode", ["remote"], indirect=True)
 @pytest.mark.usefixtures("cli_mode")
 def test_cli_halt_resume_demote_rollback_reject(ready_world: dict[str, str]) -> None:
     assert qmtl("world", "halt", "gov").exit_code == 2  # --reason required
@@ -111,7 +121,11 @@ def test_cli_halt_resume_demote_rollback_reject(ready_world: dict[str, str]) -> 
     assert "already halted" in qmtl("world", "halt", "gov", "--reason", "again").stdout
     blocked = qmtl("promote", "a", "--world", "gov", "--json")
     assert blocked.exit_code == 10 and "world_halted" in [r["code"] for r in blocked.json()["gate"]["reasons"]]
-    assert qmtl("world", "resume", "gov", "--reason", "fixed").exit_code == 0
+    unconfirmed = qmtl("world", "resume", "gov", "--reason", "fixed")
+    assert unconfirmed.exit_code == 10 and "lift its kill switch" in unconfirmed.stderr
+    assert qmtl("promote", "a", "--world", "gov", "--dry-run", "--json").json()["gate"]["reasons"][0]["code"] \
+        == "world_halted"  # still halted: the refused resume changed nothing
+    assert qmtl("world", "resume", "gov", "--reason", "fixed", "--allow-live").exit_code == 0
     rid = qmtl("promote", "a", "--world", "gov", "--json", env=_as("carol")).json()["request_id"]
     rejected = qmtl("reject", rid, "--reason", "not this week", env=_as("bob"))
     assert rejected.exit_code == 0 and "rejected" in rejected.stdout
@@ -218,7 +232,9 @@ def test_webhook_receives_events_and_failures_never_block(store_url: str, worlds
     out = svc.set_halted("gov", halted=False, reason="drill over")
     assert out["changed"] and out["notifications"][0]["ok"] is False and out["notifications"][0]["attempts"] == 3
     failed = svc.audit_log(kind="notification.failed")
-    assert failed and failed[-1].subject == "world.resumed" and "HTTP 503" in (failed[-1].reason or "")
+    # resuming re-requests what was live at the halt; that request's block is notified (and fails) too
+    assert [f.subject for f in failed] == ["world.resumed", "promotion.blocked"]
+    assert all("HTTP 503" in (f.reason or "") for f in failed)
     assert svc.audit_verify().ok
     svc.close()
 

@@ -57,14 +57,15 @@ def build_world(svc: Any, world: str = "rep") -> dict[str, Any]:
     s = Setup(svc, world)
     s.ready("a", "b")
     s.backtest("c", mean=-0.001)
+    # halted and resumed before anything went live: a halt takes live strategies back to paper
+    svc.set_halted(world, halted=True, reason="broker outage")
+    svc.set_halted(world, halted=False, reason="broker back")
     rid = svc.as_actor("carol").promote(world, "a", reason="30 paper days clean").request_id
     svc.as_actor("alice").decide_request(rid, decision="approve", reason="drawdown within budget")
     svc.clock.advance(minutes=1)
     svc.as_actor("bob").decide_request(rid, decision="approve", reason="agreed")
     live_at = svc.clock()
     svc.clock.advance(days=1)
-    svc.set_halted(world, halted=True, reason="broker outage")
-    svc.set_halted(world, halted=False, reason="broker back")
     now = svc.clock()
     live = [(now - timedelta(days=40 - i), 0.0015 * (1 if i % 4 else -1.2)) for i in range(40)]
     svc.record_evaluation(world, strategy_id="a", stage="live", returns=live)
@@ -274,7 +275,7 @@ def test_at_reports_the_past(world: dict[str, Any]) -> None:
     assert then["strategy_id"] == "b" and then["request_id"] != world["request_b"]
     assert then["evidence_hash"] != world["evidence_b"]
     kinds = [t["kind"] for t in doc["timeline"]]
-    assert "promotion.applied" in kinds and "world.halted" not in kinds
+    assert "promotion.applied" in kinds and kinds.index("world.resumed") < kinds.index("promotion.applied")
     assert doc["notes"]
     html = Path(doc["path"]).read_text(encoding="utf-8")
     assert "as of" in html

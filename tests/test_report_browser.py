@@ -198,6 +198,11 @@ def test_report_in_headless_chromium(store_url: str, tmp_path: Path) -> None:
         assert page.errors() == []
         requests = page.requests()
         assert requests == [url], f"the page fetched something besides itself: {requests}"
+        # c fails (backtest only): collapsed by default; a (live) and b (awaiting approval) are open
+        opened = page.evaluate('Array.from(document.querySelectorAll("article.strategy")).map('
+                               'function (a) { return [a.id, a.querySelector("details").open]; })')
+        assert sorted(opened) == [["s-a", True], ["s-b", True], ["s-c", False]], opened
+        page.evaluate('document.querySelectorAll("article.strategy details").forEach(function (d) { d.open = true; })')
         sizes = page.evaluate(CHART_SIZES)
         tearsheets = [s for s in sizes if s["kind"] == "tearsheet"]
         assert len(tearsheets) == 3 and len([s for s in sizes if s["kind"] == "spark"]) == 3
@@ -221,6 +226,28 @@ def test_report_in_headless_chromium(store_url: str, tmp_path: Path) -> None:
         shot = ARTIFACTS / f"report-{backend}.png"
         page.screenshot(shot)
         assert shot.stat().st_size > 10_000
+        # the approval view opens each pending request, in the order an approver needs it
+        (pending,) = report.pending
+        view = page.evaluate(APPROVAL % pending["request_id"])
+        assert view["open"] and view["width"] > 300 and view["height"] > 200, view
+        assert view["order"] == sorted(view["order"]) and -1 not in view["order"], view
+        assert "✗ the required approvals are in" in view["text"] and "✓ the world is not halted" in view["text"]
+        assert pending["evidence_hash"] in view["text"] and "Bailey & López de Prado" in view["text"]
+        assert "-0.0%" not in view["text"] and view["stages"] == ["metric", "backtest", "paper"]
+        page.evaluate('document.body.innerHTML = document.querySelector("details.approval").outerHTML')
+        approval_shot = ARTIFACTS / f"approval-{backend}.png"
+        page.screenshot(approval_shot)
+        assert approval_shot.stat().st_size > 10_000 and page.errors() == []
+
+
+#: The pending request's approval view: open, drawn, its sections' positions in the text, its stages.
+APPROVAL = """(function () {
+  var d = document.getElementById("approve-%s"); var r = d.getBoundingClientRect(); var t = d.innerText;
+  var heads = ["Live-gate checklist", "Stages side by side", "Small sample", "Risk evidence", "Evidence "];
+  return {open: d.open, width: r.width, height: r.height, text: t,
+          order: heads.map(function (h) { return t.indexOf(h); }),
+          stages: Array.from(d.querySelectorAll("table.side-by-side th")).map(function (h) { return h.innerText; })};
+})()"""
 
 
 def main() -> None:

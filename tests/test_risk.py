@@ -82,7 +82,7 @@ def test_freshness_incomplete_for_an_uncovered_strategy() -> None:
 @pytest.mark.parametrize(("over", "fragment"), [
     ({"weights": {"s1": 0.6, "s2": 0.3}}, "weights sum to 0.9, not 1"),
     ({"as_of": "2026-03-02T11:59:00"}, "has no time zone"),
-    ({"as_of": "yesterday"}, "not an ISO-8601 time"),
+    ({"as_of": "yesterday"}, "not an ISO-8601 date or time"),
     ({"ttl_sec": 86401}, "ttl_sec"),
     ({"ttl_sec": 0}, "ttl_sec"),
     ({"covariance": {"s1,s2": 0.01, "s2,s1": 0.02}}, "not symmetric"),

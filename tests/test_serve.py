@@ -56,6 +56,8 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("POST", "/worlds/gov/promotions", {"strategy_id": "s1", "dry_run": True}, "promote"),
     ("POST", "/promotions/pr-x/approve", {"reason": "x"}, "approve"),
     ("POST", "/worlds/gov/halt", {"reason": "drill"}, "operate"),
+    ("GET", "/worlds/gov/policy", None, "read"),
+    ("POST", "/worlds/gov/policy/approve", {"version": 2, "reason": "x"}, "approve"),
 ]
 ALLOWED = {"rita": {"read"}, "sam": {"read", "evaluate", "risk", "tick", "promote"},
            "alice": {"read", "approve"}, "otto": {"read", "evaluate", "risk", "tick", "promote", "operate"}}
@@ -108,7 +110,10 @@ def test_approver_identity_comes_from_the_token(api, tmp_path: Path) -> None:  #
     assert first["gate"]["valid_approvals"] == ["alice"]
     again = client.post(f"/promotions/{rid}/approve", json={"reason": "ok"}, headers=_h(tokens["alice"])).json()
     assert again["gate"]["valid_approvals"] == ["alice"]  # the same token counts once
-    done = client.post(f"/promotions/{rid}/approve", json={"reason": "ok"}, headers=_h(tokens["carol"])).json()
+    unconfirmed = client.post(f"/promotions/{rid}/approve", json={"reason": "ok"}, headers=_h(tokens["carol"]))
+    assert unconfirmed.status_code == 428 and unconfirmed.json()["error"] == "allow_live_required"
+    done = client.post(f"/promotions/{rid}/approve", json={"reason": "ok"},
+                       headers={**_h(tokens["carol"]), "X-Allow-Live": "true"}).json()
     assert done["status"] == "applied" and done["gate"]["valid_approvals"] == ["alice", "carol"]
 
 

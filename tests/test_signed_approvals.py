@@ -81,7 +81,7 @@ def test_only_a_valid_signature_by_the_listed_key_counts(qmtl_env: dict[str, str
 
     unsigned = qmtl("approve", rid, "--reason", "no key")
     assert unsigned.exit_code == 10 and "--key" in unsigned.stderr
-    done = qmtl("approve", rid, "--reason", "signed too", "--key", str(ssh_keys["me"][0]), "--json")
+    done = qmtl("approve", rid, "--reason", "signed too", "--key", str(ssh_keys["me"][0]), "--json", "--allow-live")
     assert done.exit_code == 0 and done.json()["status"] == "applied", done.stderr
     assert qmtl("audit", "verify", "--deep").exit_code == 0
 

@@ -252,7 +252,7 @@ def test_bad_inputs(qmtl_env: dict[str, str], tmp_path: Path) -> None:
     bad_domain = qmtl("submit", str(SMA), "--world", "research-sandbox", "--domain", "liv")
     assert bad_domain.exit_code == 2 and "unknown execution domain" in bad_domain.stderr
     bad_param = qmtl("submit", str(SMA), "--world", "research-sandbox", "--param", "speed=3")
-    assert bad_param.exit_code == 2 and "no parameter(s) speed" in bad_param.stderr
+    assert bad_param.exit_code == 2 and "has no parameter 'speed'" in bad_param.stderr
     assert qmtl("submit", str(SMA), "--world", "research-sandbox", "--param", "fast").exit_code == 2
     bars = qmtl("submit", str(SMA), "--world", "research-sandbox", "--data", str(tmp_path / "x.csv"))
     assert bars.exit_code == 2 and "no such bars file" in bars.stderr

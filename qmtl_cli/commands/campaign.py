@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from qmtl_cli._output import console, emit, styled, user_text as t
-from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._runtime import AllowLiveOption, JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app
 
@@ -90,16 +90,17 @@ def campaign(
     emit({"world": world, "strategies": views}, json_mode=state(ctx).json, human=human)
 
 
-def _parse_interval(text: str) -> float:
+def _parse_interval(text: str, option: str) -> float:
+    """Seconds of a duration option; errors name ``option``, the flag the user gave."""
     from qmtl_core.errors import UsageError
     from qmtl_core.policy import parse_duration
 
     try:
         seconds = parse_duration(text).total_seconds()
     except ValueError as exc:
-        raise UsageError(f"--interval: {exc}") from None
+        raise UsageError(f"{option}: {exc}") from None
     if seconds <= 0:
-        raise UsageError("--interval must be longer than zero")
+        raise UsageError(f"{option} must be longer than zero", hint=f"e.g. {option} 10m")
     return seconds
 
 
@@ -184,6 +185,7 @@ def campaign_loop(
     lease_ttl: Annotated[str, typer.Option(
         "--lease-ttl", help="How long a world's lease lasts without renewal (a crashed loop "
                             "blocks others this long).")] = "10m",
+    allow_live: AllowLiveOption = False,
     metrics_file: Annotated[Optional[Path], typer.Option(
         "--metrics-file", help="After each iteration, write Prometheus metrics to PATH atomically, for "
                                "node_exporter's textfile collector (e.g. /var/lib/node_exporter/qmtl.prom): "
@@ -196,14 +198,23 @@ def campaign_loop(
     Plans by default. Each idempotency key executes at most once, ever; a per-world lease keeps two
     loops off the same world. Exit: the most severe of 0 (done), 11 (waiting), 10 (blocked by
     policy), 12 (evidence missing or stale) over the actions; 75 when every world was leased by
-    another loop. With --json, one JSON document per iteration (one per line).
+    another loop. With --json, one JSON document per iteration (one per line). With
+    checkpoint_dir set, each executing iteration also publishes a signed ledger checkpoint there.
+    A world whose execution would put a strategy live (apply_live) is left untouched, reported as
+    refused (exit 10), unless --allow-live is given or the config sets allow_live=true (for cron).
+
+    One world's failure (bad data, a broken policy, a bug) is reported in that world's outcome with
+    its exit code, and the loop carries on with the other worlds and later iterations; a world with
+    paper or live strategies whose policy file is missing or broken is reported with exit 12
+    (policy_unavailable), never skipped (--all includes it). Over worlds the exit is the most severe
+    of 12, 1, 2, 4, 3, 10, 11, 0.
 
     Give --world W (repeatable) or --all: a loop never sweeps every world unless asked to.
     """
     from datetime import datetime, timezone
 
     from qmtl_cli._ids import labeller
-    from qmtl_core.errors import UsageError
+    from qmtl_core.errors import LiveNotConfirmed, UsageError
     from qmtl_core.service._campaign import new_holder, worst_outcome
 
     if worlds and all_worlds:
@@ -217,10 +228,10 @@ def campaign_loop(
         raise UsageError("give --once (cron) or --interval DURATION", hint="e.g. --once --execute")
     if once and max_iterations not in (None, 1):
         raise UsageError("--max-iterations does not go with --once")
-    pause = _parse_interval(interval) if interval else 0.0
-    ttl = _parse_interval(lease_ttl)
+    pause = _parse_interval(interval, "--interval") if interval else 0.0
+    ttl = _parse_interval(lease_ttl, "--lease-ttl")
     st = state(ctx)
-    client = st.client()
+    client = st.client(allow_live=allow_live)
     targets = client.world_names() if all_worlds else list(dict.fromkeys(worlds or []))
     if not targets:
         raise UsageError("no worlds to run", hint="add policy files to --worlds-dir")
@@ -244,7 +255,11 @@ def campaign_loop(
         for world in targets:
             if live is not None:
                 live.update(f"iteration {iteration}: {t(world)}")
-            outcomes.append(client.campaign_run(world, execute=execute, holder=holder, lease_ttl_seconds=ttl))
+            try:
+                outcomes.append(client.campaign_run(world, execute=execute, holder=holder, lease_ttl_seconds=ttl))
+            except LiveNotConfirmed as exc:  # this world did nothing; the others still run
+                outcomes.append({"world": world, "status": "refused", "exit_code": exc.exit_code,
+                                 "holder": None, "message": exc.one_line(), "actions": []})
         if live is not None:
             live.stop()
         code = worst_outcome(outcomes)
@@ -261,8 +276,12 @@ def campaign_loop(
         else:
             for o in outcomes:
                 out.print(f"[bold]{t(o['world'])}[/bold]")
-                if o["status"] == "busy":
-                    out.print(f"  busy: {t(o['message'])}")
+                if o["status"] in ("busy", "refused"):
+                    out.print(f"  {o['status']}: {t(o['message'])}")
+                    continue
+                if o["status"] == "error":
+                    out.print(f"  error ({o.get('error')}, exit {o['exit_code']}): {o['message']}", markup=False,
+                              highlight=False)
                     continue
                 label = labeller(st, o["world"])
                 for a in o["actions"]:

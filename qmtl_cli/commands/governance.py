@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from qmtl_cli._output import emit, table, user_text as t
-from qmtl_cli._runtime import JsonOption, command
+from qmtl_cli._runtime import AllowLiveOption, JsonOption, command
 from qmtl_cli._state import state
 from qmtl_cli.commands.world import app as world_app
 
@@ -128,17 +128,19 @@ def promote(
                        "checklist, stages side by side, the small-sample caveat, risk evidence, policy "
                        "change, evidence hash.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="With --list: closed requests too.")] = False,
+    allow_live: AllowLiveOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Ask to take a paper strategy live (or --list open requests).
 
     The world's governance decides: manual_approval opens a request bound to the evidence (exit
     11 until approved), auto_apply applies when every gate passes, and a block names every reason
-    (exit 10, or 12 when evidence is missing or stale). Blocks are recorded in the ledger.
+    (exit 10, or 12 when evidence is missing or stale). Blocks are recorded in the ledger. A
+    promotion that would apply at once needs --allow-live.
     """
     from qmtl_core.errors import UsageError
 
-    client = state(ctx).client()
+    client = state(ctx).client(allow_live=allow_live)
     if show is not None:
         if strategy is not None or list_:
             raise UsageError("--show takes a request id, not a strategy or --list")
@@ -194,6 +196,7 @@ def approve(
     ctx: typer.Context,
     request: Annotated[str, typer.Argument(help="Request id or any unique prefix (qmtl promote --list).")],
     reason: RequiredReason,
+    allow_live: AllowLiveOption = False,
     key: Annotated[Optional[Path], typer.Option(
         "--key", help="Sign the approval with this SSH key (ssh-keygen -Y sign, namespace qmtl-approval): "
         "a private key file, or the .pub of a key held by ssh-agent. Required where the world sets "
@@ -204,7 +207,8 @@ def approve(
 
     You must be a listed approver, not the requester or the strategy's submitter; your approval
     counts once and only for the evidence the request was opened on (changed evidence voids the
-    request: exit 4). The last required approval applies the promotion if every gate passes.
+    request: exit 4). The last required approval applies the promotion if every gate passes; that
+    approval needs --allow-live (without it nothing is recorded and the command exits 10).
     With --key the approval carries your SSH signature over the request's world, strategy, id and
     evidence hash; it counts only if it verifies against your ssh_key in the policy.
 
@@ -212,7 +216,7 @@ def approve(
     """
     from qmtl_cli._ids import request_id
 
-    client = state(ctx).client()
+    client = state(ctx).client(allow_live=allow_live)
     request = request_id(state(ctx), request)  # the full id: what the signature and the ledger name
     signature = None
     if key is not None:
@@ -278,35 +282,68 @@ def decision(
     emit(data, json_mode=state(ctx).json, human=human)
 
 
+def _print_reentries(c: "Console", result: dict[str, Any]) -> None:
+    for r in result.get("reentries") or []:
+        c.print(f"  {r['message']}", markup=False, highlight=False)
+
+
 @world_app.command("rollback")
 @command
 def rollback(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
-             reason: RequiredReason, json_output: JsonOption = False) -> None:
-    """Restore the previous activation set (as a new set; stages follow it)."""
-    result = state(ctx).client().rollback(world, reason=_required_reason(reason, "rollback"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(t(
-        f"rolled back {world} to activation set {result['restored_set']} (now set {result['set_version']}); "
-        + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items()) or "no stage changed"))))
+             reason: RequiredReason, allow_live: AllowLiveOption = False,
+             json_output: JsonOption = False) -> None:
+    """Restore the previous activation set (as a new set; stages follow it).
+
+    Rollback never makes a strategy live on its own: a strategy that was live in the restored set
+    but is not live now is restored to paper, and a promotion request is opened for it (approvers
+    or, under auto_apply, the campaign loop decide it through the usual gate). When the restored set
+    keeps a strategy live this needs --allow-live.
+    """
+    result = state(ctx).client(allow_live=allow_live).rollback(world, reason=_required_reason(reason, "rollback"))
+
+    def human(c: "Console") -> None:
+        c.print(t(f"rolled back {world} to activation set {result['restored_set']} (now set "
+                  f"{result['set_version']}); "
+                  + (", ".join(f"{k} -> {v or 'backtest'}" for k, v in result["changed"].items())
+                     or "no stage changed")))
+        _print_reentries(c, result)
+
+    emit(result, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("halt")
 @command
 def halt(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
          reason: RequiredReason, json_output: JsonOption = False) -> None:
-    """Kill switch: every decision becomes compute-only and live actions are blocked, until resume."""
+    """Kill switch: every live strategy goes back to paper and every decision becomes compute-only,
+    until resume. Needs only the world id: works when the policy file is missing or broken."""
     result = state(ctx).client().set_halted(world, halted=True, reason=_required_reason(reason, "halt"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"[red]halted[/red] {t(world)}" if result["changed"] else f"{t(world)} was already halted"))
+
+    def human(c: "Console") -> None:
+        if not result["changed"]:
+            c.print(f"{t(world)} was already halted")
+            return
+        was = result.get("was_live") or []
+        c.print(f"[red]halted[/red] {t(world)}" + (t(f"; back to paper: {', '.join(was)}") if was else ""))
+
+    emit(result, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("resume")
 @command
 def resume(ctx: typer.Context, world: Annotated[str, typer.Argument(help="World name.")],
-           reason: RequiredReason, json_output: JsonOption = False) -> None:
-    """Lift the kill switch."""
-    result = state(ctx).client().set_halted(world, halted=False, reason=_required_reason(reason, "resume"))
-    emit(result, json_mode=state(ctx).json, human=lambda c: c.print(
-        f"resumed {t(world)}" if result["changed"] else f"{t(world)} was not halted"))
+           reason: RequiredReason, allow_live: AllowLiveOption = False,
+           json_output: JsonOption = False) -> None:
+    """Lift the kill switch (needs --allow-live). What was live at the halt stays in paper, with a
+    promotion request opened for each: resuming never makes a strategy live on its own."""
+    result = state(ctx).client(allow_live=allow_live).set_halted(world, halted=False,
+                                                                 reason=_required_reason(reason, "resume"))
+
+    def human(c: "Console") -> None:
+        c.print(f"resumed {t(world)}" if result["changed"] else f"{t(world)} was not halted")
+        _print_reentries(c, result)
+
+    emit(result, json_mode=state(ctx).json, human=human)
 
 
 @world_app.command("demote")

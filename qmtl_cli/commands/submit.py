@@ -30,7 +30,9 @@ WorldOpt = Annotated[str, typer.Option("--world", "-w", help="World to submit to
 ClassOpt = Annotated[Optional[str], typer.Option(
     "--strategy", "-s", help="Strategy class to use when the file defines several.")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option(
-    "--param", "-p", help="Strategy parameter KEY=VALUE (repeatable); part of the strategy id.")]
+    "--param", "-p", help="Strategy parameter KEY=VALUE (repeatable), typed by the parameter's "
+                          "default (true/false, an integer, a number, text or JSON); part of the "
+                          "strategy id.")]
 
 STATUS_STYLE = {"active": "green", "pending": "yellow", "rejected": "red"}
 
@@ -38,9 +40,9 @@ STATUS_STYLE = {"active": "green", "pending": "yellow", "rejected": "red"}
 def _load(file: Path, strategy: str | None, params: list[str] | None) -> "Strategy":
     from qmtl_core.submit import instantiate, load_strategy_file, parse_params, pick_strategy
 
-    values = parse_params(params or [])
     module = load_strategy_file(file)
     cls = pick_strategy(module, file, strategy)
+    values = parse_params(params or [], cls.defaults)  # typed by the strategy's own defaults
     return instantiate(cls, values, shown=str(file))
 
 
@@ -190,15 +192,24 @@ def run_command(
         "--broker-webhook", envvar="QMTL_BROKER_WEBHOOK",
         help="Broker URL that live orders are POSTed to; used only when the world decides live "
              "(with allow_live), through the order gate.")] = None,
+    domain: Annotated[Optional[str], typer.Option(
+        "--domain", help="shadow: run on these bars as a mirror of the live inputs with every order "
+                         "blocked, and record the strategy's shadow run (the world's campaign.shadow "
+                         "window). Without it the world decides (paper or live).")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Feed new bars to a submitted strategy in the domain its world decides.
+    """Feed new bars to a submitted strategy in the domain its world decides (or in shadow).
 
     Paper (dryrun): simulated fills at the next bar's open with the policy's costs; the paper run
     gets a new revision covering every paper return, so the paper campaign window advances on data.
     Live: the last bar's orders go through the order gate to --broker-webhook. Exit 0 done, 10 when
     the world has the strategy in backtest (nothing to feed) or the run fails a gate, 3 not
     submitted, 2 bad or old bars, 12 live without a broker.
+
+    --domain shadow: the same replay in the {world}.shadow namespace; the orders are built and
+    stopped by the order gate (counted as domain_shadow, never sent, whatever --broker-webhook
+    says), and the shadow run gets a new revision over every shadow return, so the shadow window
+    advances on data. Shadow keeps its own series of fed bars, apart from paper's.
 
     With --server the bars are read and replayed here and live orders go from here to the broker;
     the server stores the paper run and the bars fed so far.
@@ -209,7 +220,7 @@ def run_command(
     hook = WebhookExecutionService(broker_webhook) if broker_webhook else None
     instance = _load(file, strategy, param)
     res = feed_strategy(state(ctx).client(), instance, world, data, source_file=str(file),
-                        execution_service=hook)
+                        execution_service=hook, execution_domain=domain)
     doc = res.to_dict()
     if hook is not None and res.context.execution_domain != "live":
         doc["note"] = (f"--broker-webhook not used: the world decides {res.context.execution_domain}, "

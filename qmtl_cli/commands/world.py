@@ -24,15 +24,37 @@ def validate(
     paths: Annotated[Optional[list[Path]], typer.Argument(
         help="Policy files to check [default: every world in --worlds-dir].", show_default=False)] = None,
     all_worlds: Annotated[bool, typer.Option("--all", help="Check every world in --worlds-dir.")] = False,
+    record: Annotated[bool, typer.Option(
+        "--record", help="Also record each valid world's policy in the store, as you: adopted directly, or "
+                         "proposed when the world has paper or live strategies.")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Check policy files without touching the store; exit 2 if any is invalid."""
+    """Check policy files; exit 2 if any is invalid. Without --record the store is not touched.
+
+    With --record, run after editing a policy: the change is attributed to you, and for a world with
+    paper or live strategies it becomes a proposal that approvers of the version in force approve
+    with `qmtl world policy approve` (see `qmtl world policy status`).
+    """
     from qmtl_core.errors import UsageError
 
     if paths and all_worlds:
         raise UsageError("give policy files or --all, not both")
-    results = state(ctx).service().validate(paths or None)
+    service = state(ctx).service()
+    results = service.validate(paths or None)
     ok = all(r.ok for r in results)
+    recorded: dict[str, dict[str, object]] = {}
+    if record and ok:
+        from qmtl_core.world_files import world_path
+
+        for r in results:
+            if world_path(service.settings.worlds_dir, str(r.world)).resolve() != Path(r.path).resolve():
+                raise UsageError(f"--record records the worlds in --worlds-dir; {r.path} is not one",
+                                 hint="copy the file into the worlds directory first")
+            loaded = service.load_world(str(r.world))
+            rec = loaded.proposal or loaded.record
+            recorded[str(r.world)] = {"policy_version": rec.policy_version if rec else None,
+                                      "status": rec.status if rec else None,
+                                      "newly_recorded": loaded.newly_recorded}
 
     def human(c: "Console") -> None:
         for r in results:
@@ -42,8 +64,13 @@ def validate(
             else:
                 c.print(f"[red]invalid[/red] {t(r.message)}")
         c.print(f"{sum(r.ok for r in results)} of {len(results)} valid")
+        for world, rec in recorded.items():
+            if rec["newly_recorded"]:
+                c.print(f"recorded {world} policy_version {rec['policy_version']}: {rec['status']}"
+                        + (f" (qmtl world policy status {world})" if rec["status"] == "proposed" else ""),
+                        markup=False)
 
-    emit({"valid": ok, "results": [r.to_dict() for r in results]}, json_mode=state(ctx).json,
+    emit({"valid": ok, "results": [r.to_dict() for r in results], "recorded": recorded}, json_mode=state(ctx).json,
          human=human)
     if not ok:
         raise typer.Exit(2)

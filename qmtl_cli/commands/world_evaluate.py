@@ -81,7 +81,7 @@ def evaluate(
     metrics: Annotated[Optional[Path], typer.Option(
         "--metrics", help="Metrics file (JSON or CSV); its values win over ones computed from "
                           "--returns.")] = None,
-    stage: Annotated[str, typer.Option("--stage", help="backtest, paper or live.")] = "backtest",
+    stage: Annotated[str, typer.Option("--stage", help="backtest, paper, shadow or live.")] = "backtest",
     previous_active: Annotated[Optional[list[str]], typer.Option(
         "--previous-active", help="Strategies active before (comma-separated or repeated), for "
                                   "hysteresis.")] = None,

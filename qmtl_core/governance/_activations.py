@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from qmtl_core import ledger
 from qmtl_core.canonical import content_hash
-from qmtl_core.errors import ConflictError
+from qmtl_core.errors import ConflictError, InternalError
 from qmtl_core.governance._decision import derive_decision
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.store import schema
@@ -72,13 +72,42 @@ def _activation_etag(world: str, a: dict[str, Any]) -> str:
                          "weight": a["weight"], "run_id": a["run_id"]})
 
 
+def live_allowed(conn: Connection, policy: WorldPolicy) -> bool:
+    """Whether anything may be live in the world now: ``allow_live`` and not halted."""
+    halted = conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == policy.world)).scalar()
+    return policy.allow_live and not halted
+
+
+def as_paper(world: str, a: Activation, now: datetime) -> Activation:
+    """The paper row a live activation is restored to when it may not be live."""
+    values = {"strategy_id": a.strategy_id, "stage": "paper", "weight": a.weight, "run_id": a.run_id}
+    return Activation(a.strategy_id, "paper", a.weight, a.run_id, _activation_etag(world, values), iso(now))
+
+
 def write_set(conn: Connection, *, policy: WorldPolicy, rows: dict[str, Activation], changed: dict[str, str | None],
               actor: str, now: datetime, kind: str, subject: str, reason: str,
-              payload: dict[str, Any] | None = None) -> int:
-    """Store ``rows`` as the world's next set, move stages, record decisions, ledger it. Returns the version."""
+              payload: dict[str, Any] | None = None, admitted: str | None = None) -> int:
+    """Store ``rows`` as the world's next set, move stages, record decisions, ledger it. Returns the version.
+
+    The one gate into live is enforced here, where every activation is written: a row that becomes
+    live must be the one strategy the promotion gate ``admitted`` in this transaction, and while the
+    world is halted or sets ``allow_live: false`` no row is written as live at all (it is written
+    as paper), so no caller, present or future, can make a strategy live on its own.
+    """
     world = policy.world
     ledger.lock(conn)
-    version, _ = current_set(conn, world)
+    version, current = current_set(conn, world)
+    rows, changed = dict(rows), dict(changed)
+    may_be_live = live_allowed(conn, policy)
+    for sid, a in list(rows.items()):
+        if a.stage != "live":
+            continue
+        if not may_be_live:
+            rows[sid] = as_paper(world, a, now)
+            changed[sid] = "paper"
+        elif sid != admitted and not (sid in current and current[sid].stage == "live"):
+            raise InternalError(f"{sid} would become live in {world} without passing the promotion gate",
+                                code="live_without_gate")
     new_version = version + 1
     set_etag = content_hash({"world": world, "rows": sorted((a.strategy_id, a.etag) for a in rows.values())})
     conn.execute(sa.insert(schema.activation_sets).values(world_id=world, set_version=new_version,
@@ -145,8 +174,9 @@ def record_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
 
 def set_stage(conn: Connection, *, policy: WorldPolicy, strategy_id: str, expect: str | tuple[str, ...], to: str,
               actor: str, now: datetime, kind: str, reason: str, run_id: str | None = None,
-              weight: float = 0.0, payload: dict[str, Any] | None = None) -> int:
-    """Move one strategy between stages as a new activation set; every other row is copied as is."""
+              weight: float = 0.0, payload: dict[str, Any] | None = None, admitted: str | None = None) -> int:
+    """Move one strategy between stages as a new activation set; every other row is copied as is
+    (``admitted``: the strategy the promotion gate allowed live, see ``write_set``)."""
     ledger.lock(conn)  # before reading the stage and the current set, so no concurrent change is lost
     st = schema.strategies
     row = conn.execute(sa.select(st.c.stage).where(st.c.world_id == policy.world,
@@ -165,47 +195,5 @@ def set_stage(conn: Connection, *, policy: WorldPolicy, strategy_id: str, expect
         rows.pop(strategy_id, None)
     return write_set(conn, policy=policy, rows=rows, changed={strategy_id: to}, actor=actor, now=now, kind=kind,
                      subject=f"{strategy_id} {row.stage} -> {to}", reason=reason,
-                     payload={"strategy_id": strategy_id, "from": row.stage, "to": to, **(payload or {})})
-
-
-def rollback(conn: Connection, *, policy: WorldPolicy, actor: str, now: datetime, reason: str) -> dict[str, Any]:
-    """Restore the previous activation set as a new set; stages follow it."""
-    world = policy.world
-    ledger.lock(conn)
-    version, rows = current_set(conn, world)
-    if version < 2:
-        raise ConflictError(f"world {world} has no previous activation set to roll back to",
-                            hint="qmtl world history shows the activation changes", code="nothing_to_roll_back")
-    previous = read_set(conn, world, version - 1)
-    changed: dict[str, str | None] = {}
-    for sid in set(rows) | set(previous):
-        before = rows[sid].stage if sid in rows else None
-        after = previous[sid].stage if sid in previous else None
-        if before != after:
-            changed[sid] = after
-    new_version = write_set(conn, policy=policy, rows=previous, changed=changed, actor=actor, now=now,
-                            kind="world.rollback", subject=f"activation set {version} -> {version - 1}",
-                            reason=reason, payload={"restored_set": version - 1, "from_set": version})
-    return {"from_set": version, "restored_set": version - 1, "set_version": new_version, "changed": changed}
-
-
-def set_halt(conn: Connection, *, policy: WorldPolicy, halted: bool, actor: str, now: datetime, reason: str) -> bool:
-    """Turn the kill switch on or off; decisions of every active strategy are re-derived. Returns
-    whether anything changed."""
-    world = policy.world
-    ledger.lock(conn)
-    w = schema.worlds
-    current = conn.execute(sa.select(w.c.halted).where(w.c.world_id == world)).scalar()
-    if bool(current) == halted:
-        return False
-    conn.execute(sa.update(w).where(w.c.world_id == world).values(
-        halted=halted, halted_reason=reason if halted else None, halted_by=actor if halted else None,
-        halted_at=iso(now) if halted else None))
-    _, rows = current_set(conn, world)
-    for a in rows.values():
-        record_decision(conn, policy, a.strategy_id, stage=a.stage, live_active=a.stage == "live", halted=halted,
-                        now=now, activation_etag=a.etag)
-    ledger.append(conn, actor=actor, kind="world.halted" if halted else "world.resumed", now=now, world=world,
-                  subject=world, reason=reason,
-                  payload={"halted": halted, "activations": [a.to_dict() for a in rows.values()]})
-    return True
+                     payload={"strategy_id": strategy_id, "from": row.stage, "to": to, **(payload or {})},
+                     admitted=admitted)

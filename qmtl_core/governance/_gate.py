@@ -80,6 +80,9 @@ class GateInput:
     last_live_promotion_at: datetime | None = None
     submitter: str | None = None
     request: RequestView | None = None
+    #: The latest shadow run (``qmtl run --domain shadow``); counts only when the world asks for a
+    #: shadow window (``campaign.shadow``).
+    shadow_run: RunSummary | None = None
     #: The candidate's portfolio metrics against the live book, from ``snapshot`` (``runs.book_risk``).
     portfolio: PortfolioRisk | None = None
 
@@ -109,7 +112,7 @@ class GateResult:
         codes = set(self.codes)
         if codes & FAIL_CLOSED:
             return 12
-        if codes <= {"approval_required"}:
+        if codes <= {"approval_required", "shadow_window_incomplete"}:
             return 11
         return 10
 
@@ -137,7 +140,7 @@ def portfolio_reasons(g: GateInput) -> list[Reason]:
             reasons.append(Reason(INCOMPLETE, f"rule {rule.id} needs {rule.metric}: " + _lacking(risk, rule.metric)))
             continue
         result = check_rule(rule, observed, on_missing="fail", source=risk.source)
-        if result.status == "fail" and rule.severity == "blocking":
+        if result.status == "fail":
             book = ", ".join(risk.book) or "nothing live"
             reasons.append(Reason(PORTFOLIO_LIMIT, f"rule {rule.id}: {result.reason} (book: {book}; {risk.source})"))
     return reasons
@@ -150,31 +153,34 @@ def _lacking(risk: PortfolioRisk | None, metric: str) -> str:
     return f"snapshot {version} has no " + risk.missing.get(metric, "stress scenario " + metric.removeprefix("stress_loss."))
 
 
-def evidence_of(g: GateInput) -> dict[str, Any]:
-    """What a promotion is decided on: paper run revision, metrics, window, policy, snapshot, and
-    (when rules gate on them) the portfolio metrics of the book with the candidate."""
-    evidence = _evidence(g)
-    names = sorted({r.metric for r in portfolio_gate_rules(g.policy)})
-    if names:  # only then, so evidence bound before portfolio rules existed keeps its hash
-        risk = g.portfolio
-        evidence["portfolio"] = None if risk is None else {
-            "source": risk.source, "book": list(risk.book),
-            "metrics": {n: risk.metrics.get(n) for n in names}}
-    return evidence
-
-
-def _evidence(g: GateInput) -> dict[str, Any]:
-    run = g.paper_run
-    return {
-        "world": g.policy.world, "strategy_id": g.strategy_id, "policy_version": g.policy.policy_version,
-        "paper_run": None if run is None else {
-            "run_id": run.run_id, "revision": run.revision, "content_hash": run.content_hash,
+def _run_evidence(run: RunSummary | None) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return {"run_id": run.run_id, "revision": run.revision, "content_hash": run.content_hash,
             "status": run.status, "policy_version": run.policy_version, "metrics": dict(run.metrics),
             "window": {"start": iso(run.window_start) if run.window_start else None,
                        "end": iso(run.window_end) if run.window_end else None,
-                       "n_observations": run.n_observations}},
+                       "n_observations": run.n_observations}}
+
+
+def evidence_of(g: GateInput) -> dict[str, Any]:
+    """What a promotion is decided on: paper run revision, metrics, window, policy, snapshot, and
+    the shadow run when the world asks for a shadow window (only then, so the evidence hash of a
+    world without one does not move when a shadow run is recorded), and the portfolio metrics of
+    the book with the candidate when rules gate on them (likewise only then)."""
+    out = {
+        "world": g.policy.world, "strategy_id": g.strategy_id, "policy_version": g.policy.policy_version,
+        "paper_run": _run_evidence(g.paper_run),
         "snapshot": None if g.snapshot is None else snapshot_evidence(g.snapshot, g.strategy_id),
     }
+    if g.policy.campaign.shadow is not None:
+        out["shadow_run"] = _run_evidence(g.shadow_run)
+    names = sorted({r.metric for r in portfolio_gate_rules(g.policy)})
+    if names:  # only then, so evidence bound before portfolio rules existed keeps its hash
+        risk = g.portfolio
+        out["portfolio"] = None if risk is None else {
+            "source": risk.source, "book": list(risk.book), "metrics": {n: risk.metrics.get(n) for n in names}}
+    return out
 
 
 def snapshot_evidence(stored: SnapshotView, strategy_id: str) -> dict[str, Any]:
@@ -225,6 +231,22 @@ def count_approvals(g: GateInput, evidence_hash: str, now: datetime) -> tuple[li
     return valid, notes
 
 
+def shadow_reasons(g: GateInput) -> list[Reason]:
+    """The shadow window (``campaign.shadow``), measured on the shadow run's data like the paper
+    window, and the shadow run's own gates; nothing when the world asks for no shadow window."""
+    if g.policy.campaign.shadow is None:
+        return []
+    run = g.shadow_run
+    prog = progress(g.policy, "shadow", run)
+    out = []
+    if not prog.satisfied:
+        how = "" if run is not None else " (feed it: qmtl run FILE --world W --domain shadow --data BARS)"
+        out.append(Reason("shadow_window_incomplete", prog.label() + how))
+    if run is not None and run.status == "fail":
+        out.append(Reason("shadow_validation_failed", f"shadow run {run.run_id}#{run.revision} fails its gates"))
+    return out
+
+
 def promotion_gate(g: GateInput, now: datetime) -> GateResult:
     """Decide a paper → live promotion now; pure."""
     policy = g.policy
@@ -251,6 +273,7 @@ def promotion_gate(g: GateInput, now: datetime) -> GateResult:
         reasons.append(Reason("validation_stale", f"paper run {run.run_id}#{run.revision} was gated under "
                               f"policy_version {run.policy_version}, the world is at {policy.policy_version}: "
                               "re-evaluate it (the campaign loop does)"))
+    reasons.extend(shadow_reasons(g))
     fresh = freshness(g.snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=g.strategy_id)
     if not fresh.ok:
         reasons.append(Reason(fresh.reason or "risk_snapshot_missing", fresh.detail))

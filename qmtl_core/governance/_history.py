@@ -14,7 +14,7 @@ from qmtl_core.ledger import LedgerEntry
 from qmtl_core.timeutil import iso
 
 ACTIVATION_KINDS = ("promotion.applied", "strategy.promoted", "strategy.demoted", "world.rollback",
-                    "world.halted", "world.resumed")
+                    "world.halted", "world.resumed", "policy.enforced")
 DECISION_KINDS = ACTIVATION_KINDS + ("promotion.requested", "promotion.approved", "promotion.rejected",
                                      "promotion.blocked", "promotion.voided")
 

@@ -108,11 +108,11 @@ def governance_state(conn: Connection, world: str, *,
             "requests": requests, "set_version": set_version}
 
 
-def paper_run_summary(conn: Connection, world: str, strategy_id: str) -> RunSummary | None:
-    """The latest revision of the strategy's latest paper run."""
+def paper_run_summary(conn: Connection, world: str, strategy_id: str, stage: str = "paper") -> RunSummary | None:
+    """The latest revision of the strategy's latest run at ``stage`` (paper unless told)."""
     h = schema.run_heads
     row = conn.execute(sa.select(h).where(h.c.world_id == world, h.c.strategy_id == strategy_id,
-                                          h.c.stage == "paper")).first()
+                                          h.c.stage == stage)).first()
     if row is None:
         return None
     return RunSummary(row.run_id, row.revision, row.status, row.policy_version, row.content_hash, row.metrics or {},
@@ -132,7 +132,8 @@ def gate_input(conn: Connection, policy: WorldPolicy, strategy_id: str, *, reque
     risk = book_risk(policy, strategy_id, snapshot, None, book_members(conn, policy), check_fresh=False)
     return GateInput(policy, strategy_id, row.stage if row else None, paper_run_summary(conn, world, strategy_id),
                      snapshot, halted, gov["live_strategies"], gov["last_live_promotion_at"],
-                     row.submitter if row else None, request, risk)
+                     row.submitter if row else None, request,
+                     shadow_run=paper_run_summary(conn, world, strategy_id, "shadow"), portfolio=risk)
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -162,10 +163,28 @@ def _apply(conn: Connection, policy: WorldPolicy, strategy_id: str, gate: GateRe
     version = set_stage(conn, policy=policy, strategy_id=strategy_id, expect="paper", to="live", actor=actor,
                         now=now, kind="promotion.applied", reason=f"request {request_id}: every gate passes",
                         run_id=run.get("run_id"), weight=snapshot_weight,
+                        admitted=strategy_id if gate.allowed else None,
                         payload={"request_id": request_id, "evidence_hash": gate.evidence_hash,
                                  "approvals": list(gate.valid_approvals)})
     _close(conn, request_id, "applied", now)
     return version
+
+
+def _request_for(conn: Connection, policy: WorldPolicy, strategy_id: str, gate: GateResult, view: RequestView | None,
+                 *, actor: str, reason: str | None, now: datetime) -> str:
+    """The request an apply is recorded under: the open one only if it was opened on exactly the
+    evidence the gate just allowed (under auto_apply the gate does not compare them), else that one
+    is voided and a new one opened, so an applied request always names the evidence applied."""
+    if view is not None and view.evidence_hash == gate.evidence_hash:
+        return view.request_id
+    if view is not None:
+        _close(conn, view.request_id, "void", now)
+        ledger.append(conn, actor=actor, kind="promotion.voided", now=now, world=policy.world, subject=strategy_id,
+                      reason="evidence_changed", payload={"request_id": view.request_id,
+                                                          "old_evidence_hash": view.evidence_hash,
+                                                          "new_evidence_hash": gate.evidence_hash})
+    return _new_request(conn, policy=policy, strategy_id=strategy_id, gate=gate, requester=actor, reason=reason,
+                        status="pending", now=now)
 
 
 def _weight(conn: Connection, world: str, strategy_id: str) -> float:
@@ -188,8 +207,12 @@ def _blocked(conn: Connection, policy: WorldPolicy, strategy_id: str, gate: Gate
 
 
 def promote(conn: Connection, policy: WorldPolicy, strategy_id: str, *, actor: str, reason: str | None,
-            now: datetime, dry_run: bool = False) -> Outcome:
-    """``qmtl promote``: decide, and open a request, apply, or record the block."""
+            now: datetime, dry_run: bool = False, apply: bool = True) -> Outcome:
+    """``qmtl promote``: decide, and open a request, apply, or record the block.
+
+    With ``apply=False`` (rollback and resume asking for a strategy's way back to live) an allowed
+    gate only opens the request: the way back is decided again, by approvers or the campaign loop.
+    """
     world = policy.world
     if not dry_run:
         ledger.lock(conn)
@@ -216,10 +239,8 @@ def promote(conn: Connection, policy: WorldPolicy, strategy_id: str, *, actor: s
         out = _blocked(conn, policy, strategy_id, gate, actor, reason, now)
         out.notify[:0] = notes
         return out
-    if gate.allowed:
-        request_id = view.request_id if view else _new_request(conn, policy=policy, strategy_id=strategy_id, gate=gate,
-                                                                requester=actor, reason=reason, status="pending",
-                                                                now=now)
+    if gate.allowed and apply:
+        request_id = _request_for(conn, policy, strategy_id, gate, view, actor=actor, reason=reason, now=now)
         version = _apply(conn, policy, strategy_id, gate, request_id, actor, now, _weight(conn, world, strategy_id))
         out = Outcome("applied", world, strategy_id, gate, request_id,
                       f"{strategy_id} is live in {world} (activation set {version})", 0)
@@ -397,9 +418,7 @@ def apply_if_allowed(conn: Connection, policy: WorldPolicy, strategy_id: str, *,
                             hint="run the loop again")
     if not gate.allowed:
         return _blocked(conn, policy, strategy_id, gate, actor, "campaign loop", now)
-    request_id = view.request_id if view else _new_request(conn, policy=policy, strategy_id=strategy_id, gate=gate,
-                                                            requester=actor, reason="auto_apply", status="pending",
-                                                            now=now)
+    request_id = _request_for(conn, policy, strategy_id, gate, view, actor=actor, reason="auto_apply", now=now)
     version = _apply(conn, policy, strategy_id, gate, request_id, actor, now, _weight(conn, policy.world, strategy_id))
     out = Outcome("applied", policy.world, strategy_id, gate, request_id,
                   f"{strategy_id} is live in {policy.world} (activation set {version})", 0)

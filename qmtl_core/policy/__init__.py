@@ -5,6 +5,7 @@ from qmtl_core.policy._loader import Problem, check_policy_text, load_policy_fil
 from qmtl_core.policy._models import (
     STAGES,
     Campaign,
+    Consistency,
     Correlation,
     Costs,
     Governance,
@@ -28,7 +29,8 @@ from qmtl_core.policy._models import (
 
 __all__ = [
     "WorldPolicy", "Rule", "Costs", "Validation", "Selection", "TopK", "Correlation", "Hysteresis",
-    "MetricDeclaration", "Campaign", "StageWindow", "LiveWindow", "Governance", "LivePromotion", "Risk", "Notifications",
+    "MetricDeclaration", "Campaign", "Consistency", "StageWindow", "LiveWindow", "Governance", "LivePromotion",
+    "Risk", "Notifications",
     "Stage", "STAGES", "Severity", "PolicyProblem", "Problem", "Duration", "parse_duration",
     "format_duration", "load_policy_file", "load_policy_text", "check_policy_text",
     "policy_json_schema",

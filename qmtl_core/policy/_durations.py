@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
+from qmtl_core.grammar import MAX_STORE_INT
+
 DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$"
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RE = re.compile(DURATION_PATTERN)
@@ -36,8 +38,8 @@ def parse_duration(value: Any) -> timedelta:
         raise DurationError(f"{value!r} is not a duration: use <number><s|m|h|d>, e.g. 15m, 72h, 30d")
     number, unit = match.groups()
     seconds = float(number) * _UNIT_SECONDS[unit]
-    if seconds > 100 * 365 * 86400:
-        raise DurationError(f"{value!r} is longer than 100 years")
+    if seconds > MAX_STORE_INT:  # the store keeps durations (a decision's TTL) as INTEGER seconds
+        raise DurationError(f"{value!r} is longer than {MAX_STORE_INT} seconds (about 68 years)")
     return timedelta(seconds=seconds)
 
 

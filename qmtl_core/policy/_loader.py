@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from qmtl_core.errors import PolicyError
+from qmtl_core.grammar import decode_text
 from qmtl_core.policy._models import PolicyProblem, WorldPolicy
 
 Path_ = tuple[str | int, ...]
@@ -91,9 +92,10 @@ class _Builder:
                                    "itself", "remove the recursive anchor/alias"))
         self.values[path] = _mark(node.start_mark)  # type: ignore[assignment]
         if isinstance(node, yaml.ScalarNode):
+            _check_plain_scalar(node, path)
             try:
                 return self.loader.construct_object(node, deep=True)
-            except yaml.YAMLError as exc:
+            except (yaml.YAMLError, ValueError, OverflowError) as exc:  # 2026-02-30 is a ValueError
                 raise _Invalid(Problem(_mark(node.start_mark), f"{dotted(path)}: cannot read value "
                                        f"{node.value!r} ({getattr(exc, 'problem', None) or exc})")) from None
         self._active.add(id(node))
@@ -107,29 +109,73 @@ class _Builder:
         raise _Invalid(Problem(_mark(node.start_mark), f"unsupported YAML node at {dotted(path)}"))
 
     def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[str, Any]:
+        explicit = [pair for pair in node.value if pair[0].tag != _MERGE_TAG]
         try:
             self.loader.flatten_mapping(node)  # resolves YAML merge keys (<<: *base)
         except yaml.YAMLError as exc:
             raise _Invalid(Problem(_mark(node.start_mark), f"bad merge key: {exc}")) from None
+        # flatten_mapping puts the merged pairs first, in source order: the first source naming
+        # a key wins (YAML's rule); explicit keys then override them and must be unique among
+        # themselves.
+        merged = node.value[:len(node.value) - len(explicit)]
         out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
+        from_merge: set[str] = set()
+        for index, (key_node, value_node) in enumerate(merged + explicit):
             where = _mark(key_node.start_mark)
             if not isinstance(key_node, yaml.ScalarNode):
                 raise _Invalid(Problem(where, f"{dotted(path)}: a key must be a plain name, not a "
                                        "list or mapping"))
-            key = self.loader.construct_object(key_node)
+            try:
+                key = self.loader.construct_object(key_node)
+            except (yaml.YAMLError, ValueError, OverflowError):  # a key 2026-02-30 is a ValueError
+                key = None
             if not isinstance(key, str):
                 raise _Invalid(Problem(where, f"{dotted(path)}: key {key_node.value!r} is read as "
                                        f"{type(key).__name__}, not a name",
                                        f"quote it: \"{key_node.value}\""))
-            if key in out:
+            if index < len(merged) and key in out:
+                continue
+            if key in out and key not in from_merge:
                 first = self.keys[path + (key,)]
                 inside = f" in {dotted(path)}" if path else ""
                 raise _Invalid(Problem(where, f"duplicate key {key!r}{inside} (first at line "
                                        f"{first.line})", "keep one of them"))
+            if index < len(merged):
+                from_merge.add(key)
+            else:
+                from_merge.discard(key)
             self.keys[path + (key,)] = where  # type: ignore[assignment]
             out[key] = self.build(value_node, path + (key,))
         return out
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_PLAIN_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_PLAIN_FLOAT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+                          r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+_PLAIN_BOOL = ("true", "True", "TRUE", "false", "False", "FALSE")
+
+
+def _check_plain_scalar(node: yaml.ScalarNode, path: Path_) -> None:
+    """Refuse YAML 1.1 spellings whose value surprises: ``0500`` is 320 (octal), ``1:30`` is 90
+    (base 60), ``1_000`` drops the ``_``, ``0x10`` is 16, and ``yes``/``on``/``no``/``off`` are
+    booleans. A policy means what it plainly says or it is refused."""
+    value = node.value
+    if node.tag == _INT_TAG and _PLAIN_INT.fullmatch(value) is None:
+        raise _Invalid(Problem(_mark(node.start_mark), f"{dotted(path)}: {value!r} is a YAML 1.1 "
+                               "integer spelling (octal, hex, base 60 or with _) that does not read "
+                               "as it looks", "write a plain decimal (500, not 0500, 1_000 or "
+                                               "8:20), or quote it if it is text"))
+    if node.tag == _FLOAT_TAG and _PLAIN_FLOAT.fullmatch(value) is None:
+        raise _Invalid(Problem(_mark(node.start_mark), f"{dotted(path)}: {value!r} is a YAML 1.1 "
+                               "number spelling (base 60 or with _) that does not read as it looks",
+                               "write a plain decimal such as 0.25"))
+    if node.tag == _BOOL_TAG and value not in _PLAIN_BOOL:
+        raise _Invalid(Problem(_mark(node.start_mark), f"{dotted(path)}: {value!r} is read as a "
+                               "YAML 1.1 boolean", "write true or false, or quote it if it is text"))
 
 
 #: libyaml's parser when PyYAML was built with it: about 5x faster, same nodes and marks. Its
@@ -282,6 +328,8 @@ def _problem_from(error: dict[str, Any], builder: _Builder) -> Problem:
         choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         hint = _suggest(error["input"], choices)
     shown = error.get("input")
+    if kind == "finite_number":
+        hint = "every number in a policy must be finite: no .nan or .inf"
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
         message = f"{message}, got {shown!r}"
     return Problem(_locate(path, builder), f"{dotted(path)}: {message}", hint)
@@ -326,7 +374,7 @@ def load_policy_file(path: Path | str) -> WorldPolicy:
     """Read and validate ``worlds/<world>.yaml``; the file name must equal its ``world:``."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = decode_text(path.read_bytes())
     except FileNotFoundError:
         raise PolicyError("no such file", file=str(path), hint="check the path") from None
     except IsADirectoryError:

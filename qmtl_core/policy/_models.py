@@ -9,16 +9,21 @@ from __future__ import annotations
 import difflib
 import re
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from qmtl_core.approval_signing import parse_public_key
+from qmtl_core.grammar import MAX_STORE_INT
 from qmtl_core.metric_names import KNOWN_METRICS, is_known_metric
 from qmtl_core.policy._durations import Duration
+from qmtl_core.world_files import WORLD_ID_PATTERN
 
-Stage = Literal["backtest", "paper", "live"]
-STAGES: tuple[Stage, ...] = ("backtest", "paper", "live")
+#: Evaluation stages: where a run is measured. ``shadow`` is the run of a strategy fed live inputs
+#: with orders off (``qmtl run --domain shadow``), beside its paper stage; it is never a stage a
+#: strategy stands in.
+Stage = Literal["backtest", "paper", "shadow", "live"]
+STAGES: tuple[Stage, ...] = ("backtest", "paper", "shadow", "live")
 Severity = Literal["blocking", "soft", "info"]
 PromotionMode = Literal["disabled", "manual_approval", "auto_apply"]
 
@@ -52,6 +57,10 @@ def _check_metric(name: str) -> str:
     return name
 
 
+#: An integer the store keeps: bounded so it is refused here, at its line, not by the database.
+StoreInt = Annotated[int, Field(le=MAX_STORE_INT)]
+
+
 class MetricDeclaration(BaseModel):
     """An extra metric a policy's rules may name: measured elsewhere (a metrics file's ``extra``,
     a snapshot's ``extra_metrics``) and declared here so a typo in a rule is still caught."""
@@ -63,7 +72,9 @@ class MetricDeclaration(BaseModel):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: a NaN threshold compares false both ways, so it would pass every
+    # gate it guards; an infinite one cannot be stored as JSON.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Costs(_Model):
@@ -107,17 +118,67 @@ class Rule(_Model):
         return self.stages is None or stage in self.stages
 
 
+#: Metrics where more is better: a consistency check's ``max_drop`` is a fall in one of these.
+HIGHER_IS_BETTER = frozenset({"sharpe", "sortino", "calmar", "cagr", "total_return", "win_rate",
+                              "profit_factor", "tail_ratio", "psr"})
+
+
+class Consistency(_Model):
+    """A drift check: a later stage's returns against an earlier stage's (the backtest by default).
+
+    ``max_drop``: the later stage's ``metric`` may fall at most this much below the reference's
+    (``reference - observed``, same units as the metric). ``ks_p_min``: the two-sample
+    Kolmogorov-Smirnov test that both return series come from one distribution must give a p-value
+    of at least this (a smaller p says the stage behaves unlike its backtest). Both sides need
+    ``min_observations`` returns, else the check counts as a missing metric.
+    """
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    stage: Literal["paper", "shadow", "live"]
+    against: Literal["backtest", "paper", "shadow"] = "backtest"
+    metric: str = "sharpe"
+    max_drop: float | None = Field(None, ge=0, allow_inf_nan=False)
+    ks_p_min: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
+    min_observations: int = Field(20, ge=2, le=1_000_000)
+    severity: Severity = "blocking"
+
+    @field_validator("metric")
+    @classmethod
+    def _rising_metric(cls, v: str) -> str:
+        _check_metric(v)
+        if v not in HIGHER_IS_BETTER:
+            raise ValueError(f"consistency metric {v!r} is not one where more is better "
+                             f"(use one of {', '.join(sorted(HIGHER_IS_BETTER))})")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Consistency":
+        if self.max_drop is None and self.ks_p_min is None:
+            raise PolicyProblem((), f"consistency check {self.id!r} has neither max_drop nor ks_p_min",
+                                "give max_drop:, ks_p_min: or both")
+        order = ("backtest", "paper", "shadow", "live")
+        if order.index(self.against) >= order.index(self.stage):
+            raise PolicyProblem(("against",), f"consistency check {self.id!r} compares {self.stage} "
+                                f"against {self.against}, which does not come before it",
+                                "compare a later stage against an earlier one, e.g. against: backtest")
+        return self
+
+
 class Validation(_Model):
-    """How the gates treat a metric that could not be measured."""
+    """How the gates treat a metric that could not be measured, and returns whose spacing does
+    not match ``periods_per_year``."""
 
     on_missing_metric: Literal["fail", "warn"] = "fail"
+    on_spacing_mismatch: Literal["warn", "fail"] = Field(
+        "warn", description="returns observed at a rate more than 1.25x away from periods_per_year "
+                            "(weekly returns under 252): warn in the notes, or fail (exit 2)")
 
 
 class TopK(_Model):
     """Keep the ``k`` best strategies by ``metric`` (higher is better unless ``order: asc``)."""
 
     metric: str
-    k: int = Field(ge=1)
+    k: StoreInt = Field(ge=1)
     order: Literal["desc", "asc"] = "desc"
 
     @field_validator("metric")
@@ -130,7 +191,7 @@ class Correlation(_Model):
     """Drop a strategy whose returns correlate above ``max`` with one already kept."""
 
     max: float = Field(gt=-1, le=1)
-    min_overlap: int = Field(20, ge=2, description="fewest overlapping periods to trust a correlation")
+    min_overlap: StoreInt = Field(20, ge=2, description="fewest overlapping periods to trust a correlation")
 
 
 class Hysteresis(_Model):
@@ -165,7 +226,7 @@ class StageWindow(_Model):
     """Observation a stage needs before its campaign can move on, measured on data."""
 
     window: Duration
-    min_observations: int = Field(1, ge=1)
+    min_observations: StoreInt = Field(1, ge=1)
 
     @field_validator("window")
     @classmethod
@@ -186,6 +247,8 @@ class Campaign(_Model):
 
     backtest: StageWindow | None = None
     paper: StageWindow | None = None
+    #: Optional: when present, the live gate also needs this much shadow observation on data.
+    shadow: StageWindow | None = None
     live: LiveWindow | None = None
 
 
@@ -212,10 +275,10 @@ class LivePromotion(_Model):
 
     mode: PromotionMode = "disabled"
     approvers: list[Approver] = Field(default_factory=list)
-    required_approvals: int = Field(1, ge=1)
+    required_approvals: StoreInt = Field(1, ge=1)
     approval_ttl: Duration = timedelta(hours=72)
     cooldown: Duration = timedelta(0)
-    max_live_slots: int = Field(1, ge=1)
+    max_live_slots: StoreInt = Field(1, ge=1)
     require_signatures: bool = Field(False, description="an approval counts only with a valid SSH signature "
                                                         "by the approver's ssh_key over the request's evidence")
 
@@ -291,13 +354,15 @@ class Notifications(_Model):
 class WorldPolicy(_Model):
     """A world's whole policy file."""
 
-    world: str = Field(min_length=1, max_length=100, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    world: str = Field(min_length=1, max_length=100, pattern=WORLD_ID_PATTERN)
     description: str | None = None
-    policy_version: int = Field(ge=1)
+    policy_version: StoreInt = Field(ge=1)
     allow_live: bool = False
     periods_per_year: int = Field(252, ge=1, le=525_600)
     costs: Costs = Costs()
     rules: list[Rule] = Field(default_factory=list)
+    #: Drift checks (``qmtl_core.consistency``): a later stage's returns against an earlier one's.
+    consistency: list[Consistency] = Field(default_factory=list)
     validation: Validation = Validation()
     selection: Selection = Selection()
     campaign: Campaign = Campaign()
@@ -345,7 +410,16 @@ class WorldPolicy(_Model):
                 raise PolicyProblem(("rules", i, "id"), f"rule id {rule.id!r} is used twice",
                                     "give every rule its own id")
             seen.add(rule.id)
+        for i, check in enumerate(self.consistency):
+            if check.id in seen:
+                raise PolicyProblem(("consistency", i, "id"), f"id {check.id!r} is used twice",
+                                    "give every rule and consistency check its own id")
+            seen.add(check.id)
         return self
+
+    def consistency_for(self, stage: str) -> list[Consistency]:
+        """The consistency checks measured on runs at ``stage``, in file order."""
+        return [c for c in self.consistency if c.stage == stage]
 
     @property
     def live_promotion(self) -> LivePromotion:

@@ -22,6 +22,8 @@ from qmtl_core.report._series import STAGE_ORDER
 #: Metrics shown per stage for a strategy shown in full, in this order.
 KEY_METRICS = ("sharpe", "sortino", "cagr", "total_return", "annual_volatility", "max_drawdown", "calmar",
                "win_rate", "n_trades", "n_observations")
+#: Fractions shown as percentages wherever they appear (one unit per metric across the page).
+PERCENT_METRICS = frozenset({"cagr", "total_return", "annual_volatility", "max_drawdown", "win_rate"})
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Report:
     top: int
     only: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: The approver's view of each pending request (``approval_view``), by request id; now only.
+    approvals: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def full(self) -> list[StrategyReport]:
@@ -143,6 +147,7 @@ class Report:
                 "strategies_total": len(self.strategies), "strategies_in_full": [s.strategy_id for s in self.full],
                 "halted": self.halted, "set_version": self.set_version, "activations": self.activations,
                 "pending_requests": self.pending, "timeline": self.timeline, "notes": self.notes,
+                "approval_views": self.approvals,
                 "strategies": [s.to_dict() for s in self.strategies]}
 
 
@@ -318,6 +323,8 @@ def assemble(*, world: str, policy: Any, runs: Sequence[Any], returns: Sequence[
             nxt = view.get("next_action")
         else:
             reached = STAGE_ORDER[: STAGE_ORDER.index(stage) + 1] if stage in STAGE_ORDER else STAGE_ORDER
+            if "shadow" in runs_of or (policy.campaign.shadow is not None and "paper" in reached):
+                reached = reached[:2] + ("shadow",) + reached[2:]  # as qmtl_core.campaign.campaign_view
             progress = [_progress_at(policy, st, runs_of.get(st)) for st in reached]
             nxt = None
         s = StrategyReport(sid, stage, {st: runs_of[st] for st in STAGE_ORDER if st in runs_of}, progress, nxt,

@@ -30,6 +30,11 @@ def collect(service: "WorldService", world: str, *, strategy: str | None = None,
     report = assemble(world=world, policy=policy, runs=runs, returns=returns, views=views,
                       activations=activations, history=history, requests=requests, at=at,
                       now=service.clock(), top=top, only=strategy)
+    if at is None:  # the approver's view is of now: the gate as a dry run, the current snapshot
+        from qmtl_core.service._client import LocalClient
+
+        reader = LocalClient(service)
+        report.approvals = {p["request_id"]: reader.approval_view(p["request_id"]) for p in report.pending}
     if strategy is not None and not report.strategies:
         raise StrategyNotFound(f"strategy {strategy!r} had no runs in world {world} at {report.at}",
                                hint="pick a later --at, or see qmtl world runs W --strategy S --history")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qmtl_core.metric_names import is_portfolio_metric
-from qmtl_core.report._assemble import KEY_METRICS, Report, fmt, rank_key
+from qmtl_core.report._assemble import KEY_METRICS, PERCENT_METRICS, Report, fmt, rank_key
 from qmtl_core.report._paths import safe_name
 
 #: ``progress(done, total, label)`` after each unit of work.
@@ -53,7 +53,10 @@ def _finite(value: Any) -> bool:
 
 
 def _pct(value: Any) -> str:
-    return f"{value * 100:.1f}%" if _finite(value) else "-"
+    if not _finite(value):
+        return "-"
+    text = f"{value * 100:.1f}%"
+    return "0.0%" if text == "-0.0%" else text  # a loss too small to show is not "-0.0%"
 
 
 def _pct1(value: Any) -> str:
@@ -139,7 +142,7 @@ def render_html(report: Report, *, progress: Progress | None = None) -> str:
         full_ids={s.strategy_id for s in full}, activation_limit=ACTIVATION_LIMIT,
         activations=sorted(report.activations, key=lambda a: (a.get("stage") != "live", -float(a.get("weight") or 0),
                                                               a["strategy_id"])),
-        key_metrics=KEY_METRICS, stage_rank=_Default(STAGE_RANK, -1), status_rank=_Default(STATUS_RANK, 1),
+        key_metrics=KEY_METRICS, percent_metrics=PERCENT_METRICS, stage_rank=_Default(STAGE_RANK, -1), status_rank=_Default(STATUS_RANK, 1),
         portfolio_metric=is_portfolio_metric, version=__version__)
 
 

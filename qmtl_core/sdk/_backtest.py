@@ -5,6 +5,10 @@ just before computing bar t, and compute functions only ever receive read-only w
 buffer (and of the values earlier nodes emitted). Nothing reachable from a window, including
 ``.base``, holds a later bar, because the later bars have not been written yet.
 
+Liquidation: equity is marked at each bar's close; when it reaches zero or below (a short that
+lost more than the account, a leveraged long), the account is liquidated at that close: that
+bar's return is -1, trading stops, and the result ends there (``extra["liquidated_at"]``).
+
 Speed: the per-bar work in Python is one column copy, one call per node and the window slicing;
 fills, equity and returns are computed with numpy afterwards from the recorded position changes.
 """
@@ -66,7 +70,7 @@ class BacktestResult:
                 "n_trades": self.n_trades, "trades": [t.to_dict() for t in self.trades],
                 "open_trades": [t.to_dict() for t in self.open_trades],
                 "fee_bps": self.fee_bps, "slippage_bps": self.slippage_bps,
-                "unfilled_orders": self.unfilled_orders}
+                "unfilled_orders": self.unfilled_orders, "liquidated_at": self.extra.get("liquidated_at")}
 
 
 class _Source:
@@ -243,29 +247,40 @@ def run_backtest(strategy: Strategy, bars: Bars | str | Path, *, fee_bps: float 
     opens = src_matrix[0].tolist()
     pending: list[Order] = []
     pub_sources = [p.inputs[0] for p in publishers]
-    _loop(n, src_matrix, src_ts, wbuf, wts, source, steps, pub_sources, broker, opens, pending)
+    closes = src_matrix[3].tolist()
+    liquidated = _loop(n, src_matrix, src_ts, wbuf, wts, source, steps, pub_sources, broker, opens,
+                       closes, pending)
     unfilled = len(pending)
+    end = n if liquidated is None else liquidated + 1
     last_signals = tuple((p.node, p.inputs[0].values[-1]) for p in publishers  # type: ignore[union-attr]
-                         if n and p.inputs[0].last_t == n - 1)
+                         if end and p.inputs[0].last_t == end - 1)
 
-    positions, cash = _forward_fill(n, broker.changes, initial_cash)
-    equity = cash + positions * src_matrix[3]
+    positions, cash = _forward_fill(end, broker.changes, initial_cash)
+    equity = cash + positions * src_matrix[3, :end]
+    if liquidated is not None:
+        equity[-1] = 0.0  # an account is liquidated at zero: it cannot lose more than it holds
     prev = np.concatenate(([initial_cash], equity[:-1]))
     with np.errstate(divide="ignore", invalid="ignore"):
         returns = np.where(prev > 0, equity / prev - 1.0, np.nan)
+    extra: dict[str, Any] = {"skipped_orders": broker.skipped, "last_signals": last_signals}
+    if liquidated is not None:
+        extra["liquidated_at"] = str(np.datetime_as_string(src_ts[liquidated], unit="us", timezone="UTC"))
     return BacktestResult(
-        timestamps=src_ts, returns=returns, equity=equity, positions=positions,
+        timestamps=src_ts[:end], returns=returns, equity=equity, positions=positions,
         trades=tuple(broker.trades), open_trades=tuple(broker.open_trades()),
         fills=tuple(broker.fills), unfilled_orders=unfilled, fee_bps=float(fee_bps),
-        slippage_bps=float(slippage_bps), initial_cash=float(initial_cash),
-        extra={"skipped_orders": broker.skipped, "last_signals": last_signals})
+        slippage_bps=float(slippage_bps), initial_cash=float(initial_cash), extra=extra)
 
 
 def _loop(n: int, src_matrix: npt.NDArray[np.float64], src_ts: npt.NDArray[np.datetime64],
           wbuf: npt.NDArray[np.float64], wts: npt.NDArray[np.datetime64], source: _Source,
           steps: list[_Step], pub_sources: list[_Source | _Step], broker: SimBroker,
-          opens: list[float], pending: list[Order]) -> None:
-    """The per-bar walk; kept flat with locals because it runs once per bar."""
+          opens: list[float], closes: list[float], pending: list[Order]) -> int | None:
+    """The per-bar walk; kept flat with locals because it runs once per bar.
+
+    Returns the bar at whose close the equity reached zero or below (a liquidation: the walk
+    stops there and pending orders are dropped), or ``None`` when the account survived.
+    """
     for t in range(n):
         if pending:
             broker.execute(t, opens[t], pending)
@@ -288,9 +303,13 @@ def _loop(n: int, src_matrix: npt.NDArray[np.float64], src_ts: npt.NDArray[np.da
                 step.values.append(out)
                 step.n_emitted += 1
                 step.last_t = t
+        if broker.position and broker.cash + broker.position * closes[t] <= 0.0:
+            pending.clear()
+            return t
         for src in pub_sources:
             if src.last_t == t:
                 pending.extend(normalize_orders(src.values[-1]))  # type: ignore[union-attr]
+    return None
 
 
 def _forward_fill(n: int, changes: list[tuple[int, float, float]],

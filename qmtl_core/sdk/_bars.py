@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qmtl_core.errors import DataFileError
+from qmtl_core.grammar import GrammarError, parse_number, parse_timestamp
 
 __all__ = ["BAR_FIELDS", "Bars", "BarsWindow", "load_bars"]
 
@@ -154,21 +155,33 @@ def _bad(source: str, row: int, line: int | None, column: str, problem: str,
                                   "problem": problem})
 
 
+#: What ``datetime64[ns]`` can hold: 1677-09-21 to 2262-04-11.
+_NS_LIMIT: Final[int] = 2**63 - 1
+
+
 def _parse_instant_ns(text: str) -> int:
-    raw = text.strip()
-    if len(raw) == 10:  # a bare date names a trading day: midnight UTC
-        value = datetime.fromisoformat(raw).replace(tzinfo=timezone.utc)
-    else:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
-        if value.tzinfo is None:
-            raise ValueError("no time zone")
+    """Nanoseconds since the epoch of a timestamp of the shared grammar (``GrammarError`` if not)."""
+    value = parse_timestamp(text)
     delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+    ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+    if not -_NS_LIMIT <= ns <= _NS_LIMIT:
+        raise GrammarError(f"{text!r} is outside the range bars can hold",
+                           "bar times must fall between 1677-09-22 and 2262-04-11")
+    return ns
 
 
 def _load_csv(path: Path) -> Bars:
+    try:
+        return _read_csv(path)
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{path}: not UTF-8 text (byte {exc.start})", hint="save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise DataFileError(f"{path}: not valid CSV ({exc})") from None
+
+
+def _read_csv(path: Path) -> Bars:
     source = str(path)
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)
@@ -197,17 +210,14 @@ def _load_csv(path: Path) -> Bars:
             text = row[idx[0]]
             try:
                 ts.append(_parse_instant_ns(text))
-            except ValueError as exc:
-                problem = ("has no time zone" if str(exc) == "no time zone"
-                           else "is not an ISO-8601 date or time")
-                raise _bad(source, row_no, line, "timestamp", f"{text!r} {problem}",
-                           hint="use e.g. 2024-01-31 or 2024-01-31T15:30:00Z") from None
+            except GrammarError as exc:
+                raise _bad(source, row_no, line, "timestamp", exc.message, hint=exc.hint) from None
             for k, f in enumerate(BAR_FIELDS):
                 cell = row[idx[k + 1]]
                 try:
-                    cols[k].append(float(cell))
-                except ValueError:
-                    raise _bad(source, row_no, line, f, f"{cell!r} is not a number") from None
+                    cols[k].append(parse_number(cell, missing_ok=False))
+                except GrammarError as exc:
+                    raise _bad(source, row_no, line, f, exc.message, hint=exc.hint) from None
             lines.append(line)
     if not ts:
         raise DataFileError(f"{source}: no bars after the header", hint="add at least one row")
@@ -258,8 +268,8 @@ def _parquet_timestamps(col: Any, source: str) -> npt.NDArray[np.datetime64]:
         for i, text in enumerate(col.to_pylist(), start=1):
             try:
                 out.append(_parse_instant_ns(text))
-            except ValueError:
-                raise _bad(source, i, None, "timestamp", f"{text!r} is not an ISO-8601 time with a zone") from None
+            except GrammarError as exc:
+                raise _bad(source, i, None, "timestamp", exc.message, hint=exc.hint) from None
         return np.array(out, dtype=np.int64).astype("datetime64[ns]")
     raise DataFileError(f"{source}: column 'timestamp' has type {typ}, expected a timestamp or ISO text")
 
@@ -275,13 +285,12 @@ def _as_datetime64(values: Any, source: str) -> npt.NDArray[np.datetime64]:
         if isinstance(v, datetime):
             if v.tzinfo is None:
                 raise _bad(source, i, None, "timestamp", f"{v!r} has no time zone")
-            d = v - _EPOCH
-            out.append((d.days * 86_400 + d.seconds) * 1_000_000_000 + d.microseconds * 1_000)
-        elif isinstance(v, str):
+            v = v.isoformat()
+        if isinstance(v, str):
             try:
                 out.append(_parse_instant_ns(v))
-            except ValueError:
-                raise _bad(source, i, None, "timestamp", f"{v!r} is not an ISO-8601 time with a zone") from None
+            except GrammarError as exc:
+                raise _bad(source, i, None, "timestamp", exc.message, hint=exc.hint) from None
         else:
             raise _bad(source, i, None, "timestamp", f"{v!r} is not a time")
     return np.array(out, dtype=np.int64).astype("datetime64[ns]")

@@ -21,7 +21,15 @@ from sqlalchemy.engine import Connection
 
 from qmtl_core import ledger, runs
 from qmtl_core.campaign import Action, RunSummary, StrategyState, WorldState, tick, worst_exit
-from qmtl_core.errors import ConflictError
+from qmtl_core.errors import (
+    ConflictError,
+    LeaseHeld,
+    LiveNotConfirmed,
+    PolicyError,
+    PolicyVersionConflict,
+    QmtlError,
+    WorldNotFound,
+)
 from qmtl_core.governance._activations import book_members, set_stage
 from qmtl_core.governance._requests import apply_if_allowed, governance_state, promote
 from qmtl_core.risk import latest_snapshot, latest_summary
@@ -30,6 +38,9 @@ from qmtl_core.timeutil import iso, parse_instant, parse_optional_instant
 
 if TYPE_CHECKING:
     from qmtl_core.service._service import LoadedWorld, WorldService
+
+#: Errors that mean a world's policy could not be loaded.
+POLICY_ERRORS = (PolicyError, WorldNotFound, PolicyVersionConflict)
 
 #: How many tick → execute rounds one iteration runs per world (evaluate, then promote, ...).
 MAX_ROUNDS = 5
@@ -207,11 +218,12 @@ class WorldOutcome:
     holder: str | None = None
     message: str | None = None
     exit_code: int = 0
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"world": self.world, "status": self.status, "exit_code": self.exit_code,
-                "holder": self.holder, "message": self.message, "actions": self.actions}
+                "holder": self.holder, "message": self.message, "error": self.error, "actions": self.actions}
 
 
 def plan_world(service: "WorldService", world: str) -> tuple["LoadedWorld", list[Action]]:
@@ -225,8 +237,6 @@ def plan_world(service: "WorldService", world: str) -> tuple["LoadedWorld", list
 def run_world(service: "WorldService", world: str, *, execute_actions: bool, holder: str,
               lease_ttl: timedelta, on_action: Callable[[dict[str, Any]], None] | None = None) -> WorldOutcome:
     """Plan (and with ``execute_actions``, execute) one world under its lease."""
-    from qmtl_core.errors import QmtlError
-
     if not execute_actions:
         _, actions = plan_world(service, world)
         docs = [{**a.to_dict(), "outcome": "planned"} for a in actions]
@@ -240,12 +250,15 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                             message=f"leased by {lease.holder} until {iso(lease.expires_at)[:19]}Z")
     docs: list[dict[str, Any]] = []
     seen: set[str] = set()
+    refused = False
     final: list[Action] = []
     try:
         for _ in range(MAX_ROUNDS):
             with service.store.read() as conn:
                 final = tick(load_state(conn, loaded), service.clock())
             todo = [a for a in final if a.executable and a.idempotency_key not in seen]
+            if not docs and not service.live_confirmed:
+                _refuse_live_actions(service, world, todo)  # before the first action runs
             if not todo:
                 break
             for action in todo:
@@ -253,11 +266,17 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                 try:
                     with service.store.write() as conn:
                         if acquire_lease(conn, world, holder, service.clock(), lease_ttl).acquired is False:
-                            raise QmtlError("lost the lease mid-iteration", code="lease_lost")
+                            raise LeaseHeld("lost the lease mid-iteration", code="lease_lost")
                         outcome = execute(conn, loaded, action, actor=service.actor, now=service.clock())
+                        if outcome.get("governance") == "applied":
+                            service.require_live_confirmed(
+                                f"the campaign loop would put {action.strategy_id} live in {world} now")
                         ids = service._enqueue(conn, loaded, outcome.pop("notify", []))
                 except ConflictError as exc:
                     outcome, ids = {"status": "skipped", "why": exc.code, "message": exc.message}, []
+                except LiveNotConfirmed as exc:  # went live-ready after the pre-check: rolled back
+                    outcome, ids = {"status": "refused", "why": exc.code, "message": exc.message}, []
+                    refused = True
                 if ids:
                     outcome["notifications"] = service._deliver(ids)
                 doc = {**action.to_dict(), "outcome": outcome["status"], "result": outcome}
@@ -272,27 +291,78 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
     for action in final:
         if action.idempotency_key not in done:
             docs.append({**action.to_dict(), "outcome": "planned" if action.executable else "reported"})
-    pending = [a.exit_class for a in final if not a.executable]
+    pending = [a.exit_class for a in final if not a.executable] + ([10] if refused else [])
     return WorldOutcome(world, "executed", docs, exit_code=worst_exit(pending))
+
+
+def active_worlds(conn: Connection) -> set[str]:
+    """Worlds with a strategy in paper or live: the ones a loop must never skip."""
+    st = schema.strategies
+    return {r.world_id for r in conn.execute(sa.select(st.c.world_id).where(st.c.stage.in_(("paper", "live")))
+                                             .distinct())}
+
+
+def failed_world(service: "WorldService", world: str, exc: Exception) -> WorldOutcome:
+    """The outcome of a world the loop could not run: its error and exit code, so the loop carries on.
+
+    A world with paper or live strategies whose policy cannot be loaded (missing, broken, or changed
+    without a version bump) exits 12 ``policy_unavailable``: its campaign is not being watched,
+    which is fail-closed territory, not a typo to fix at leisure.
+    """
+    if not isinstance(exc, QmtlError):
+        return WorldOutcome(world, "error", exit_code=1, error="internal_error",
+                            message=f"internal error: {type(exc).__name__}: {exc}")
+    if isinstance(exc, POLICY_ERRORS):
+        try:
+            with service.store.read() as conn:
+                active = world in active_worlds(conn)
+        except QmtlError:
+            active = True  # cannot tell: assume the worst
+        if active:
+            return WorldOutcome(world, "error", exit_code=12, error="policy_unavailable",
+                                message=f"policy unavailable for a world with paper or live strategies: "
+                                        f"{exc.one_line()}")
+    return WorldOutcome(world, "error", exit_code=exc.exit_code, error=exc.code, message=exc.one_line())
+
+
+def _refuse_live_actions(service: "WorldService", world: str, todo: Sequence[Action]) -> None:
+    """Without the caller's live intent an execution whose plan applies live does nothing at all:
+    refused before any action runs, naming what it would have done (HTTP 428, CLI exit 10). An
+    apply that only becomes due after other actions ran is refused on its own (rolled back)."""
+    live = [a for a in todo if a.action == "apply_live"]
+    if live:
+        service.require_live_confirmed(
+            f"the campaign loop would put {', '.join(a.strategy_id for a in live)} live in {world} "
+            "(apply_live)")
 
 
 def run_iteration(service: "WorldService", worlds: Sequence[str], *, execute_actions: bool, holder: str,
                   lease_ttl: timedelta, on_action: Callable[[dict[str, Any]], None] | None = None,
                   on_world: Callable[[str], None] | None = None) -> list[WorldOutcome]:
-    """One pass of the loop over ``worlds`` (first delivering notifications an earlier process left)."""
+    """One pass of the loop over ``worlds`` (first delivering notifications an earlier process left);
+    one world's failure (bad data, a broken policy, a bug) is that world's outcome, and the others
+    still run."""
     if execute_actions:
         service.flush_outbox()
     out = []
     for world in worlds:
         if on_world is not None:
             on_world(world)
-        out.append(run_world(service, world, execute_actions=execute_actions, holder=holder,
-                             lease_ttl=lease_ttl, on_action=on_action))
+        try:
+            out.append(run_world(service, world, execute_actions=execute_actions, holder=holder,
+                                 lease_ttl=lease_ttl, on_action=on_action))
+        except Exception as exc:  # isolation: reported in the world's outcome, never ends the loop
+            out.append(failed_world(service, world, exc))
     return out
 
 
+#: Most severe first, over worlds: evidence or policy missing for running strategies, then a bug,
+#: bad input or setup, a conflict, not found, blocked, waiting.
+LOOP_SEVERITY = (12, 1, 2, 4, 3, 10, 11, 0)
+
+
 def iteration_exit(outcomes: Sequence[WorldOutcome]) -> int:
-    """75 when every world was busy; else the most severe of the worlds' 0/10/11/12."""
+    """75 when every world was busy; else the most severe exit over the worlds."""
     return worst_outcome([o.to_dict() for o in outcomes])
 
 
@@ -300,4 +370,5 @@ def worst_outcome(outcomes: Sequence[dict[str, Any]]) -> int:
     """``iteration_exit`` over outcome documents (what the CLI gets, locally or over HTTP)."""
     if outcomes and all(o["status"] == "busy" for o in outcomes):
         return 75
-    return worst_exit([int(o["exit_code"]) for o in outcomes if o["status"] != "busy"])
+    codes = {int(o["exit_code"]) for o in outcomes if o["status"] != "busy"}
+    return next((c for c in LOOP_SEVERITY if c in codes), max(codes, default=0))

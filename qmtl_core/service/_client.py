@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from qmtl_core.errors import BadInputError, QmtlError
+from qmtl_core.grammar import GrammarError, parse_number
 
 if TYPE_CHECKING:
     from qmtl_core.datafiles import ReturnsTable
@@ -40,9 +41,9 @@ def returns_from_doc(doc: Any, *, what: str = "returns") -> list[tuple[datetime,
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise BadInputError(f"{what}[{i}] must be [timestamp, return]")
         try:
-            value = float(item[1])
-        except (TypeError, ValueError):
-            raise BadInputError(f"{what}[{i}]: {item[1]!r} is not a number") from None
+            value = parse_number(item[1], missing_ok=False)
+        except GrammarError as exc:
+            raise BadInputError(f"{what}[{i}]: {exc.message}", hint=exc.hint) from None
         out.append((parse_instant(str(item[0]), what=f"{what}[{i}] timestamp"), value))
     return out
 
@@ -70,8 +71,10 @@ def table_from_doc(doc: Any) -> "ReturnsTable | None":
     try:
         strategies = tuple(str(s) for s in doc["strategies"])
         stamps = tuple(parse_instant(str(t), what="timestamp") for t in doc["timestamps"])
-        matrix = np.array([[np.nan if v is None else float(v) for v in row] for row in doc["matrix"]],
+        matrix = np.array([[parse_number(v) for v in row] for row in doc["matrix"]],
                           dtype=np.float64).reshape(len(strategies), len(stamps))
+    except GrammarError as exc:
+        raise BadInputError(f"returns table: matrix: {exc.message}", hint=exc.hint) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInputError(f"returns table: {exc}",
                             hint="send {strategies: [...], timestamps: [...], matrix: [[...]]}") from None
@@ -97,6 +100,8 @@ class LocalClient:
     # -- worlds ---------------------------------------------------------------------------------------
     def worlds(self) -> dict[str, Any]:
         """``qmtl world list``."""
+        from qmtl_core.service._service import policy_hash
+
         rows = []
         for w in self.service.list_worlds():
             doc = w.policy.model_dump(mode="json") if w.policy is not None else {}
@@ -105,17 +110,26 @@ class LocalClient:
                 "policy_version": doc.get("policy_version"), "allow_live": doc.get("allow_live"),
                 "live_promotion": promotion_mode(doc) if w.ok else None,
                 "rules": len(doc.get("rules", [])) if w.ok else None,
-                "content_hash": w.record.content_hash if w.record else None,
+                "content_hash": policy_hash(w.policy) if w.policy is not None else None,
+                "in_force_version": w.record.policy_version if w.record else None,
                 "description": doc.get("description")})
         return {"worlds": rows, "worlds_dir": str(self.service.settings.worlds_dir)}
 
     def world(self, world: str) -> dict[str, Any]:
         """``qmtl world show``."""
-        loaded = self.service.load_world(world)
+        loaded = self.service.load_world(world, record=False)  # a read: records nothing
         history = self.service.policy_history(world)
         return {"world": loaded.world_id, "path": str(loaded.path), "content_hash": loaded.content_hash,
                 "policy": loaded.policy.model_dump(mode="json"),
-                "policy_versions": [h.to_dict() for h in history], "newly_recorded": loaded.newly_recorded}
+                "policy_versions": [h.to_dict() for h in history], "newly_recorded": False}
+
+    def policy_status(self, world: str) -> dict[str, Any]:
+        """``qmtl world policy status``."""
+        return self.service.policy_status(world)
+
+    def approve_policy(self, world: str, *, version: int, reason: str) -> dict[str, Any]:
+        """``qmtl world policy approve``."""
+        return self.service.approve_policy(world, version=version, reason=reason)
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate_offline(self, world: str, *, stage: str, returns: "ReturnsTable | None",
@@ -209,6 +223,11 @@ class LocalClient:
     def world_names(self) -> list[str]:
         """Every world the service knows."""
         return self.service.world_names()
+
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """``POST /worlds/{id}/queues``: a strategy's input queues, announced as control events
+        (recorded, so remote ``/events`` subscribers see them); repeats write nothing."""
+        return {"world": world, "events": [e.to_json() for e in self.service.announce_queues(world, updates)]}
 
     # -- governance -----------------------------------------------------------------------------------
     def promote(self, world: str, strategy_id: str, *, reason: str | None = None,
@@ -323,6 +342,14 @@ class LocalClient:
         return result.to_dict()
 
 
+def _world(world: str) -> str:
+    """A world id checked by the one rule before it becomes part of a URL: ``..`` or ``/`` in an
+    id must never reach another route or another world."""
+    from qmtl_core.world_files import check_world_id
+
+    return check_world_id(world)
+
+
 # --- errors across the wire -------------------------------------------------------------------------------
 def _error_classes() -> dict[str, type[QmtlError]]:
     out: dict[str, type[QmtlError]] = {}
@@ -351,19 +378,22 @@ def error_from_doc(doc: Mapping[str, Any]) -> QmtlError:
 class HttpClient:
     """``LocalClient``'s methods over HTTP to a ``qmtl serve`` (remote mode)."""
 
-    def __init__(self, server: str, token: str | None, *, transport: Any = None, timeout: float = 60.0) -> None:
+    def __init__(self, server: str, token: str | None, *, transport: Any = None, timeout: float = 60.0,
+                 allow_live: bool = False) -> None:
         import httpx
 
         self.server = server.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, transport=transport)
+        #: Send ``X-Allow-Live: true`` on the calls that can change what is live (``--allow-live``).
+        self.allow_live = allow_live
 
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
 
     def _call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-              body: Any = None, confirm: bool = False) -> Any:
+              body: Any = None, confirm: bool = False, live: bool = False) -> Any:
         """One request; errors come back as the server's ``QmtlError``. A change that cannot be
         confirmed (connection lost after sending) is fail-closed (exit 12), never a silent success."""
         import httpx
@@ -372,7 +402,8 @@ class HttpClient:
 
         clean = {k: v for k, v in (params or {}).items() if v is not None and v is not False}
         try:
-            response = self._http.request(method, path, params=clean, json=body)
+            headers = {"X-Allow-Live": "true"} if live and self.allow_live else None
+            response = self._http.request(method, path, params=clean, json=body, headers=headers)
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
             from qmtl_core.errors import ConfigError
 
@@ -401,35 +432,42 @@ class HttpClient:
         return self._call("GET", "/worlds")
 
     def world(self, world: str) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}")
+        return self._call("GET", f"/worlds/{_world(world)}")
 
     def world_names(self) -> list[str]:
         return [w["world"] for w in self.worlds()["worlds"]]
+
+    def policy_status(self, world: str) -> dict[str, Any]:
+        return self._call("GET", f"/worlds/{_world(world)}/policy")
+
+    def approve_policy(self, world: str, *, version: int, reason: str) -> dict[str, Any]:
+        return self._call("POST", f"/worlds/{_world(world)}/policy/approve", confirm=True,
+                          body={"version": version, "reason": reason})
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate_offline(self, world: str, *, stage: str, returns: "ReturnsTable | None",
                          metrics: Mapping[str, Mapping[str, Any]] | None, previous_active: Sequence[str] = (),
                          n_trials: int | None = None) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/evaluate-cohort", body={
+        return self._call("POST", f"/worlds/{_world(world)}/evaluate-cohort", body={
             "stage": stage, "record": False, "returns": table_doc(returns),
             "metrics": _json_metrics(metrics), "previous_active": list(previous_active), "n_trials": n_trials})
 
     def record_evaluation(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
                           metrics: Mapping[str, Any] | None = None,
                           returns: Sequence[tuple[datetime, float]] | None = None) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/evaluate", confirm=True, body={
+        return self._call("POST", f"/worlds/{_world(world)}/evaluate", confirm=True, body={
             "strategy_id": strategy_id, "stage": stage, "run_id": run_id,
             "metrics": _json_metric_row(metrics), "returns": returns_doc(returns)})
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None",
                         metrics: Mapping[str, Mapping[str, Any]] | None, run_id: str | None = None) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/evaluate-cohort", confirm=True, body={
+        return self._call("POST", f"/worlds/{_world(world)}/evaluate-cohort", confirm=True, body={
             "stage": stage, "record": True, "run_id": run_id, "returns": table_doc(returns),
             "metrics": _json_metrics(metrics)})
 
     def runs(self, world: str, *, strategy_id: str | None = None, stage: str | None = None,
              history: bool = False) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/runs",
+        return self._call("GET", f"/worlds/{_world(world)}/runs",
                           params={"strategy": strategy_id, "stage": stage, "history": history})
 
     # -- submissions ----------------------------------------------------------------------------------
@@ -437,13 +475,13 @@ class HttpClient:
         return self._call("GET", f"/worlds/{world}/strategies")
 
     def strategy(self, world: str, strategy_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/strategies/{strategy_id}")
+        return self._call("GET", f"/worlds/{_world(world)}/strategies/{strategy_id}")
 
     def register_strategy(self, world: str, *, strategy_id: str, name: str | None = None,
                           code_hash: str | None = None, meta: Mapping[str, Any] | None = None,
                           expect_meta: Mapping[str, Any] | None = None, kind: str = "strategy.submitted",
                           reason: str | None = None) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/strategies", confirm=True, body={
+        return self._call("POST", f"/worlds/{_world(world)}/strategies", confirm=True, body={
             "strategy_id": strategy_id, "name": name, "code_hash": code_hash,
             "meta": dict(meta) if meta is not None else None,
             "expect_meta": dict(expect_meta) if expect_meta is not None else None, "kind": kind,
@@ -451,31 +489,35 @@ class HttpClient:
 
     def run_returns(self, world: str, *, strategy_id: str | None = None, stage: str | None = None,
                     history: bool = False, latest_per_stage: bool = False) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/returns", params={
+        return self._call("GET", f"/worlds/{_world(world)}/returns", params={
             "strategy": strategy_id, "stage": stage, "history": history, "latest_per_stage": latest_per_stage})
 
     # -- campaign -------------------------------------------------------------------------------------
     def campaign(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/campaign", params={"strategy": strategy_id})
+        return self._call("GET", f"/worlds/{_world(world)}/campaign", params={"strategy": strategy_id})
 
     def campaign_tick(self, world: str) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/campaign/tick")
+        return self._call("POST", f"/worlds/{_world(world)}/campaign/tick")
+
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return self._call("POST", f"/worlds/{world}/queues", body={"updates": [dict(u) for u in updates]})
 
     def campaign_run(self, world: str, *, execute: bool, holder: str, lease_ttl_seconds: float) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/campaign/run", confirm=execute, body={
+        return self._call("POST", f"/worlds/{_world(world)}/campaign/run", confirm=execute, live=execute, body={
             "execute": execute, "holder": holder, "lease_ttl_seconds": lease_ttl_seconds})
 
     # -- governance -----------------------------------------------------------------------------------
     def promote(self, world: str, strategy_id: str, *, reason: str | None = None,
                 dry_run: bool = False) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/promotions", confirm=not dry_run,
+        return self._call("POST", f"/worlds/{_world(world)}/promotions", confirm=not dry_run, live=not dry_run,
                           body={"strategy_id": strategy_id, "reason": reason, "dry_run": dry_run})
 
     def decide(self, request_id: str, *, decision: str, reason: str, signature: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"reason": reason}
         if signature is not None:
             body["signature"] = signature
-        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True, body=body)
+        return self._call("POST", f"/promotions/{request_id}/{decision}", confirm=True,
+                          live=decision == "approve", body=body)
 
     def approval_view(self, request_id: str) -> dict[str, Any]:
         return self._call("GET", f"/promotions/{request_id}/view")
@@ -484,29 +526,29 @@ class HttpClient:
         return self._call("GET", "/promotions", params={"world": world, "all": include_closed})
 
     def decisions(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/decision", params={"strategy": strategy_id})
+        return self._call("GET", f"/worlds/{_world(world)}/decision", params={"strategy": strategy_id})
 
     def rollback(self, world: str, *, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/rollback", confirm=True, body={"reason": reason})
+        return self._call("POST", f"/worlds/{_world(world)}/rollback", confirm=True, live=True, body={"reason": reason})
 
     def set_halted(self, world: str, *, halted: bool, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/{'halt' if halted else 'resume'}", confirm=True,
-                          body={"reason": reason})
+        return self._call("POST", f"/worlds/{_world(world)}/{'halt' if halted else 'resume'}", confirm=True,
+                          live=not halted, body={"reason": reason})
 
     def demote(self, world: str, strategy_id: str, *, reason: str, to: str = "paper") -> dict[str, Any]:
-        return self._call("POST", f"/worlds/{world}/demote", confirm=True,
+        return self._call("POST", f"/worlds/{_world(world)}/demote", confirm=True,
                           body={"strategy_id": strategy_id, "reason": reason, "to": to})
 
     def history(self, world: str, *, at: datetime | None = None) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/history", params={"at": at.isoformat() if at else None})
+        return self._call("GET", f"/worlds/{_world(world)}/history", params={"at": at.isoformat() if at else None})
 
     def activations(self, world: str) -> dict[str, Any]:
-        return self._call("GET", f"/worlds/{world}/activations")
+        return self._call("GET", f"/worlds/{_world(world)}/activations")
 
     def report(self, world: str, *, strategy_id: str | None = None, at: datetime | None = None, top: int = 10,
                fmt: str = "html", progress: Any = None) -> dict[str, Any]:
         # Rendered by the server (it holds the store); no progress to show meanwhile.
-        return self._call("GET", f"/worlds/{world}/report", params={
+        return self._call("GET", f"/worlds/{_world(world)}/report", params={
             "strategy": strategy_id, "at": at.isoformat() if at else None, "top": top, "format": fmt})
 
     # -- risk hub -------------------------------------------------------------------------------------
@@ -517,7 +559,7 @@ class HttpClient:
         return self._call("POST", "/risk-hub/snapshots", confirm=True, body=dict(document))
 
     def risk_show(self, world: str, *, version: str | None = None) -> dict[str, Any]:
-        return self._call("GET", f"/risk-hub/worlds/{world}", params={"version": version})
+        return self._call("GET", f"/risk-hub/worlds/{_world(world)}", params={"version": version})
 
     # -- ledger ---------------------------------------------------------------------------------------
     def audit_log(self, *, world: str | None = None, since: datetime | None = None, kind: str | None = None,

@@ -13,6 +13,16 @@ if TYPE_CHECKING:
     from qmtl_core.service._service import LoadedWorld, WorldService
 
 
+def require_reason(reason: str | None, what: str) -> str:
+    """The reason every state change records, stripped; refused when empty, whoever calls (CLI,
+    HTTP or library), so the record never holds an unexplained change."""
+    from qmtl_core.errors import UsageError
+
+    if reason is None or not reason.strip():
+        raise UsageError(f"{what} needs a reason (--reason)", hint='say why, e.g. --reason "broker outage"')
+    return reason.strip()
+
+
 class GovernanceMixin:
     """Governance methods of ``WorldService`` (mixed in; uses its store, clock and actor)."""
 
@@ -59,6 +69,8 @@ class GovernanceMixin:
                                dry_run=True)
         with self.store.write() as conn:
             outcome = promote(conn, loaded.policy, strategy_id, actor=self.actor, reason=reason, now=self.clock())
+            if outcome.status == "applied":
+                self.require_live_confirmed(f"promoting {strategy_id} would put it live in {world} now")
             ids = self._enqueue(conn, loaded, outcome.notify)
         outcome.extra["notifications"] = self._deliver(ids)
         return outcome
@@ -67,18 +79,19 @@ class GovernanceMixin:
                        signature: str | None = None) -> "Outcome":
         """Approve or reject a request as the calling identity (``signature``: an SSH signature of the
         approval message, ``qmtl_core.approval_signing``)."""
-        from qmtl_core.errors import UsageError
         from qmtl_core.governance._requests import decide, load_request
 
-        if not reason or not reason.strip():
-            raise UsageError("--reason is required", hint='say why, e.g. --reason "paper sharpe 1.4 over 30d"')
+        reason = require_reason(reason, decision)
         with self.store.read() as conn:
             world = load_request(conn, request_id).world_id
         loaded = self.load_world(world)
         with self.store.write() as conn:
             row = load_request(conn, request_id)
-            outcome = decide(conn, loaded.policy, row, actor=self.actor, decision=decision, reason=reason.strip(),
+            outcome = decide(conn, loaded.policy, row, actor=self.actor, decision=decision, reason=reason,
                              now=self.clock(), signature=signature)
+            if outcome.status == "applied":
+                self.require_live_confirmed(f"approving request {request_id} would put {row.strategy_id} "
+                                            f"live in {world} now (the last approval needed)")
             ids = self._enqueue(conn, loaded, outcome.notify)
         outcome.extra["notifications"] = self._deliver(ids)
         return outcome
@@ -116,28 +129,49 @@ class GovernanceMixin:
         return {"world": world, "set_version": version, "activations": [a.to_dict() for a in rows.values()]}
 
     def rollback(self: "WorldService", world: str, *, reason: str) -> dict[str, Any]:
-        """Restore the previous activation set."""
-        from qmtl_core.governance._activations import rollback
+        """Restore the previous activation set; a strategy that would go live again is restored to
+        paper with a promotion request opened (rollback never makes anything live on its own)."""
+        from qmtl_core.governance._activations import current_set
+        from qmtl_core.governance._reentry import rollback
 
+        reason = require_reason(reason, "rollback")
         loaded = self.load_world(world)
         with self.store.write() as conn:
-            result = rollback(conn, policy=loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
-            ids = self._enqueue(conn, loaded, [{"event": "world.rollback", "world": world, **result}])
-        result["notifications"] = self._deliver(ids)
-        return result
+            result = rollback(conn, loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
+            _, restored = current_set(conn, world)
+            live = sorted(sid for sid, a in restored.items() if a.stage == "live")
+            if live:  # nothing goes live by rollback, but a set that keeps a strategy live is a live change
+                self.require_live_confirmed(f"rolling {world} back to activation set "
+                                            f"{result.extra['restored_set']} would leave {', '.join(live)} live")
+            ids = self._enqueue(conn, loaded, result.notify)
+        return {**result.to_dict(), "notifications": self._deliver(ids)}
 
     def set_halted(self: "WorldService", world: str, *, halted: bool, reason: str) -> dict[str, Any]:
-        """The persisted kill switch (``halted=True``) or lifting it."""
-        from qmtl_core.governance._activations import set_halt
+        """The persisted kill switch (``halted=True``), which needs only the world id: it works from
+        the policy in force kept in the store, whatever state the world's file is in. Lifting it
+        (``halted=False``) re-requests, never re-applies, what was live."""
+        from qmtl_core.governance._reentry import halt, resume
+        from qmtl_core.service._service import LoadedWorld
 
-        loaded = self.load_world(world)
-        with self.store.write() as conn:
-            changed = set_halt(conn, policy=loaded.policy, halted=halted, actor=self.actor, now=self.clock(),
-                               reason=reason)
-            event = "world.halted" if halted else "world.resumed"
-            ids = self._enqueue(conn, loaded, [{"event": event, "world": world, "reason": reason}]) if changed else []
-        sent = self._deliver(ids)
-        return {"world": world, "halted": halted, "changed": changed, "notifications": sent}
+        reason = require_reason(reason, "halt" if halted else "resume")
+        if halted:
+            policy = self.known_world(world)
+            with self.store.write() as conn:
+                result = halt(conn, world, policy, actor=self.actor, now=self.clock(), reason=reason)
+                ids = (self._enqueue(conn, LoadedWorld(policy, self.settings.worlds_dir, ""), result.notify)
+                       if policy is not None and result.extra["changed_flag"] else [])
+        else:
+            loaded = self.load_world(world)
+            with self.store.write() as conn:
+                result = resume(conn, loaded.policy, actor=self.actor, now=self.clock(), reason=reason)
+                if result.extra["changed_flag"]:
+                    # Lifting the kill switch is a live change (issue 17's explicit intent), even though
+                    # what was live at the halt only gets promotion requests.
+                    self.require_live_confirmed(f"resuming {world} would lift its kill switch")
+                ids = self._enqueue(conn, loaded, result.notify) if result.extra["changed_flag"] else []
+        doc = result.to_dict()
+        return {**doc, "world": world, "halted": halted, "changed": doc.pop("changed_flag"),
+                "stages_changed": result.changed, "notifications": self._deliver(ids)}
 
     def demote(self: "WorldService", world: str, strategy_id: str, *, reason: str, to: str = "paper") -> dict[str, Any]:
         """Take a strategy down a stage (live → paper, paper → backtest, or to ``retired``)."""
@@ -147,6 +181,7 @@ class GovernanceMixin:
         expect = {"paper": ("live",), "backtest": ("paper", "live"), "retired": ("backtest", "paper", "live")}
         if to not in expect:
             raise UsageError(f"cannot demote to {to!r}", hint="use paper, backtest or retired")
+        reason = require_reason(reason, "demote")
         loaded = self.load_world(world)
         self._require_strategy(world, strategy_id)
         with self.store.write() as conn:
@@ -162,7 +197,7 @@ class GovernanceMixin:
         an envelope that changed is recorded)."""
         from qmtl_core.governance._activations import record_decisions
 
-        loaded = self.load_world(world)
+        loaded = self.load_world(world, record=False)
         with self.store.write() as conn:
             return record_decisions(conn, loaded.policy, now=self.clock(), strategy_id=strategy_id)
 

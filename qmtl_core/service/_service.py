@@ -10,16 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 from qmtl_core.canonical import content_hash
 from qmtl_core.config import Settings
-from qmtl_core.errors import QmtlError, UsageError
+from qmtl_core.errors import LiveNotConfirmed, QmtlError, UsageError
+from qmtl_core.governance._reentry import withdraw_live
 from qmtl_core.service._governance import GovernanceMixin
 from qmtl_core.timeutil import iso, utcnow
-from qmtl_core.world_files import world_files, world_path
+from qmtl_core.world_files import check_world_id, world_files, world_path
 
 if TYPE_CHECKING:
     from datetime import timedelta
 
     from qmtl_core.campaign import Action, CampaignView
-    from qmtl_core.controlbus import ControlBus
+    from qmtl_core.controlbus import ControlBus, ControlEvent
     from qmtl_core.domains import DecisionEnvelope
     from qmtl_core.service._campaign import WorldOutcome
     from qmtl_core.datafiles import ReturnsTable
@@ -42,6 +43,8 @@ class LoadedWorld:
     content_hash: str
     record: "PolicyRecord | None" = None
     newly_recorded: bool = False
+    #: The file's content recorded as a proposal awaiting approval (the policy above stays in force).
+    proposal: "PolicyRecord | None" = None
 
     @property
     def world_id(self) -> str:
@@ -103,11 +106,11 @@ def _parsed_policy(path: Path, load: Callable[[Path], "WorldPolicy"]) -> tuple["
 
 
 def check_stage(stage: str) -> None:
-    """Refuse a stage name that is not backtest, paper or live."""
+    """Refuse a stage name that is not backtest, paper, shadow or live."""
     from qmtl_core.policy import STAGES
 
     if stage not in STAGES:
-        raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper or live")
+        raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper, shadow or live")
 
 
 def policy_hash(policy: "WorldPolicy") -> str:
@@ -119,19 +122,44 @@ class WorldService(GovernanceMixin):
     """Facade over policies, store and ledger; the only place state changes happen."""
 
     def __init__(self, settings: Settings, *, store: "Store | None" = None,
-                 clock: Callable[[], datetime] = utcnow, actor: str | None = None) -> None:
+                 clock: Callable[[], datetime] = utcnow, actor: str | None = None,
+                 live_confirmed: bool = False) -> None:
+        if actor is not None and (not actor.strip() or actor != actor.strip() or not actor.isprintable()):
+            raise UsageError(f"invalid actor {actor!r}: every change is recorded with who made it",
+                             hint="a token's actor or an OS account name", code="invalid_actor")
         self.settings = settings
         self._store = store
         self.clock = clock
         self._bus: "ControlBus | None" = None
         self._actor = actor
+        #: The caller said it means to change what is live (``X-Allow-Live: true`` /
+        #: ``--allow-live``). Without it every call that would make or keep a strategy live is
+        #: refused (``LiveNotConfirmed``) inside its transaction, so nothing is written.
+        self.live_confirmed = live_confirmed
 
-    def as_actor(self, actor: str) -> "WorldService":
+    def as_actor(self, actor: str, *, live_confirmed: bool | None = None) -> "WorldService":
         """The same facade (store, clock, bus) acting as ``actor``: the server uses it for the
-        token's actor; local mode never does (there the actor is the OS user)."""
-        other = WorldService(self.settings, store=self.store, clock=self.clock, actor=actor)
+        token's actor; local mode never does (there the actor is the OS user). The live intent
+        is this facade's unless given (the server always gives the request's)."""
+        other = WorldService(self.settings, store=self.store, clock=self.clock, actor=actor,
+                             live_confirmed=self.live_confirmed if live_confirmed is None else live_confirmed)
         other._bus = self.bus
         return other
+
+    def confirming_live(self, confirmed: bool = True) -> "WorldService":
+        """The same facade, same identity, with the caller's live intent set (local ``--allow-live``)."""
+        other = WorldService(self.settings, store=self.store, clock=self.clock, actor=self._actor,
+                             live_confirmed=confirmed)
+        other._bus = self.bus
+        return other
+
+    def require_live_confirmed(self, what: str) -> None:
+        """The one check of the caller's live intent: raise ``LiveNotConfirmed`` saying what the call
+        would have done. Callers invoke it inside the write transaction, before it commits."""
+        if not self.live_confirmed:
+            raise LiveNotConfirmed(
+                f"{what}; refused without the explicit live intent, nothing was changed",
+                hint="repeat with --allow-live (HTTP: header X-Allow-Live: true)")
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -180,7 +208,13 @@ class WorldService(GovernanceMixin):
         return results
 
     def load_world(self, world: str, *, record: bool = True) -> LoadedWorld:
-        """Load and validate a world's policy; when its content is new, record a policy version."""
+        """Load and validate a world's policy file and return the policy **in force**.
+
+        With ``record`` (commands that act), new file content is recorded: adopted directly, or as a
+        proposal when the world has paper or live strategies. The policy returned is the newest
+        adopted version the store keeps, which is the file's only when the file's version is in
+        force (or the world was never recorded); ``LoadedWorld.proposal`` names a pending proposal.
+        """
         from qmtl_core.policy import load_policy_file
 
         path = world_path(self.settings.worlds_dir, world)
@@ -188,17 +222,41 @@ class WorldService(GovernanceMixin):
         loaded = LoadedWorld(policy, path, digest)
         if record:
             self._record(loaded)
-        return loaded
+        return self._in_force(loaded)
+
+    def _in_force(self, from_file: LoadedWorld) -> LoadedWorld:
+        from qmtl_core.policy import WorldPolicy
+        from qmtl_core.service._policies import as_record, in_force_row
+
+        with self.store.read() as conn:
+            row = in_force_row(conn, from_file.world_id)
+        if row is None or row.content_hash == from_file.content_hash:
+            return from_file
+        proposal = from_file.record if from_file.record is not None and from_file.record.status == "proposed" else None
+        return LoadedWorld(WorldPolicy.model_validate(row.document), from_file.path, row.content_hash,
+                           as_record(row), from_file.newly_recorded, proposal=proposal)
+
+    def known_world(self, world: str) -> "WorldPolicy | None":
+        """The policy in force of a world the store knows (``None`` for one it has only a file for),
+        read from the store alone; ``WorldNotFound`` when neither knows it."""
+        from qmtl_core.service._policies import policy_in_force
+
+        check_world_id(world)
+        with self.store.read() as conn:
+            policy = policy_in_force(conn, world)
+        if policy is None:
+            world_path(self.settings.worlds_dir, world)
+        return policy
 
     def _record(self, loaded: LoadedWorld) -> None:
-        from qmtl_core.service._policies import _record as as_record
-        from qmtl_core.service._policies import latest_policy, record_policy
+        from qmtl_core.service._policies import as_record, in_force_row, latest_policy, record_policy
 
         with self.store.read() as conn:  # the common case: already recorded, no write lock needed
-            latest = latest_policy(conn, loaded.world_id)
-        if latest is not None and latest.content_hash == loaded.content_hash:
-            loaded.record, loaded.newly_recorded = as_record(latest), False
-            return
+            known = [latest_policy(conn, loaded.world_id), in_force_row(conn, loaded.world_id)]
+        for row in known:
+            if row is not None and row.content_hash == loaded.content_hash:
+                loaded.record, loaded.newly_recorded = as_record(row), False
+                return
         try:
             text = loaded.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):  # validated a moment ago; a race with an editor
@@ -208,21 +266,61 @@ class WorldService(GovernanceMixin):
                 conn, world_id=loaded.world_id, policy_version=loaded.policy.policy_version,
                 content_hash=loaded.content_hash, document=loaded.policy.model_dump(mode="json"),
                 source_path=str(loaded.path), source_text=text, actor=self.actor, now=self.clock())
+            if loaded.newly_recorded and loaded.record.status == "adopted" and not loaded.policy.allow_live:
+                withdraw_live(conn, loaded.policy, actor=self.actor, now=self.clock(),
+                              reason=f"policy_version {loaded.policy.policy_version} sets allow_live: false")
+
+    def policy_status(self, world: str) -> dict[str, Any]:
+        """The version in force, open proposals with their diff and approvals (reads only)."""
+        from qmtl_core.service._policies import policy_status
+
+        check_world_id(world)
+        with self.store.read() as conn:
+            status = policy_status(conn, world)
+        if status["in_force"] is None:
+            world_path(self.settings.worlds_dir, world)  # WorldNotFound for a typo
+        return status
+
+    def approve_policy(self, world: str, *, version: int, reason: str) -> dict[str, Any]:
+        """Approve a proposed policy version as the calling identity; the last required approval
+        brings it into force (and, under ``allow_live: false``, takes live strategies to paper)."""
+        from qmtl_core.service._governance import require_reason
+        from qmtl_core.service._policies import approve_policy
+
+        reason = require_reason(reason, "policy approve")
+        check_world_id(world)
+        now = self.clock()
+        with self.store.write() as conn:
+            result, adopted = approve_policy(conn, world, version=version, actor=self.actor, reason=reason, now=now)
+            if adopted is not None and not adopted.allow_live:
+                withdraw_live(conn, adopted, actor=self.actor, now=now,
+                              reason=f"policy_version {version} sets allow_live: false")
+        return result
 
     def list_worlds(self) -> list[WorldSummary]:
-        """Every world file with its validity and recorded version (valid ones are recorded)."""
+        """Every world file with its validity and recorded version, plus every world the store has
+        paper or live strategies in whose file is gone. Reads only: nothing is recorded here."""
         from qmtl_core.policy import load_policy_file
+        from qmtl_core.service._campaign import active_worlds
+        from qmtl_core.service._policies import as_record, in_force_row
 
         out = []
-        for path in world_files(self.settings.worlds_dir):
-            try:
-                policy = load_policy_file(path)
-            except QmtlError as exc:
-                out.append(WorldSummary(path.stem, str(path), False, error=exc.one_line()))
-                continue
-            loaded = LoadedWorld(policy, path, policy_hash(policy))
-            self._record(loaded)
-            out.append(WorldSummary(policy.world, str(path), True, policy, loaded.record))
+        with self.store.read() as conn:
+            for path in world_files(self.settings.worlds_dir):
+                try:
+                    policy = load_policy_file(path)
+                except QmtlError as exc:
+                    out.append(WorldSummary(path.stem, str(path), False, error=exc.one_line()))
+                    continue
+                in_force = in_force_row(conn, policy.world)
+                out.append(WorldSummary(policy.world, str(path), True, policy,
+                                        as_record(in_force) if in_force is not None else None))
+            missing = sorted(active_worlds(conn) - {w.world for w in out})
+        for world in missing:
+            out.append(WorldSummary(world, str(self.settings.worlds_dir / f"{world}.yaml"), False,
+                                    error=f"world {world} has paper or live strategies but no policy file "
+                                          f"in {self.settings.worlds_dir} (restore it; qmtl world halt {world} "
+                                          "works without it)"))
         return out
 
     def policy_history(self, world: str) -> list["PolicyRecord"]:
@@ -346,8 +444,13 @@ class WorldService(GovernanceMixin):
                              on_action=on_action, on_world=on_world)
 
     def world_names(self) -> list[str]:
-        """Every world in the worlds directory."""
-        return [p.stem for p in world_files(self.settings.worlds_dir)]
+        """Every world in the worlds directory, and every world with paper or live strategies in
+        the store even when its file is gone (the loop reports it, never skips it)."""
+        from qmtl_core.service._campaign import active_worlds
+
+        with self.store.read() as conn:
+            active = active_worlds(conn)
+        return sorted({p.stem for p in world_files(self.settings.worlds_dir)} | active)
 
     # -- submissions -------------------------------------------------------------------------------
     def strategy_rows(self, world: str) -> list[dict[str, Any]]:
@@ -477,12 +580,54 @@ class WorldService(GovernanceMixin):
             out[(a, b)] = out[(b, a)] = value
         return out
 
+    def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> list["ControlEvent"]:
+        """Announce a strategy's input queues: each update (``tags, interval, queues, match_mode,
+        execution_domain``) becomes its ``tagquery.upsert`` and ``queue_update`` (DESIGN §8).
+
+        Recorded in the ledger (``queue.updated`` / ``tagquery.upserted``) so that ``/events``
+        subscribers of every server sharing the store receive them, then published on the
+        in-process bus. An event whose subject's last recorded etag is the same is a repeat and
+        writes nothing (a resubmission changes nothing); a changed update is never dropped.
+        """
+        import sqlalchemy as sa
+
+        from qmtl_core import controlbus, ledger
+        from qmtl_core.service._events import ANNOUNCED
+        from qmtl_core.store import schema
+
+        self.load_world(world, record=False)
+        events: list[controlbus.ControlEvent] = []
+        for u in updates:
+            common = {"tags": u.get("tags"), "interval": u.get("interval"),
+                      "match_mode": u.get("match_mode", "any"), "world_id": world,
+                      "execution_domain": u.get("execution_domain")}
+            events += [controlbus.tagquery_upsert(**common),
+                       controlbus.queue_update(**common, queues=u.get("queues") or [])]
+        written = []
+        t = schema.ledger
+        with self.store.write() as conn:
+            ledger.lock(conn)  # the repeat check and the append see one chain
+            for ev in events:
+                kind, subject = ANNOUNCED[ev.type], "/".join(ev.subject[1:])
+                last = conn.execute(sa.select(t.c.payload).where(t.c.world_id == world, t.c.kind == kind,
+                                                                 t.c.subject == subject)
+                                    .order_by(t.c.seq.desc()).limit(1)).scalar()
+                if isinstance(last, dict) and last.get("etag") == ev.etag:
+                    continue
+                ledger.append(conn, actor=self.actor, kind=kind, now=self.clock(), world=world, subject=subject,
+                              reason=f"{ev.type} in {ev.execution_domain}",
+                              payload={"etag": ev.etag, "data": dict(ev.payload)})
+                written.append(ev)
+        for ev in written:
+            self.bus.publish(ev)
+        return written
+
     def risk_snapshot(self, world: str, *, version: str | None = None) -> tuple["StoredSnapshot", "Freshness"]:
         """The latest (or a named) snapshot of a world and its freshness now."""
         from qmtl_core.errors import NotFoundError
         from qmtl_core.risk import freshness, get_snapshot, latest_snapshot
 
-        loaded = self.load_world(world)
+        loaded = self.load_world(world, record=False)
         with self.store.read() as conn:
             stored = get_snapshot(conn, world, version) if version else latest_snapshot(conn, world)
         if stored is None:

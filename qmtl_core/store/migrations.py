@@ -110,6 +110,22 @@ def _audit_anchors(conn: Connection) -> None:
             conn.exec_driver_sql(statement)
 
 
+def _policy_proposals(conn: Connection) -> None:
+    """Governed policy changes: a status per recorded version (every existing one was in force when
+    recorded: ``adopted``) and the approvals of proposals."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("policy_versions")}
+    if "status" not in columns:
+        conn.execute(sa.text("ALTER TABLE policy_versions ADD COLUMN status VARCHAR(16) NOT NULL DEFAULT 'adopted'"))
+    for name in ("adopted_at", "adopted_by"):
+        if name not in columns:
+            kind = schema.policy_versions.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE policy_versions ADD COLUMN {name} {kind}"))
+    t = schema.policy_versions
+    conn.execute(sa.update(t).where(t.c.adopted_at.is_(None)).values(adopted_at=t.c.recorded_at,
+                                                                       adopted_by=t.c.recorded_by))
+    schema.policy_approvals.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _initial),
     Migration(2, "api tokens for qmtl serve", _api_tokens),
@@ -117,6 +133,7 @@ MIGRATIONS: list[Migration] = [
     Migration(4, "risk snapshot summaries for the campaign tick", _snapshot_summaries),
     Migration(5, "audit anchors: store id, approvals tied to the ledger, outbox, append-only ledger",
               _audit_anchors),
+    Migration(6, "governed policy changes: proposals and their approvals", _policy_proposals),
 ]
 
 

@@ -47,7 +47,24 @@ policy_versions = sa.Table(
     sa.Column("document", JSONDoc, nullable=False),
     sa.Column("recorded_at", Time, nullable=False),
     sa.Column("recorded_by", Name, nullable=False),
+    # adopted (in force when it is the newest adopted) | proposed (awaiting approval) | superseded
+    sa.Column("status", sa.String(16), nullable=False, server_default="adopted"),
+    sa.Column("adopted_at", Time),
+    sa.Column("adopted_by", Name),
     sa.UniqueConstraint("world_id", "policy_version", name="uq_policy_versions_world_version"),
+)
+
+#: Approvals of a proposed policy version, by approvers of the version in force; each counts once.
+policy_approvals = sa.Table(
+    "policy_approvals", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("world_id", Name, nullable=False),
+    sa.Column("policy_version", sa.Integer, nullable=False),
+    sa.Column("approver", Name, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("content_hash", Hash, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.UniqueConstraint("world_id", "policy_version", "approver", name="uq_policy_approvals_once"),
 )
 
 strategies = sa.Table(

@@ -1,0 +1,155 @@
+"""Metrics that must not be reported from rounding noise, too few observations or the wrong clock.
+
+Both paths (``compute_metrics`` and the ``compute_cohort`` kernel) are checked to agree on each case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qmtl_core.errors import BadInputError
+from qmtl_core.evaluation import SPACING_MIN_OBSERVATIONS, spacing_note
+from qmtl_core.metrics import (
+    DISPERSION_RESOLUTION,
+    MAX_TRIALS,
+    PSR_MIN_OBSERVATIONS,
+    _deflation_benchmark,
+    compute_cohort,
+    compute_metrics,
+)
+from tests.cli_helpers import qmtl
+
+
+def _both(series: np.ndarray, rel: float = 1e-12, **kwargs: object) -> dict[str, float]:
+    one = compute_metrics(series, **kwargs)  # type: ignore[arg-type]
+    cohort = compute_cohort(np.asarray(series, dtype=np.float64)[None, :], **kwargs)  # type: ignore[arg-type]
+    for key, value in one.items():
+        other = float(cohort[key][0])
+        assert (math.isnan(value) and math.isnan(other)) or value == pytest.approx(other, rel=rel), key
+    return one
+
+
+@pytest.mark.parametrize("rate", [0.0004, 0.01, -0.0003, 1e-9])
+def test_returns_constant_up_to_rounding_are_not_a_sharpe(rate: float) -> None:
+    prices = 100.0 * (1.0 + rate) ** np.arange(800)
+    r = prices[1:] / prices[:-1] - 1.0
+    assert r.min() != r.max()  # not bit-identical: the noise is there
+    m = _both(r, n_trials=1000, trials_sharpe_variance=0.5)
+    assert m["annual_volatility"] == 0.0
+    for key in ("sharpe", "psr", "dsr", "skew", "kurtosis"):
+        assert math.isnan(m[key]), (key, m[key])
+    assert m["total_return"] == pytest.approx((1.0 + rate) ** 799 - 1.0, rel=1e-9)
+
+
+def test_real_dispersion_just_above_resolution_is_kept() -> None:
+    rng = np.random.default_rng(7)
+    r = 0.0004 + rng.normal(0.0, 1e-9, 500)  # tiny but far above float noise at this scale
+    assert r.std(ddof=1) > 100 * DISPERSION_RESOLUTION
+    m = _both(r, rel=1e-6)  # third and fourth moments of 1e-9 deviations: summation order shows
+    assert math.isfinite(m["sharpe"]) and m["annual_volatility"] == pytest.approx(r.std(ddof=1) * math.sqrt(252))
+
+
+def test_psr_needs_the_documented_minimum_of_observations() -> None:
+    assert math.isnan(_both(np.array([0.01, 0.0101]))["psr"])
+    rng = np.random.default_rng(3)
+    r = rng.normal(0.001, 0.01, PSR_MIN_OBSERVATIONS)
+    assert math.isnan(_both(r[:-1], n_trials=1)["psr"])
+    assert math.isnan(_both(r[:-1], n_trials=1)["dsr"])
+    full = _both(r, n_trials=1)
+    assert 0.0 < full["psr"] < 1.0 and full["dsr"] == full["psr"]
+
+
+@pytest.mark.parametrize("n", [2**53, 2**53 + 1, 10**20, 10**300])
+def test_dsr_exact_tail_for_huge_trials(n: int) -> None:
+    from statistics import NormalDist
+
+    # The expected maximum z of N trials grows like sqrt(2 ln N); it must keep growing past 2^53.
+    z = _deflation_benchmark(n, 252.0, 252.0)
+    gamma = 0.5772156649015329
+    inv = NormalDist().inv_cdf
+    assert z == pytest.approx(-(1 - gamma) * inv(1 / n) - gamma * inv(1 / (n * math.e)), rel=1e-12)
+    assert _deflation_benchmark(n * 10, 252.0, 252.0) > z if n * 10 <= MAX_TRIALS else True
+    assert _deflation_benchmark(1000, 252.0, 252.0) == pytest.approx(
+        (1 - gamma) * inv(1 - 1 / 1000) + gamma * inv(1 - 1 / (1000 * math.e)), rel=1e-12)
+
+
+def test_dsr_too_many_trials_names_n_trials() -> None:
+    r = np.random.default_rng(1).normal(0.001, 0.01, 100)
+    with pytest.raises(ValueError, match="n_trials .* too large"):
+        compute_metrics(r, n_trials=MAX_TRIALS + 1, trials_sharpe_variance=0.5)
+    with pytest.raises(ValueError, match="n_trials .* too large"):
+        compute_cohort(r[None, :], n_trials=10**400, trials_sharpe_variance=0.5)
+
+
+# --- periods_per_year against the timestamps ----------------------------------------------------
+def _stamps(n: int, step: timedelta) -> list[datetime]:
+    start = datetime(2020, 1, 6, tzinfo=timezone.utc)
+    return [start + i * step for i in range(n)]
+
+
+def _business_days(n: int) -> list[datetime]:
+    out: list[datetime] = []
+    day = datetime(2020, 1, 6, tzinfo=timezone.utc)
+    while len(out) < n:
+        if day.weekday() < 5:
+            out.append(day)
+        day += timedelta(days=1)
+    return out
+
+
+def test_spacing_note() -> None:
+    weekly = _stamps(156, timedelta(days=7))
+    note = spacing_note(weekly, 252)
+    assert note is not None and "52.2 per year" in note and "periods_per_year is 252" in note
+    assert spacing_note(weekly, 52) is None
+    assert spacing_note(_business_days(500), 252) is None  # weekends do not count as gaps
+    assert spacing_note(_stamps(400, timedelta(days=1)), 365) is None
+    assert spacing_note(_stamps(400, timedelta(days=1)), 252) is not None  # 365 a year under 252
+    assert spacing_note(weekly[: SPACING_MIN_OBSERVATIONS - 1], 252) is None
+
+
+def _weekly_file(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(5)
+    rows = ["timestamp,a"] + [f"{t.date().isoformat()},{v:.6f}"
+                              for t, v in zip(_stamps(156, timedelta(days=7)), rng.normal(0.003, 0.02, 156))]
+    path = tmp_path / "weekly.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.usefixtures("cli_mode")
+def test_evaluate_warns_and_policy_can_refuse(tmp_path: Path, worlds_dir: Path, qmtl_env: dict[str, str]) -> None:
+    path = _weekly_file(tmp_path)
+    ran = qmtl("world", "evaluate", "research-sandbox", "--returns", str(path), "--json")
+    assert ran.exit_code in (0, 10), ran.stderr
+    notes = ran.json()["notes"]
+    assert any(n.startswith("warning: returns are spaced about 52.2 per year") for n in notes), notes
+    human = qmtl("world", "evaluate", "research-sandbox", "--returns", str(path))
+    assert "52.2 per year" in human.stdout
+    policy = worlds_dir / "research-sandbox.yaml"
+    text = policy.read_text()
+    assert "validation: {on_missing_metric: fail}" in text
+    policy.write_text(text.replace("validation: {on_missing_metric: fail}",
+                                   "validation: {on_missing_metric: fail, on_spacing_mismatch: fail}")
+                      .replace("policy_version: 1", "policy_version: 2"))
+    ran = qmtl("world", "evaluate", "research-sandbox", "--returns", str(path), "--json")
+    assert ran.exit_code == 2
+    assert json.loads(ran.stdout)["error"] == "spacing_mismatch"
+
+
+def test_spacing_mismatch_error_is_bad_input() -> None:
+    from qmtl_core.evaluation import check_spacing
+    from qmtl_core.policy import load_policy_text
+    from tests.test_policy_loader import BASE
+
+    policy = load_policy_text(BASE.replace("validation: {on_missing_metric: fail}",
+                                           "validation: {on_missing_metric: fail, on_spacing_mismatch: fail}"))
+    with pytest.raises(BadInputError, match="52.2 per year"):
+        check_spacing(policy, _stamps(156, timedelta(days=7)))
+    assert check_spacing(policy, _business_days(300)) == []
