@@ -27,6 +27,7 @@ import orjson
 from qmtl_core.evidence_class import is_trusted
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._durations import format_duration
+from qmtl_core.portfolio import PortfolioRisk
 from qmtl_core.risk import INCOMPLETE, Freshness, SnapshotView, freshness, incomplete_detail
 from qmtl_core.runs import INSUFFICIENT, suggested_run_id
 from qmtl_core.timeutil import iso
@@ -119,6 +120,8 @@ class WorldState:
     last_live_promotion_at: datetime | None = None
     #: Open promotion requests by strategy (``qmtl_core.governance.RequestView``).
     requests: Mapping[str, Any] = field(default_factory=dict)
+    #: Paper strategies' portfolio metrics against the book, when a rule gates on them.
+    portfolio: Mapping[str, PortfolioRisk] = field(default_factory=dict)
     #: The newest trusted snapshot per stage (what the facade reads); without it, ``snapshot``
     #: stands for the stage it holds returns of.
     snapshots: Mapping[str, SnapshotView] = field(default_factory=dict)
@@ -395,8 +398,8 @@ class _Ticker:
         gate = promotion_gate(GateInput(
             self.policy, s.strategy_id, s.stage, run, self._stage("paper")[0], self.state.halted,
             self.state.live_strategies, self.state.last_live_promotion_at, s.submitter, request,
-            shadow_run=s.runs.get("shadow"), entered_at=s.entered_at,
-            code_binding=self.state.code_bindings.get(s.strategy_id)), self.now)
+            shadow_run=s.runs.get("shadow"), portfolio=self.state.portfolio.get(s.strategy_id),
+            entered_at=s.entered_at, code_binding=self.state.code_bindings.get(s.strategy_id)), self.now)
         ev = {"gate_evidence": gate.evidence_hash, "request": request.request_id if request else None,
               "approvals": list(gate.valid_approvals), "codes": gate.codes}
         detail = "; ".join(f"{r.code}: {r.detail}" for r in gate.reasons)

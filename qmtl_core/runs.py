@@ -129,10 +129,13 @@ def portfolio_rules(policy: WorldPolicy, stage: str | None = None) -> list[Any]:
 
 
 def book_risk(policy: WorldPolicy, strategy_id: str, snapshot: StoredSnapshot | None,
-              fresh: Freshness | None, book: frozenset[str]) -> PortfolioRisk | None:
+              fresh: Freshness | None, book: frozenset[str], *, check_fresh: bool = True) -> PortfolioRisk | None:
     """The strategy's portfolio metrics against ``book`` when the policy gates on any and the
-    snapshot is fresh; ``None`` otherwise (``require_portfolio`` says why when it matters)."""
-    if not portfolio_rules(policy) or snapshot is None or fresh is None or not fresh.ok:
+    snapshot is fresh; ``None`` otherwise (``require_portfolio`` says why when it matters).
+    ``check_fresh=False`` leaves freshness to the caller (the promotion gate judges it itself)."""
+    if not portfolio_rules(policy) or snapshot is None:
+        return None
+    if check_fresh and (fresh is None or not fresh.ok):
         return None
     corr = policy.selection.correlation
     return portfolio_risk(snapshot.snapshot, strategy_id, book, periods_per_year=policy.periods_per_year,
@@ -141,9 +144,12 @@ def book_risk(policy: WorldPolicy, strategy_id: str, snapshot: StoredSnapshot | 
 
 def portfolio_gaps(policy: WorldPolicy, stage: str, risk: PortfolioRisk | None,
                    fresh: Freshness | None) -> tuple[str, str] | None:
-    """``(reason code, detail)`` when a rule of ``stage`` needs a portfolio metric the snapshot
-    cannot give; ``None`` when every such rule can be measured. Pure."""
+    """``(reason code, detail)`` when a blocking rule of ``stage`` needs a portfolio metric the
+    snapshot cannot give; ``None`` when every such rule can be measured. Pure. (A soft or info rule
+    whose metric is missing only reports it, as for any metric: it could not block either.)"""
     for rule in portfolio_rules(policy, stage):
+        if rule.severity != "blocking":
+            continue
         if risk is None:
             code = fresh.reason if fresh is not None and fresh.reason else MISSING
             detail = fresh.detail if fresh is not None else "the world has no risk snapshot"
@@ -540,11 +546,11 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
         observed_since = parse_optional_instant(row.stage_entered_at) if in_stage else None
         if not in_stage:
             notes.append(f"{strategy_id} is in {row.stage}, not {stage}: nothing observed here counts")
-    snapshot = latest_snapshot(conn, policy.world, stage=stage) if not returns or portfolio_rules(policy) else None
+    gated = bool(portfolio_rules(policy, stage))  # only then are the book's metrics part of this run
+    snapshot = latest_snapshot(conn, policy.world, stage=stage) if not returns or gated else None
     fresh = (freshness(snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=strategy_id)
              if snapshot is not None else None)
-    risk = book_risk(policy, strategy_id, snapshot, fresh, book)
-    require_portfolio(policy, stage, risk, fresh)  # raising rolls back the row made above
+    risk = book_risk(policy, strategy_id, snapshot, fresh, book) if gated else None
     previous = previous_run(conn, world_id=policy.world, strategy_id=strategy_id, stage=stage)
     if previous is not None and observed_since is not None and not _within(previous.window, observed_since):
         previous = None  # measured in an earlier stay in this stage
@@ -554,6 +560,8 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
                              previous=previous, portfolio=risk, policy=policy, request_class=request_class,
                              observed_since=observed_since, in_stage=in_stage)
     sourced.notes[:0] = notes
+    if not sourced.empty:  # with nothing at all to measure the run is insufficient_data (exit 12) anyway
+        require_portfolio(policy, stage, risk, fresh)  # raising rolls back the strategy row made above
     end = parse_instant(sourced.window.end) if sourced.window.end is not None else None
     key = run_id or suggested_run_id(stage, end, now)
     if run_id is None and end is None:

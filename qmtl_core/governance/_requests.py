@@ -21,10 +21,11 @@ from qmtl_core import ledger
 from qmtl_core.approval_signing import approval_message, signature_problem
 from qmtl_core.campaign import RunSummary
 from qmtl_core.errors import BlockedError, ConflictError, RequestNotFound
-from qmtl_core.governance._activations import current_set, set_stage
+from qmtl_core.governance._activations import book_members, current_set, set_stage
 from qmtl_core.governance._gate import Approval, GateInput, GateResult, RequestView, promotion_gate
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.risk import latest_snapshot
+from qmtl_core.runs import book_risk
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso, parse_instant, parse_optional_instant
 
@@ -127,10 +128,12 @@ def gate_input(conn: Connection, policy: WorldPolicy, strategy_id: str, *, reque
                        .where(st.c.world_id == world, st.c.strategy_id == strategy_id)).first()
     gov = governance_state(conn, world)
     halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar())
+    snapshot = latest_snapshot(conn, world, stage="paper")
+    risk = book_risk(policy, strategy_id, snapshot, None, book_members(conn, policy), check_fresh=False)
     return GateInput(policy, strategy_id, row.stage if row else None, paper_run_summary(conn, world, strategy_id),
-                     latest_snapshot(conn, world, stage="paper"), halted, gov["live_strategies"],
-                     gov["last_live_promotion_at"], row.submitter if row else None, request,
-                     shadow_run=paper_run_summary(conn, world, strategy_id, "shadow"),
+                     snapshot, halted, gov["live_strategies"], gov["last_live_promotion_at"],
+                     row.submitter if row else None, request,
+                     shadow_run=paper_run_summary(conn, world, strategy_id, "shadow"), portfolio=risk,
                      entered_at=parse_optional_instant(row.stage_entered_at) if row else None,
                      code_binding=row.code_binding if row else None)
 

@@ -30,9 +30,9 @@ from qmtl_core.errors import (
     QmtlError,
     WorldNotFound,
 )
-from qmtl_core.governance._activations import set_stage
+from qmtl_core.governance._activations import book_members, set_stage
 from qmtl_core.governance._requests import apply_if_allowed, governance_state, promote
-from qmtl_core.risk import latest_summary
+from qmtl_core.risk import latest_snapshot, latest_summary
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso, parse_instant, parse_optional_instant
 
@@ -104,7 +104,19 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
                  if (snap := latest_summary(conn, world, stage=stage)) is not None}
     return WorldState(world, loaded.policy, strategies, None, bool(halted),
                       gov["live_strategies"], gov["last_live_promotion_at"], gov["requests"],
+                      _portfolios(conn, loaded.policy, [sid for sid, stage in stages.items() if stage == "paper"]),
                       snapshots=snapshots, code_bindings=bindings)
+
+
+def _portfolios(conn: Connection, policy: Any, candidates: Sequence[str]) -> dict[str, Any]:
+    """Portfolio metrics of each paper strategy against the book, for the live gate; read (and the
+    snapshot's document parsed) only when a rule gates on them."""
+    if not candidates or not runs.portfolio_rules(policy):
+        return {}
+    snapshot = latest_snapshot(conn, policy.world, stage="paper")
+    book = book_members(conn, policy)
+    risks = {sid: runs.book_risk(policy, sid, snapshot, None, book, check_fresh=False) for sid in candidates}
+    return {sid: risk for sid, risk in risks.items() if risk is not None}
 
 
 # --- leases ------------------------------------------------------------------------------------------

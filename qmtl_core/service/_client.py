@@ -146,7 +146,8 @@ class LocalClient:
                              hint="e.g. qmtl world evaluate W --returns returns.csv --explain")
         loaded = self.service.load_world(world, record=False)
         return evaluate_cohort(loaded.policy, stage=stage, metrics=metrics, returns=returns,
-                               previous_active=previous_active, n_trials=n_trials).to_dict()
+                               previous_active=previous_active, n_trials=n_trials,
+                               covariance=self.service.snapshot_covariance(loaded.policy)).to_dict()
 
     def record_evaluation(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
                           metrics: Mapping[str, Any] | None = None,

@@ -437,7 +437,7 @@ class WorldService(GovernanceMixin):
         out = []
         with self.store.write() as conn:
             ledger.lock(conn)
-            snapshot = latest_snapshot(conn, world, stage=stage) if runs.portfolio_rules(policy) else None
+            snapshot = latest_snapshot(conn, world, stage=stage) if runs.portfolio_rules(policy, stage) else None
             book = book_members(conn, policy)
             risks = {}
             for sid in ids:  # every strategy checked before anything is written: all or nothing
@@ -643,6 +643,24 @@ class WorldService(GovernanceMixin):
                 world_id=snapshot.world_id, snapshot_hash=stored.content_hash,
                 as_of=snapshot.as_of, ttl_sec=snapshot.ttl_sec))
         return stored, created
+
+    def snapshot_covariance(self, policy: "WorldPolicy") -> dict[tuple[str, str], float] | None:
+        """The world's fresh snapshot's covariance keyed ``(a, b)`` both ways, for selection's
+        correlation filter; ``None`` without a correlation step, a fresh snapshot or a covariance."""
+        from qmtl_core.risk import freshness, latest_snapshot
+
+        if policy.selection.correlation is None:
+            return None
+        with self.store.read() as conn:
+            stored = latest_snapshot(conn, policy.world, stage=None)  # a trusted producer's, any stage
+        if stored is None or stored.snapshot.covariance is None or not freshness(
+                stored, now=self.clock(), max_age=policy.risk.snapshot_max_age).ok:
+            return None
+        out: dict[tuple[str, str], float] = {}
+        for key, value in stored.snapshot.covariance.items():
+            a, b = (p.strip() for p in key.split(","))
+            out[(a, b)] = out[(b, a)] = value
+        return out
 
     def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> list["ControlEvent"]:
         """Announce a strategy's input queues: each update (``tags, interval, queues, match_mode,
