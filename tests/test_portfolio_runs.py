@@ -240,7 +240,8 @@ def test_explain_and_report_show_portfolio_metrics_with_their_source(qmtl_env: d
 
     (worlds_dir / "port.yaml").write_text(policy())
     now = datetime.now(timezone.utc).replace(microsecond=0)
-    service = make_service(store_url, worlds_dir, tmp_path / "svc-home", Clock(now)).as_actor("cron")
+    # As the local identity the CLI acts as: a submitter records runs only for its own strategies.
+    service = make_service(store_url, worlds_dir, tmp_path / "svc-home", Clock(now))
     try:
         w = World(service)
         w.backtest()
