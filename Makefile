@@ -3,7 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO_HOME := $(CURDIR)/.qmtl-demo
-QMTL   := QMTL_HOME=$(DEMO_HOME) QMTL_WORLDS_DIR=$(CURDIR)/worlds $(BIN)/qmtl
+# The demo runs on a copy of the bundled worlds (see the demo target): you are demo-momentum's
+# trusted producer there, and its paper window is measured in seconds so the story fits in a minute.
+DEMO_WORLDS := $(DEMO_HOME)/worlds
+QMTL   := QMTL_HOME=$(DEMO_HOME) QMTL_WORLDS_DIR=$(DEMO_WORLDS) $(BIN)/qmtl
+# Paper returns a producer observed since the strategy entered paper: one per second, ending now.
+PAPER_RETURNS := $(BIN)/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --spacing-seconds 1
 PG_BIN := /usr/lib/postgresql/15/bin
 # Steps whose non-zero exit is part of the story (blocked, waiting, fail-closed) say so and go on.
 SAYEXIT := || echo "   (exit $$?: see Exit codes in README.md)"
@@ -53,6 +58,11 @@ browser:
 # The demo starts from an empty store each time, so it always tells the same story.
 demo: install
 	@rm -rf $(DEMO_HOME)
+	@mkdir -p $(DEMO_HOME) && cp -r worlds $(DEMO_WORLDS)
+	@who=$$($(BIN)/python -c 'import getpass; print(getpass.getuser())'); \
+	  sed -i -e "s/^  paper: {window: 30d, min_observations: 20}/  paper: {window: 30s, min_observations: 20}/" \
+	    -e "s/^risk:$$/risk:\n  producers: [$$who]      # the demo's trusted producer: you (production: a producer token)/" \
+	    $(DEMO_WORLDS)/demo-momentum.yaml
 	@echo "== 1. validate the bundled worlds (recorded as policy versions in $(DEMO_HOME)/qmtl.db)"
 	$(QMTL) world validate --all --record
 	$(QMTL) world list
@@ -63,11 +73,16 @@ demo: install
 	@echo "== 4. the campaign loop's plan (changes nothing), then the loop acting on it"
 	$(QMTL) world campaign-loop --world demo-momentum --once $(SAYEXIT)
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
-	@echo "== 5. paper returns arrive through the risk hub; the paper window advances on data"
-	$(BIN)/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 12 | $(QMTL) risk put -
+	@echo "== 5. paper evidence: only a trusted producer's returns observed after entering paper count"
+	@echo "   (returns typed into a request are recorded as unverified and never count; see README Going live)"
+	$(QMTL) world evaluate demo-momentum --strategy sma_10_30 --stage paper --returns worlds/data/demo-returns.csv $(SAYEXIT)
+	@echo "   the producer (you, in this demo's copy of the world) posts a return a second as they are observed"
+	@sleep 12
+	$(PAPER_RETURNS) --days 12 | $(QMTL) risk put -
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	$(QMTL) world campaign demo-momentum --strategy sma_10_30
-	$(BIN)/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 35 | $(QMTL) risk put -
+	@sleep 24
+	$(PAPER_RETURNS) --days 35 | $(QMTL) risk put -
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	$(QMTL) world campaign demo-momentum --strategy sma_10_30
 	@echo "== 6. governance: the loop opened a live request; the approvers read its report, then two sign it"
@@ -90,7 +105,8 @@ demo: install
 	$(QMTL) world decision demo-momentum --strategy sma_10_30
 	$(QMTL) world history demo-momentum
 	@echo "== live returns arrive; the loop records the live run (monitoring)"
-	$(BIN)/python examples/paper_snapshot.py --world demo-momentum --strategy sma_10_30 --days 10 --stage live | $(QMTL) risk put -
+	@sleep 11
+	$(PAPER_RETURNS) --days 10 --stage live | $(QMTL) risk put -
 	$(QMTL) world campaign-loop --world demo-momentum --once --execute $(SAYEXIT)
 	@echo "== 7. submit strategy files; paper-trade one on bars that arrive after its backtest"
 	$(QMTL) submit examples/strategies/sma_crossover.py --world demo-momentum $(SAYEXIT)

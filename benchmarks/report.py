@@ -76,8 +76,9 @@ def build(home: Path, worlds: Path, n: int) -> WorldService:
     """The benchmark world, through the facade."""
     worlds.mkdir(parents=True)
     (worlds / "bench.yaml").write_text(POLICY)
+    clock = Clock()
     svc = WorldService(Settings(home=home, worlds_dir=worlds, database_url=f"sqlite:///{home / 'qmtl.db'}"),
-                       clock=Clock(), actor="cron")
+                       clock=clock, actor="cron")
     rng = np.random.default_rng(7)
     days = 756
     stamps = tuple(datetime(2022, 1, 3, tzinfo=timezone.utc) + timedelta(days=i) for i in range(days))
@@ -88,10 +89,12 @@ def build(home: Path, worlds: Path, n: int) -> WorldService:
     svc.campaign_iteration(["bench"], execute=True, holder="bench", lease_ttl=timedelta(minutes=30))
     paper = [v.strategy_id for v in svc.campaign("bench") if v.stage == "paper"][:40]
     if len(paper) >= 2:
-        rets = {sid: [{"ts": (NOW - timedelta(days=30 - i)).isoformat(), "r": float(rng.normal(0.002, 0.008))}
+        # 30 paper days observed after entry (only those count), posted by a trusted producer.
+        clock.now = NOW + timedelta(days=30)
+        rets = {sid: [{"ts": (NOW + timedelta(days=i)).isoformat(), "r": float(rng.normal(0.002, 0.008))}
                       for i in range(30)] for sid in paper}
-        svc.put_risk_snapshot(parse_snapshot({
-            "world_id": "bench", "version": "paper-30d", "as_of": NOW.isoformat(), "ttl_sec": 3600,
+        svc.as_actor("risk", role="producer").put_risk_snapshot(parse_snapshot({
+            "world_id": "bench", "version": "paper-30d", "as_of": clock.now.isoformat(), "ttl_sec": 3600,
             "weights": {sid: 1.0 / len(paper) for sid in paper}, "realized_returns": rets,
             "provenance": {"actor": "risk", "stage": "paper"}}))
         for sid in paper:
@@ -100,7 +103,7 @@ def build(home: Path, worlds: Path, n: int) -> WorldService:
         if first.request_id:
             svc.as_actor("alice").decide_request(first.request_id, decision="approve", reason="ok")
             svc.as_actor("bob").decide_request(first.request_id, decision="approve", reason="ok")
-            live = [(NOW + timedelta(days=i), float(rng.normal(0.001, 0.01))) for i in range(30)]
+            live = [(clock.now + timedelta(days=i), float(rng.normal(0.001, 0.01))) for i in range(30)]
             svc.record_evaluation("bench", strategy_id=paper[0], stage="live", returns=live)
         svc.as_actor("carol").promote("bench", paper[1], reason="benchmark")
     return svc

@@ -24,9 +24,11 @@ from typing import Any
 
 import orjson
 
+from qmtl_core.evidence_class import is_trusted
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._durations import format_duration
-from qmtl_core.risk import INCOMPLETE, Freshness, SnapshotView, freshness
+from qmtl_core.portfolio import PortfolioRisk
+from qmtl_core.risk import INCOMPLETE, Freshness, SnapshotView, freshness, incomplete_detail
 from qmtl_core.runs import INSUFFICIENT, suggested_run_id
 from qmtl_core.timeutil import iso
 
@@ -44,7 +46,7 @@ BLOCKED_REASONS = frozenset({"validation_failed", "backtest_window_incomplete", 
                              "approvals_expired", "evidence_changed", "validation_stale",
                              "shadow_validation_failed"})
 FAIL_CLOSED_REASONS = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
-                                 "risk_snapshot_incomplete", "insufficient_data"})
+                                 "risk_snapshot_incomplete", "insufficient_data", "evidence_untrusted"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class RunSummary:
     window_start: datetime | None
     window_end: datetime | None
     n_observations: int
+    #: Provenance class of the run (``qmtl_core.evidence_class``); ``None`` (older stores) is untrusted.
+    evidence_class: str | None = None
 
     @property
     def metrics(self) -> Mapping[str, float | None]:
@@ -99,6 +103,8 @@ class StrategyState:
     #: When the strategy last changed stage: part of every action's evidence, so an action taken
     #: before a rollback or a re-promotion is not mistaken for one already taken in this stay.
     stage_since: str | None = None
+    #: When the strategy entered its current stage: observations before it never count.
+    entered_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,19 @@ class WorldState:
     last_live_promotion_at: datetime | None = None
     #: Open promotion requests by strategy (``qmtl_core.governance.RequestView``).
     requests: Mapping[str, Any] = field(default_factory=dict)
+    #: Paper strategies' portfolio metrics against the book, when a rule gates on them.
+    portfolio: Mapping[str, PortfolioRisk] = field(default_factory=dict)
+    #: The newest trusted snapshot per stage (what the facade reads); without it, ``snapshot``
+    #: stands for the stage it holds returns of.
+    snapshots: Mapping[str, SnapshotView] = field(default_factory=dict)
+    #: Code binding per strategy (``service.code_binding``): part of the promotion evidence.
+    code_bindings: Mapping[str, str | None] = field(default_factory=dict)
+
+    def snapshot_for(self, stage: str) -> SnapshotView | None:
+        """The snapshot a decision at ``stage`` reads: the newest trusted one of that stage."""
+        if self.snapshots:
+            return self.snapshots.get(stage)
+        return self.snapshot if self.snapshot is not None and self.snapshot.stage == stage else None
 
 
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -214,6 +233,31 @@ def progress(policy: WorldPolicy, stage: str, run: RunSummary | None) -> Progres
     return Progress(stage, run.window_end - run.window_start, run.n_observations, window, minimum)
 
 
+def counted_run(s: StrategyState, stage: str) -> RunSummary | None:
+    """The stage's latest run if it may count toward a window or a gate: trusted provenance and,
+    past backtest, observed after the strategy entered the stage (DESIGN §11)."""
+    run = s.runs.get(stage)
+    if run is None or stage == "backtest":
+        return run
+    if not is_trusted(run.evidence_class) or s.stage != stage:
+        return None
+    if s.entered_at is not None and (run.window_start is None or run.window_start < s.entered_at):
+        return None
+    return run
+
+
+def uncounted_detail(s: StrategyState, stage: str) -> str | None:
+    """Why the stage's latest run does not count, or ``None`` when it does (or there is none)."""
+    run = s.runs.get(stage)
+    if run is None or run.status == INSUFFICIENT or counted_run(s, stage) is not None:
+        return None  # nothing measured is not "untrusted": the window and gates say what is missing
+    if not is_trusted(run.evidence_class):
+        return (f"{stage} run {run.run_id}#{run.revision} is {run.evidence_class or 'unverified'} evidence: only "
+                "qmtl replay or a trusted producer's hub returns count")
+    return (f"{stage} run {run.run_id}#{run.revision} was observed before {s.strategy_id} entered {stage}"
+            + (f" at {iso(s.entered_at)[:19]}Z" if s.entered_at else ""))
+
+
 def _key(world: str, strategy_id: str, action: str, stage: str, evidence: Mapping[str, Any]) -> str:
     """sha256 of the action and its evidence as sorted-key JSON. orjson, not ``canonical_json``:
     a tick hashes one key per strategy, and these keys are compared only with keys made here."""
@@ -234,19 +278,23 @@ class _Ticker:
         self.state = state
         self.policy = state.policy
         self.now = now
-        self.snap = state.snapshot
-        # ``freshness(snap, strategy_id=s)`` depends on ``s`` only through "does the snapshot cover
-        # it", and each call rebuilds the snapshot's covered set: O(strategies x snapshot) per tick.
-        # Ask once for the world, keep the set, and answer per strategy from them (same results).
-        self._world_fresh = freshness(self.snap, now=now, max_age=self.policy.risk.snapshot_max_age)
-        self._covered = self.snap.covered() if self.snap is not None else frozenset()
+        # ``freshness(snap, strategy_id=s)`` depends on ``s`` only through "does the snapshot carry
+        # its returns", and each call rebuilds that set: O(strategies x snapshot) per tick. Ask once
+        # per stage, keep the set, and answer per strategy from them (same results).
+        self._stage_fresh: dict[str, tuple[SnapshotView | None, Freshness, frozenset[str]]] = {}
 
-    def fresh(self, strategy_id: str) -> Freshness:
-        world = self._world_fresh
-        if world.ok and self.snap is not None and strategy_id not in self._covered:
-            version = self.snap.version  # what freshness() answers for an uncovered strategy
-            return Freshness("stale", INCOMPLETE, f"snapshot {version} does not cover strategy "
-                             f"{strategy_id}", version)
+    def _stage(self, stage: str) -> tuple[SnapshotView | None, Freshness, frozenset[str]]:
+        if stage not in self._stage_fresh:
+            snap = self.state.snapshot_for(stage)
+            self._stage_fresh[stage] = (snap, freshness(snap, now=self.now, max_age=self.policy.risk.snapshot_max_age),
+                                        snap.with_returns() if snap is not None else frozenset())
+        return self._stage_fresh[stage]
+
+    def fresh(self, strategy_id: str, stage: str) -> Freshness:
+        snap, world, covered = self._stage(stage)
+        if world.ok and snap is not None and strategy_id not in covered:
+            version = snap.version  # what freshness() answers for a strategy without returns in it
+            return Freshness("stale", INCOMPLETE, incomplete_detail(version, strategy_id), version)
         return world
 
     def make(self, s: StrategyState, action: str, reason: str, detail: str, *, stage: str | None = None,
@@ -261,19 +309,27 @@ class _Ticker:
     def new_data(self, s: StrategyState, run: RunSummary | None, fresh: Freshness) -> Action | None:
         """An ``evaluate`` when the fresh snapshot holds returns of this stage the run has not seen,
         or when the policy changed since the run was gated."""
-        series = self.snap.series(s.strategy_id) if self.snap is not None else None
-        usable = (fresh.ok and self.snap is not None and series is not None
-                  and self.snap.stage == s.stage)
-        if usable and series is not None and self.snap is not None and (
+        snap = self._stage(s.stage)[0]
+        series = snap.series(s.strategy_id) if snap is not None else None
+        usable = fresh.ok and snap is not None and series is not None and snap.stage == s.stage
+        if usable and series is not None and s.stage != "backtest" and s.entered_at is not None:
+            # Points before entry never count: a series ending before it holds nothing new, and a
+            # run ending where the series ends, measured since entry, has seen all that counts.
+            if series[0] < s.entered_at or (
+                    run is not None and run.status != INSUFFICIENT and run.window_end == series[0]
+                    and run.window_start is not None and run.window_start >= s.entered_at
+                    and run.n_observations <= series[1]):
+                usable = False
+        if usable and series is not None and snap is not None and (
                 run is None or run.status == INSUFFICIENT or run.window_end is None
                 or (run.window_end, run.n_observations) != series):
             run_id = suggested_run_id(s.stage, series[0], self.now)
-            version = self.snap.version
+            version = snap.version
             return self.make(s, "evaluate", "new_data",
                              f"risk snapshot {version} has {series[1]} {s.stage} returns up to "
                              f"{iso(series[0])[:19]}Z not yet evaluated",
                              requires=(f"risk_snapshot:{version}",),
-                             evidence={"snapshot": self.snap.content_hash, "series_end": iso(series[0]),
+                             evidence={"snapshot": snap.content_hash, "series_end": iso(series[0]),
                                        "series_n": series[1], "run": _run_evidence(run)},
                              run_id=run_id,
                              body={"strategy_id": s.strategy_id, "stage": s.stage, "run_id": run_id})
@@ -288,7 +344,7 @@ class _Ticker:
 
     def backtest(self, s: StrategyState) -> Action:
         run = s.runs.get("backtest")
-        fresh = self.fresh(s.strategy_id)
+        fresh = self.fresh(s.strategy_id, "backtest")
         evaluate = self.new_data(s, run, fresh)
         if evaluate is not None:
             return evaluate
@@ -311,18 +367,22 @@ class _Ticker:
 
     def paper(self, s: StrategyState) -> Action:
         run = s.runs.get("paper")
-        fresh = self.fresh(s.strategy_id)
+        fresh = self.fresh(s.strategy_id, "paper")
         evaluate = self.new_data(s, run, fresh)
         if evaluate is not None:
             return evaluate
-        ev = {"run": _run_evidence(run), "snapshot": self.snap.content_hash if self.snap else None,
+        snap = self._stage("paper")[0]
+        ev = {"run": _run_evidence(run), "snapshot": snap.content_hash if snap else None,
               "freshness": fresh.reason}
+        uncounted = uncounted_detail(s, "paper")
+        run = counted_run(s, "paper")
         if run is None or run.status == INSUFFICIENT:
             if not fresh.ok and fresh.reason != "risk_snapshot_incomplete":
                 return self.make(s, "blocked", fresh.reason or "risk_snapshot_missing",
                                  f"paper campaign stalled: {fresh.detail}", evidence=ev)
-            return self.make(s, "observe", "awaiting_data", "no paper returns observed yet",
-                             evidence=ev)
+            return self.make(s, "observe", "awaiting_data",
+                             f"no trusted paper returns observed yet ({uncounted})" if uncounted
+                             else "no paper returns observed yet", evidence=ev)
         prog = progress(self.policy, "paper", run)
         if not prog.satisfied:
             return self.make(s, "observe", "window_incomplete", prog.label(), evidence=ev)
@@ -336,8 +396,10 @@ class _Ticker:
 
         request = self.state.requests.get(s.strategy_id)
         gate = promotion_gate(GateInput(
-            self.policy, s.strategy_id, s.stage, run, self.snap, self.state.halted, self.state.live_strategies,
-            self.state.last_live_promotion_at, s.submitter, request, shadow_run=s.runs.get("shadow")), self.now)
+            self.policy, s.strategy_id, s.stage, run, self._stage("paper")[0], self.state.halted,
+            self.state.live_strategies, self.state.last_live_promotion_at, s.submitter, request,
+            shadow_run=s.runs.get("shadow"), portfolio=self.state.portfolio.get(s.strategy_id),
+            entered_at=s.entered_at, code_binding=self.state.code_bindings.get(s.strategy_id)), self.now)
         ev = {"gate_evidence": gate.evidence_hash, "request": request.request_id if request else None,
               "approvals": list(gate.valid_approvals), "codes": gate.codes}
         detail = "; ".join(f"{r.code}: {r.detail}" for r in gate.reasons)
@@ -372,16 +434,20 @@ class _Ticker:
 
     def live(self, s: StrategyState) -> Action:
         run = s.runs.get("live")
-        fresh = self.fresh(s.strategy_id)
+        fresh = self.fresh(s.strategy_id, "live")
         evaluate = self.new_data(s, run, fresh)
         if evaluate is not None:
             return evaluate
         ev = {"run": _run_evidence(run)}
+        uncounted = uncounted_detail(s, "live")
+        run = counted_run(s, "live")  # an unverified failing run never demotes (nor keeps) anyone
         if run is not None and run.status == "fail":
             return self.make(s, "demote", "validation_failed", _failing(run), evidence=ev,
                              body={"strategy_id": s.strategy_id, "from_stage": "live", "to_stage": "paper",
                                    "evidence": _run_evidence(run)})
         detail = progress(self.policy, "live", run).label() if run is not None else "no live run yet"
+        if uncounted:
+            detail += f"; not counted: {uncounted}"
         return self.make(s, "observe", "live_monitoring", detail, evidence=ev)
 
 

@@ -173,6 +173,11 @@ class Settings:
             return self.database_url
         return f"sqlite:///{self.home / 'qmtl.db'}"
 
+    @property
+    def risk_refs_dir(self) -> Path:
+        """Where the risk hub resolves a snapshot's ``*_ref`` files (nowhere else)."""
+        return self.home / "risk-refs"
+
     def identity(self) -> str:
         """Who is acting in local mode: the OS account of the effective uid.
 

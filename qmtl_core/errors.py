@@ -47,6 +47,7 @@ __all__ = [
     "LeaseHeld",
     "Unauthorized",
     "Forbidden",
+    "NotOwner",
     "LiveNotConfirmed",
 ]
 
@@ -279,6 +280,12 @@ class LiveNotConfirmed(BlockedError):
 
 
 # --- 11: waiting --------------------------------------------------------------------------------
+class NotOwner(Forbidden):
+    """The identity may act only on strategies it submitted (HTTP 403)."""
+
+    code = "not_owner"
+
+
 class WaitingError(QmtlError):
     """Nothing is wrong, but the action must wait (approvals, observation windows)."""
 

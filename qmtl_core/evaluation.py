@@ -196,11 +196,14 @@ def evaluate_cohort(policy: WorldPolicy, *, stage: str,
                     metrics: Mapping[str, Mapping[str, Any]] | None = None,
                     returns: ReturnsTable | None = None,
                     previous_active: Collection[str] = (),
-                    n_trials: int | None = None) -> CohortEvaluation:
+                    n_trials: int | None = None,
+                    covariance: Mapping[tuple[str, str], float] | None = None) -> CohortEvaluation:
     """Gate and select a cohort; metrics come from ``metrics`` and/or are computed from ``returns``.
 
     ``n_trials`` (for the deflated Sharpe ``dsr``) defaults, when a rule or the selection uses
     ``dsr``, to the cohort's size: every strategy in the cohort is one trial of the same search.
+    ``covariance`` (a fresh risk snapshot's, keyed both ways) decides correlations of pairs whose
+    returns overlap too little.
     """
     if metrics is None and returns is None:
         raise BadInputError("nothing to evaluate", hint="give returns or metrics")
@@ -234,7 +237,7 @@ def evaluate_cohort(policy: WorldPolicy, *, stage: str,
 
     candidates = [Candidate(sid, gates[sid].status, merged[sid],
                             returns.matrix[rows[sid]] if sid in rows else None) for sid in ids]
-    selection = select(policy.selection, candidates, previous_active)
+    selection = select(policy.selection, candidates, previous_active, covariance)
     unknown = sorted(set(previous_active) - set(ids))
     if unknown:
         notes.append("previously active but not in this cohort: " + ", ".join(unknown))

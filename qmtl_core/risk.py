@@ -13,7 +13,16 @@ missing with a reason code:
 - ``risk_snapshot_expired``: more than ``ttl_sec`` since the hub received it (nobody refreshed it);
 - ``risk_snapshot_lagging``: its ``as_of`` is older than the world's ``risk.snapshot_max_age``
   (the producer posted old data);
-- ``risk_snapshot_incomplete``: it does not cover the strategy in question.
+- ``risk_snapshot_incomplete``: it carries no realized returns for the strategy in question (a
+  weight alone is not evidence of anything observed).
+
+What the hub refuses at ``put`` (DESIGN §11), so that one bad document can neither wedge nor poison
+a world: an ``as_of`` further in the future than the tolerance (it would rank above every correct
+snapshot posted after it); a realized return below -1 or not finite; a ``*_ref`` it cannot resolve
+to a file under its configured directory with the pinned sha256 (a resolved ref is stored inline,
+so the stored snapshot is whole). Decisions read the newest snapshot **of their stage** posted by a
+trusted producer (class ``hub``); a snapshot from anyone else is stored as ``unverified``, shown,
+and never decided on.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -43,7 +53,8 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import PydanticCustomError
 
 from qmtl_core.canonical import content_hash
-from qmtl_core.errors import BadInputError
+from qmtl_core.errors import BadInputError, FailClosedError
+from qmtl_core.evidence_class import EvidenceClass
 from qmtl_core.grammar import GrammarError, loads_json, parse_number, parse_timestamp
 from qmtl_core.metric_names import is_known_metric
 from qmtl_core.timeutil import human_duration
@@ -51,6 +62,8 @@ from qmtl_core.timeutil import human_duration
 MAX_TTL_SEC = 86_400
 DEFAULT_TTL_SEC = 900
 WEIGHT_TOLERANCE = 1e-6
+#: How far in the future a snapshot's ``as_of`` may be (clock skew between producer and hub).
+DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
 
 MISSING = "risk_snapshot_missing"
 EXPIRED = "risk_snapshot_expired"
@@ -62,6 +75,13 @@ class SnapshotError(BadInputError):
     """A risk snapshot document is not valid."""
 
     code = "invalid_risk_snapshot"
+
+
+class StoredSnapshotInvalid(FailClosedError):
+    """A snapshot in the store no longer validates (stored before the hub refused what it holds):
+    decisions that need it fail closed, naming it."""
+
+    code = "risk_snapshot_invalid"
 
 
 def _aware(value: Any, what: str) -> datetime:
@@ -135,11 +155,14 @@ def _points(value: Any) -> Any:
                 r = _number(point.get("r"), "r")
             except ValueError as exc:
                 raise _located(f"{where}.r", str(exc)) from None
-            if isinstance(r, float):
+            if isinstance(r, (int, float)) and not isinstance(r, bool):
                 try:
-                    _finite(r, "r")
+                    _finite(float(r), "r")
                 except ValueError as exc:
                     raise _located(f"{where}.r", str(exc)) from None
+                if r < -1:
+                    raise _located(f"{where}.r", f"r is {r}: a simple return below -1 would lose more "
+                                   "than everything (send returns as fractions, e.g. -0.02 for -2%)")
             try:
                 ts = _aware(point.get("ts"), "ts")
             except ValueError as exc:
@@ -278,6 +301,10 @@ class RiskSnapshot(_Doc):
         # Once per snapshot: a tick asks for every strategy of the world, and the snapshot never changes.
         return frozenset(self.weights) | frozenset(self.realized_returns or {}) | frozenset(self.extra_metrics or {})
 
+    def with_returns(self) -> frozenset[str]:
+        """Strategies the snapshot carries realized returns for (what a decision can rest on)."""
+        return frozenset(sid for sid, points in (self.realized_returns or {}).items() if points)
+
     def returns_of(self, strategy_id: str) -> list[tuple[datetime, float]] | None:
         """The strategy's realized returns, or ``None`` when the snapshot has none inline."""
         if self.realized_returns is None or strategy_id not in self.realized_returns:
@@ -316,6 +343,55 @@ def json_document(text: str, *, source: str) -> Any:
 def load_snapshot_text(text: str, *, source: str) -> RiskSnapshot:
     """Parse a snapshot from JSON text (a file or stdin)."""
     return parse_snapshot(json_document(text, source=source), source=source)
+
+
+#: ``<file under the hub's refs directory>#sha256=<64 hex digits>``: the content is pinned.
+_REF_FIELDS = {"realized_returns_ref": "realized_returns", "covariance_ref": "covariance"}
+
+
+def _read_ref(ref: str, *, field_name: str, refs_dir: Path, source: str) -> Any:
+    import hashlib
+    import re
+
+    where = f"{source}: {field_name}"
+    match = re.fullmatch(r"([^#]+)#sha256=([0-9a-fA-F]{64})", ref.strip())
+    if match is None:
+        raise SnapshotError(f"{where}: {ref!r} is not '<file>#sha256=<hex>'",
+                            hint=f"put the file under {refs_dir} and pin its content by sha256")
+    name, pinned = match.group(1), match.group(2).lower()
+    base = refs_dir.resolve()
+    path = (base / name).resolve()
+    if not path.is_relative_to(base) or path == base:
+        raise SnapshotError(f"{where}: {name!r} is outside the hub's refs directory",
+                            hint=f"refs name files under {refs_dir}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SnapshotError(f"{where}: cannot read {name!r} under the hub's refs directory "
+                            f"({exc.strerror or exc})", hint=f"put the file under {refs_dir}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != pinned:
+        raise SnapshotError(f"{where}: {name!r} has sha256 {digest[:12]}..., the ref pins {pinned[:12]}...",
+                            hint="the file changed since the ref was made: post a ref to the content meant",
+                            code="risk_ref_mismatch")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SnapshotError(f"{where}: {name!r} is not JSON ({exc})") from None
+
+
+def resolve_refs(snapshot: RiskSnapshot, *, refs_dir: Path, source: str = "snapshot") -> tuple[RiskSnapshot, dict[str, str]]:
+    """The snapshot with each ``*_ref`` replaced by the pinned file's content, validated like an
+    inline document (a bad point is located in the file's data); and the refs resolved. A ref
+    that cannot be resolved is refused, never accepted and ignored."""
+    document = snapshot.canonical()
+    refs = {name: document[name] for name in _REF_FIELDS if document.get(name) is not None}
+    if not refs:
+        return snapshot, {}
+    for name, ref in refs.items():
+        document[_REF_FIELDS[name]] = _read_ref(ref, field_name=name, refs_dir=refs_dir, source=source)
+        document[name] = None
+    return parse_snapshot(document, source=source), refs
 
 
 def substance_hash(snapshot: RiskSnapshot, strategy_id: str) -> str:
@@ -385,6 +461,7 @@ class SnapshotSummary:
     recorded_by: str
     entries: Mapping[str, Sequence[Any]]  # strategy -> [series end (ISO) | None, series length, substance hash]
     uncovered: str
+    evidence_class: str = EvidenceClass.UNVERIFIED
 
     @classmethod
     def of(cls, stored: "StoredSnapshot", summary: Mapping[str, Any] | None = None) -> "SnapshotSummary":
@@ -392,15 +469,24 @@ class SnapshotSummary:
         doc = summary if summary is not None else summarize(stored.snapshot)
         snap = stored.snapshot
         return cls(snap.world_id, snap.version, snap.as_of, snap.ttl_sec, doc["stage"], stored.content_hash,
-                   stored.recorded_at, stored.recorded_by, doc["strategies"], doc["uncovered"])
+                   stored.recorded_at, stored.recorded_by, doc["strategies"], doc["uncovered"],
+                   stored.evidence_class)
 
     @cached_property
     def _covered(self) -> frozenset[str]:
         return frozenset(self.entries)
 
+    @cached_property
+    def _with_returns(self) -> frozenset[str]:
+        return frozenset(sid for sid, entry in self.entries.items() if entry[1])
+
     def covered(self) -> frozenset[str]:
         """Strategies the snapshot says something about."""
         return self._covered
+
+    def with_returns(self) -> frozenset[str]:
+        """Strategies the snapshot carries realized returns for."""
+        return self._with_returns
 
     def series(self, strategy_id: str) -> tuple[datetime, int] | None:
         """The end and length of the strategy's realized returns, if the snapshot has any."""
@@ -425,6 +511,8 @@ class StoredSnapshot:
     content_hash: str
     recorded_at: datetime
     recorded_by: str
+    #: ``hub`` when a trusted producer posted it, else ``unverified`` (never decided on).
+    evidence_class: str = EvidenceClass.UNVERIFIED
 
     @property
     def version(self) -> str:
@@ -450,6 +538,10 @@ class StoredSnapshot:
         """Strategies the snapshot says something about."""
         return self.snapshot.covered()
 
+    def with_returns(self) -> frozenset[str]:
+        """Strategies the snapshot carries realized returns for."""
+        return self.snapshot.with_returns()
+
     def series(self, strategy_id: str) -> tuple[datetime, int] | None:
         """The end and length of the strategy's realized returns, if the snapshot has any."""
         points = (self.snapshot.realized_returns or {}).get(strategy_id)
@@ -463,7 +555,7 @@ class StoredSnapshot:
         """JSON form."""
         return {**self.snapshot.canonical(), "content_hash": self.content_hash,
                 "recorded_at": self.recorded_at.isoformat().replace("+00:00", "Z"),
-                "recorded_by": self.recorded_by}
+                "recorded_by": self.recorded_by, "evidence_class": self.evidence_class}
 
 
 #: What ``freshness``, the tick and the gate read: a whole stored snapshot or its summary.
@@ -504,10 +596,14 @@ def freshness(stored: SnapshotView | None, *, now: datetime, max_age: timedelta,
     if lag > max_age:
         return Freshness("stale", LAGGING, f"snapshot {version} as_of {stored.as_of.isoformat()} "
                          f"lags {human_duration(lag)} (max {human_duration(max_age)})", version)
-    if strategy_id is not None and strategy_id not in stored.covered():
-        return Freshness("stale", INCOMPLETE, f"snapshot {version} does not cover strategy "
-                         f"{strategy_id}", version)
+    if strategy_id is not None and strategy_id not in stored.with_returns():
+        return Freshness("stale", INCOMPLETE, incomplete_detail(version, strategy_id), version)
     return Freshness("fresh", None, f"snapshot {version} as_of {stored.as_of.isoformat()}", version)
+
+
+def incomplete_detail(version: str, strategy_id: str) -> str:
+    """Why a snapshot is ``risk_snapshot_incomplete`` for a strategy (one wording everywhere)."""
+    return f"snapshot {version} carries no realized returns for strategy {strategy_id}"
 
 
 # --- store (the hub keeps snapshots; it computes nothing) ------------------------------------------
@@ -529,7 +625,7 @@ def _load(conn: Any, where: Any, order: Any = None) -> StoredSnapshot | None:
     from qmtl_core.timeutil import parse_instant
 
     t = schema.risk_snapshots
-    query = sa.select(t.c.id, t.c.content_hash, t.c.recorded_at, t.c.recorded_by).where(where)
+    query = sa.select(t.c.id, t.c.content_hash, t.c.recorded_at, t.c.recorded_by, t.c.evidence_class).where(where)
     if order is not None:
         query = query.order_by(*order)
     row = conn.execute(query.limit(1)).first()
@@ -540,18 +636,41 @@ def _load(conn: Any, where: Any, order: Any = None) -> StoredSnapshot | None:
         if snapshot is not None:
             _VALIDATED.move_to_end(row.content_hash)
     if snapshot is None:
-        document = conn.execute(sa.select(t.c.document).where(t.c.id == row.id)).scalar_one()
-        snapshot = RiskSnapshot.model_validate(document)
+        document = conn.execute(sa.select(t.c.world_id, t.c.version, t.c.document).where(t.c.id == row.id)).one()
+        try:
+            snapshot = RiskSnapshot.model_validate(document.document)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = (first.get("ctx") or {}).get("where") or _where(tuple(first["loc"]))
+            raise StoredSnapshotInvalid(
+                f"stored risk snapshot {document.world_id} version {document.version} is not valid: {where}: "
+                f"{str(first['msg']).removeprefix('Value error, ')}",
+                hint="post a corrected snapshot under a new version") from None
         with _VALIDATED_LOCK:
             _VALIDATED[row.content_hash] = snapshot
             while len(_VALIDATED) > _VALIDATED_MAX:
                 _VALIDATED.popitem(last=False)
-    return StoredSnapshot(snapshot, row.content_hash, parse_instant(row.recorded_at), row.recorded_by)
+    return StoredSnapshot(snapshot, row.content_hash, parse_instant(row.recorded_at), row.recorded_by,
+                          row.evidence_class or EvidenceClass.UNVERIFIED)
 
 
-def latest_summary(conn: Any, world_id: str) -> SnapshotSummary | None:
-    """The summary of the world's latest snapshot (``latest_snapshot``) without reading its
-    document, unless the stored summary is missing or of another format."""
+def _latest_where(world_id: str, stage: str | None, trusted_only: bool) -> Any:
+    """Which rows ``latest_*`` picks from: a world's snapshots of one stage, from a trusted
+    producer unless ``trusted_only`` is False (display only, never a decision)."""
+    from qmtl_core.store import schema
+
+    t = schema.risk_snapshots
+    where = t.c.world_id == world_id
+    if stage is not None:
+        where = where & (t.c.stage == stage)
+    if trusted_only:
+        where = where & (t.c.evidence_class == EvidenceClass.HUB.value)
+    return where
+
+
+def latest_summary(conn: Any, world_id: str, *, stage: str) -> SnapshotSummary | None:
+    """The summary of the world's latest trusted snapshot of ``stage`` (``latest_snapshot``) without
+    reading its document, unless the stored summary is missing or of another format."""
     import sqlalchemy as sa
 
     from qmtl_core.store import schema
@@ -560,8 +679,8 @@ def latest_summary(conn: Any, world_id: str) -> SnapshotSummary | None:
     t = schema.risk_snapshots
     row = conn.execute(
         sa.select(t.c.id, t.c.world_id, t.c.version, t.c.as_of, t.c.ttl_sec, t.c.content_hash, t.c.recorded_at,
-                  t.c.recorded_by, t.c.summary)
-        .where(t.c.world_id == world_id).order_by(t.c.as_of.desc(), t.c.id.desc()).limit(1)).first()
+                  t.c.recorded_by, t.c.summary, t.c.evidence_class)
+        .where(_latest_where(world_id, stage, True)).order_by(t.c.as_of.desc(), t.c.id.desc()).limit(1)).first()
     if row is None:
         return None
     doc = row.summary
@@ -571,15 +690,17 @@ def latest_summary(conn: Any, world_id: str) -> SnapshotSummary | None:
         return SnapshotSummary.of(stored)
     return SnapshotSummary(row.world_id, row.version, parse_instant(row.as_of), row.ttl_sec, doc["stage"],
                            row.content_hash, parse_instant(row.recorded_at), row.recorded_by,
-                           doc["strategies"], doc["uncovered"])
+                           doc["strategies"], doc["uncovered"], row.evidence_class or EvidenceClass.UNVERIFIED)
 
 
-def latest_snapshot(conn: Any, world_id: str) -> StoredSnapshot | None:
-    """The world's snapshot with the newest ``as_of`` (the latest received on a tie)."""
+def latest_snapshot(conn: Any, world_id: str, *, stage: str | None,
+                    trusted_only: bool = True) -> StoredSnapshot | None:
+    """The world's snapshot of ``stage`` (any stage: ``None``) with the newest ``as_of`` (the latest
+    received on a tie), among trusted producers' snapshots unless ``trusted_only`` is False."""
     from qmtl_core.store import schema
 
     t = schema.risk_snapshots
-    return _load(conn, t.c.world_id == world_id, (t.c.as_of.desc(), t.c.id.desc()))
+    return _load(conn, _latest_where(world_id, stage, trusted_only), (t.c.as_of.desc(), t.c.id.desc()))
 
 
 def get_snapshot(conn: Any, world_id: str, version: str) -> StoredSnapshot | None:
@@ -590,13 +711,28 @@ def get_snapshot(conn: Any, world_id: str, version: str) -> StoredSnapshot | Non
     return _load(conn, (t.c.world_id == world_id) & (t.c.version == version))
 
 
+def check_as_of(snapshot: RiskSnapshot, *, now: datetime, tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE) -> None:
+    """Refuse an ``as_of`` more than ``tolerance`` after ``now``: ranked by ``as_of``, it would hide
+    every correct snapshot posted after it until the future arrived."""
+    ahead = snapshot.as_of - now
+    if ahead > tolerance:
+        raise SnapshotError(f"snapshot {snapshot.version}: as_of: {snapshot.as_of.isoformat()} is {ahead} in the "
+                            f"future (the hub allows {tolerance} of clock skew)",
+                            hint="post the time the data is from, in UTC; check the producer's clock",
+                            code="risk_snapshot_future")
+
+
 def put_snapshot(conn: Any, snapshot: RiskSnapshot, *, known_strategies: set[str], actor: str,
-                 now: datetime) -> tuple[StoredSnapshot, bool]:
+                 now: datetime, evidence_class: str = EvidenceClass.UNVERIFIED,
+                 future_tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE,
+                 refs: Mapping[str, str] | None = None) -> tuple[StoredSnapshot, bool]:
     """Store a snapshot inside a write transaction; ``(stored, created)``.
 
     Same ``(world, version)`` and hash: nothing written, ``created`` False. Same key, other content:
     ``IdempotencyConflict``. Strategies the world does not know are refused (a typo in a weight
-    would otherwise read as "covered").
+    would otherwise read as "covered"), and so is an ``as_of`` in the future (``check_as_of``).
+    ``evidence_class`` is ``hub`` only when the facade found the poster to be a trusted producer;
+    ``refs`` names the ``*_ref`` files resolved into the document (for the ledger).
     """
     import sqlalchemy as sa
 
@@ -610,12 +746,18 @@ def put_snapshot(conn: Any, snapshot: RiskSnapshot, *, known_strategies: set[str
         raise SnapshotError(f"snapshot {snapshot.version}: strategy {unknown[0]!r} is not known in world "
                             f"{snapshot.world_id}" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""),
                             hint="submit or evaluate the strategy in this world first, or fix the name")
+    check_as_of(snapshot, now=now, tolerance=future_tolerance)
     ledger.lock(conn)
     digest = snapshot.content_hash
     existing = get_snapshot(conn, snapshot.world_id, snapshot.version)
     if existing is not None:
-        if existing.content_hash == digest:
+        if existing.content_hash == digest and existing.evidence_class == evidence_class:
             return existing, False
+        if existing.content_hash == digest:
+            raise IdempotencyConflict(
+                f"risk snapshot {snapshot.world_id} version {snapshot.version} already exists as "
+                f"{existing.evidence_class} evidence (posted by {existing.recorded_by}); this post is "
+                f"{evidence_class}", hint="post it under a new version", code="risk_snapshot_class_conflict")
         raise IdempotencyConflict(
             f"risk snapshot {snapshot.world_id} version {snapshot.version} already exists with other "
             f"content (hash {existing.content_hash[:12]}, this one {digest[:12]})",
@@ -626,12 +768,15 @@ def put_snapshot(conn: Any, snapshot: RiskSnapshot, *, known_strategies: set[str
     conn.execute(sa.insert(schema.risk_snapshots).values(
         world_id=snapshot.world_id, version=snapshot.version, as_of=iso(snapshot.as_of),
         ttl_sec=snapshot.ttl_sec, content_hash=digest, document=document,
-        summary=summarize(RiskSnapshot.model_validate(document)), recorded_at=iso(now), recorded_by=actor))
+        summary=summarize(RiskSnapshot.model_validate(document)), recorded_at=iso(now), recorded_by=actor,
+        stage=snapshot.provenance.stage, evidence_class=evidence_class))
     ledger.append(conn, actor=actor, kind="risk.snapshot_updated", now=now, world=snapshot.world_id,
                   subject=f"risk snapshot {snapshot.version}",
-                  reason=f"posted by {snapshot.provenance.actor} for stage {snapshot.provenance.stage}",
+                  reason=f"{evidence_class} {snapshot.provenance.stage} snapshot posted by {actor} "
+                         f"(document says {snapshot.provenance.actor})",
                   payload={"version": snapshot.version, "as_of": iso(snapshot.as_of),
-                           "ttl_sec": snapshot.ttl_sec, "content_hash": digest,
+                           "ttl_sec": snapshot.ttl_sec, "content_hash": digest, "stage": snapshot.provenance.stage,
+                           "evidence_class": evidence_class, "refs": dict(refs or {}),
                            "strategies": sorted(snapshot.covered())})
     stored = get_snapshot(conn, snapshot.world_id, snapshot.version)
     assert stored is not None

@@ -13,6 +13,13 @@ Sourcing, per metric, first source that has it wins (DESIGN §5):
 A paper run never takes backtest numbers. With nothing to source from, the run is recorded as
 ``insufficient_data`` with the reasons each source was unavailable.
 
+Provenance (DESIGN §11): every metric carries the class of its source (``qmtl_core.evidence_class``)
+and the run the class of its evidence: values and returns in a request are ``unverified`` unless
+the caller is qmtl's own replay; snapshot returns are ``hub`` (only a trusted producer's snapshots
+are read); a previous run passes on its own class. A run is trusted only when every metric is. For
+a paper or live run of a strategy in that stage, observations dated before it entered the stage
+are dropped (and said so); a paper or live run of a strategy not in that stage is ``unverified``.
+
 Portfolio metrics (``qmtl_core.portfolio``: ``incremental_var_99``, ``max_corr_live`` ...) describe
 the world's book *now*, not the strategy, so they come only from a fresh snapshot: never from the
 request (a submitter cannot vouch for the book) nor from a previous run (the book has changed since).
@@ -34,6 +41,7 @@ from qmtl_core import ledger
 from qmtl_core.canonical import content_hash
 from qmtl_core.errors import BadInputError, EvidenceMissing
 from qmtl_core.evaluation import add_extras
+from qmtl_core.evidence_class import EvidenceClass, is_trusted
 from qmtl_core.metric_names import is_portfolio_metric
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.consistency import consistency_results
@@ -80,6 +88,7 @@ class PreviousRun:
     revision: int
     metrics: Mapping[str, float | None]
     window: Mapping[str, Any] | None
+    evidence_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,9 @@ class Sourced:
     window: Window
     returns: list[tuple[str, float]] | None
     notes: list[str] = field(default_factory=list)
+    #: Provenance class per metric, and of the run as a whole (trusted only if every metric is).
+    metric_classes: dict[str, str] = field(default_factory=dict)
+    evidence_class: str = EvidenceClass.UNVERIFIED
 
     @property
     def empty(self) -> bool:
@@ -117,10 +129,13 @@ def portfolio_rules(policy: WorldPolicy, stage: str | None = None) -> list[Any]:
 
 
 def book_risk(policy: WorldPolicy, strategy_id: str, snapshot: StoredSnapshot | None,
-              fresh: Freshness | None, book: frozenset[str]) -> PortfolioRisk | None:
+              fresh: Freshness | None, book: frozenset[str], *, check_fresh: bool = True) -> PortfolioRisk | None:
     """The strategy's portfolio metrics against ``book`` when the policy gates on any and the
-    snapshot is fresh; ``None`` otherwise (``require_portfolio`` says why when it matters)."""
-    if not portfolio_rules(policy) or snapshot is None or fresh is None or not fresh.ok:
+    snapshot is fresh; ``None`` otherwise (``require_portfolio`` says why when it matters).
+    ``check_fresh=False`` leaves freshness to the caller (the promotion gate judges it itself)."""
+    if not portfolio_rules(policy) or snapshot is None:
+        return None
+    if check_fresh and (fresh is None or not fresh.ok):
         return None
     corr = policy.selection.correlation
     return portfolio_risk(snapshot.snapshot, strategy_id, book, periods_per_year=policy.periods_per_year,
@@ -129,9 +144,12 @@ def book_risk(policy: WorldPolicy, strategy_id: str, snapshot: StoredSnapshot | 
 
 def portfolio_gaps(policy: WorldPolicy, stage: str, risk: PortfolioRisk | None,
                    fresh: Freshness | None) -> tuple[str, str] | None:
-    """``(reason code, detail)`` when a rule of ``stage`` needs a portfolio metric the snapshot
-    cannot give; ``None`` when every such rule can be measured. Pure."""
+    """``(reason code, detail)`` when a blocking rule of ``stage`` needs a portfolio metric the
+    snapshot cannot give; ``None`` when every such rule can be measured. Pure. (A soft or info rule
+    whose metric is missing only reports it, as for any metric: it could not block either.)"""
     for rule in portfolio_rules(policy, stage):
+        if rule.severity != "blocking":
+            continue
         if risk is None:
             code = fresh.reason if fresh is not None and fresh.reason else MISSING
             detail = fresh.detail if fresh is not None else "the world has no risk snapshot"
@@ -156,13 +174,19 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
                    metrics: Mapping[str, Any] | None = None, returns: Returns | None = None,
                    snapshot: StoredSnapshot | None = None, snapshot_freshness: Freshness | None = None,
                    previous: PreviousRun | None = None, portfolio: PortfolioRisk | None = None,
-                   policy: WorldPolicy | None = None) -> Sourced:
+                   policy: WorldPolicy | None = None, request_class: str = EvidenceClass.UNVERIFIED,
+                   observed_since: datetime | None = None, in_stage: bool = True) -> Sourced:
     """Pick each metric from the first source that has it; pure (no store, no clock).
 
     ``policy`` (when given) names the computed extras to measure on the returns and the benchmark.
+    ``request_class`` is the provenance of ``metrics`` and ``returns`` (``unverified`` unless the
+    caller is qmtl's own replay). ``observed_since``: observations dated before it are dropped (the
+    strategy entered the stage then). ``in_stage`` False: the strategy is not in ``stage``, so
+    nothing observed for it there can count, whatever its source.
     """
     chosen: dict[str, float | None] = {}
     sources: dict[str, str] = {}
+    classes: dict[str, str] = {}
     notes: list[str] = []
     window = Window(None, None, 0, None)
     used_returns: list[tuple[str, float]] | None = None
@@ -173,34 +197,48 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
                          "from the risk snapshot")
             metrics = {k: v for k, v in metrics.items() if not is_portfolio_metric(k)}
 
-    def take(values: Mapping[str, Any], source: str) -> None:
+    def take(values: Mapping[str, Any], source: str, klass: str) -> None:
         for name, value in values.items():
             if name in sources:
                 continue
             chosen[name] = clean_number(value)
             sources[name] = source
+            classes[name] = klass
 
-    def from_series(series: Returns, source: str) -> None:
-        nonlocal window, used_returns
+    def observed(series: Returns, source: str) -> list[tuple[datetime, float]]:
         ordered = sorted(series)
-        take(_metrics_from_returns(ordered, periods_per_year), source)
-        window = window_of(ordered, source)
-        used_returns = [(iso(t), float(r)) for t, r in ordered]
+        if observed_since is None:
+            return ordered
+        kept = [(t, r) for t, r in ordered if t >= observed_since]
+        if len(kept) < len(ordered):
+            notes.append(f"{len(ordered) - len(kept)} {source} observation(s) dated before the strategy "
+                         f"entered {stage} at {iso(observed_since)[:19]}Z not counted")
+        return kept
+
+    def from_series(series: Returns, source: str, klass: str) -> None:
+        nonlocal window, used_returns
+        take(_metrics_from_returns(series, periods_per_year), source, klass)
+        window = window_of(series, source)
+        used_returns = [(iso(t), float(r)) for t, r in series]
         if policy is not None:
             extras: dict[str, float | None] = {}
             where: dict[str, str] = {k: "request.metrics" for k in (metrics or {})}
-            add_extras(policy, extras, where, series=_array([r for _, r in ordered]),
-                       benchmark=_benchmark(policy, ordered, snapshot), source=source)
-            take({k: v for k, v in extras.items() if where.get(k) == source}, source)
+            add_extras(policy, extras, where, series=_array([r for _, r in series]),
+                       benchmark=_benchmark(policy, series, snapshot), source=source)
+            take({k: v for k, v in extras.items() if where.get(k) == source}, source, klass)
 
-    if metrics:
-        take(metrics, "request.metrics")
-    if portfolio is not None:
-        take({k: v for k, v in portfolio.metrics.items() if v is not None}, portfolio.source)
-    if returns:
-        from_series(returns, "request.returns")
+    counted = observed(returns, "request.returns") if returns else None
+    # Metrics sent with returns describe those returns: when none of them counts, neither do they.
+    if metrics and (counted or not returns):
+        take(metrics, "request.metrics", request_class)
+    if portfolio is not None:  # read from a trusted producer's snapshot only
+        take({k: v for k, v in portfolio.metrics.items() if v is not None}, portfolio.source, EvidenceClass.HUB)
+    if counted:
+        from_series(counted, "request.returns", request_class)
+    elif returns:
+        pass  # every point predates the stage: nothing from the request, and no snapshot either
     elif snapshot is None:
-        notes.append("no risk snapshot for the world")
+        notes.append(f"no trusted {stage} risk snapshot for the world")
     else:
         snap = snapshot.snapshot
         series = snap.returns_of(strategy_id)
@@ -211,27 +249,39 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
                          f"not {stage}")
         elif not series:
             notes.append(f"risk snapshot {snap.version} has no realized returns for {strategy_id}")
-        else:
-            from_series(series, f"risk_snapshot:{snap.version}")
+        elif kept := observed(series, f"risk snapshot {snap.version}"):
+            from_series(kept, f"risk_snapshot:{snap.version}", EvidenceClass.HUB)
     if snapshot is not None and (snapshot_freshness is None or snapshot_freshness.ok) \
             and snapshot.snapshot.provenance.stage == stage:
-        take((snapshot.snapshot.extra_metrics or {}).get(strategy_id, {}), f"risk_snapshot:{snapshot.version}")
+        take((snapshot.snapshot.extra_metrics or {}).get(strategy_id, {}), f"risk_snapshot:{snapshot.version}",
+             EvidenceClass.HUB)
     if policy is not None:  # n_trades_per_year from n_trades, wherever that came from
         derived: dict[str, float | None] = dict(chosen)
         where = dict(sources)
         add_extras(policy, derived, where, series=None, benchmark=None, source="")
-        take({k: derived[k] for k in where if where[k] == "derived" and k not in sources}, "derived")
+        take({k: derived[k] for k in where if where[k] == "derived" and k not in sources}, "derived",
+             classes.get("n_trades", EvidenceClass.UNVERIFIED))
     if previous is not None:
         before = set(sources)
         take({k: v for k, v in previous.metrics.items() if k not in sources and not is_portfolio_metric(k)},
-             f"previous_run:{previous.run_id}#{previous.revision}")
+             f"previous_run:{previous.run_id}#{previous.revision}",
+             previous.evidence_class or EvidenceClass.UNVERIFIED)
         if window.source is None and previous.window and set(sources) != before:
             w = previous.window
             window = Window(w.get("start"), w.get("end"), int(w.get("n_observations") or 0),
                             f"previous_run:{previous.run_id}#{previous.revision}")
     elif not sources:
         notes.append(f"no previous {stage} run")
-    return Sourced(chosen, sources, window, used_returns, notes)
+    return Sourced(chosen, sources, window, used_returns, notes, classes,
+                   run_class(classes, window_class=classes.get("n_observations"), in_stage=in_stage))
+
+
+def run_class(classes: Mapping[str, str], *, window_class: str | None, in_stage: bool = True) -> str:
+    """A run's class: untrusted when any metric is (or when the strategy is not in the stage),
+    else the class of the returns its window was measured on (else of its first metric)."""
+    if not in_stage or not classes or not all(is_trusted(c) for c in classes.values()):
+        return EvidenceClass.UNVERIFIED
+    return window_class or next(iter(classes.values()))
 
 
 def _array(values: list[float]) -> Any:
@@ -284,6 +334,8 @@ class RunRevision:
     recorded_at: str
     recorded_by: str
     created: bool = True
+    evidence_class: str = EvidenceClass.UNVERIFIED
+    metric_classes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self, *, with_rules: bool = True) -> dict[str, Any]:
         """JSON form."""
@@ -292,7 +344,8 @@ class RunRevision:
                "policy_version": self.policy_version, "metrics": self.metrics,
                "metric_sources": self.metric_sources, "window": self.window, "reason": self.reason,
                "content_hash": self.content_hash, "recorded_at": self.recorded_at,
-               "recorded_by": self.recorded_by}
+               "recorded_by": self.recorded_by, "evidence_class": self.evidence_class,
+               "metric_classes": self.metric_classes}
         if with_rules:
             out["rules"] = self.rule_results
         return out
@@ -302,7 +355,8 @@ def _revision(run: Any, rev: Any, created: bool = True) -> RunRevision:
     return RunRevision(run.world_id, run.strategy_id, run.stage, run.run_id, rev.revision, rev.status,
                        rev.policy_version, rev.metrics or {}, rev.metric_sources or {},
                        rev.rule_results or [], rev.window, rev.reason, rev.content_hash,
-                       rev.recorded_at, rev.recorded_by, created)
+                       rev.recorded_at, rev.recorded_by, created,
+                       rev.evidence_class or EvidenceClass.UNVERIFIED, rev.metric_classes or {})
 
 
 def ensure_strategy(conn: Connection, *, world_id: str, strategy_id: str, now: datetime,
@@ -313,6 +367,7 @@ def ensure_strategy(conn: Connection, *, world_id: str, strategy_id: str, now: d
     if row is None:
         conn.execute(sa.insert(t).values(world_id=world_id, strategy_id=strategy_id, name=name,
                                          stage="backtest", submitter=submitter, submitted_at=iso(now),
+                                         stage_entered_at=iso(now),
                                          updated_at=iso(now)))
         row = conn.execute(sa.select(t).where(t.c.world_id == world_id,
                                               t.c.strategy_id == strategy_id)).one()
@@ -323,7 +378,7 @@ def previous_run(conn: Connection, *, world_id: str, strategy_id: str, stage: st
                  exclude_run: str | None = None) -> PreviousRun | None:
     """The latest measured (not ``insufficient_data``) revision of the same stage."""
     runs, revs = schema.evaluation_runs, schema.run_revisions
-    query = (sa.select(runs.c.run_id, revs.c.revision, revs.c.metrics, revs.c.window)
+    query = (sa.select(runs.c.run_id, revs.c.revision, revs.c.metrics, revs.c.window, revs.c.evidence_class)
              .join(revs, revs.c.run_pk == runs.c.id)
              .where(runs.c.world_id == world_id, runs.c.strategy_id == strategy_id,
                     runs.c.stage == stage, revs.c.status != INSUFFICIENT)
@@ -333,7 +388,7 @@ def previous_run(conn: Connection, *, world_id: str, strategy_id: str, stage: st
     row = conn.execute(query).first()
     if row is None:
         return None
-    return PreviousRun(row.run_id, row.revision, row.metrics or {}, row.window)
+    return PreviousRun(row.run_id, row.revision, row.metrics or {}, row.window, row.evidence_class)
 
 
 def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage: str, run_id: str,
@@ -357,7 +412,8 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
             reason += " (" + "; ".join(sourced.notes) + ")"
     body = {"status": status, "policy_version": policy.policy_version, "metrics": sourced.metrics,
             "metric_sources": sourced.sources, "rule_results": rule_results,
-            "window": sourced.window.to_dict(), "returns": sourced.returns, "reason": outcome}
+            "window": sourced.window.to_dict(), "returns": sourced.returns, "reason": outcome,
+            "evidence_class": sourced.evidence_class, "metric_classes": sourced.metric_classes}
     # Float noise below 12 significant digits (1-D vs cohort kernels) is not new evidence, and
     # neither are the notes on why a source went unused: they carry ages that change by the
     # second ("snapshot 3600s old"), so hashing them made a new, empty revision on every call.
@@ -384,19 +440,22 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
         run_pk=run_pk, revision=revision, status=status, policy_version=policy.policy_version,
         policy_hash=policy_hash, metrics=sourced.metrics, metric_sources=sourced.sources,
         rule_results=rule_results, window=sourced.window.to_dict(), returns=sourced.returns,
-        reason=reason, content_hash=digest, recorded_at=iso(now), recorded_by=actor))
+        reason=reason, content_hash=digest, recorded_at=iso(now), recorded_by=actor,
+        evidence_class=sourced.evidence_class, metric_classes=sourced.metric_classes))
     _advance_head(conn, world_id=policy.world, strategy_id=strategy_id, stage=stage, run_pk=run_pk,
                   head={"run_id": run_id, "revision": revision, "status": status,
                         "policy_version": policy.policy_version, "content_hash": digest,
                         "window_start": sourced.window.start, "window_end": sourced.window.end,
                         "n_observations": sourced.window.n_observations, "metrics": sourced.metrics,
-                        "rule_results": rule_results, "updated_at": iso(now)})
+                        "rule_results": rule_results, "updated_at": iso(now),
+                        "evidence_class": sourced.evidence_class})
     if ledger_entry:
         ledger.append(conn, actor=actor, kind="run.recorded", now=now, world=policy.world,
                       subject=f"{strategy_id} {stage} {run_id}#{revision}", reason=reason,
                       payload={"strategy_id": strategy_id, "stage": stage, "run_id": run_id,
                                "revision": revision, "status": status,
-                               "policy_version": policy.policy_version, "content_hash": digest})
+                               "policy_version": policy.policy_version, "content_hash": digest,
+                               "evidence_class": sourced.evidence_class})
     run_row = conn.execute(sa.select(runs).where(runs.c.id == run_pk)).one()
     rev_row = conn.execute(sa.select(revs).where(revs.c.run_pk == run_pk, revs.c.revision == revision)).one()
     return _revision(run_row, rev_row)
@@ -438,7 +497,8 @@ def _head_of(conn: Connection, run_pk: int) -> dict[str, Any]:
             "policy_version": row.policy_version, "content_hash": row.content_hash,
             "window_start": window.get("start"), "window_end": window.get("end"),
             "n_observations": int(window.get("n_observations") or 0), "metrics": row.metrics,
-            "rule_results": row.rule_results, "updated_at": row.updated_at}
+            "rule_results": row.rule_results, "updated_at": row.updated_at,
+            "evidence_class": row.evidence_class}
 
 
 def reference_returns(conn: Connection, *, world_id: str, strategy_id: str, stage: str) -> list[float] | None:
@@ -466,26 +526,42 @@ def _consistency(conn: Connection, policy: WorldPolicy, strategy_id: str, stage:
 def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: str | None,
                         strategy_id: str, stage: str, run_id: str | None,
                         metrics: Mapping[str, Any] | None, returns: Returns | None, actor: str,
-                        now: datetime, book: frozenset[str] = frozenset()) -> RunRevision:
+                        now: datetime, book: frozenset[str] = frozenset(),
+                        request_class: str = EvidenceClass.UNVERIFIED, extra_notes: Sequence[str] = ()) -> RunRevision:
     """Source metrics (DESIGN §5) and record the run, inside the caller's write transaction.
 
     ``book`` is the world's book for portfolio metrics (``risk.portfolio_book``), read by the caller.
+    ``request_class``: the provenance of ``metrics`` and ``returns`` (the facade decides it from
+    who is calling; only qmtl's own replay is trusted).
     """
     from qmtl_core.risk import freshness, latest_snapshot
-    from qmtl_core.timeutil import parse_instant
+    from qmtl_core.timeutil import parse_instant, parse_optional_instant
 
     ledger.lock(conn)  # serialise with every writer: one run, consistent revisions
-    snapshot = latest_snapshot(conn, policy.world) if not returns or portfolio_rules(policy) else None
+    row = ensure_strategy(conn, world_id=policy.world, strategy_id=strategy_id, now=now, submitter=actor)
+    observed_since, in_stage = None, True
+    notes = list(extra_notes)
+    if stage != "backtest":
+        in_stage = row.stage == stage
+        observed_since = parse_optional_instant(row.stage_entered_at) if in_stage else None
+        if not in_stage:
+            notes.append(f"{strategy_id} is in {row.stage}, not {stage}: nothing observed here counts")
+    gated = bool(portfolio_rules(policy, stage))  # only then are the book's metrics part of this run
+    snapshot = latest_snapshot(conn, policy.world, stage=stage) if not returns or gated else None
     fresh = (freshness(snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=strategy_id)
              if snapshot is not None else None)
-    risk = book_risk(policy, strategy_id, snapshot, fresh, book)
-    require_portfolio(policy, stage, risk, fresh)
-    ensure_strategy(conn, world_id=policy.world, strategy_id=strategy_id, now=now, submitter=actor)
+    risk = book_risk(policy, strategy_id, snapshot, fresh, book) if gated else None
     previous = previous_run(conn, world_id=policy.world, strategy_id=strategy_id, stage=stage)
+    if previous is not None and observed_since is not None and not _within(previous.window, observed_since):
+        previous = None  # measured in an earlier stay in this stage
     sourced = source_metrics(stage=stage, periods_per_year=policy.periods_per_year,
                              strategy_id=strategy_id, metrics=metrics, returns=returns,
                              snapshot=snapshot if not returns else None, snapshot_freshness=fresh,
-                             previous=previous, portfolio=risk, policy=policy)
+                             previous=previous, portfolio=risk, policy=policy, request_class=request_class,
+                             observed_since=observed_since, in_stage=in_stage)
+    sourced.notes[:0] = notes
+    if not sourced.empty:  # with nothing at all to measure the run is insufficient_data (exit 12) anyway
+        require_portfolio(policy, stage, risk, fresh)  # raising rolls back the strategy row made above
     end = parse_instant(sourced.window.end) if sourced.window.end is not None else None
     key = run_id or suggested_run_id(stage, end, now)
     if run_id is None and end is None:
@@ -495,6 +571,13 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
         key = _dataless_head(conn, policy.world, strategy_id, stage) or key
     return record_run(conn, policy=policy, strategy_id=strategy_id, stage=stage, run_id=key,
                       sourced=sourced, actor=actor, now=now, policy_hash=policy_hash)
+
+
+def _within(window: Mapping[str, Any] | None, since: datetime) -> bool:
+    from qmtl_core.timeutil import parse_optional_instant
+
+    start = parse_optional_instant((window or {}).get("start"))
+    return start is not None and start >= since
 
 
 def _dataless_head(conn: Connection, world_id: str, strategy_id: str, stage: str) -> str | None:

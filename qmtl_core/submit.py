@@ -57,6 +57,7 @@ from qmtl_core.canonical import sha256_hex
 from qmtl_core.domains import ComputeContext, DecisionEnvelope
 from qmtl_core.errors import (BadInputError, BlockedError, DataFileError, FailClosedError, QmtlError,
                               StrategyNotFound, UsageError)
+from qmtl_core.evidence_class import EvidenceClass
 from qmtl_core.gateway import ComputeContextService, StrategySubmit
 from qmtl_core.grammar import GrammarError, loads_json, parse_number
 from qmtl_core.sdk import (BAR_FIELDS, BacktestResult, Bars, Order, Runner, Strategy, SubmitResult,
@@ -368,7 +369,8 @@ def run_from_doc(doc: Mapping[str, Any]) -> "RunRevision":
                        doc["status"], doc.get("policy_version"), dict(doc.get("metrics") or {}),
                        dict(doc.get("metric_sources") or {}), list(doc.get("rules") or []), doc.get("window"),
                        doc.get("reason"), doc["content_hash"], doc["recorded_at"], doc["recorded_by"],
-                       bool(doc.get("created", True)))
+                       bool(doc.get("created", True)),
+                       str(doc.get("evidence_class") or EvidenceClass.UNVERIFIED), dict(doc.get("metric_classes") or {}))
 
 
 def action_from_doc(doc: Mapping[str, Any] | None) -> "Action | None":
@@ -689,7 +691,8 @@ def submit_strategy(client: "Client | WorldService", strategy: Strategy, world: 
                              "data": str(path)}})
     run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage="backtest",
                                                 metrics={"n_trades": result.n_trades},
-                                                returns=realized_returns(result)))
+                                                returns=realized_returns(result),
+                                                evidence_class=EvidenceClass.REPLAY))
     queues = _announce(client, strategy, world, ctx.execution_domain)
     stage = str(registered["strategy"]["stage"])
     if run.status == "fail" or stage == "retired":
@@ -881,7 +884,7 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
         n_trades = _trades_since(result, start)
         run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage=stage,
                                                     run_id=stage_doc["run_id"], metrics={"n_trades": n_trades},
-                                                    returns=series))
+                                                    returns=series, evidence_class=EvidenceClass.REPLAY))
     # Cumulative order-gate blocks by reason: Prometheus' qmtl_order_gate_blocks_total reads them here.
     gate_blocks = dict((feed or {}).get("orders_blocked") or {})
     for reason, n in stats["blocked"].items():

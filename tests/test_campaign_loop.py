@@ -56,10 +56,12 @@ def _backtests(svc, n: int, *, good: bool = True) -> list[str]:  # type: ignore[
 
 
 def _paper_snapshot(svc, ids: list[str], days: int, version: str) -> None:  # type: ignore[no-untyped-def]
+    """``days`` daily paper returns from T0 (when the loop took the strategies to paper), posted
+    by a trusted producer: only those count (DESIGN §11)."""
     now = svc.clock()
-    returns = {sid: [{"ts": (now - timedelta(days=days - i)).isoformat(), "r": 0.002 * (1 if i % 3 else -0.5)}
+    returns = {sid: [{"ts": (T0 + timedelta(days=i)).isoformat(), "r": 0.002 * (1 if i % 3 else -0.5)}
                      for i in range(days)] for sid in ids}
-    svc.put_risk_snapshot(parse_snapshot({
+    svc.as_actor("risk", role="producer").put_risk_snapshot(parse_snapshot({
         "world_id": WORLD, "version": version, "as_of": now.isoformat(), "ttl_sec": 3600,
         "weights": {sid: 1.0 / len(ids) for sid in ids}, "realized_returns": returns,
         "provenance": {"actor": "risk", "stage": "paper"}}))
@@ -91,6 +93,7 @@ def test_full_campaign_then_nothing_repeats(svc) -> None:  # type: ignore[no-unt
     assert first.exit_code == 12  # now in paper with no snapshot: fail closed
     again = _loop(svc)
     assert not [a for a in again.actions if a["outcome"] == "executed"]
+    svc.clock.advance(days=5)
     _paper_snapshot(svc, ids, 5, "p5")
     waiting = _loop(svc)
     assert [a["action"] for a in waiting.actions if a["outcome"] == "executed"] == ["evaluate"] * 3
@@ -102,7 +105,7 @@ def test_full_campaign_then_nothing_repeats(svc) -> None:  # type: ignore[no-unt
     assert {a["reason"] for a in done.actions if a["outcome"] == "reported"} == {"allow_live_false"}
     assert done.exit_code == 10
     keys = [a["idempotency_key"] for it in (first, waiting, done) for a in it.actions if a["outcome"] == "executed"]
-    assert len(keys) == len(set(keys)) == _count(svc, schema.campaign_actions) == 9
+    assert len(keys) == len(set(keys)) == _count(svc, schema.campaign_actions, status="executed") == 9
     # Executing the plan then ticking again yields no executable action at all.
     assert [a for a in svc.campaign_tick(WORLD) if a.executable] == []
     assert svc.audit_verify().ok
@@ -111,6 +114,7 @@ def test_full_campaign_then_nothing_repeats(svc) -> None:  # type: ignore[no-unt
 def test_window_does_not_advance_without_new_data(svc) -> None:  # type: ignore[no-untyped-def]
     ids = _backtests(svc, 1)
     _loop(svc)
+    svc.clock.advance(days=5)
     _paper_snapshot(svc, ids, 5, "p5")
     _loop(svc)
     before = svc.campaign(WORLD)[0].to_dict()["progress"][-1]
@@ -183,7 +187,7 @@ def test_stale_plan_is_skipped_not_misapplied(svc) -> None:  # type: ignore[no-u
     loaded = svc.load_world(WORLD)
     with svc.store.write() as conn:
         assert execute(conn, loaded, action, actor="x", now=svc.clock())["status"] == "skipped"
-    assert _count(svc, schema.campaign_actions) == 1
+    assert _count(svc, schema.campaign_actions, status="executed") == 1
 
 
 # --- processes -----------------------------------------------------------------------------------------
@@ -210,7 +214,7 @@ def test_eight_concurrent_loops_execute_each_key_once(svc, store_url: str, camp_
     for out, _ in outs:
         doc = json.loads(out)  # exactly one JSON document per iteration
         assert doc["iteration"] == 1 and doc["worlds"][0]["world"] == WORLD
-    assert _count(svc, schema.campaign_actions) == len(ids)
+    assert _count(svc, schema.campaign_actions, status="executed") == len(ids)
     assert len(svc.audit_log(kind="strategy.promoted")) == len(ids)
     assert all(v.stage == "paper" for v in svc.campaign(WORLD))
     assert svc.audit_verify().ok
@@ -315,11 +319,12 @@ def test_property_execute_then_tick_repeats_nothing(tmp_path_factory: pytest.Tem
                                               lease_ttl=timedelta(minutes=5))[0]
         loop()
         if days:
+            svc.clock.advance(days=days)  # paper returns observed after the loop took them to paper
             now = svc.clock()
-            svc.put_risk_snapshot(parse_snapshot({
+            svc.as_actor("risk", role="producer").put_risk_snapshot(parse_snapshot({
                 "world_id": "gov", "version": "p", "as_of": now.isoformat(), "ttl_sec": 3600,
                 "weights": {sid: 1.0 / n for sid in ids},
-                "realized_returns": {sid: [{"ts": (now - timedelta(days=days - i)).isoformat(), "r": 0.002}
+                "realized_returns": {sid: [{"ts": (T0 + timedelta(days=i)).isoformat(), "r": 0.002}
                                            for i in range(days)] for sid in ids},
                 "provenance": {"actor": "risk", "stage": "paper"}}))
         executed: set[str] = set()

@@ -36,13 +36,14 @@ governance:
 
 
 def _run(stage: str, status: str = "pass", *, days: int = 400, n: int | None = None, end: datetime | None = None,
-         policy_version: int = 2, rev: int = 1, run_id: str | None = None) -> RunSummary:
+         policy_version: int = 2, rev: int = 1, run_id: str | None = None,
+         evidence_class: str | None = "hub") -> RunSummary:
     end = end or NOW - timedelta(days=1)
     n = n if n is not None else days + 1
     return RunSummary(run_id or f"{stage}-r", rev, status, policy_version, f"hash-{stage}-{status}-{days}-{n}-{rev}",
                       {"sharpe": 1.0}, ({"id": "sharpe", "status": "fail" if status == "fail" else "pass",
                                         "severity": "blocking", "reason": "sharpe 0.1 is below min 0.5"},),
-                      end - timedelta(days=days), end, n)
+                      end - timedelta(days=days), end, n, evidence_class)
 
 
 def _snap(returns: dict[str, int], *, stage: str = "paper", age: timedelta = timedelta(0),
@@ -108,7 +109,9 @@ def test_paper_new_data_is_evaluated_with_a_data_based_run_id() -> None:
 
 def test_paper_snapshot_of_another_stage_or_stale_is_not_new_data() -> None:
     s = StrategyState("s", "paper", {"backtest": _run("backtest")})
-    assert _one(_world(s, snapshot=_snap({"s": 10}, stage="backtest"))).action == "observe"
+    # A backtest snapshot is not a paper one: for a paper decision the world has none.
+    other = _one(_world(s, snapshot=_snap({"s": 10}, stage="backtest")))
+    assert (other.action, other.reason) == ("blocked", "risk_snapshot_missing")
     lagging = _one(_world(s, snapshot=_snap({"s": 10}, age=timedelta(hours=1))))
     assert (lagging.action, lagging.reason) == ("blocked", "risk_snapshot_lagging")
     expired = _one(_world(s, snapshot=_snap({"s": 10}, received=NOW - timedelta(hours=1))))

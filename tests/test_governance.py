@@ -58,15 +58,17 @@ class Setup:
         self.loop()
 
     def snapshot(self, ids: list[str], days: int, *, version: str, mean: float = 0.002, lag: timedelta = timedelta(0),
-                 weights: dict[str, float] | None = None, end: datetime | None = None) -> None:
+                 weights: dict[str, float] | None = None, end: datetime | None = None, stage: str = "paper",
+                 step: timedelta = timedelta(days=1)) -> None:
         now = self.svc.clock()
         last = end or now
-        rets = {sid: [{"ts": (last - timedelta(days=days - i)).isoformat(),
+        rets = {sid: [{"ts": (last - step * (days - i)).isoformat(),
                        "r": mean * (1 if i % 3 else -0.5)} for i in range(days)] for sid in ids}
         cover = weights or {sid: 1.0 / len(ids) for sid in ids}
-        self.svc.put_risk_snapshot(parse_snapshot({
+        # Posted by a trusted producer: the only snapshots a decision reads (DESIGN §11).
+        self.svc.as_actor("risk", role="producer").put_risk_snapshot(parse_snapshot({
             "world_id": self.world, "version": version, "as_of": (now - lag).isoformat(), "ttl_sec": 3600,
-            "weights": cover, "realized_returns": rets, "provenance": {"actor": "risk", "stage": "paper"}}))
+            "weights": cover, "realized_returns": rets, "provenance": {"actor": "risk", "stage": stage}}))
 
     def loop(self) -> Any:
         return self.svc.campaign_iteration([self.world], execute=True, holder="t", lease_ttl=timedelta(minutes=5))[0]
@@ -75,6 +77,8 @@ class Setup:
         """Backtest, promote to paper (loop), and evaluate a full paper window from a fresh snapshot
         (directly, so no governance action runs before the test's own)."""
         self.backtest(*ids)
+        # Paper returns count only when observed after the strategy entered paper: let 12 days pass.
+        self.svc.clock.advance(days=12)
         self.snapshot(list(ids), 12, version="p12")
         for sid in ids:
             self.svc.record_evaluation(self.world, strategy_id=sid, stage="paper")
@@ -138,6 +142,7 @@ def test_not_in_paper_never_skips_paper(svc) -> None:  # type: ignore[no-untyped
 def test_paper_window_incomplete(svc) -> None:  # type: ignore[no-untyped-def]
     s = Setup(svc)
     s.backtest("a")
+    svc.clock.advance(days=4)
     s.snapshot(["a"], 4, version="p4")
     s.loop()
     _assert_blocked(svc, "gov", "a", "paper_window_incomplete", 10)
@@ -146,6 +151,7 @@ def test_paper_window_incomplete(svc) -> None:  # type: ignore[no-untyped-def]
 def test_validation_failed(svc) -> None:  # type: ignore[no-untyped-def]
     s = Setup(svc)
     s.backtest("a")
+    svc.clock.advance(days=12)
     s.snapshot(["a"], 12, version="bad", mean=-0.004)
     s.loop()
     _assert_blocked(svc, "gov", "a", "validation_failed", 10)
@@ -210,7 +216,8 @@ def test_world_halted_blocks_and_decisions_become_compute_only(svc) -> None:  # 
     [entry] = resumed["reentries"]
     assert (entry["strategy_id"], entry["status"]) == ("a", "blocked") and "cooldown_active" in entry["message"]
     assert svc.decision("auto", "a").effective_mode == "paper"  # resume never makes it live on its own
-    svc.clock.advance(hours=25)
+    # The halt took a back to paper: only paper returns observed since then count (a new window).
+    svc.clock.advance(days=11)
     s.snapshot(["a", "b"], 12, version="p12-later")
     s.loop()  # the gate decides again; under auto_apply the loop applies once every gate passes
     assert svc.decision("auto", "a").effective_mode == "live"
@@ -274,7 +281,7 @@ def test_approvals_expire(svc) -> None:  # type: ignore[no-untyped-def]
     rid = svc.promote("gov", "a").request_id
     svc.as_actor("alice").decide_request(rid, decision="approve", reason="ok")
     svc.clock.advance(hours=73)
-    s.snapshot(["a"], 12, version="same-data-later", end=T0)  # fresh again, same substance
+    s.snapshot(["a"], 12, version="same-data-later", end=T0 + timedelta(days=12))  # fresh again, same substance
     out = svc.as_actor("bob").decide_request(rid, decision="approve", reason="ok")
     assert out.status == "pending" and "approvals_expired" in out.gate.codes
 
@@ -315,6 +322,7 @@ def test_loop_auto_applies_only_after_paper(svc) -> None:  # type: ignore[no-unt
     s = Setup(svc, "auto")
     s.backtest("a")
     assert {v.stage for v in svc.campaign("auto")} == {"paper"}  # promoted to paper, not live
+    svc.clock.advance(days=12)  # paper returns observed after entry
     s.snapshot(["a"], 12, version="p12")
     out = s.loop()
     assert [a["action"] for a in out.actions if a["outcome"] == "executed"] == ["evaluate", "apply_live"]
@@ -394,9 +402,10 @@ def test_rolling_back_a_demotion_restores_paper_and_asks_the_gate(svc) -> None: 
     s = Setup(svc, "auto")
     s.ready("a")
     assert svc.promote("auto", "a").status == "applied"
-    svc.record_evaluation("auto", strategy_id="a", stage="live", metrics={"sharpe": -1.0})
+    svc.clock.advance(hours=1)
+    s.snapshot(["a"], 6, version="live-1", mean=-0.01, stage="live", step=timedelta(minutes=10))
     first = s.loop()
-    assert [a["action"] for a in first.actions if a["outcome"] == "executed"] == ["demote"]
+    assert [a["action"] for a in first.actions if a["outcome"] == "executed"] == ["evaluate", "demote"]
     rolled = svc.rollback("auto", reason="undo")  # the restored set has a live: it comes back as paper
     assert rolled["changed"] == {} and [r["strategy_id"] for r in rolled["reentries"]] == ["a"]
     assert rolled["reentries"][0]["status"] == "blocked"  # the cooldown since its promotion still runs
@@ -425,7 +434,7 @@ def test_an_expired_approval_can_be_renewed(svc) -> None:  # type: ignore[no-unt
     rid = svc.as_actor("carol").promote("gov", "a").request_id
     svc.as_actor("alice").decide_request(rid, decision="approve", reason="ok")
     svc.clock.advance(hours=73)
-    s.snapshot(["a"], 12, version="same-later", end=T0)
+    s.snapshot(["a"], 12, version="same-later", end=T0 + timedelta(days=12))
     renewed = svc.as_actor("alice").decide_request(rid, decision="approve", reason="still ok")
     assert renewed.gate.valid_approvals == ("alice",) and "approvals_expired" not in renewed.gate.codes
     assert svc.as_actor("bob").decide_request(rid, decision="approve", reason="ok").status == "applied"

@@ -31,8 +31,9 @@ NOW = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 def _inputs(text: str, approvals: tuple[Approval, ...] = ()) -> GateInput:
     policy = load_policy_text(text)
     run = RunSummary("paper-r", 1, "pass", policy.policy_version, "h", {"sharpe": 1.0}, (),
-                     NOW - timedelta(days=12), NOW - timedelta(days=1), 12)
+                     NOW - timedelta(days=12), NOW - timedelta(days=1), 12, "hub")
     snap = parse_snapshot({"world_id": "gov", "version": "v", "as_of": NOW.isoformat(), "weights": {"a": 1.0},
+                           "realized_returns": {"a": [{"ts": (NOW - timedelta(days=1)).isoformat(), "r": 0.001}]},
                            "provenance": {"actor": "r", "stage": "paper"}})
     g = GateInput(policy, "a", "paper", run, StoredSnapshot(snap, snap.content_hash, NOW, "r"))
     evidence = promotion_gate(g, NOW).evidence_hash

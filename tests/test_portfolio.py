@@ -189,3 +189,22 @@ def test_timestamps_of_returns_are_matched_not_positions() -> None:
     (c,) = risk.correlations
     assert c.basis == "returns" and c.n_overlap == 29
     assert c.rho == pytest.approx(float(np.corrcoef(xs[1:], xs[:-1])[0, 1]))
+
+
+def test_selection_uses_the_snapshot_covariance_when_returns_overlap_too_little() -> None:
+    from qmtl_core.policy import Correlation, Selection, TopK
+    from qmtl_core.policy._selection import Candidate, select
+
+    nan = float("nan")
+    a = np.array([0.01, -0.02, 0.015] + [nan] * 7)  # the two share no period at all
+    b = np.array([nan] * 7 + [0.012, -0.018, 0.011])
+    cands = [Candidate("a", "pass", {"sharpe": 2.0}, a), Candidate("b", "pass", {"sharpe": 1.0}, b)]
+    selection = Selection(top_k=TopK(metric="sharpe", k=2), correlation=Correlation(max=0.8, min_overlap=5))
+    blind = select(selection, cands)
+    assert blind.selected == ("a", "b") and "not measured" in blind.decisions["b"].reason
+    cov = {("a", "a"): 1e-4, ("b", "b"): 1e-4, ("a", "b"): 0.9e-4, ("b", "a"): 0.9e-4}
+    seen = select(selection, cands, covariance=cov)
+    assert seen.selected == ("a",) and "correlate 0.9 with a" in seen.decisions["b"].reason
+    low = {**cov, ("a", "b"): 0.2e-4, ("b", "a"): 0.2e-4}
+    kept = select(selection, cands, covariance=low)
+    assert kept.selected == ("a", "b") and "0.2 from the risk snapshot's covariance" in kept.decisions["b"].reason

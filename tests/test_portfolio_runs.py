@@ -55,6 +55,7 @@ class World:
         self.svc.evaluate_cohort("port", stage="backtest",
                                  returns=ReturnsTable(tuple(COLUMNS), stamps, np.ascontiguousarray(self.matrix.T)))
         self.loop()
+        self.svc.clock.advance(days=12)  # paper returns count only when observed after entry (T0)
 
     def loop(self) -> Any:
         return self.svc.campaign_iteration(["port"], execute=True, holder="t", lease_ttl=timedelta(minutes=5))[0]
@@ -77,7 +78,8 @@ class World:
         return doc
 
     def put(self, doc: dict[str, Any]) -> Any:
-        return self.svc.put_risk_snapshot(parse_snapshot(doc))
+        """Posted by a trusted producer: the only snapshots decisions read (DESIGN §11)."""
+        return self.svc.as_actor("risk", role="producer").put_risk_snapshot(parse_snapshot(doc))
 
 
 @pytest.fixture
@@ -175,3 +177,109 @@ def test_cohort_recording_is_all_or_nothing(world: World) -> None:
         svc.evaluate_cohort("port", stage="paper", returns=table)
     assert err.value.code == "risk_snapshot_incomplete" and "b,b" in err.value.message
     assert _paper_runs(svc, "a") == [] and _paper_runs(svc, "b") == []
+
+
+# --- the live gate re-measures the book at decision time ------------------------------------------------
+def _a_live_b_passed(world: World) -> Any:
+    """``a`` live; ``b`` with a passing paper run measured against it. Returns b's run."""
+    svc = world.svc
+    world.put(world.doc("v1", weights={"a": 0.5, "b": 0.5}))
+    svc.record_evaluation("port", strategy_id="a", stage="paper")
+    assert svc.promote("port", "a").exit_code == 0  # auto_apply: live at once (not the loop, which would take b too)
+    assert {v.strategy_id: v.stage for v in svc.campaign("port")}["a"] == "live"
+    svc.clock.advance(minutes=1)
+    world.put(world.doc("v2", weights={"a": 0.5, "b": 0.5}))
+    run = svc.record_evaluation("port", strategy_id="b", stage="paper")
+    assert run.status == "pass", run.rule_results
+    return run
+
+
+def test_a_stress_scenario_posted_after_the_paper_run_blocks_going_live(world: World) -> None:
+    svc = world.svc
+    _a_live_b_passed(world)
+    svc.clock.advance(minutes=1)
+    # The same data, but the risk desk adds a scenario where both lose: the book with b loses 60 %.
+    world.put(world.doc("v3", weights={"a": 0.5, "b": 0.5}, stress={"gap_down": {"a": -0.6, "b": -0.6}}))
+    out = svc.promote("port", "b")
+    assert out.status == "blocked" and out.exit_code == 10, out.to_dict()
+    reason = next(r for r in out.gate.reasons if r.code == "portfolio_limit_exceeded")
+    assert "rule worst" in reason.detail and "0.6 is above max 0.5" in reason.detail
+    assert "book: a" in reason.detail and "risk_snapshot:v3" in reason.detail
+    assert out.gate.evidence["portfolio"]["metrics"]["stress_loss_max"] == pytest.approx(0.6)
+    plan = world.loop()
+    assert {v.strategy_id: v.stage for v in svc.campaign("port")}["b"] == "paper"
+    assert any(a["strategy_id"] == "b" and a["reason"] == "portfolio_limit_exceeded" for a in plan.actions), plan.actions
+
+
+def test_a_covariance_entry_missing_at_decision_time_fails_closed(world: World) -> None:
+    svc = world.svc
+    _a_live_b_passed(world)
+    svc.clock.advance(minutes=1)
+    world.put(world.doc("v3", weights={"a": 0.5, "b": 0.5}, drop="a,b"))
+    out = svc.promote("port", "b")
+    assert out.exit_code == 12 and "risk_snapshot_incomplete" in out.gate.codes, out.to_dict()
+    detail = next(r.detail for r in out.gate.reasons if r.code == "risk_snapshot_incomplete")
+    assert "rule ivar needs incremental_var_99" in detail and "covariance" in detail
+    assert {v.strategy_id: v.stage for v in svc.campaign("port")}["b"] == "paper"
+
+
+def test_the_gate_lets_a_candidate_within_limits_go_live(world: World) -> None:
+    svc = world.svc
+    _a_live_b_passed(world)
+    out = svc.promote("port", "b")
+    assert out.exit_code == 0, out.to_dict()
+    assert out.gate.evidence["portfolio"]["book"] == ["a"]
+    assert {v.strategy_id: v.stage for v in svc.campaign("port")}["b"] == "live"
+
+
+# --- shown with their source: evaluate --explain and the report, locally and over HTTP ---------------------
+@pytest.mark.usefixtures("cli_mode")
+def test_explain_and_report_show_portfolio_metrics_with_their_source(qmtl_env: dict[str, str], store_url: str,
+                                                                    worlds_dir: Path, tmp_path: Path) -> None:
+    from tests.cli_helpers import qmtl
+
+    (worlds_dir / "port.yaml").write_text(policy())
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    # As the local identity the CLI acts as: a submitter records runs only for its own strategies.
+    service = make_service(store_url, worlds_dir, tmp_path / "svc-home", Clock(now))
+    try:
+        w = World(service)
+        w.backtest()
+        w.put(w.doc("v1", weights={"a": 0.5, "b": 0.5}))
+    finally:
+        service.close()
+    ran = qmtl("world", "evaluate", "port", "--strategy", "b", "--stage", "paper", "--explain")
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    assert "portfolio with the book: portfolio_vol" in ran.stdout
+    assert "incremental_var_99" in ran.stdout and "(risk_snapshot:v1)" in ran.stdout
+    assert "ivar" in ran.stdout and "(blocking, risk_snapshot:v1)" in ran.stdout
+    out = tmp_path / "report.html"
+    assert qmtl("world", "report", "port", "--strategy", "b", "--out", str(out)).exit_code == 0
+    page = out.read_text()
+    assert "Portfolio risk with the book" in page and "incremental_var_99" in page
+    assert "<code>risk_snapshot:v1</code>" in page
+
+
+def test_snapshot_extra_metrics_are_sourced_for_declared_rules(store_url: str, worlds_dir: Path, tmp_path: Path) -> None:
+    (worlds_dir / "port.yaml").write_text(policy(extra="  - {id: turnover, metric: turnover, max: 10}\n")
+                                          .replace("campaign:", "metrics:\n  turnover: {better: lower}\ncampaign:"))
+    service = make_service(store_url, worlds_dir, tmp_path / "home", Clock(T0)).as_actor("cron")
+    try:
+        w = World(service)
+        w.backtest()
+        doc = w.doc("x1", weights={"a": 0.5, "b": 0.5})
+        plain = parse_snapshot(doc).content_hash
+        doc["extra_metrics"] = {"b": {"turnover": 14.0}}
+        snap = parse_snapshot(doc)
+        assert snap.content_hash != plain and "extra_metrics" not in parse_snapshot(w.doc("x1", weights={
+            "a": 0.5, "b": 0.5})).canonical()  # absent stays absent: old snapshots keep their hash
+        w.put(doc)
+        run = service.record_evaluation("port", strategy_id="b", stage="paper")
+        rule = next(r for r in run.rule_results if r["id"] == "turnover")
+        assert run.metrics["turnover"] == 14.0 and run.metric_sources["turnover"] == "risk_snapshot:x1"
+        assert rule["status"] == "fail" and run.status == "fail"
+        bad = {**doc, "version": "x2", "extra_metrics": {"b": {"sharpe": 9.0}}}
+        with pytest.raises(Exception, match="built in"):
+            parse_snapshot(bad)
+    finally:
+        service.close()

@@ -66,6 +66,7 @@ def build_world(svc: Any, world: str = "rep") -> dict[str, Any]:
     svc.as_actor("bob").decide_request(rid, decision="approve", reason="agreed")
     live_at = svc.clock()
     svc.clock.advance(days=1)
+    svc.clock.advance(days=40)  # live returns count only when observed after a went live
     now = svc.clock()
     live = [(now - timedelta(days=40 - i), 0.0015 * (1 if i % 4 else -1.2)) for i in range(40)]
     svc.record_evaluation(world, strategy_id="a", stage="live", returns=live)

@@ -103,6 +103,11 @@ def test_freshness_incomplete_for_an_uncovered_strategy() -> None:
      "realized_returns.s1.0.ts: ts must be an ISO-8601 time with a time zone"),
     ({"realized_returns": {"s1": [{"ts": "2026-03-01T00:00:00Z", "r": float("inf")}]}},
      "realized_returns.s1.0.r: r is inf (must be a finite number)"),
+    # A simple return below -1 loses more than everything: refused, located (finding 4 of issue 19).
+    ({"realized_returns": {"s1": [{"ts": "2026-03-01T00:00:00Z", "r": 0.1},
+                                  {"ts": "2026-03-02T00:00:00Z", "r": -2.0}]}},
+     "realized_returns.s1.1.r: r is -2.0: a simple return below -1"),
+    ({"realized_returns": {"s1": [{"ts": "2026-03-01T00:00:00Z", "r": -3}]}}, "realized_returns.s1.0.r: r is -3"),
     ({"realized_returns": {"s1": [{"ts": "2026-03-01T00:00:00Z", "r": 0.1, "note": "x"}]}},
      "realized_returns.s1.0.note: Extra inputs are not permitted"),
     ({"realized_returns": {"s1": [{"ts": "2026-03-02T00:00:00Z", "r": 0.1},
@@ -169,6 +174,12 @@ def test_put_from_stdin(hub: Path) -> None:
     (_doc(ttl_sec=100000), 2, "ttl_sec"),
     (_doc(weights={"s1": 0.7, "s2": 0.7}), 2, "weights sum to 1.4"),
     (_doc(world_id="nope"), 3, "world 'nope' not found"),
+    # An as_of in the future would hide every correct snapshot posted after it (issue 19, finding 4).
+    (_doc(as_of="2096-03-02T00:00:00Z"), 2, "snapshot v1: as_of: 2096-03-02T00:00:00+00:00 is "),
+    (_doc(realized_returns={"s1": [{"ts": "2026-03-01T00:00:00Z", "r": -2.0}]}), 2,
+     "realized_returns.s1.0.r: r is -2.0"),
+    (_doc(covariance=None, covariance_ref="missing.json#sha256=" + "0" * 64), 2,
+     "covariance_ref: cannot read 'missing.json'"),
 ])
 @pytest.mark.usefixtures("cli_mode")
 def test_bad_snapshots_store_nothing(hub: Path, qmtl_env: dict[str, str], doc: dict[str, Any], code: int,
@@ -235,13 +246,13 @@ def test_a_stored_summary_of_another_format_is_remade_from_the_document(tmp_path
     store = open_store(f"sqlite:///{tmp_path / 'q.db'}")
     snap = parse_snapshot(_summary_doc())
     with store.write() as conn:
-        put_snapshot(conn, snap, known_strategies={"s1", "s2", "s3"}, actor="t", now=NOW)
+        put_snapshot(conn, snap, known_strategies={"s1", "s2", "s3"}, actor="t", now=NOW, evidence_class="hub")
         stored = conn.execute(sa.select(schema.risk_snapshots.c.summary)).scalar_one()
         assert stored == json.loads(json.dumps(summarize(snap)))
         wrong = {**stored, "format": 0, "strategies": {}}
         conn.execute(sa.update(schema.risk_snapshots).values(summary=wrong))
     with store.read() as conn:
-        summary = latest_summary(conn, W)
+        summary = latest_summary(conn, W, stage=snap.provenance.stage)
     assert summary is not None and summary.covered() == {"s1", "s2", "s3"}
     assert summary.series("s3") == (datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc), 1)
     store.dispose()
@@ -270,9 +281,10 @@ def test_non_finite_stress_is_stored_as_null_and_summarised_as_stored(tmp_path: 
     store = open_store(f"sqlite:///{tmp_path / 'q.db'}")
     snap = parse_snapshot(_doc(stress={"shock": float("nan"), "ok": -0.2}))
     with store.write() as conn:
-        put_snapshot(conn, snap, known_strategies={"s1", "s2"}, actor="t", now=NOW)
+        put_snapshot(conn, snap, known_strategies={"s1", "s2"}, actor="t", now=NOW, evidence_class="hub")
     with store.read() as conn:
-        stored, summary = latest_snapshot(conn, W), latest_summary(conn, W)
+        stage = snap.provenance.stage
+        stored, summary = latest_snapshot(conn, W, stage=stage), latest_summary(conn, W, stage=stage)
     assert stored is not None and summary is not None
     assert stored.snapshot.stress == {"shock": None, "ok": -0.2}
     assert summary == SnapshotSummary.of(stored)

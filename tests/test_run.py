@@ -69,9 +69,11 @@ def env(qmtl_env: dict[str, str], worlds_dir: Path) -> dict[str, str]:
 
 
 def _bars(tmp: Path, name: str, first: str, last: str) -> tuple[Path, int]:
-    """GOOG bars with first <= date <= last, as a CSV; returns the path and the number of bars."""
+    """GOOG bars with first <= date <= last, as a CSV, dated 20 years later; returns the path and
+    the number of bars. Paper observations count only after the strategy entered paper (issue 19):
+    real prices, dated after the test promotes the strategy (20 years keeps leap days)."""
     header, *rows = GOOG.read_text().splitlines()
-    keep = [r for r in rows if first <= r[:10] <= last]
+    keep = [f"{int(r[:4]) + 20}{r[4:]}" for r in rows if first <= r[:10] <= last]
     path = tmp / name
     path.write_text("\n".join([header, *keep]) + "\n")
     return path, len(keep)
@@ -159,10 +161,10 @@ def test_run_advances_the_paper_campaign_on_new_bars(env: dict[str, str], data: 
     assert first.exit_code == 0, first.stderr
     doc = first.json()
     assert (doc["stage"], doc["execution_domain"], doc["decision"]["effective_mode"]) == ("paper", "dryrun", "paper")
-    assert doc["bars"] == {"new": n_a, "duplicates": 0, "first_new": "2012-06-04T00:00:00.000000Z",
-                           "last_new": "2012-10-04T00:00:00.000000Z", "total_fed": n_a}
+    assert doc["bars"] == {"new": n_a, "duplicates": 0, "first_new": "2032-06-04T00:00:00.000000Z",
+                           "last_new": "2032-10-04T00:00:00.000000Z", "total_fed": n_a}
     run = doc["run"]
-    assert (run["stage"], run["run_id"], run["revision"]) == ("paper", "paper-from-20120604", 1)
+    assert (run["stage"], run["run_id"], run["revision"]) == ("paper", "paper-from-20320604", 1)
     assert run["window"]["n_observations"] == n_a and run["metrics"]["n_trades"] == doc["n_trades"]
     assert run["metric_sources"]["n_trades"] == "request.metrics"
     assert "--broker-webhook not used" in doc["note"] and broker.orders == []
@@ -177,10 +179,10 @@ def test_run_advances_the_paper_campaign_on_new_bars(env: dict[str, str], data: 
     assert second["bars"]["new"] == n_b - n_overlap and second["bars"]["duplicates"] == n_overlap
     assert second["bars"]["total_fed"] == n_a + n_b - n_overlap
     run2 = second["run"]
-    assert (run2["run_id"], run2["revision"]) == ("paper-from-20120604", 2)
+    assert (run2["run_id"], run2["revision"]) == ("paper-from-20320604", 2)
     assert run2["window"]["start"] == run["window"]["start"]
     assert run2["window"]["n_observations"] == n_a + n_b - n_overlap
-    assert run2["window"]["end"].startswith("2013-03-01")
+    assert run2["window"]["end"].startswith("2033-03-01")
     assert run2["metrics"]["n_trades"] >= run["metrics"]["n_trades"]
     assert _paper_progress(sid)["n_observations"] == n_a + n_b - n_overlap
 
@@ -203,15 +205,15 @@ def test_run_refuses_old_or_changed_bars(env: dict[str, str], data: dict[str, tu
     # paper bars must come after everything the strategy was backtested on
     inside = qmtl("run", str(SMA), "--world", WORLD, "--data", str(hist))
     assert inside.exit_code == 2
-    assert "is not after the data the strategy was backtested on (up to 2012-06-01" in inside.stderr
+    assert "is not after the data the strategy was backtested on (up to 2032-06-01" in inside.stderr
     a, _ = data["a"]
     assert qmtl("run", str(SMA), "--world", WORLD, "--data", str(a)).exit_code == 0
     old = qmtl_process("run", str(SMA), "--world", WORLD, "--data", str(hist))
     assert old.exit_code == 2
     assert old.stderr.strip().splitlines() == [
-        f"qmtl: error: {hist}: bar 2004-08-19T00:00:00Z is older than the last bar already fed "
-        "(2012-10-04T00:00:00Z) and was never fed; qmtl run only appends new bars "
-        "(pass only bars after 2012-10-04T00:00:00Z)"]
+        f"qmtl: error: {hist}: bar 2024-08-19T00:00:00Z is older than the last bar already fed "
+        "(2032-10-04T00:00:00Z) and was never fed; qmtl run only appends new bars "
+        "(pass only bars after 2032-10-04T00:00:00Z)"]
     # a bar that was fed cannot come back different
     header, *rows = a.read_text().splitlines()
     changed = tmp_path / "changed.csv"
@@ -307,7 +309,7 @@ def test_submit_and_run_against_a_real_server(env: dict[str, str], data: dict[st
     doc = json.loads(fed.stdout)
     assert (doc["execution_domain"], doc["bars"]["new"]) == ("dryrun", n_a)
     assert (doc["run"]["run_id"], doc["run"]["revision"], doc["run"]["window"]["n_observations"]) == (
-        "paper-from-20120604", 1, n_a)
+        "paper-from-20320604", 1, n_a)
     again = cli("run", str(SMA), "--world", WORLD, "--data", str(a))
     assert again.returncode == 0 and "nothing new" in again.stdout and "#1" in again.stdout
     old = cli("run", str(SMA), "--world", WORLD, "--data", str(hist))

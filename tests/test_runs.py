@@ -39,6 +39,11 @@ def _snapshot(clock: Clock, *, version: str = "v1", stage: str = "paper", return
                            "realized_returns": realized, "provenance": {"actor": "risk-engine", "stage": stage}})
 
 
+def _hub(svc):  # type: ignore[no-untyped-def]
+    """The service as a trusted producer (a ``producer`` token): the only snapshots decided on."""
+    return svc.as_actor("risk-engine", role="producer")
+
+
 def test_same_key_same_content_is_a_no_op_and_new_content_a_revision(svc) -> None:  # type: ignore[no-untyped-def]
     first = svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="r1", returns=daily(600))
     again = svc.record_evaluation(W, strategy_id="s1", stage="backtest", run_id="r1", returns=daily(600))
@@ -73,7 +78,7 @@ def test_request_metrics_win_over_request_returns(svc) -> None:  # type: ignore[
 def test_paper_run_sources_realized_returns_from_a_fresh_same_stage_snapshot(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
     svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(600))
     paper_returns = daily(25, start=clock.now - timedelta(days=25), seed=3)
-    svc.put_risk_snapshot(_snapshot(clock, returns={"s1": paper_returns}))
+    _hub(svc).put_risk_snapshot(_snapshot(clock, returns={"s1": paper_returns}))
     run = svc.record_evaluation(W, strategy_id="s1", stage="paper")
     assert run.status != "insufficient_data"
     assert run.metric_sources["sharpe"] == "risk_snapshot:v1"
@@ -83,15 +88,15 @@ def test_paper_run_sources_realized_returns_from_a_fresh_same_stage_snapshot(svc
 def test_paper_never_borrows_backtest(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
     svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(600))
     # A snapshot with *backtest* returns is not paper evidence either.
-    svc.put_risk_snapshot(_snapshot(clock, stage="backtest", returns={"s1": daily(30)}))
+    _hub(svc).put_risk_snapshot(_snapshot(clock, stage="backtest", returns={"s1": daily(30)}))
     run = svc.record_evaluation(W, strategy_id="s1", stage="paper")
     assert run.status == "insufficient_data" and run.metrics == {}
-    assert "holds backtest returns, not paper" in run.reason and "no previous paper run" in run.reason
+    assert "no trusted paper risk snapshot" in run.reason and "no previous paper run" in run.reason
 
 
 def test_stale_snapshot_falls_back_to_previous_same_stage_run(svc, clock: Clock) -> None:  # type: ignore[no-untyped-def]
     svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(600))
-    svc.put_risk_snapshot(_snapshot(clock, returns={"s1": daily(25, seed=4)}))
+    _hub(svc).put_risk_snapshot(_snapshot(clock, returns={"s1": daily(25, seed=4)}))
     first = svc.record_evaluation(W, strategy_id="s1", stage="paper", run_id="p1")
     clock.advance(hours=2)  # past the 900 s TTL
     later = svc.record_evaluation(W, strategy_id="s1", stage="paper", run_id="p2")
@@ -103,7 +108,7 @@ def test_stale_snapshot_falls_back_to_previous_same_stage_run(svc, clock: Clock)
 def test_nothing_to_source_is_insufficient_data_with_reasons(svc) -> None:  # type: ignore[no-untyped-def]
     run = svc.record_evaluation(W, strategy_id="s9", stage="live")
     assert run.status == "insufficient_data"
-    assert "no risk snapshot for the world" in run.reason and "no previous live run" in run.reason
+    assert "no trusted live risk snapshot for the world" in run.reason and "no previous live run" in run.reason
 
 
 def test_cohort_goes_through_vectorised_path_and_matches_single(svc) -> None:  # type: ignore[no-untyped-def]
@@ -185,8 +190,8 @@ def test_accepted_snapshot_emits_one_event(svc, clock: Clock) -> None:  # type: 
     svc.record_evaluation(W, strategy_id="s1", stage="backtest", returns=daily(10))
     seen: list = []  # type: ignore[type-arg]
     svc.bus.subscribe(seen.append, world_id=W)
-    _, created = svc.put_risk_snapshot(_snapshot(clock))
-    _, again = svc.put_risk_snapshot(_snapshot(clock))
+    _, created = _hub(svc).put_risk_snapshot(_snapshot(clock))
+    _, again = _hub(svc).put_risk_snapshot(_snapshot(clock))
     assert (created, again) == (True, False)
     assert [e.type for e in seen] == ["risk_snapshot_updated"]
     assert seen[0].payload["world_id"] == W
@@ -250,10 +255,10 @@ def test_migrating_a_v2_store_fills_run_heads_and_the_latest_snapshot_summary(sv
 
     _record_history(svc, clock)
     old = _snapshot(clock, version="v1", returns={"s2": daily(3)}, weights={"s1": 0.5, "s2": 0.5})
-    svc.put_risk_snapshot(old)
+    _hub(svc).put_risk_snapshot(old)
     clock.advance(minutes=5)
     new = _snapshot(clock, version="v2", returns={"s2": daily(4)}, weights={"s1": 0.5, "s2": 0.5})
-    svc.put_risk_snapshot(new)
+    _hub(svc).put_risk_snapshot(new)
     kept = _heads(svc)
     # Turn the store back into a v2 store: runs and snapshots, but no heads and no summaries.
     with svc.store.write() as conn:
@@ -268,7 +273,7 @@ def test_migrating_a_v2_store_fills_run_heads_and_the_latest_snapshot_summary(sv
     with store.read() as conn:
         summaries = dict(conn.execute(sa.select(schema.risk_snapshots.c.version, schema.risk_snapshots.c.summary)).all())
         assert summaries == {"v1": None, "v2": summarize(new)}  # only the latest is filled
-        assert latest_summary(conn, W).series("s2") == (daily(4)[-1][0], 4)
+        assert latest_summary(conn, W, stage="paper").series("s2") == (daily(4)[-1][0], 4)
     store.dispose()
     again = make_service(store_url, svc.settings.worlds_dir, svc.settings.home, clock)
     try:

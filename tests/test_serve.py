@@ -34,7 +34,7 @@ def api(qmtl_env: dict[str, str], worlds_dir: Path, tmp_path: Path):  # type: ig
     tokens = {}
     with service.store.write() as conn:
         for role, actor in (("reader", "rita"), ("submitter", "sam"), ("approver", "alice"),
-                            ("operator", "otto"), ("approver", "carol")):
+                            ("operator", "otto"), ("approver", "carol"), ("producer", "pia")):
             tokens[actor] = create_token(conn, actor=actor, role=role, created_by="admin", now=service.clock())[1]
     client = httpx.Client(base_url="http://qmtl.test", transport=server)
     yield client, tokens, server
@@ -59,7 +59,8 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("GET", "/worlds/gov/policy", None, "read"),
     ("POST", "/worlds/gov/policy/approve", {"version": 2, "reason": "x"}, "approve"),
 ]
-ALLOWED = {"rita": {"read"}, "sam": {"read", "evaluate", "risk", "tick", "promote"},
+ALLOWED = {"rita": {"read"}, "sam": {"read", "evaluate", "tick", "promote"},
+           "pia": {"read", "evaluate", "risk"},  # a producer: its realized returns are trusted evidence
            "alice": {"read", "approve"}, "otto": {"read", "evaluate", "risk", "tick", "promote", "operate"}}
 
 

@@ -129,6 +129,8 @@ def promote(
                        "change, evidence hash.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="With --list: closed requests too.")] = False,
     allow_live: AllowLiveOption = False,
+    at: Annotated[Optional[str], typer.Option("--at", help="With --list: the requests as they stood at a moment "
+                                              "(ISO-8601 with zone): only approvals and decisions made by then.")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Ask to take a paper strategy live (or --list open requests).
@@ -139,8 +141,11 @@ def promote(
     promotion that would apply at once needs --allow-live.
     """
     from qmtl_core.errors import UsageError
+    from qmtl_core.timeutil import parse_instant
 
     client = state(ctx).client(allow_live=allow_live)
+    if at is not None and not list_:
+        raise UsageError("--at goes with --list", hint="e.g. qmtl promote --list --at 2026-01-31T00:00Z")
     if show is not None:
         if strategy is not None or list_:
             raise UsageError("--show takes a request id, not a strategy or --list")
@@ -152,12 +157,13 @@ def promote(
     if list_:
         if strategy is not None:
             raise UsageError("--list takes no strategy")
-        listing = client.promotions(world=world, include_closed=all_)
+        listing = client.promotions(world=world, include_closed=all_,
+                                    at=parse_instant(at, what="--at") if at else None)
         rows = listing["requests"]
         from qmtl_core.report import request_report  # the report an approver reads: path, current or stale
 
         for r in rows:
-            if r["status"] == "pending":
+            if r["status"] == "pending" and at is None:
                 r["report"] = request_report(state(ctx).settings().home, r["world"], r["strategy_id"],
                                              r["evidence_hash"])
 
@@ -177,6 +183,9 @@ def promote(
                             f"{r.get('required_approvals') or '?'}", r["requester"], r["evidence_hash"][:12]]
                            for r in rows]))
             for r in rows:
+                if r.get("blocked_reason"):
+                    c.print(f"blocked {r['request_id']}: {r['blocked_reason']} (since {r['blocked_at'][:19]}Z)",
+                            markup=False)
                 if "report" in r:
                     rep = r["report"]
                     how = "" if rep["state"] == "current" else f" (write it: {rep['command']})"

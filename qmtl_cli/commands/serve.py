@@ -65,7 +65,7 @@ def serve(
 def token_create(
     ctx: typer.Context,
     actor: Annotated[str, typer.Option("--actor", help="Who the token acts as (written in the ledger).")],
-    role: Annotated[str, typer.Option("--role", help="reader, submitter, approver or operator.")],
+    role: Annotated[str, typer.Option("--role", help="reader, submitter, producer, approver or operator.")],
     json_output: JsonOption = False,
 ) -> None:
     """Create a token and print it once (only its hash is stored)."""

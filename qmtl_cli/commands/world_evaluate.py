@@ -35,6 +35,19 @@ def explain_rules(c: "Console", rules: list[dict[str, Any]]) -> None:
                 f"[dim]({t(r['severity'])}{t(source)})[/dim]")
 
 
+def explain_portfolio(c: "Console", metrics: dict[str, Any], sources: dict[str, str]) -> None:
+    """The run's portfolio metrics (the book with the strategy), each with the snapshot it came from."""
+    from qmtl_core.metric_names import PORTFOLIO_METRICS, is_portfolio_metric
+
+    # In the documented order, not the store's: PostgreSQL's JSONB returns keys sorted its own way.
+    order = {name: i for i, name in enumerate(PORTFOLIO_METRICS)}
+    shown = {k: metrics[k] for k in sorted((k for k in metrics if is_portfolio_metric(k)),
+                                           key=lambda k: (order.get(k, len(order)), k))}
+    if shown:
+        c.print("  portfolio with the book: " + ", ".join(
+            f"{k} {_fmt(v)} ({sources.get(k, '-')})" for k, v in shown.items()), markup=False, soft_wrap=True)
+
+
 def render_evaluation(c: "Console", doc: dict[str, Any], *, explain: bool) -> None:
     """Human rendering: a summary table, or per strategy and rule with ``explain``."""
     c.print(f"world [bold]{t(doc['world'])}[/bold]  stage {t(doc['stage'])}  policy_version "
@@ -71,7 +84,7 @@ def evaluate(
     metrics: Annotated[Optional[Path], typer.Option(
         "--metrics", help="Metrics file (JSON or CSV); its values win over ones computed from "
                           "--returns.")] = None,
-    stage: Annotated[str, typer.Option("--stage", help="backtest, paper, shadow or live.")] = "backtest",
+    stage: Annotated[str, typer.Option("--stage", help="backtest, paper or live.")] = "backtest",
     previous_active: Annotated[Optional[list[str]], typer.Option(
         "--previous-active", help="Strategies active before (comma-separated or repeated), for "
                                   "hysteresis.")] = None,
@@ -157,11 +170,17 @@ def render_runs(c: "Console", revisions: list[dict[str, Any]], *, explain: bool)
         c.print(f"[bold]{t(run['strategy_id'])}[/bold]  {t(run['stage'])}  run {t(run['run_id'])}"
                 f"#{run['revision']}  {styled(run['status'])}"
                 + ("" if run.get("created", True) else "  (unchanged: same content as the latest revision)"))
+        if run["stage"] != "backtest" and run.get("evidence_class", "unverified") == "unverified":
+            c.print("  evidence: unverified (supplied in a request): recorded and shown, never counted toward a "
+                    "paper window or gate; paper evidence comes from qmtl run or a trusted producer's snapshot",
+                    markup=False)
         window = run.get("window") or {}
         if window.get("n_observations"):
             c.print(t(f"  window {window['start'][:10]} .. {window['end'][:10]}, "
                       f"{window['n_observations']} observations ({window['source']})"))
         c.print(f"  {t(run['reason'])}")
+        if explain:
+            explain_portfolio(c, run.get("metrics") or {}, run.get("metric_sources") or {})
         if explain and run.get("rules"):
             explain_rules(c, run["rules"])
 

@@ -123,7 +123,7 @@ def write_set(conn: Connection, *, policy: WorldPolicy, rows: dict[str, Activati
     for strategy_id, stage in changed.items():
         new_stage = stage or "backtest"
         conn.execute(sa.update(st).where(st.c.world_id == world, st.c.strategy_id == strategy_id)
-                     .values(stage=new_stage, updated_at=iso(now)))
+                     .values(stage=new_stage, updated_at=iso(now), stage_entered_at=iso(now)))
         a = rows.get(strategy_id)
         record_decision(conn, policy, strategy_id, stage=new_stage, live_active=new_stage == "live",
                         halted=halted, now=now, activation_etag=a.etag if a else None)

@@ -5,6 +5,11 @@ standing between a strategy and live at once. Missing or stale evidence blocks w
 reason code; a policy refusal with a policy code. Approvals count only for the exact evidence they
 were given on, only from listed approvers who are neither the requester nor the submitter, once
 per approver, and only within ``approval_ttl``.
+
+Only trusted evidence counts (DESIGN §11): the paper run must be ``qmtl replay`` or ``hub`` and
+observed after the strategy entered paper, and the snapshot a trusted producer's paper snapshot
+carrying the strategy's realized returns. The evidence hash binds the paper run, the snapshot's
+substance, the policy version and the code (code hash, parameters, data): any change voids a request.
 """
 
 from __future__ import annotations
@@ -15,14 +20,19 @@ from datetime import datetime
 from typing import Any
 
 from qmtl_core.approval_signing import approval_message, signature_problem
-from qmtl_core.campaign import RunSummary, progress
+from qmtl_core.campaign import RunSummary, StrategyState, counted_run, progress, uncounted_detail
 from qmtl_core.canonical import content_hash
-from qmtl_core.policy import WorldPolicy
-from qmtl_core.risk import SnapshotView, freshness
+from qmtl_core.metric_names import is_portfolio_metric
+from qmtl_core.policy import Rule, WorldPolicy
+from qmtl_core.policy._engine import check_rule
+from qmtl_core.portfolio import PortfolioRisk
+from qmtl_core.risk import INCOMPLETE, SnapshotView, freshness
 from qmtl_core.timeutil import iso
 
+#: A portfolio rule fails for the book with the candidate (a policy block, exit 10).
+PORTFOLIO_LIMIT = "portfolio_limit_exceeded"
 FAIL_CLOSED = frozenset({"risk_snapshot_missing", "risk_snapshot_expired", "risk_snapshot_lagging",
-                         "risk_snapshot_incomplete"})
+                         "risk_snapshot_incomplete", "evidence_untrusted"})
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,12 @@ class GateInput:
     #: The latest shadow run (``qmtl run --domain shadow``); counts only when the world asks for a
     #: shadow window (``campaign.shadow``).
     shadow_run: RunSummary | None = None
+    #: The candidate's portfolio metrics against the live book, from ``snapshot`` (``runs.book_risk``).
+    portfolio: PortfolioRisk | None = None
+    #: When the strategy entered its stage (paper runs observed before it do not count).
+    entered_at: datetime | None = None
+    #: ``service.code_binding`` of the strategy's submission (code hash, parameters, data).
+    code_binding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,11 +132,42 @@ class GateResult:
                 "valid_approvals": list(self.valid_approvals), "exit_code": self.exit_code}
 
 
+def portfolio_gate_rules(policy: WorldPolicy) -> list[Rule]:
+    """Blocking rules on portfolio metrics the live gate re-checks at decision time: those of the
+    paper and live stages (taking a strategy live adds it to the live book, so the book *now* decides)."""
+    return [r for r in policy.rules if is_portfolio_metric(r.metric) and r.severity == "blocking"
+            and (r.applies_to("paper") or r.applies_to("live"))]
+
+
+def portfolio_reasons(g: GateInput) -> list[Reason]:
+    """Why the book with the candidate breaks a portfolio rule, or cannot be measured (fail closed)."""
+    reasons: list[Reason] = []
+    risk = g.portfolio
+    for rule in portfolio_gate_rules(g.policy):
+        observed = None if risk is None else risk.metrics.get(rule.metric)
+        if risk is None or observed is None:
+            reasons.append(Reason(INCOMPLETE, f"rule {rule.id} needs {rule.metric}: " + _lacking(risk, rule.metric)))
+            continue
+        result = check_rule(rule, observed, on_missing="fail", source=risk.source)
+        if result.status == "fail":
+            book = ", ".join(risk.book) or "nothing live"
+            reasons.append(Reason(PORTFOLIO_LIMIT, f"rule {rule.id}: {result.reason} (book: {book}; {risk.source})"))
+    return reasons
+
+
+def _lacking(risk: PortfolioRisk | None, metric: str) -> str:
+    if risk is None:
+        return "the risk snapshot gave no portfolio metrics"
+    version = risk.source.split(":", 1)[1]
+    return f"snapshot {version} has no " + risk.missing.get(metric, "stress scenario " + metric.removeprefix("stress_loss."))
+
+
 def _run_evidence(run: RunSummary | None) -> dict[str, Any] | None:
     if run is None:
         return None
     return {"run_id": run.run_id, "revision": run.revision, "content_hash": run.content_hash,
             "status": run.status, "policy_version": run.policy_version, "metrics": dict(run.metrics),
+            "evidence_class": run.evidence_class,
             "window": {"start": iso(run.window_start) if run.window_start else None,
                        "end": iso(run.window_end) if run.window_end else None,
                        "n_observations": run.n_observations}}
@@ -129,14 +176,21 @@ def _run_evidence(run: RunSummary | None) -> dict[str, Any] | None:
 def evidence_of(g: GateInput) -> dict[str, Any]:
     """What a promotion is decided on: paper run revision, metrics, window, policy, snapshot, and
     the shadow run when the world asks for a shadow window (only then, so the evidence hash of a
-    world without one does not move when a shadow run is recorded)."""
+    world without one does not move when a shadow run is recorded), and the portfolio metrics of
+    the book with the candidate when rules gate on them (likewise only then)."""
     out = {
         "world": g.policy.world, "strategy_id": g.strategy_id, "policy_version": g.policy.policy_version,
+        "code_binding": g.code_binding,
         "paper_run": _run_evidence(g.paper_run),
         "snapshot": None if g.snapshot is None else snapshot_evidence(g.snapshot, g.strategy_id),
     }
     if g.policy.campaign.shadow is not None:
         out["shadow_run"] = _run_evidence(g.shadow_run)
+    names = sorted({r.metric for r in portfolio_gate_rules(g.policy)})
+    if names:  # only then, so evidence bound before portfolio rules existed keeps its hash
+        risk = g.portfolio
+        out["portfolio"] = None if risk is None else {
+            "source": risk.source, "book": list(risk.book), "metrics": {n: risk.metrics.get(n) for n in names}}
     return out
 
 
@@ -219,12 +273,18 @@ def promotion_gate(g: GateInput, now: datetime) -> GateResult:
     if g.stage != "paper":
         reasons.append(Reason("not_in_paper", f"the strategy is in {g.stage or 'no stage (unknown)'}, "
                               "not paper: paper observation is never skipped"))
-    run = g.paper_run
+    as_state = StrategyState(g.strategy_id, g.stage or "", {"paper": g.paper_run} if g.paper_run else {},
+                             entered_at=g.entered_at)
+    untrusted = uncounted_detail(as_state, "paper") if g.stage == "paper" else None  # else: not_in_paper
+    if untrusted is not None:
+        reasons.append(Reason("evidence_untrusted", untrusted))
+    run = counted_run(as_state, "paper")
     prog = progress(policy, "paper", run)
     if not prog.satisfied:
         reasons.append(Reason("paper_window_incomplete", prog.label()))
     if run is None or run.status not in ("pass", "warn"):
-        why = "no paper evaluation" if run is None else f"paper run {run.run_id}#{run.revision} is {run.status}"
+        why = ("no trusted paper evaluation" if run is None
+               else f"paper run {run.run_id}#{run.revision} is {run.status}")
         reasons.append(Reason("validation_failed", why))
     elif run.policy_version != policy.policy_version:
         reasons.append(Reason("validation_stale", f"paper run {run.run_id}#{run.revision} was gated under "
@@ -234,6 +294,8 @@ def promotion_gate(g: GateInput, now: datetime) -> GateResult:
     fresh = freshness(g.snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=g.strategy_id)
     if not fresh.ok:
         reasons.append(Reason(fresh.reason or "risk_snapshot_missing", fresh.detail))
+    else:
+        reasons.extend(portfolio_reasons(g))
     if g.last_live_promotion_at is not None and g.last_live_promotion_at + lp.cooldown > now:
         reasons.append(Reason("cooldown_active", f"last live promotion at {iso(g.last_live_promotion_at)[:19]}Z; "
                               f"cooldown until {iso(g.last_live_promotion_at + lp.cooldown)[:19]}Z"))

@@ -9,7 +9,7 @@ committed, whatever exit the outcome calls for — a voided request stays voided
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,10 +21,11 @@ from qmtl_core import ledger
 from qmtl_core.approval_signing import approval_message, signature_problem
 from qmtl_core.campaign import RunSummary
 from qmtl_core.errors import BlockedError, ConflictError, RequestNotFound
-from qmtl_core.governance._activations import current_set, set_stage
+from qmtl_core.governance._activations import book_members, current_set, set_stage
 from qmtl_core.governance._gate import Approval, GateInput, GateResult, RequestView, promotion_gate
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.risk import latest_snapshot
+from qmtl_core.runs import book_risk
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso, parse_instant, parse_optional_instant
 
@@ -116,21 +117,25 @@ def paper_run_summary(conn: Connection, world: str, strategy_id: str, stage: str
         return None
     return RunSummary(row.run_id, row.revision, row.status, row.policy_version, row.content_hash, row.metrics or {},
                       tuple(row.rule_results or ()), parse_optional_instant(row.window_start),
-                      parse_optional_instant(row.window_end), row.n_observations)
+                      parse_optional_instant(row.window_end), row.n_observations, row.evidence_class)
 
 
 def gate_input(conn: Connection, policy: WorldPolicy, strategy_id: str, *, request: RequestView | None) -> GateInput:
     """Read the gate's inputs for one strategy."""
     world = policy.world
     st = schema.strategies
-    row = conn.execute(sa.select(st.c.stage, st.c.submitter).where(st.c.world_id == world,
-                                                                   st.c.strategy_id == strategy_id)).first()
+    row = conn.execute(sa.select(st.c.stage, st.c.submitter, st.c.stage_entered_at, st.c.code_binding)
+                       .where(st.c.world_id == world, st.c.strategy_id == strategy_id)).first()
     gov = governance_state(conn, world)
     halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar())
+    snapshot = latest_snapshot(conn, world, stage="paper")
+    risk = book_risk(policy, strategy_id, snapshot, None, book_members(conn, policy), check_fresh=False)
     return GateInput(policy, strategy_id, row.stage if row else None, paper_run_summary(conn, world, strategy_id),
-                     latest_snapshot(conn, world), halted, gov["live_strategies"], gov["last_live_promotion_at"],
+                     snapshot, halted, gov["live_strategies"], gov["last_live_promotion_at"],
                      row.submitter if row else None, request,
-                     shadow_run=paper_run_summary(conn, world, strategy_id, "shadow"))
+                     shadow_run=paper_run_summary(conn, world, strategy_id, "shadow"), portfolio=risk,
+                     entered_at=parse_optional_instant(row.stage_entered_at) if row else None,
+                     code_binding=row.code_binding if row else None)
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -185,7 +190,7 @@ def _request_for(conn: Connection, policy: WorldPolicy, strategy_id: str, gate: 
 
 
 def _weight(conn: Connection, world: str, strategy_id: str) -> float:
-    snap = latest_snapshot(conn, world)
+    snap = latest_snapshot(conn, world, stage="paper")  # the snapshot the promotion rests on
     return float(snap.snapshot.weights.get(strategy_id, 0.0)) if snap is not None else 0.0
 
 
@@ -398,8 +403,31 @@ def list_requests(conn: Connection, *, world: str | None, include_closed: bool) 
                     "evidence_hash": row.evidence_hash,
                     "policy_version": (row.evidence or {}).get("policy_version"),
                     "reasons": (row.evidence or {}).get("reasons", []),
+                    "blocked_reason": row.blocked_reason, "blocked_at": row.blocked_at,
                     "approvals": [{"approver": a.approver, "decision": a.decision, "reason": a.reason,
                                    "evidence_hash": a.evidence_hash, "at": iso(a.created_at)} for a in view.approvals]})
+    return out
+
+
+def requests_at(requests: Iterable[Mapping[str, Any]], at: datetime) -> list[dict[str, Any]]:
+    """``list_requests`` documents as they stood at ``at``: only requests opened by then, each with
+    the approvals given by then and its status then (``pending`` if decided later); pure.
+
+    An approval renewed after ``at`` (``approval_ttl``) is dated by its renewal, so it shows as not
+    yet given: the record errs toward fewer approvals, never more."""
+    cut = iso(at)
+    out = []
+    for r in requests:
+        if (r.get("created_at") or "") > cut:
+            continue
+        decided = r.get("decided_at")
+        later = decided is not None and decided > cut
+        blocked_at = r.get("blocked_at")
+        out.append({**r, "status": "pending" if later else r.get("status"),
+                    "decided_at": None if later else decided,
+                    "approvals": [a for a in r.get("approvals", []) if (a.get("at") or "") <= cut],
+                    **({"blocked_reason": None, "blocked_at": None}
+                       if blocked_at is not None and blocked_at > cut else {})})
     return out
 
 

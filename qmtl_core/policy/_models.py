@@ -335,14 +335,19 @@ class Governance(_Model):
 
 
 class Risk(_Model):
-    """Freshness limits for decisions that need the risk snapshot, and the book portfolio metrics
-    measure a candidate against."""
+    """Freshness limits for decisions that need the risk snapshot, who may produce it, and the book
+    portfolio metrics measure a candidate against."""
 
     snapshot_max_age: Duration = timedelta(minutes=15)
     decision_ttl: Duration = timedelta(minutes=10)
     portfolio_book: Literal["live", "live_and_paper"] = Field(
         "live", description="strategies a candidate's portfolio metrics (incremental_var_99, "
                             "max_corr_live, ...) are measured against")
+    #: Local identities whose snapshots are trusted ``hub`` evidence (remote: tokens with role
+    #: ``producer``). Anyone else's snapshot is stored as ``unverified`` and never decided on.
+    producers: list[str] = Field(default_factory=list)
+    #: How far in the future a snapshot's ``as_of`` may be (producer clock skew); more is refused.
+    future_tolerance: Duration = timedelta(minutes=5)
 
 
 class Notifications(_Model):

@@ -9,7 +9,9 @@ failure warns but does not remove a strategy):
    order);
 3. a greedy walk down the ranking: a strategy whose returns correlate above ``correlation.max``
    with one already kept (on their overlapping periods) is skipped, and the next ranked one takes
-   its place (backfill), until ``k`` are kept.
+   its place (backfill), until ``k`` are kept. When two share fewer than ``min_overlap`` periods,
+   the risk snapshot's covariance decides (Σ_ab/√(Σ_aa·Σ_bb)), the rule ``max_corr_live`` uses;
+   without a covariance entry the pair is noted as not measured.
 
 Every strategy gets a decision with the reason it was kept or dropped.
 """
@@ -86,9 +88,25 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def covariance_correlation(covariance: Mapping[tuple[str, str], float] | None, a: str, b: str) -> float | None:
+    """Σ_ab/√(Σ_aa·Σ_bb) from a snapshot's covariance (keyed both ways), or ``None`` without the entries."""
+    if not covariance:
+        return None
+    try:
+        cov, var_a, var_b = covariance[(a, b)], covariance[(a, a)], covariance[(b, b)]
+    except KeyError:
+        return None
+    denom = (var_a * var_b) ** 0.5
+    return cov / denom if denom > 0 else None
+
+
 def select(selection: Selection, candidates: Sequence[Candidate],
-           previous_active: Collection[str] = ()) -> SelectionResult:
-    """Run hysteresis, top-k and the correlation filter; see the module docstring."""
+           previous_active: Collection[str] = (),
+           covariance: Mapping[tuple[str, str], float] | None = None) -> SelectionResult:
+    """Run hysteresis, top-k and the correlation filter; see the module docstring.
+
+    ``covariance`` (a risk snapshot's, keyed ``(a, b)`` both ways) decides pairs whose returns
+    overlap too little."""
     decisions: dict[str, SelectionDecision] = {}
     previous = set(previous_active)
     pool: list[Candidate] = []
@@ -147,9 +165,15 @@ def select(selection: Selection, candidates: Sequence[Candidate],
                         continue
                     rho, n = overlap_correlation(cand.returns, other.returns)
                     if n < corr.min_overlap:
-                        notes.append(f"correlation with {other.strategy_id} not measured "
-                                     f"({n} shared periods < {corr.min_overlap})")
-                    elif rho == rho and rho > corr.max:
+                        rho_cov = covariance_correlation(covariance, cand.strategy_id, other.strategy_id)
+                        if rho_cov is None:
+                            notes.append(f"correlation with {other.strategy_id} not measured "
+                                         f"({n} shared periods < {corr.min_overlap})")
+                            continue
+                        rho = rho_cov
+                        notes.append(f"correlation with {other.strategy_id} {_fmt(rho)} from the risk "
+                                     f"snapshot's covariance ({n} shared periods < {corr.min_overlap})")
+                    if rho == rho and rho > corr.max:
                         rejected_by = (other.strategy_id, rho)
                         break
         if rejected_by is not None:

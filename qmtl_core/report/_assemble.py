@@ -220,14 +220,13 @@ def _request_item(r: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def pending_at(requests: Iterable[Mapping[str, Any]], at: datetime | None) -> list[Mapping[str, Any]]:
-    """Requests pending at ``at`` (opened by then, not decided by then); pending now without ``at``."""
+    """Requests pending at ``at`` as they stood then (opened by then, not decided by then, with only
+    the approvals given by then); pending now without ``at``."""
+    from qmtl_core.governance._requests import requests_at
+
     if at is None:
         return [r for r in requests if r.get("status") == "pending"]
-    from qmtl_core.timeutil import iso
-
-    cut = iso(at)
-    return [r for r in requests if (r.get("created_at") or "") <= cut
-            and (r.get("status") == "pending" or not r.get("decided_at") or r["decided_at"] > cut)]
+    return [r for r in requests_at(requests, at) if r.get("status") == "pending"]
 
 
 def _pick_runs(runs: Sequence[Any], at: datetime | None) -> dict[tuple[str, str], Any]:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qmtl_core.metric_names import is_portfolio_metric
 from qmtl_core.report._assemble import KEY_METRICS, PERCENT_METRICS, Report, fmt, rank_key
 from qmtl_core.report._paths import safe_name
 
@@ -142,7 +143,7 @@ def render_html(report: Report, *, progress: Progress | None = None) -> str:
         activations=sorted(report.activations, key=lambda a: (a.get("stage") != "live", -float(a.get("weight") or 0),
                                                               a["strategy_id"])),
         key_metrics=KEY_METRICS, percent_metrics=PERCENT_METRICS, stage_rank=_Default(STAGE_RANK, -1), status_rank=_Default(STATUS_RANK, 1),
-        version=__version__)
+        portfolio_metric=is_portfolio_metric, version=__version__)
 
 
 class _Default(dict):  # type: ignore[type-arg]

@@ -5,7 +5,10 @@ leak usable tokens, and every ``qmtl serve`` process on every host sharing the s
 same tokens. Roles are sets of permissions (an approver cannot submit, a submitter cannot approve):
 
 - ``reader``: every GET;
-- ``submitter``: reader + evaluations, risk snapshots, campaign ticks, promotion requests;
+- ``submitter``: reader + evaluations, campaign ticks, promotion requests, for the strategies it
+  submitted (ownership is checked by the facade);
+- ``producer``: reader + risk snapshots and fed-bar replays: the identity whose realized returns
+  count as trusted evidence (``hub``; ``qmtl replay`` for a replay it posts);
 - ``approver``: reader + approve / reject;
 - ``operator``: everything (campaign runs, halt, resume, rollback, demote, promotion requests), and
   the only role that sees secrets (webhook URLs, credentials) in the documents the server returns.
@@ -27,12 +30,13 @@ from qmtl_core.errors import Forbidden, NotFoundError, Unauthorized, UsageError
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso
 
-ROLES = ("reader", "submitter", "approver", "operator")
+ROLES = ("reader", "submitter", "producer", "approver", "operator")
 
 #: What each role may do; a route names the permission it needs.
 PERMISSIONS: dict[str, frozenset[str]] = {
     "reader": frozenset({"read"}),
-    "submitter": frozenset({"read", "evaluate", "risk", "tick", "promote"}),
+    "submitter": frozenset({"read", "evaluate", "tick", "promote"}),
+    "producer": frozenset({"read", "evaluate", "risk"}),
     "approver": frozenset({"read", "approve"}),
     "operator": frozenset({"read", "evaluate", "risk", "tick", "promote", "operate", "secrets"}),
 }

@@ -30,9 +30,9 @@ from qmtl_core.errors import (
     QmtlError,
     WorldNotFound,
 )
-from qmtl_core.governance._activations import set_stage
+from qmtl_core.governance._activations import book_members, set_stage
 from qmtl_core.governance._requests import apply_if_allowed, governance_state, promote
-from qmtl_core.risk import latest_summary
+from qmtl_core.risk import latest_snapshot, latest_summary
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso, parse_instant, parse_optional_instant
 
@@ -64,16 +64,21 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
     stages: dict[str, str] = {}
     since: dict[str, str] = {}
     submitters: dict[str, str | None] = {}
-    for sid, stage, updated_at, submitter in conn.execute(
-            sa.select(st.c.strategy_id, st.c.stage, st.c.updated_at, st.c.submitter).where(st.c.world_id == world)):
+    entered: dict[str, datetime | None] = {}
+    bindings: dict[str, str | None] = {}
+    for sid, stage, updated_at, submitter, entered_at, binding in conn.execute(
+            sa.select(st.c.strategy_id, st.c.stage, st.c.updated_at, st.c.submitter, st.c.stage_entered_at,
+                      st.c.code_binding).where(st.c.world_id == world)):
         stages[sid], since[sid], submitters[sid] = stage, updated_at, submitter
+        entered[sid], bindings[sid] = parse_optional_instant(entered_at), binding
     # Metrics and rule results come back as JSON text (a cast, so PostgreSQL's driver does not decode
     # the JSONB either) and are decoded only for the strategies whose action needs them.
     query = sa.select(heads.c.strategy_id, heads.c.stage, heads.c.run_id, heads.c.revision, heads.c.status,
                       heads.c.policy_version, heads.c.content_hash,
                       sa.cast(heads.c.metrics, sa.Text).label("metrics"),
                       sa.cast(heads.c.rule_results, sa.Text).label("rule_results"),
-                      heads.c.window_start, heads.c.window_end, heads.c.n_observations).where(heads.c.world_id == world)
+                      heads.c.window_start, heads.c.window_end, heads.c.n_observations,
+                      heads.c.evidence_class).where(heads.c.world_id == world)
     latest: dict[str, dict[str, RunSummary]] = {}
     times: dict[str | None, datetime | None] = {}  # runs of one cohort share their window's ends
 
@@ -82,18 +87,36 @@ def load_state(conn: Connection, loaded: "LoadedWorld") -> WorldState:
             times[text] = parse_optional_instant(text)
         return times[text]
 
-    for sid, stage, run_id, revision, status, policy_version, digest, metrics, rules, start, end, n in conn.execute(query):
+    for sid, stage, run_id, revision, status, policy_version, digest, metrics, rules, start, end, n, klass \
+            in conn.execute(query):
         latest.setdefault(sid, {})[stage] = RunSummary(run_id, revision, status, policy_version, digest,
-                                                       metrics, rules, at(start), at(end), n)
+                                                       metrics, rules, at(start), at(end), n, klass)
     halted = conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar()
     gov = governance_state(conn, world, submitters=submitters)
     # A strategy's stay in its stage: when it last moved, and under which activation set (which
     # tells two moves apart even within one clock tick).
     strategies = tuple(StrategyState(sid, stage, latest.get(sid, {}), submitters.get(sid),
-                                     f"{since.get(sid)}#{gov['set_version']}")
+                                     f"{since.get(sid)}#{gov['set_version']}", entered.get(sid))
                        for sid, stage in sorted(stages.items()))
-    return WorldState(world, loaded.policy, strategies, latest_summary(conn, world), bool(halted),
-                      gov["live_strategies"], gov["last_live_promotion_at"], gov["requests"])
+    # The newest trusted snapshot of each stage: a paper decision reads paper returns, a live one
+    # live returns, and neither is hidden by a newer snapshot of the other stage.
+    snapshots = {stage: snap for stage in ("backtest", "paper", "live")
+                 if (snap := latest_summary(conn, world, stage=stage)) is not None}
+    return WorldState(world, loaded.policy, strategies, None, bool(halted),
+                      gov["live_strategies"], gov["last_live_promotion_at"], gov["requests"],
+                      _portfolios(conn, loaded.policy, [sid for sid, stage in stages.items() if stage == "paper"]),
+                      snapshots=snapshots, code_bindings=bindings)
+
+
+def _portfolios(conn: Connection, policy: Any, candidates: Sequence[str]) -> dict[str, Any]:
+    """Portfolio metrics of each paper strategy against the book, for the live gate; read (and the
+    snapshot's document parsed) only when a rule gates on them."""
+    if not candidates or not runs.portfolio_rules(policy):
+        return {}
+    snapshot = latest_snapshot(conn, policy.world, stage="paper")
+    book = book_members(conn, policy)
+    risks = {sid: runs.book_risk(policy, sid, snapshot, None, book, check_fresh=False) for sid in candidates}
+    return {sid: risk for sid, risk in risks.items() if risk is not None}
 
 
 # --- leases ------------------------------------------------------------------------------------------
@@ -195,6 +218,37 @@ def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: s
     return {"status": "executed", **result, **({"notify": notify} if notify else {})}
 
 
+def record_blocks(conn: Connection, actions: Sequence[Action], *, actor: str, now: datetime) -> list[str]:
+    """Write each ``blocked`` action the loop met to the ledger once per idempotency key (which
+    hashes the evidence and the reason: a block on the same evidence is not written again at
+    every tick), and show the latest block on the strategy's pending request; a request whose
+    strategy is no longer blocked stops showing one. Returns the keys written."""
+    ledger.lock(conn)
+    t, requests = schema.campaign_actions, schema.promotion_requests
+    written = []
+    for action in actions:
+        pending = (requests.c.world_id == action.world) & (requests.c.strategy_id == action.strategy_id) \
+            & (requests.c.status == "pending")
+        if action.action != "blocked":
+            conn.execute(sa.update(requests).where(pending & requests.c.blocked_reason.is_not(None))
+                         .values(blocked_reason=None, blocked_at=None))
+            continue
+        if executed(conn, action.idempotency_key):
+            continue
+        why = f"{action.reason}: {action.detail}"
+        conn.execute(sa.insert(t).values(
+            idempotency_key=action.idempotency_key, world_id=action.world, strategy_id=action.strategy_id,
+            action="blocked", stage=action.stage, status="blocked",
+            result={"reason": action.reason, "detail": action.detail}, executed_at=iso(now), executed_by=actor))
+        ledger.append(conn, actor=actor, kind="campaign.blocked", now=now, world=action.world,
+                      subject=f"{action.strategy_id} ({action.stage})", reason=why,
+                      payload={"idempotency_key": action.idempotency_key, "reason": action.reason,
+                               "detail": action.detail, "strategy_id": action.strategy_id})
+        conn.execute(sa.update(requests).where(pending).values(blocked_reason=why, blocked_at=iso(now)))
+        written.append(action.idempotency_key)
+    return written
+
+
 # --- one loop iteration -------------------------------------------------------------------------------
 @dataclass
 class WorldOutcome:
@@ -238,6 +292,7 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                             message=f"leased by {lease.holder} until {iso(lease.expires_at)[:19]}Z")
     docs: list[dict[str, Any]] = []
     seen: set[str] = set()
+    failed: list[str] = []
     refused = False
     final: list[Action] = []
     try:
@@ -265,12 +320,22 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                 except LiveNotConfirmed as exc:  # went live-ready after the pre-check: rolled back
                     outcome, ids = {"status": "refused", "why": exc.code, "message": exc.message}, []
                     refused = True
+                except QmtlError as exc:
+                    # One strategy's bad evidence (a snapshot stored before the hub refused it, a
+                    # series that cannot be measured) fails closed for that action only: the other
+                    # strategies and worlds still run, and the world exits 12 naming it.
+                    failed.append(action.idempotency_key)
+                    outcome, ids = {"status": "error", "why": exc.code,
+                                    "message": f"{world} {action.strategy_id}: {exc.message}"}, []
                 if ids:
                     outcome["notifications"] = service._deliver(ids)
                 doc = {**action.to_dict(), "outcome": outcome["status"], "result": outcome}
                 docs.append(doc)
                 if on_action is not None:
                     on_action(doc)
+        with service.store.write() as conn:
+            if acquire_lease(conn, world, holder, service.clock(), lease_ttl).acquired:
+                record_blocks(conn, final, actor=service.actor, now=service.clock())
     finally:
         with service.store.write() as conn:
             release_lease(conn, world, holder)
@@ -279,7 +344,8 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
     for action in final:
         if action.idempotency_key not in done:
             docs.append({**action.to_dict(), "outcome": "planned" if action.executable else "reported"})
-    pending = [a.exit_class for a in final if not a.executable] + ([10] if refused else [])
+    pending = ([a.exit_class for a in final if not a.executable] + [12] * len(failed)
+               + ([10] if refused else []))
     return WorldOutcome(world, "executed", docs, exit_code=worst_exit(pending))
 
 

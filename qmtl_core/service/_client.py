@@ -146,14 +146,18 @@ class LocalClient:
                              hint="e.g. qmtl world evaluate W --returns returns.csv --explain")
         loaded = self.service.load_world(world, record=False)
         return evaluate_cohort(loaded.policy, stage=stage, metrics=metrics, returns=returns,
-                               previous_active=previous_active, n_trials=n_trials).to_dict()
+                               previous_active=previous_active, n_trials=n_trials,
+                               covariance=self.service.snapshot_covariance(loaded.policy)).to_dict()
 
     def record_evaluation(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
                           metrics: Mapping[str, Any] | None = None,
-                          returns: Sequence[tuple[datetime, float]] | None = None) -> dict[str, Any]:
-        """``qmtl world evaluate --strategy``: one recorded run revision."""
+                          returns: Sequence[tuple[datetime, float]] | None = None,
+                          evidence_class: str | None = None) -> dict[str, Any]:
+        """``qmtl world evaluate --strategy``: one recorded run revision. ``evidence_class`` is
+        what the caller claims (``qmtl replay`` from ``qmtl submit``/``qmtl run``); the facade
+        decides what it is recorded as."""
         rev = self.service.record_evaluation(world, strategy_id=strategy_id, stage=stage, run_id=run_id,
-                                             metrics=metrics, returns=returns)
+                                             metrics=metrics, returns=returns, evidence_class=evidence_class)
         return {**rev.to_dict(), "created": rev.created}
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None",
@@ -243,9 +247,11 @@ class LocalClient:
             raise EvidenceChanged(outcome.message, details=outcome.to_dict())
         return outcome.to_dict()
 
-    def promotions(self, *, world: str | None = None, include_closed: bool = False) -> dict[str, Any]:
-        """``qmtl promote --list``."""
-        return {"requests": self.service.promotion_requests(world=world, include_closed=include_closed)}
+    def promotions(self, *, world: str | None = None, include_closed: bool = False,
+                   at: datetime | None = None) -> dict[str, Any]:
+        """``qmtl promote --list [--at T]``."""
+        return {"requests": self.service.promotion_requests(world=world, include_closed=include_closed, at=at),
+                "at": at.isoformat() if at is not None else None}
 
     def approval_view(self, request_id: str) -> dict[str, Any]:
         """``qmtl promote --show REQ``: what an approver reads, from reads only (the gate as a dry run)."""
@@ -453,10 +459,12 @@ class HttpClient:
 
     def record_evaluation(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
                           metrics: Mapping[str, Any] | None = None,
-                          returns: Sequence[tuple[datetime, float]] | None = None) -> dict[str, Any]:
+                          returns: Sequence[tuple[datetime, float]] | None = None,
+                          evidence_class: str | None = None) -> dict[str, Any]:
         return self._call("POST", f"/worlds/{_world(world)}/evaluate", confirm=True, body={
             "strategy_id": strategy_id, "stage": stage, "run_id": run_id,
-            "metrics": _json_metric_row(metrics), "returns": returns_doc(returns)})
+            "metrics": _json_metric_row(metrics), "returns": returns_doc(returns),
+            **({"evidence_class": evidence_class} if evidence_class else {})})
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None",
                         metrics: Mapping[str, Mapping[str, Any]] | None, run_id: str | None = None) -> dict[str, Any]:
@@ -521,8 +529,10 @@ class HttpClient:
     def approval_view(self, request_id: str) -> dict[str, Any]:
         return self._call("GET", f"/promotions/{request_id}/view")
 
-    def promotions(self, *, world: str | None = None, include_closed: bool = False) -> dict[str, Any]:
-        return self._call("GET", "/promotions", params={"world": world, "all": include_closed})
+    def promotions(self, *, world: str | None = None, include_closed: bool = False,
+                   at: datetime | None = None) -> dict[str, Any]:
+        return self._call("GET", "/promotions", params={"world": world, "all": include_closed,
+                                                        "at": at.isoformat() if at is not None else None})
 
     def decisions(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
         return self._call("GET", f"/worlds/{_world(world)}/decision", params={"strategy": strategy_id})

@@ -96,16 +96,19 @@ class GovernanceMixin:
         outcome.extra["notifications"] = self._deliver(ids)
         return outcome
 
-    def promotion_requests(self: "WorldService", *, world: str | None = None,
-                           include_closed: bool = False) -> list[dict[str, Any]]:
-        """Requests with age and approvals so far (pending only unless ``include_closed``)."""
-        from qmtl_core.governance._requests import list_requests
+    def promotion_requests(self: "WorldService", *, world: str | None = None, include_closed: bool = False,
+                           at: datetime | None = None) -> list[dict[str, Any]]:
+        """Requests with age and approvals so far (pending only unless ``include_closed``); with
+        ``at``, as they stood then (``requests_at``): nothing opened, approved or decided later."""
+        from qmtl_core.governance._requests import list_requests, requests_at
 
         if world is not None:
             self.load_world(world, record=False)
         with self.store.read() as conn:
-            rows = list_requests(conn, world=world, include_closed=include_closed)
-        now = self.clock()
+            rows = list_requests(conn, world=world, include_closed=include_closed or at is not None)
+        if at is not None:
+            rows = [r for r in requests_at(rows, at) if include_closed or r["status"] == "pending"]
+        now = at or self.clock()
         from qmtl_core.timeutil import parse_instant
 
         for r in rows:

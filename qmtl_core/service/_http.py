@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qmtl_core._version import __version__
 from qmtl_core.config import Settings
-from qmtl_core.errors import NotFoundError, QmtlError, UsageError
+from qmtl_core.errors import Forbidden, NotFoundError, QmtlError, UsageError
 from qmtl_core.service import _models as m
 from qmtl_core.telemetry import HttpMetrics, LoopMetrics, exposition, new_registry
 from qmtl_core.service._auth import Principal, authenticate
@@ -62,6 +62,9 @@ class EvaluateBody(_Body):
     run_id: str | None = None
     metrics: dict[str, float | None] | None = None
     returns: list[list[Any]] | None = Field(None, description="[[ISO timestamp, return], ...]")
+    evidence_class: Literal["qmtl replay"] | None = Field(
+        None, description="claimed by qmtl's own replay (qmtl submit / qmtl run); honoured only for a "
+                          "producer or operator token, else the run is recorded as unverified")
 
 
 class CohortBody(_Body):
@@ -202,6 +205,8 @@ WS_UNAUTHORIZED, WS_FORBIDDEN = 4401, 4403
 
 def error_status(exc: QmtlError) -> tuple[int, dict[str, Any]]:
     """The HTTP status and body of an error."""
+    if isinstance(exc, Forbidden):  # every kind of refusal by role or ownership
+        return 403, exc.to_dict()
     return _CODE_STATUS.get(exc.code) or STATUS.get(exc.exit_code, 400), exc.to_dict()
 
 
@@ -369,7 +374,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
         def dependency(request: Request, who: Principal = Depends(principal)) -> LocalClient:
             who.require(permission)
             # Only the calls that would make or keep something live read the intent (the facade).
-            return LocalClient(base.as_actor(who.actor, live_confirmed=live_intent(request)))
+            return LocalClient(base.as_actor(who.actor, role=who.role, live_confirmed=live_intent(request)))
         return dependency
 
     read, evaluate, risk, tick, promote, approve, operate = (
@@ -411,7 +416,8 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
     def evaluate_one(world: str, body: EvaluateBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
         """Record an evaluation run (a new revision when the key exists with other content)."""
         return c.record_evaluation(world, strategy_id=body.strategy_id, stage=body.stage, run_id=body.run_id,
-                                   metrics=body.metrics, returns=returns_from_doc(body.returns))
+                                   metrics=body.metrics, returns=returns_from_doc(body.returns),
+                                   evidence_class=body.evidence_class)
 
     @app.post("/worlds/{world}/evaluate-cohort", response_model=m.CohortDoc, **doc)
     def evaluate_cohort(world: str, body: CohortBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
@@ -473,7 +479,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
         """One loop iteration: plan (``tick`` permission) or execute under the lease (``operate``);
         an execution that would apply live needs ``X-Allow-Live: true`` (428 otherwise)."""
         who.require("operate" if body.execute else "tick")
-        outcome = LocalClient(base.as_actor(who.actor, live_confirmed=live_intent(request))).campaign_run(
+        outcome = LocalClient(base.as_actor(who.actor, role=who.role, live_confirmed=live_intent(request))).campaign_run(
             world, execute=body.execute, holder=body.holder, lease_ttl_seconds=body.lease_ttl_seconds)
         loop_metrics.observe(outcome, clock())
         return outcome
@@ -506,10 +512,10 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
         return c.promote(world, body.strategy_id, reason=body.reason, dry_run=body.dry_run)
 
     @app.get("/promotions", response_model=m.RequestList, **doc)
-    def promotions(world: str | None = None, all: bool = Query(False),
+    def promotions(world: str | None = None, all: bool = Query(False), at: str | None = None,
                    c: LocalClient = Depends(read)) -> dict[str, Any]:
-        """Promotion requests (pending unless ``all``)."""
-        return c.promotions(world=world, include_closed=all)
+        """Promotion requests (pending unless ``all``), as they stood at ``at`` when given."""
+        return c.promotions(world=world, include_closed=all, at=parse_instant(at, what="at") if at else None)
 
     @app.get("/promotions/{request_id}/view", response_model=m.ApprovalView, **doc)
     def approval_view(request_id: str, c: LocalClient = Depends(read)) -> dict[str, Any]:

@@ -113,6 +113,14 @@ def check_stage(stage: str) -> None:
         raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper, shadow or live")
 
 
+def code_binding(code_hash: str | None, meta: Mapping[str, Any]) -> str:
+    """What a strategy's evidence is bound to besides its runs: the code hash, the parameters and
+    the data it was submitted with. Any change voids a promotion request and its approvals."""
+    submission = meta.get("submission") or {}
+    return content_hash({"code_hash": code_hash, "params": submission.get("params"),
+                         "data": submission.get("data")})
+
+
 def policy_hash(policy: "WorldPolicy") -> str:
     """Content hash of a policy's meaning (comments and formatting do not count)."""
     return content_hash(policy.model_dump(mode="json"))
@@ -123,7 +131,7 @@ class WorldService(GovernanceMixin):
 
     def __init__(self, settings: Settings, *, store: "Store | None" = None,
                  clock: Callable[[], datetime] = utcnow, actor: str | None = None,
-                 live_confirmed: bool = False) -> None:
+                 role: str | None = None, live_confirmed: bool = False) -> None:
         if actor is not None and (not actor.strip() or actor != actor.strip() or not actor.isprintable()):
             raise UsageError(f"invalid actor {actor!r}: every change is recorded with who made it",
                              hint="a token's actor or an OS account name", code="invalid_actor")
@@ -132,16 +140,18 @@ class WorldService(GovernanceMixin):
         self.clock = clock
         self._bus: "ControlBus | None" = None
         self._actor = actor
+        self._role = role
         #: The caller said it means to change what is live (``X-Allow-Live: true`` /
         #: ``--allow-live``). Without it every call that would make or keep a strategy live is
         #: refused (``LiveNotConfirmed``) inside its transaction, so nothing is written.
         self.live_confirmed = live_confirmed
 
-    def as_actor(self, actor: str, *, live_confirmed: bool | None = None) -> "WorldService":
-        """The same facade (store, clock, bus) acting as ``actor``: the server uses it for the
-        token's actor; local mode never does (there the actor is the OS user). The live intent
-        is this facade's unless given (the server always gives the request's)."""
-        other = WorldService(self.settings, store=self.store, clock=self.clock, actor=actor,
+    def as_actor(self, actor: str, *, role: str | None = None, live_confirmed: bool | None = None) -> "WorldService":
+        """The same facade (store, clock, bus) acting as ``actor`` with a token's ``role``: the
+        server uses it for the token's actor; local mode never does (there the actor is the OS
+        user, with no role: what it may do follows from the world's policy). The live intent is
+        this facade's unless given (the server always gives the request's)."""
+        other = WorldService(self.settings, store=self.store, clock=self.clock, actor=actor, role=role,
                              live_confirmed=self.live_confirmed if live_confirmed is None else live_confirmed)
         other._bus = self.bus
         return other
@@ -149,7 +159,7 @@ class WorldService(GovernanceMixin):
     def confirming_live(self, confirmed: bool = True) -> "WorldService":
         """The same facade, same identity, with the caller's live intent set (local ``--allow-live``)."""
         other = WorldService(self.settings, store=self.store, clock=self.clock, actor=self._actor,
-                             live_confirmed=confirmed)
+                             role=self._role, live_confirmed=confirmed)
         other._bus = self.bus
         return other
 
@@ -160,6 +170,55 @@ class WorldService(GovernanceMixin):
             raise LiveNotConfirmed(
                 f"{what}; refused without the explicit live intent, nothing was changed",
                 hint="repeat with --allow-live (HTTP: header X-Allow-Live: true)")
+
+    @property
+    def role(self) -> str | None:
+        """The token's role behind the server; ``None`` in local mode."""
+        return self._role
+
+    # -- provenance and ownership (DESIGN §11) -------------------------------------------------------
+    def is_producer(self, policy: "WorldPolicy") -> bool:
+        """Whether this identity's realized returns are trusted evidence in the world: a token with
+        role ``producer``, or a local identity listed in ``risk.producers``."""
+        if self._role is not None:
+            return self._role == "producer"
+        return self.actor in policy.risk.producers
+
+    def _request_class(self, policy: "WorldPolicy", claimed: str | None) -> tuple[str, list[str]]:
+        """The class a request's metrics and returns are recorded as, and a note when a claim is
+        not honoured. Only qmtl's own replay is trusted: in-process (local mode), or posted by a
+        producer or operator token; a submitter's client-side replay cannot be checked."""
+        from qmtl_core.evidence_class import EvidenceClass
+
+        if claimed is None:
+            return EvidenceClass.UNVERIFIED, []
+        if claimed != EvidenceClass.REPLAY:
+            raise UsageError(f"evidence_class {claimed!r} cannot be claimed by a request",
+                             hint="only qmtl's own replay may say 'qmtl replay'; hub returns go to qmtl risk put")
+        if self._role in (None, "producer", "operator"):
+            return EvidenceClass.REPLAY, []
+        return EvidenceClass.UNVERIFIED, [f"{self.actor} ({self._role}) claimed qmtl replay; a replay run on "
+                                          "a submitter's machine cannot be verified, so it is unverified"]
+
+    def _check_owner(self, conn: Any, policy: "WorldPolicy", strategy_id: str) -> None:
+        """A submitter acts only on strategies it submitted: a token with role ``submitter``, or
+        any local identity that is not a producer. Operators and producers act on any strategy
+        (a producer's replay is the feed). Call inside the write transaction, after the lock."""
+        import sqlalchemy as sa
+
+        from qmtl_core.errors import NotOwner
+        from qmtl_core.store import schema
+
+        if self._role not in (None, "submitter") or (self._role is None and self.is_producer(policy)):
+            return
+        t = schema.strategies
+        owner = conn.execute(sa.select(t.c.submitter).where(t.c.world_id == policy.world,
+                                                            t.c.strategy_id == strategy_id)).scalar()
+        if owner is not None and owner != self.actor:
+            raise NotOwner(f"{self.actor} did not submit {strategy_id} in {policy.world} ({owner} did): only its "
+                           "submitter posts runs, returns or submissions for it",
+                           hint="ask its submitter, or an operator; realized returns come from a producer "
+                                "through the risk hub")
 
     # -- plumbing --------------------------------------------------------------------------------
     @property
@@ -333,18 +392,26 @@ class WorldService(GovernanceMixin):
     # -- evaluation ------------------------------------------------------------------------------
     def record_evaluation(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
                           metrics: Mapping[str, Any] | None = None,
-                          returns: Sequence[tuple[datetime, float]] | None = None) -> "RunRevision":
-        """Record an evaluation run of one strategy at one stage, sourcing metrics per DESIGN §5."""
-        from qmtl_core import runs
+                          returns: Sequence[tuple[datetime, float]] | None = None,
+                          evidence_class: str | None = None) -> "RunRevision":
+        """Record an evaluation run of one strategy at one stage, sourcing metrics per DESIGN §5.
+
+        What the request supplies is ``unverified`` unless it is qmtl's own replay (``evidence_class``
+        claimed, and honoured for who is calling); a submitter may record only its own strategies."""
+        from qmtl_core import ledger, runs
         from qmtl_core.governance._activations import book_members
 
         check_stage(stage)
         loaded = self.load_world(world)
+        klass, notes = self._request_class(loaded.policy, evidence_class)
         with self.store.write() as conn:
+            ledger.lock(conn)
+            self._check_owner(conn, loaded.policy, strategy_id)
             return runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
                                             strategy_id=strategy_id, stage=stage, run_id=run_id,
                                             metrics=metrics, returns=returns, actor=self.actor,
-                                            now=self.clock(), book=book_members(conn, loaded.policy))
+                                            now=self.clock(), book=book_members(conn, loaded.policy),
+                                            request_class=klass, extra_notes=notes)
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None" = None,
                         metrics: Mapping[str, Mapping[str, Any]] | None = None,
@@ -352,6 +419,7 @@ class WorldService(GovernanceMixin):
         """Record one run per strategy of a cohort, with metrics from the vectorised path."""
         from qmtl_core import ledger, runs
         from qmtl_core.evaluation import add_extras, cohort_metrics, merge_metrics, uses_metric
+        from qmtl_core.evidence_class import EvidenceClass
         from qmtl_core.governance._activations import book_members
         from qmtl_core.metric_names import is_portfolio_metric
         from qmtl_core.risk import freshness, latest_snapshot
@@ -369,7 +437,7 @@ class WorldService(GovernanceMixin):
         out = []
         with self.store.write() as conn:
             ledger.lock(conn)
-            snapshot = latest_snapshot(conn, world) if runs.portfolio_rules(policy) else None
+            snapshot = latest_snapshot(conn, world, stage=stage) if runs.portfolio_rules(policy, stage) else None
             book = book_members(conn, policy)
             risks = {}
             for sid in ids:  # every strategy checked before anything is written: all or nothing
@@ -377,6 +445,8 @@ class WorldService(GovernanceMixin):
                          if snapshot is not None else None)
                 risks[sid] = runs.book_risk(policy, sid, snapshot, fresh, book)
                 runs.require_portfolio(policy, stage, risks[sid], fresh)
+            for sid in ids:
+                self._check_owner(conn, loaded.policy, sid)
             for sid in ids:
                 runs.ensure_strategy(conn, world_id=world, strategy_id=sid, now=now, submitter=self.actor)
                 series = returns.series(sid) if returns is not None and sid in returns.strategies else None
@@ -390,7 +460,9 @@ class WorldService(GovernanceMixin):
                         values[name], where[name] = value, risk.source
                 sourced = runs.Sourced(
                     values, where, runs.window_of(series, "request.returns"),
-                    [(iso(t), r) for t, r in series] if series else None)
+                    [(iso(t), r) for t, r in series] if series else None,
+                    metric_classes={k: EvidenceClass.HUB if risk is not None and where.get(k) == risk.source
+                                    else EvidenceClass.UNVERIFIED for k in values})
                 end = series[-1][0] if series else None
                 key = run_id or runs.suggested_run_id(stage, end, now)
                 out.append(runs.record_run(conn, policy=loaded.policy, strategy_id=sid, stage=stage,
@@ -498,12 +570,13 @@ class WorldService(GovernanceMixin):
         from qmtl_core.store import schema
         from qmtl_core.timeutil import iso
 
-        self.load_world(world)
+        loaded = self.load_world(world)
         now = self.clock()
         t = schema.strategies
         key = (t.c.world_id == world) & (t.c.strategy_id == strategy_id)
         with self.store.write() as conn:
             ledger.lock(conn)
+            self._check_owner(conn, loaded.policy, strategy_id)
             created = conn.execute(sa.select(t.c.strategy_id).where(key)).first() is None
             row = runs.ensure_strategy(conn, world_id=world, strategy_id=strategy_id, now=now,
                                        submitter=self.actor, name=name)
@@ -521,10 +594,13 @@ class WorldService(GovernanceMixin):
             new_meta = {**old_meta, **(meta or {})}
             if new_meta != old_meta:
                 values["meta"] = new_meta
+            binding = code_binding(values.get("code_hash", row.code_hash), new_meta)
+            if binding != row.code_binding:
+                values["code_binding"] = binding
             if values or created:
                 if values:
                     conn.execute(sa.update(t).where(key).values(**values, updated_at=iso(now)))
-                changed = sorted(set(values) - {"meta"}) + sorted(k for k in new_meta
+                changed = sorted(set(values) - {"meta", "code_binding"}) + sorted(k for k in new_meta
                                                                   if new_meta.get(k) != old_meta.get(k))
                 ledger.append(conn, actor=self.actor, kind=kind, now=now, world=world,
                               subject=f"{strategy_id} {name or row.name or ''}".strip(),
@@ -548,19 +624,43 @@ class WorldService(GovernanceMixin):
 
         import sqlalchemy as sa
 
-        self.load_world(snapshot.world_id)  # the world must exist
+        from qmtl_core.evidence_class import EvidenceClass
+        from qmtl_core.risk import resolve_refs
+
+        loaded = self.load_world(snapshot.world_id)  # the world must exist
+        snapshot, refs = resolve_refs(snapshot, refs_dir=self.settings.risk_refs_dir)
+        klass = EvidenceClass.HUB if self.is_producer(loaded.policy) else EvidenceClass.UNVERIFIED
         now = self.clock()
         with self.store.write() as conn:
             t = schema.strategies
             known = {r.strategy_id for r in conn.execute(
                 sa.select(t.c.strategy_id).where(t.c.world_id == snapshot.world_id))}
             stored, created = put_snapshot(conn, snapshot, known_strategies=known, actor=self.actor,
-                                           now=now)
+                                           now=now, evidence_class=klass,
+                                           future_tolerance=loaded.policy.risk.future_tolerance, refs=refs)
         if created:
             self.bus.publish(controlbus.risk_snapshot_updated(
                 world_id=snapshot.world_id, snapshot_hash=stored.content_hash,
                 as_of=snapshot.as_of, ttl_sec=snapshot.ttl_sec))
         return stored, created
+
+    def snapshot_covariance(self, policy: "WorldPolicy") -> dict[tuple[str, str], float] | None:
+        """The world's fresh snapshot's covariance keyed ``(a, b)`` both ways, for selection's
+        correlation filter; ``None`` without a correlation step, a fresh snapshot or a covariance."""
+        from qmtl_core.risk import freshness, latest_snapshot
+
+        if policy.selection.correlation is None:
+            return None
+        with self.store.read() as conn:
+            stored = latest_snapshot(conn, policy.world, stage=None)  # a trusted producer's, any stage
+        if stored is None or stored.snapshot.covariance is None or not freshness(
+                stored, now=self.clock(), max_age=policy.risk.snapshot_max_age).ok:
+            return None
+        out: dict[tuple[str, str], float] = {}
+        for key, value in stored.snapshot.covariance.items():
+            a, b = (p.strip() for p in key.split(","))
+            out[(a, b)] = out[(b, a)] = value
+        return out
 
     def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> list["ControlEvent"]:
         """Announce a strategy's input queues: each update (``tags, interval, queues, match_mode,
@@ -604,14 +704,17 @@ class WorldService(GovernanceMixin):
             self.bus.publish(ev)
         return written
 
-    def risk_snapshot(self, world: str, *, version: str | None = None) -> tuple["StoredSnapshot", "Freshness"]:
-        """The latest (or a named) snapshot of a world and its freshness now."""
+    def risk_snapshot(self, world: str, *, version: str | None = None,
+                      stage: str | None = None) -> tuple["StoredSnapshot", "Freshness"]:
+        """The latest (or a named) snapshot of a world, of any class and stage unless ``stage`` is
+        given, and its freshness now (an ``unverified`` one is shown, never decided on)."""
         from qmtl_core.errors import NotFoundError
         from qmtl_core.risk import freshness, get_snapshot, latest_snapshot
 
         loaded = self.load_world(world, record=False)
         with self.store.read() as conn:
-            stored = get_snapshot(conn, world, version) if version else latest_snapshot(conn, world)
+            stored = (get_snapshot(conn, world, version) if version
+                      else latest_snapshot(conn, world, stage=stage, trusted_only=False))
         if stored is None:
             what = f" version {version!r}" if version else ""
             raise NotFoundError(f"world {world} has no risk snapshot{what}",

@@ -126,6 +126,32 @@ def _policy_proposals(conn: Connection) -> None:
     schema.policy_approvals.create(conn, checkfirst=True)
 
 
+def _add_columns(conn: Connection, table: sa.Table, names: tuple[str, ...]) -> None:
+    have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+    for name in names:
+        if name not in have:
+            kind = table.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
+
+
+def _provenance(conn: Connection) -> None:
+    """Evidence provenance (DESIGN §11). Runs and snapshots stored before it get no class, which
+    reads as untrusted: nothing recorded without provenance can count toward live money. A
+    strategy in paper or live is taken to have entered its stage at its last update (the best the
+    old store knows); snapshots get their stage from their document."""
+    _add_columns(conn, schema.strategies, ("stage_entered_at", "code_binding"))
+    _add_columns(conn, schema.run_revisions, ("evidence_class", "metric_classes"))
+    _add_columns(conn, schema.run_heads, ("evidence_class",))
+    _add_columns(conn, schema.risk_snapshots, ("stage", "evidence_class"))
+    _add_columns(conn, schema.promotion_requests, ("blocked_reason", "blocked_at"))
+    st, t = schema.strategies, schema.risk_snapshots
+    conn.execute(sa.update(st).values(stage_entered_at=st.c.updated_at))
+    for snapshot_id, document in conn.execute(sa.select(t.c.id, t.c.document)).all():
+        stage = ((document or {}).get("provenance") or {}).get("stage")
+        conn.execute(sa.update(t).where(t.c.id == snapshot_id).values(stage=stage))
+    next(i for i in t.indexes if i.name == "ix_risk_snapshots_world_stage_asof").create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _initial),
     Migration(2, "api tokens for qmtl serve", _api_tokens),
@@ -134,6 +160,7 @@ MIGRATIONS: list[Migration] = [
     Migration(5, "audit anchors: store id, approvals tied to the ledger, outbox, append-only ledger",
               _audit_anchors),
     Migration(6, "governed policy changes: proposals and their approvals", _policy_proposals),
+    Migration(7, "evidence provenance: run and snapshot classes, stage entry, code binding", _provenance),
 ]
 
 

@@ -78,6 +78,10 @@ strategies = sa.Table(
     sa.Column("submitted_at", Time, nullable=False),
     sa.Column("updated_at", Time, nullable=False),
     sa.Column("meta", JSONDoc),
+    #: Schema v6: when the strategy last entered its stage (observations before it never count),
+    #: and the hash of what was submitted (code hash, parameters, data) that evidence is bound to.
+    sa.Column("stage_entered_at", Time),
+    sa.Column("code_binding", Hash),
 )
 
 #: An evaluation run's identity; its content lives in revisions (same key again = new revision).
@@ -111,6 +115,10 @@ run_revisions = sa.Table(
     sa.Column("content_hash", Hash, nullable=False),
     sa.Column("recorded_at", Time, nullable=False),
     sa.Column("recorded_by", Name, nullable=False),
+    #: Schema v6: the provenance class of the run's evidence (``qmtl_core.evidence_class``) and of
+    #: each metric; NULL (a store older than v5) reads as untrusted.
+    sa.Column("evidence_class", sa.String(16)),
+    sa.Column("metric_classes", JSONDoc),
     sa.UniqueConstraint("run_pk", "revision", name="uq_run_revisions_revision"),
 )
 
@@ -134,6 +142,7 @@ run_heads = sa.Table(
     sa.Column("metrics", JSONDoc),
     sa.Column("rule_results", JSONDoc),
     sa.Column("updated_at", Time, nullable=False),
+    sa.Column("evidence_class", sa.String(16)),  # schema v6, as on run_revisions
 )
 
 risk_snapshots = sa.Table(
@@ -149,9 +158,15 @@ risk_snapshots = sa.Table(
     sa.Column("recorded_by", Name, nullable=False),
     #: Schema v4: ``risk.summarize(document)``, what the campaign tick reads instead of the document.
     sa.Column("summary", JSONDoc),
+    #: Schema v6: the stage of its realized returns (the latest snapshot is chosen per stage), and
+    #: ``hub`` when a trusted producer posted it, else ``unverified`` (never decided on).
+    sa.Column("stage", sa.String(16)),
+    sa.Column("evidence_class", sa.String(16)),
     sa.UniqueConstraint("world_id", "version", name="uq_risk_snapshots_version"),
 )
 sa.Index("ix_risk_snapshots_world_asof", risk_snapshots.c.world_id, risk_snapshots.c.as_of)
+sa.Index("ix_risk_snapshots_world_stage_asof", risk_snapshots.c.world_id, risk_snapshots.c.stage,
+         risk_snapshots.c.evidence_class, risk_snapshots.c.as_of)
 
 #: Executed campaign actions; the primary key makes "each idempotency key at most once, ever".
 campaign_actions = sa.Table(
@@ -188,6 +203,9 @@ promotion_requests = sa.Table(
     sa.Column("status", sa.String(32), nullable=False),
     sa.Column("created_at", Time, nullable=False),
     sa.Column("decided_at", Time),
+    #: Schema v6: the latest block the campaign loop met on this request's evidence, and when.
+    sa.Column("blocked_reason", sa.Text),
+    sa.Column("blocked_at", Time),
 )
 
 approvals = sa.Table(
