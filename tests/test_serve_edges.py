@@ -396,3 +396,16 @@ def test_workers_serve_the_same_store(served: dict[str, Any]) -> None:
     finally:
         _stop(proc)
     assert not os.path.exists(f"/proc/{proc.pid}")
+
+
+def test_a_reader_cannot_record_a_policy_version(api, worlds_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A changed or new policy file is recorded by an acting command, never by a reader's GET."""
+    client, tokens, server = api
+    gov = worlds_dir / "gov.yaml"
+    gov.write_text(gov.read_text().replace("policy_version: 1", "policy_version: 2").replace("min: 0.3}", "min: 0.35}"))
+    (worlds_dir / "fresh.yaml").write_text(policy_text("fresh"))
+    before = _counts(server.app.state.service)
+    for path in ("/worlds", "/worlds/gov", "/worlds/fresh", "/worlds/gov/decision", "/worlds/gov/campaign",
+                 "/worlds/fresh/decision?strategy=x", "/promotions?world=gov", "/worlds/gov/report"):
+        assert client.get(path, headers=_h(tokens["reader"])).status_code < 500, path
+    assert _counts(server.app.state.service) == before
