@@ -97,6 +97,7 @@ def _rollback(a: Api, world: str) -> tuple[str, str, Any]:
 
 def _resume(a: Api, world: str) -> tuple[str, str, Any]:
     a.setup_svc.set_halted(world, halted=True, reason="broker outage")
+    a.setup_svc.load_world(world)  # the policy in force recorded, as any acting command does first
     return "POST", f"/worlds/{world}/resume", {"reason": "fixed"}
 
 
@@ -106,8 +107,13 @@ ROUTES: dict[str, tuple[Route, str, str]] = {
     "promote": (_promote, "auto", "sam"),
     "campaign_run": (_campaign, "auto", "otto"),
     "approve": (_approve, "gov", "bob"),
-    "rollback": (_rollback, "gov", "otto"),
     "resume": (_resume, "gov", "otto"),
+}
+#: Rollback, since one gate guards every path into live (issue 20), never makes anything live on its
+#: own: rows that would go live come back in paper with a request opened, so no intent is asked.
+#: (Resume still asks for it: lifting the kill switch is a live change in itself.)
+RESTORING: dict[str, tuple[Route, str, str]] = {
+    "rollback": (_rollback, "gov", "otto"),
 }
 
 
@@ -172,8 +178,10 @@ def test_local_facade_refuses_without_intent(store_url: str, worlds_dir: Path, t
     entries = len(svc.audit_log())
     with pytest.raises(LiveNotConfirmed, match="promoting a would put it live in auto"):
         svc.promote("auto", "a")
-    with pytest.raises(LiveNotConfirmed, match="campaign loop would put a live"):
-        Setup(svc, "auto").loop()
+    # the library loop isolates worlds: this one is reported refused (exit 10), and nothing is written
+    refused = Setup(svc, "auto").loop()
+    assert (refused.status, refused.exit_code, refused.error) == ("refused", 10, "allow_live_required")
+    assert "campaign loop would put a live" in (refused.message or "")
     assert len(svc.audit_log()) == entries
     assert svc.confirming_live().promote("auto", "a").status == "applied"
     svc.close()
@@ -200,3 +208,15 @@ def test_cli_campaign_loop_needs_allow_live_for_apply(qmtl_env: dict[str, str], 
     done = qmtl("world", "campaign-loop", "--world", "auto", "--once", "--execute", "--json")
     assert done.exit_code == 0, done.stdout + done.stderr
     assert qmtl("world", "history", "auto", "--json").json()["live"] == ["a"]
+
+
+@pytest.mark.parametrize("route", sorted(RESTORING))
+def test_rollback_needs_no_intent_because_it_never_goes_live(api: Api, route: str) -> None:
+    scene, world, actor = RESTORING[route]
+    method, path, body = scene(api, world)
+    for header in HEADERS:
+        denied = api.call(method, path, "rita", header, body)
+        assert denied.status_code == 403, (header, denied.text)
+    done = api.call(method, path, actor, "absent", body)
+    assert done.status_code == 200, done.text
+    assert api.live(world) == []  # restored to paper; going live again takes the gate and a request

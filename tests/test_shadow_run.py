@@ -104,7 +104,7 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     assert fed["orders"]["published"] == 0 and fed["orders"]["blocked"] == {"domain_shadow": 1}
     assert broker.orders == [] and "--broker-webhook not used" in fed["note"]
     run = fed["run"]
-    assert (run["stage"], run["run_id"], run["revision"]) == ("shadow", "shadow-from-20120604", 1)
+    assert (run["stage"], run["run_id"], run["revision"]) == ("shadow", "shadow-from-20320604", 1)
     assert run["window"]["n_observations"] == n_a
     # the shadow-only rule is checked on the shadow run
     assert "shadow_vol" in [r["id"] for r in run["rules"]]
@@ -119,7 +119,7 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     # more shadow bars: the same run, next revision, and the window is satisfied on data
     b, n_b = setup["b"]
     more = qmtl("run", strat, "--world", WORLD, "--data", str(b), "--domain", "shadow", "--json").json()
-    assert (more["run"]["run_id"], more["run"]["revision"]) == ("shadow-from-20120604", 2)
+    assert (more["run"]["run_id"], more["run"]["revision"]) == ("shadow-from-20320604", 2)
     assert more["run"]["window"]["n_observations"] == n_a + n_b
     assert _shadow_progress(sid)["satisfied"]
     after = qmtl("promote", sid, "--world", WORLD, "--dry-run", "--json").json()

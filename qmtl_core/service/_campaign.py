@@ -255,7 +255,7 @@ class WorldOutcome:
     """What an iteration did for one world."""
 
     world: str
-    status: str  # planned | executed | busy | error
+    status: str  # planned | executed | busy | refused | error
     actions: list[dict[str, Any]] = field(default_factory=list)
     holder: str | None = None
     message: str | None = None
@@ -363,6 +363,8 @@ def failed_world(service: "WorldService", world: str, exc: Exception) -> WorldOu
     without a version bump) exits 12 ``policy_unavailable``: its campaign is not being watched,
     which is fail-closed territory, not a typo to fix at leisure.
     """
+    if isinstance(exc, LiveNotConfirmed):  # the caller's live intent is missing: refused, nothing written
+        return WorldOutcome(world, "refused", exit_code=exc.exit_code, error=exc.code, message=exc.message)
     if not isinstance(exc, QmtlError):
         return WorldOutcome(world, "error", exit_code=1, error="internal_error",
                             message=f"internal error: {type(exc).__name__}: {exc}")
