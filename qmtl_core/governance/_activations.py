@@ -149,10 +149,10 @@ def record_decision(conn: Connection, policy: WorldPolicy, strategy_id: str, *, 
     return envelope
 
 
-def record_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
-                     strategy_id: str | None = None) -> list[Any]:
-    """``current_decisions``, each envelope stored when it changed: for the writers that move the
-    kill switch or the stages (never for a read)."""
+def _decision_inputs(conn: Connection, policy: WorldPolicy,
+                     strategy_id: str | None) -> list[tuple[str, str | None, bool, bool, str | None]]:
+    """What a decision envelope is derived from, per strategy (one, known or not, or every one of
+    the world): ``(strategy_id, stage, live_active, halted, activation_etag)``."""
     st = schema.strategies
     query = sa.select(st.c.strategy_id, st.c.stage).where(st.c.world_id == policy.world)
     if strategy_id is not None:
@@ -163,11 +163,18 @@ def record_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
     halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == policy.world))
                   .scalar())
     _, rows = current_set(conn, policy.world)
+    return [(sid, stage, (a := rows.get(sid)) is not None and a.stage == "live", halted, a.etag if a else None)
+            for sid, stage in stages.items()]
+
+
+def record_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
+                     strategy_id: str | None = None) -> list[Any]:
+    """``current_decisions``, each envelope stored when it changed: for the writers that move the
+    kill switch or the stages (never for a read)."""
     out = []
-    for sid, stage in stages.items():
-        a = rows.get(sid)
-        out.append(record_decision(conn, policy, sid, stage=stage, live_active=a is not None and a.stage == "live",
-                                   halted=halted, now=now, activation_etag=a.etag if a else None))
+    for sid, stage, live_active, halted, etag in _decision_inputs(conn, policy, strategy_id):
+        out.append(record_decision(conn, policy, sid, stage=stage, live_active=live_active,
+                                   halted=halted, now=now, activation_etag=etag))
     return out
 
 
@@ -177,21 +184,10 @@ def current_decisions(conn: Connection, policy: WorldPolicy, *, now: datetime,
     of the world, derived and never stored: asking is a read (a reader must not be able to write
     rows by asking about made-up strategies). Envelopes are stored where they change: with every
     new activation set (``write_set``) and with the kill switch (``set_halt``)."""
-    st = schema.strategies
-    query = sa.select(st.c.strategy_id, st.c.stage).where(st.c.world_id == policy.world)
-    if strategy_id is not None:
-        query = query.where(st.c.strategy_id == strategy_id)
-    stages: dict[str, str | None] = {r.strategy_id: r.stage for r in conn.execute(query.order_by(st.c.strategy_id))}
-    if strategy_id is not None:
-        stages.setdefault(strategy_id, None)
-    halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == policy.world))
-                  .scalar())
-    _, rows = current_set(conn, policy.world)
     out = []
-    for sid, stage in stages.items():
-        a = rows.get(sid)
-        out.append(derive_decision(policy, sid, stage=stage, live_active=a is not None and a.stage == "live",
-                                   halted=halted, now=now, activation_etag=a.etag if a else None))
+    for sid, stage, live_active, halted, etag in _decision_inputs(conn, policy, strategy_id):
+        out.append(derive_decision(policy, sid, stage=stage, live_active=live_active,
+                                   halted=halted, now=now, activation_etag=etag))
     return out
 
 
