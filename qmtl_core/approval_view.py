@@ -103,11 +103,12 @@ def _clean(value: Any) -> Any:
 
 def approval_view(request: Mapping[str, Any], gate: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], *,
                   policy: Mapping[str, Any], snapshot: Mapping[str, Any] | None,
-                  live: Sequence[str]) -> dict[str, Any]:
+                  live: Sequence[str], policy_diff: str | None = None) -> dict[str, Any]:
     """The approver's page for ``request`` (a ``promote --list --all`` row) from the current dry-run
     ``gate`` (``Outcome.to_dict()['gate']``), the strategy's latest ``runs`` per stage, the world's
     ``policy`` document, its newest risk ``snapshot`` (``risk show``; ``None`` without one) and the
-    strategies ``live`` now."""
+    strategies ``live`` now; ``policy_diff``: the unified diff of the recorded policy files between
+    the version the request was opened under and the one in force, when they differ."""
     sid = str(request["strategy_id"])
     periods = int(policy.get("periods_per_year") or 252)
     by_stage = {str(r["stage"]): r for r in runs}
@@ -160,7 +161,8 @@ def approval_view(request: Mapping[str, Any], gate: Mapping[str, Any], runs: Seq
         "small_sample": sample,
         "risk": risk,
         "policy": {"version_at_request": opened_version, "version_now": current_version,
-                   "changed": opened_version is not None and opened_version != current_version},
+                   "changed": opened_version is not None and opened_version != current_version,
+                   "diff": policy_diff},
         "evidence": {"request": request.get("evidence_hash"), "now": gate.get("evidence_hash"),
                      "unchanged": request.get("evidence_hash") == gate.get("evidence_hash")},
     }

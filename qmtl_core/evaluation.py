@@ -3,6 +3,12 @@
 This is what ``qmtl world evaluate W --returns F`` runs without touching the store, and what the
 recorded evaluation runs build on. Metric values given explicitly win over values computed from
 returns (DESIGN §5: values in the request first); each value records where it came from.
+
+Portfolio metrics (``incremental_var_99``, ``stress_loss_max`` ...) never come from the files: a
+book cannot be described by the candidate. Offline they come from a ``BookRisk`` the caller read
+(the world's newest trusted snapshot of the stage, against the world's current book); a metric a
+blocking rule needs and that could not be measured is listed in ``unmeasured`` with why, and the
+evaluation exits 12 (fail closed) unless a measured rule already fails it (10).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 from qmtl_core.datafiles import ReturnsTable
 from qmtl_core.errors import BadInputError
 from qmtl_core.extra_metrics import computed_extras
-from qmtl_core.metric_names import COMPUTED_EXTRAS
+from qmtl_core.metric_names import COMPUTED_EXTRAS, is_portfolio_metric
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._engine import GateResult, Status, clean_number, evaluate_gates
 from qmtl_core.policy._selection import Candidate, SelectionResult, select
+from qmtl_core.portfolio import PortfolioRisk
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,6 +45,18 @@ SOURCE_DERIVED = "derived"
 
 
 @dataclass(frozen=True)
+class BookRisk:
+    """Portfolio metrics of each candidate against the world's book (``runs.book_risk``), or why a
+    candidate has none (no fresh snapshot of the stage, or it does not cover the candidate)."""
+
+    risks: Mapping[str, PortfolioRisk] = field(default_factory=dict)
+    why_not: Mapping[str, str] = field(default_factory=dict)
+
+
+NO_BOOK = "no risk snapshot was read"
+
+
+@dataclass(frozen=True)
 class StrategyReport:
     """One strategy's metrics (with sources), gate results and selection decision."""
 
@@ -48,6 +67,14 @@ class StrategyReport:
     selected: bool
     selection_reason: str
     rank: int | None
+    #: Portfolio metrics a rule of the stage names that could not be measured, with why.
+    unmeasured: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def fails_measured(self) -> bool:
+        """A blocking rule fails on a value that was measured (a policy block, not missing evidence)."""
+        return any(r.status == "fail" and r.severity == "blocking" and r.metric not in self.unmeasured
+                   for r in self.gates.rules)
 
     @property
     def status(self) -> Status:
@@ -60,7 +87,7 @@ class StrategyReport:
                 "selected": self.selected, "rank": self.rank,
                 "selection_reason": self.selection_reason,
                 "metrics": dict(self.metrics), "metric_sources": dict(self.sources),
-                "rules": [r.to_dict() for r in self.gates.rules]}
+                "rules": [r.to_dict() for r in self.gates.rules], "unmeasured": dict(self.unmeasured)}
 
 
 @dataclass(frozen=True)
@@ -82,11 +109,21 @@ class CohortEvaluation:
         statuses = {s.status for s in self.strategies}
         return "fail" if "fail" in statuses else ("warn" if "warn" in statuses else "pass")
 
+    @property
+    def exit_code(self) -> int:
+        """10 when a blocking rule fails on a measured value; else 12 when a portfolio metric a
+        blocking rule needs could not be measured (fail closed); else 0."""
+        if any(s.fails_measured for s in self.strategies):
+            return 10
+        if any(r.metric in s.unmeasured and r.severity == "blocking" for s in self.strategies for r in s.gates.rules):
+            return 12
+        return 0
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         counts = {k: sum(1 for s in self.strategies if s.status == k) for k in ("pass", "warn", "fail")}
         return {"world": self.world, "stage": self.stage, "policy_version": self.policy_version,
-                "status": self.status, "counts": counts, "n_trials": self.n_trials,
+                "status": self.status, "exit_code": self.exit_code, "counts": counts, "n_trials": self.n_trials,
                 "previous_active": list(self.previous_active),
                 "selected": list(self.selection.selected),
                 "strategies": [s.to_dict() for s in self.strategies], "notes": list(self.notes)}
@@ -197,19 +234,26 @@ def evaluate_cohort(policy: WorldPolicy, *, stage: str,
                     returns: ReturnsTable | None = None,
                     previous_active: Collection[str] = (),
                     n_trials: int | None = None,
-                    covariance: Mapping[tuple[str, str], float] | None = None) -> CohortEvaluation:
+                    covariance: Mapping[tuple[str, str], float] | None = None,
+                    book: BookRisk | None = None) -> CohortEvaluation:
     """Gate and select a cohort; metrics come from ``metrics`` and/or are computed from ``returns``.
 
     ``n_trials`` (for the deflated Sharpe ``dsr``) defaults, when a rule or the selection uses
     ``dsr``, to the cohort's size: every strategy in the cohort is one trial of the same search.
     ``covariance`` (a fresh risk snapshot's, keyed both ways) decides correlations of pairs whose
-    returns overlap too little.
+    returns overlap too little. ``book``: the portfolio metrics read for the candidates (see the
+    module docstring); without it, portfolio metrics are not measured.
     """
     if metrics is None and returns is None:
         raise BadInputError("nothing to evaluate", hint="give returns or metrics")
-    given = {sid: dict(m) for sid, m in (metrics or {}).items()}
-    computed: dict[str, dict[str, float | None]] = {}
     notes: list[str] = []
+    given = {sid: dict(m) for sid, m in (metrics or {}).items()}
+    ignored = sorted({k for m in given.values() for k in m if is_portfolio_metric(k)})
+    if ignored:
+        notes.append(f"{', '.join(ignored)} ignored in the metrics file: portfolio metrics come only from a "
+                     "trusted producer's risk snapshot")
+        given = {sid: {k: v for k, v in m.items() if not is_portfolio_metric(k)} for sid, m in given.items()}
+    computed: dict[str, dict[str, float | None]] = {}
     if returns is not None:
         if n_trials is None and uses_metric(policy, "dsr"):
             n_trials = len(returns.strategies)
@@ -228,10 +272,13 @@ def evaluate_cohort(policy: WorldPolicy, *, stage: str,
     gates: dict[str, GateResult] = {}
     merged: dict[str, dict[str, float | None]] = {}
     sources: dict[str, dict[str, str]] = {}
+    unmeasured: dict[str, dict[str, str]] = {}
+    needed = sorted({r.metric for r in policy.rules_for(stage) if is_portfolio_metric(r.metric)})
     for sid in ids:
         values, where = merge_metrics(computed.get(sid, {}), given.get(sid, {}))
         add_extras(policy, values, where, series=returns.matrix[rows[sid]] if sid in rows else None,
                    benchmark=benchmark, source=SOURCE_RETURNS)
+        unmeasured[sid] = _book_metrics(needed, book, sid, values, where)
         merged[sid], sources[sid] = values, where
         gates[sid] = evaluate_gates(policy, values, stage=stage, strategy_id=sid, sources=where)
 
@@ -244,7 +291,27 @@ def evaluate_cohort(policy: WorldPolicy, *, stage: str,
     reports = tuple(
         StrategyReport(sid, merged[sid], sources[sid], gates[sid],
                        selection.decisions[sid].selected, selection.decisions[sid].reason,
-                       selection.decisions[sid].rank)
+                       selection.decisions[sid].rank, unmeasured[sid])
         for sid in ids)
     return CohortEvaluation(policy.world, stage, policy.policy_version, reports, selection,
                             tuple(sorted(previous_active)), n_trials, tuple(notes))
+
+
+def _book_metrics(needed: Sequence[str], book: BookRisk | None, strategy_id: str,
+                  values: dict[str, float | None], where: dict[str, str]) -> dict[str, str]:
+    """Add the candidate's portfolio metrics from ``book`` (with their snapshot as source); return
+    the ones rules need that it lacks, each with why (never a silent zero)."""
+    risk = book.risks.get(strategy_id) if book is not None else None
+    if risk is not None:
+        for name, value in risk.metrics.items():
+            if value is not None:
+                values[name], where[name] = value, risk.source
+    out: dict[str, str] = {}
+    for name in needed:
+        if values.get(name) is not None:
+            continue
+        if risk is not None:
+            out[name] = f"snapshot {risk.version} has no {risk.lacking(name)}"
+        else:
+            out[name] = book.why_not.get(strategy_id, NO_BOOK) if book is not None else NO_BOOK
+    return out

@@ -94,6 +94,15 @@ class PortfolioRisk:
                 "metrics": dict(self.metrics), "missing": dict(self.missing),
                 "correlations": [c.to_dict() for c in self.correlations]}
 
+    @property
+    def version(self) -> str:
+        """The snapshot version the metrics come from."""
+        return self.source.split(":", 1)[1]
+
+    def lacking(self, metric: str) -> str:
+        """What the snapshot lacks for ``metric`` (an entry, or a stress scenario it never names)."""
+        return self.missing.get(metric, "stress scenario " + metric.removeprefix(STRESS_PREFIX))
+
     def incomplete_for(self, names: Collection[str]) -> dict[str, str]:
         """Of ``names``, the portfolio metrics the snapshot could not give, with what is missing."""
         return {n: self.missing[n] for n in names if n in self.missing}

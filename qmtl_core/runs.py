@@ -155,9 +155,7 @@ def portfolio_gaps(policy: WorldPolicy, stage: str, risk: PortfolioRisk | None,
             detail = fresh.detail if fresh is not None else "the world has no risk snapshot"
             return code or MISSING, f"rule {rule.id} needs {rule.metric} from a fresh risk snapshot: {detail}"
         if rule.metric in risk.missing or rule.metric not in risk.metrics:
-            lacking = risk.missing.get(rule.metric, f"stress scenario {rule.metric.removeprefix('stress_loss.')}")
-            return INCOMPLETE, (f"rule {rule.id} needs {rule.metric}, but {risk.source.split(':', 1)[1]} "
-                                f"has no {lacking}")
+            return INCOMPLETE, f"rule {rule.id} needs {rule.metric}, but {risk.version} has no {risk.lacking(rule.metric)}"
     return None
 
 

@@ -104,3 +104,35 @@ def test_report_opens_the_pending_request_first_with_one_unit_and_no_negative_ze
     assert metrics_rows and all(cell.endswith("%") for row in metrics_rows
                                 for cell in re.findall(r'<td class="num">([^<]*)</td>', row))
     assert not re.search(r">-0(\.0+)?%?<", page)
+
+
+@pytest.mark.usefixtures("cli_mode")
+def test_a_policy_changed_since_the_request_shows_as_a_diff(pending: str, qmtl_env: dict[str, str],
+                                                            worlds_dir: Path, tmp_path: Path) -> None:
+    """The approver sees what changed between the recorded versions, not just that something did."""
+    from qmtl_core.report._collect import collect
+    from qmtl_core.report._render import render_html
+
+    (worlds_dir / "gov.yaml").write_text(policy_text(version=2, cooldown="48h", slots=1))
+    svc = make_service(qmtl_env["QMTL_DATABASE_URL"], worlds_dir, tmp_path / "h3", Clock())
+    try:
+        assert svc.as_actor("cron").load_world("gov").proposal is not None  # a governed change
+        for approver in ("alice", "bob"):
+            svc.as_actor(approver).approve_policy("gov", version=2, reason="slower cadence")
+        report = collect(svc, "gov")
+    finally:
+        svc.close()
+    doc = qmtl("promote", "--show", pending, "--json")
+    assert doc.exit_code == 0, doc.stderr
+    pol = doc.json()["policy"]
+    assert pol["changed"] and (pol["version_at_request"], pol["version_now"]) == (1, 2)
+    diff = pol["diff"].splitlines()
+    assert diff[:2] == ["--- gov v1", "+++ gov v2"]
+    assert "-policy_version: 1" in diff and "+policy_version: 2" in diff
+    assert "-    cooldown: 24h" in diff and "+    cooldown: 48h" in diff and "+    max_live_slots: 1" in diff
+    assert not any(line.startswith(("+", "-")) and "sharpe" in line for line in diff)  # only what changed
+    human = qmtl("promote", "--show", pending).stdout
+    assert "policy changed since the request opened: version 1 -> 2" in human
+    assert "+    cooldown: 48h" in human and "-    cooldown: 24h" in human
+    page = render_html(report)
+    assert '<span class="add">+    cooldown: 48h</span>' in page and '<span class="del">-    cooldown: 24h</span>' in page

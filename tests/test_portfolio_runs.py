@@ -23,15 +23,15 @@ T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
 COLUMNS = {"a": "buy_hold", "b": "sma_10_30"}
 
 
-def policy(*, ivar_max: float = 0.05, stress_max: float = 0.5, extra: str = "") -> str:
+def policy(*, ivar_max: float = 0.05, stress_max: float = 0.5, extra: str = "", stages: str = "[paper]") -> str:
     return f"""\
 world: port
 policy_version: 1
 allow_live: true
 rules:
   - {{id: sharpe, metric: sharpe, min: -5}}
-  - {{id: ivar, metric: incremental_var_99, max: {ivar_max}, stages: [paper]}}
-  - {{id: worst, metric: stress_loss_max, max: {stress_max}, stages: [paper]}}
+  - {{id: ivar, metric: incremental_var_99, max: {ivar_max}, stages: {stages}}}
+  - {{id: worst, metric: stress_loss_max, max: {stress_max}, stages: {stages}}}
 {extra}campaign:
   backtest: {{window: 300d, min_observations: 250}}
   paper: {{window: 10d, min_observations: 8}}
@@ -61,14 +61,14 @@ class World:
         return self.svc.campaign_iteration(["port"], execute=True, holder="t", lease_ttl=timedelta(minutes=5))[0]
 
     def doc(self, version: str, *, weights: dict[str, float], covariance: bool = True,
-            drop: str | None = None, stress: dict[str, Any] | None = None) -> dict[str, Any]:
+            drop: str | None = None, stress: dict[str, Any] | None = None, stage: str = "paper") -> dict[str, Any]:
         now = self.svc.clock()
         names = list(COLUMNS)
         rets = {sid: [{"ts": (now - timedelta(days=12 - i)).isoformat(), "r": float(self.matrix[-12 + i, k])}
                       for i in range(12)] for k, sid in enumerate(names)}
         doc: dict[str, Any] = {"world_id": "port", "version": version, "as_of": now.isoformat(), "ttl_sec": 3600,
                                "weights": weights, "realized_returns": rets,
-                               "provenance": {"actor": "risk", "stage": "paper"}}
+                               "provenance": {"actor": "risk", "stage": stage}}
         if covariance:
             doc["covariance"] = {f"{x},{y}": float(self.cov[i, j]) for i, x in enumerate(names)
                                  for j, y in enumerate(names) if j >= i and f"{x},{y}" != drop}
@@ -232,6 +232,80 @@ def test_the_gate_lets_a_candidate_within_limits_go_live(world: World) -> None:
     assert {v.strategy_id: v.stage for v in svc.campaign("port")}["b"] == "live"
 
 
+# --- each decision reads the newest trusted snapshot of its own stage (issue 19's hub) ----------------------
+def test_paper_and_live_decisions_read_their_own_stages_snapshot(store_url: str, worlds_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    (worlds_dir / "port.yaml").write_text(policy(stages="[paper, live]"))
+    svc = make_service(store_url, worlds_dir, tmp_path / "home", Clock(T0)).as_actor("cron")
+    try:
+        world = World(svc)
+        world.backtest()
+        _a_live_b_passed(world)
+        svc.clock.advance(days=13)  # live returns count only when observed after a went live
+        paper_ok = world.doc("p1", weights={"a": 0.5, "b": 0.5})
+        world.put(paper_ok)
+        svc.clock.advance(minutes=1)
+        # The live desk's snapshot is newer and weighs the book otherwise: it must not hide the paper one.
+        live = world.doc("l1", weights={"a": 0.8, "b": 0.2}, stage="live")
+        world.put(live)
+
+        run_b = svc.record_evaluation("port", strategy_id="b", stage="paper")
+        expected = portfolio_risk(parse_snapshot(paper_ok), "b", ["a"], periods_per_year=252)
+        assert run_b.metric_sources["incremental_var_99"] == "risk_snapshot:p1"
+        assert run_b.metrics["incremental_var_99"] == pytest.approx(expected.metrics["incremental_var_99"], rel=1e-12)
+        run_a = svc.record_evaluation("port", strategy_id="a", stage="live")
+        assert run_a.metric_sources["incremental_var_99"] == "risk_snapshot:l1"
+        var_a = world.cov[0, 0] * 0.8 ** 2  # a alone (b is in paper, not in the live book)
+        assert run_a.metrics["incremental_var_99"] == pytest.approx(2.3263478740408408 * np.sqrt(var_a), rel=1e-9)
+
+        # Now the paper snapshot (the same returns, so no new run) carries a scenario that breaks the
+        # book; a newer live one does not.
+        svc.clock.advance(minutes=1)
+        world.put({**paper_ok, "version": "p2", "as_of": svc.clock().isoformat(),
+                   "stress": {"gap_down": {"a": -0.6, "b": -0.6}}})
+        svc.clock.advance(minutes=1)
+        world.put(world.doc("l2", weights={"a": 0.8, "b": 0.2}, stage="live"))
+        out = svc.promote("port", "b")  # the live gate decides on b's paper evidence: the paper snapshot
+        assert out.exit_code == 10 and "portfolio_limit_exceeded" in out.gate.codes, out.to_dict()
+        assert out.gate.evidence["portfolio"]["source"] == "risk_snapshot:p2"
+        plan = world.loop()  # the tick's portfolio step reads the same snapshot
+        blocked = next(a for a in plan.actions if a["strategy_id"] == "b")
+        assert blocked["reason"] == "portfolio_limit_exceeded" and "risk_snapshot:p2" in blocked["detail"]
+        assert {v.strategy_id: v.stage for v in svc.campaign("port")}["b"] == "paper"
+        assert svc.record_evaluation("port", strategy_id="a", stage="live",
+                                     run_id="again").metric_sources["stress_loss_max"] == "risk_snapshot:l2"
+    finally:
+        svc.close()
+
+
+def test_incomplete_covariance_by_reference_fails_closed(world: World, tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    svc = world.svc
+    doc = world.doc("ref1", weights={"a": 0.5, "b": 0.5}, drop="b,b")
+    refs = svc.settings.risk_refs_dir
+    refs.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(doc.pop("covariance")).encode()
+    (refs / "cov.json").write_bytes(data)
+    doc["covariance_ref"] = f"cov.json#sha256={hashlib.sha256(data).hexdigest()}"
+    stored, _ = world.put(doc)
+    assert stored.snapshot.covariance is not None and "b,b" not in stored.snapshot.covariance  # resolved inline
+    with pytest.raises(EvidenceMissing) as err:
+        svc.record_evaluation("port", strategy_id="b", stage="paper")
+    assert err.value.exit_code == 12 and err.value.code == "risk_snapshot_incomplete"
+    assert "covariance b,b" in err.value.message and "ref1" in err.value.message
+    assert _paper_runs(svc, "b") == []
+    whole = world.doc("ref2", weights={"a": 0.5, "b": 0.5})
+    data = json.dumps(whole.pop("covariance")).encode()
+    (refs / "cov2.json").write_bytes(data)
+    whole["covariance_ref"] = f"cov2.json#sha256={hashlib.sha256(data).hexdigest()}"
+    svc.clock.advance(minutes=1)
+    world.put(whole)
+    run = svc.record_evaluation("port", strategy_id="b", stage="paper")
+    assert run.metric_sources["incremental_var_99"] == "risk_snapshot:ref2" and run.status == "pass"
+
+
 # --- shown with their source: evaluate --explain and the report, locally and over HTTP ---------------------
 @pytest.mark.usefixtures("cli_mode")
 def test_explain_and_report_show_portfolio_metrics_with_their_source(qmtl_env: dict[str, str], store_url: str,
@@ -258,6 +332,49 @@ def test_explain_and_report_show_portfolio_metrics_with_their_source(qmtl_env: d
     page = out.read_text()
     assert "Portfolio risk with the book" in page and "incremental_var_99" in page
     assert "<code>risk_snapshot:v1</code>" in page
+
+
+@pytest.mark.usefixtures("cli_mode")
+def test_offline_evaluate_measures_the_book_or_says_why_not(qmtl_env: dict[str, str], store_url: str,
+                                                           worlds_dir: Path, tmp_path: Path) -> None:
+    """Offline evaluation records nothing, but reads the world's book and its newest trusted snapshot
+    of the stage: portfolio metrics are measured from it, or named as not measured (exit 12)."""
+    import json
+
+    from tests.cli_helpers import qmtl
+
+    (worlds_dir / "port.yaml").write_text(policy())
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    service = make_service(store_url, worlds_dir, tmp_path / "svc-home", Clock(now))
+    try:
+        w = World(service)
+        w.backtest()
+        returns = tmp_path / "paper.csv"
+        returns.write_text("timestamp,b\n" + "".join(
+            f"{(now - timedelta(days=30 - i)).date().isoformat()},{float(w.matrix[-30 + i, 1])!r}\n" for i in range(30)))
+        none_yet = qmtl("world", "evaluate", "port", "--returns", str(returns), "--stage", "paper", "--explain")
+        assert none_yet.exit_code == 12, none_yet.stdout + none_yet.stderr
+        assert "incremental_var_99 not measured: the world has no trusted paper risk snapshot" in none_yet.stdout
+        doc = w.doc("v1", weights={"a": 0.5, "b": 0.5})
+        w.put(doc)
+        expected = portfolio_risk(parse_snapshot(doc), "b", [], periods_per_year=252)
+    finally:
+        service.close()
+    ran = qmtl("world", "evaluate", "port", "--returns", str(returns), "--stage", "paper", "--explain")
+    assert ran.exit_code == 0, ran.stdout + ran.stderr
+    assert "incremental_var_99" in ran.stdout and "(risk_snapshot:v1)" in ran.stdout
+    assert "(blocking, risk_snapshot:v1)" in ran.stdout and "not measured" not in ran.stdout
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"b": {"incremental_var_99": 0.0, "stress_loss_max": 0.0}}))
+    got = qmtl("world", "evaluate", "port", "--returns", str(returns), "--metrics", str(metrics), "--stage",
+               "paper", "--json").json()
+    b = got["strategies"][0]
+    assert got["exit_code"] == 0 and b["unmeasured"] == {}
+    assert b["metrics"]["incremental_var_99"] == pytest.approx(expected.metrics["incremental_var_99"], rel=1e-12)
+    assert b["metric_sources"]["stress_loss_max"] == "risk_snapshot:v1"
+    assert any("ignored in the metrics file" in n for n in got["notes"])
+    later = qmtl("world", "evaluate", "port", "--returns", str(returns), "--stage", "backtest", "--json")
+    assert later.exit_code == 0 and later.json()["strategies"][0]["unmeasured"] == {}  # no portfolio rule there
 
 
 def test_snapshot_extra_metrics_are_sourced_for_declared_rules(store_url: str, worlds_dir: Path, tmp_path: Path) -> None:

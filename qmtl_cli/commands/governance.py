@@ -103,7 +103,12 @@ def render_approval_view(c: "Console", view: dict[str, Any]) -> None:
     pol = view["policy"]
     if pol["changed"]:
         c.print(f"\n[yellow]policy changed[/yellow] since the request opened: version {t(pol['version_at_request'])} "
-                f"-> {t(pol['version_now'])} (qmtl world show {t(req['world'])})")
+                f"-> {t(pol['version_now'])}" + ("" if pol.get("diff") else " (the earlier version is not recorded)"))
+        for line in (pol.get("diff") or "").splitlines():
+            style = "green" if line.startswith("+") and not line.startswith("+++") else (
+                "red" if line.startswith("-") and not line.startswith("---") else "dim" if line.startswith("@@") else "")
+            c.print(f"[{style}]{t(line)}[/{style}]" if style else t(line),
+                    soft_wrap=True, highlight=False)
     ev = view["evidence"]
     c.print(f"\nevidence {t(ev['request'])}" + ("" if ev["unchanged"] else
                                                   f"\n[red]changed[/red] now {t(ev['now'])}: approvals on the old "

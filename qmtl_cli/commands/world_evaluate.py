@@ -67,6 +67,9 @@ def render_evaluation(c: "Console", doc: dict[str, Any], *, explain: bool) -> No
             verdict = "selected" if s["selected"] else "not selected"
             c.print(f"\n[bold]{t(s['strategy_id'])}[/bold]  {styled(s['status'])}  {verdict}: "
                     f"{t(s['selection_reason'])}")
+            explain_portfolio(c, s["metrics"], s.get("metric_sources") or {})
+            for name, why in (s.get("unmeasured") or {}).items():
+                c.print(f"  {t(name)} not measured: {t(why)}", soft_wrap=True)
             explain_rules(c, s["rules"])
     c.print(f"\nselected ({len(doc['selected'])}): {t(', '.join(doc['selected']) or 'none')}")
     for note in doc["notes"]:
@@ -106,9 +109,12 @@ def evaluate(
 ) -> None:
     """Gate and select strategies from a file; with --strategy or --record, record runs.
 
-    Without --strategy this is an offline evaluation that records nothing. Exit 0 when no
-    strategy fails a blocking rule (soft rules only warn), 10 when any does, 12 when a recorded run
-    had nothing to measure (insufficient_data), 2 on a bad file (naming the row and column).
+    Without --strategy this is an offline evaluation that records nothing; portfolio metrics
+    (incremental_var_99, stress_loss_max ...) are then read from the world's newest trusted risk
+    snapshot of --stage against its current book, never from the files. Exit 0 when no strategy
+    fails a blocking rule (soft rules only warn), 10 when any does, 12 when a recorded run had
+    nothing to measure (insufficient_data) or a blocking rule's portfolio metric could not be
+    measured, 2 on a bad file (naming the row and column).
     """
     from qmtl_core.errors import UsageError
 
@@ -134,8 +140,8 @@ def evaluate(
     result = state(ctx).client().evaluate_offline(world, stage=stage, returns=table_in, metrics=metrics_in,
                                                   previous_active=active, n_trials=trials)
     emit(result, json_mode=state(ctx).json, human=lambda c: render_evaluation(c, result, explain=explain))
-    if result["status"] == "fail":
-        raise typer.Exit(10)
+    if result["exit_code"]:
+        raise typer.Exit(result["exit_code"])
 
 
 def _strategy_returns(path: Path, strategy: str) -> list:  # type: ignore[type-arg]

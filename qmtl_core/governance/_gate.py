@@ -158,8 +158,7 @@ def portfolio_reasons(g: GateInput) -> list[Reason]:
 def _lacking(risk: PortfolioRisk | None, metric: str) -> str:
     if risk is None:
         return "the risk snapshot gave no portfolio metrics"
-    version = risk.source.split(":", 1)[1]
-    return f"snapshot {version} has no " + risk.missing.get(metric, "stress scenario " + metric.removeprefix("stress_loss."))
+    return f"snapshot {risk.version} has no {risk.lacking(metric)}"
 
 
 def _run_evidence(run: RunSummary | None) -> dict[str, Any] | None:

@@ -145,9 +145,11 @@ class LocalClient:
             raise UsageError("give --returns FILE or --metrics FILE to evaluate",
                              hint="e.g. qmtl world evaluate W --returns returns.csv --explain")
         loaded = self.service.load_world(world, record=False)
+        candidates = sorted(set(returns.strategies if returns is not None else ()) | set(metrics or {}))
+        covariance, book = self.service.offline_risk(loaded.policy, stage, candidates)
         return evaluate_cohort(loaded.policy, stage=stage, metrics=metrics, returns=returns,
                                previous_active=previous_active, n_trials=n_trials,
-                               covariance=self.service.snapshot_covariance(loaded.policy)).to_dict()
+                               covariance=covariance, book=book).to_dict()
 
     def record_evaluation(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
                           metrics: Mapping[str, Any] | None = None,
@@ -275,7 +277,10 @@ class LocalClient:
         live = [a["strategy_id"] for a in self.service.activations(world)["activations"]
                 if a["stage"] == "live" and a["strategy_id"] != sid]
         policy = self.world(world)["policy"]
-        return approval_view(request, gate, runs, policy=policy, snapshot=snapshot, live=live)
+        opened, now = request.get("policy_version"), policy.get("policy_version")
+        diff = (self.service.policy_diff(world, int(opened), int(now))
+                if isinstance(opened, int) and isinstance(now, int) and opened != now else None)
+        return approval_view(request, gate, runs, policy=policy, snapshot=snapshot, live=live, policy_diff=diff)
 
     def decisions(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
         """``qmtl world decision``."""

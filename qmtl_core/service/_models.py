@@ -115,6 +115,8 @@ class StrategyVerdict(Doc):
     selected: bool
     metrics: dict[str, Number | None]
     rules: list[RuleResult]
+    #: Portfolio metrics a rule of the stage needs that could not be measured, with why.
+    unmeasured: dict[str, str] | None = None
 
 
 class CohortDoc(Doc):
@@ -124,6 +126,8 @@ class CohortDoc(Doc):
     world: str | None = None
     stage: str | None = None
     status: str | None = None
+    #: Offline: 0, 10 (a blocking rule fails) or 12 (a portfolio metric a blocking rule needs was not measured).
+    exit_code: int | None = None
     strategies: list[StrategyVerdict] | None = None
     selected: list[str] | None = None
     notes: list[Any] | None = None

@@ -105,6 +105,17 @@ def _diff(world_id: str, old: Any, source_text: str, policy_version: int) -> str
         tofile=f"{world_id} v{policy_version}"))
 
 
+def version_diff(conn: Connection, world_id: str, old_version: int, new_version: int) -> str | None:
+    """The unified diff between two recorded versions of a world's policy file, as recorded; ``None``
+    when either version was never recorded (nothing to show is said, never guessed)."""
+    t = schema.policy_versions
+    rows = {r.policy_version: r for r in conn.execute(sa.select(t.c.policy_version, t.c.source_text).where(
+        t.c.world_id == world_id, t.c.policy_version.in_((old_version, new_version))))}
+    if old_version not in rows or new_version not in rows:
+        return None
+    return _diff(world_id, rows[old_version], rows[new_version].source_text, new_version)
+
+
 def record_policy(conn: Connection, *, world_id: str, policy_version: int, content_hash: str,
                   document: dict[str, Any], source_path: str, source_text: str, actor: str,
                   now: datetime) -> tuple[PolicyRecord, bool]:

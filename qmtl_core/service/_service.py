@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from qmtl_core.domains import DecisionEnvelope
     from qmtl_core.service._campaign import WorldOutcome
     from qmtl_core.datafiles import ReturnsTable
+    from qmtl_core.evaluation import BookRisk
     from qmtl_core.risk import Freshness, RiskSnapshot, StoredSnapshot
     from qmtl_core.runs import RunRevision
     from qmtl_core.audit import AuditResult, SignatureCheck, SignedDecision
@@ -382,6 +383,13 @@ class WorldService(GovernanceMixin):
                                           "works without it)"))
         return out
 
+    def policy_diff(self, world: str, old_version: int, new_version: int) -> str | None:
+        """The unified diff between two recorded policy versions (``None`` if either is unknown)."""
+        from qmtl_core.service._policies import version_diff
+
+        with self.store.read() as conn:
+            return version_diff(conn, world, old_version, new_version)
+
     def policy_history(self, world: str) -> list["PolicyRecord"]:
         """Recorded policy versions of a world, oldest first."""
         from qmtl_core.service._policies import policy_history
@@ -644,23 +652,43 @@ class WorldService(GovernanceMixin):
                 as_of=snapshot.as_of, ttl_sec=snapshot.ttl_sec))
         return stored, created
 
-    def snapshot_covariance(self, policy: "WorldPolicy") -> dict[tuple[str, str], float] | None:
-        """The world's fresh snapshot's covariance keyed ``(a, b)`` both ways, for selection's
-        correlation filter; ``None`` without a correlation step, a fresh snapshot or a covariance."""
+    def offline_risk(self, policy: "WorldPolicy", stage: str, candidates: Sequence[str]
+                     ) -> tuple[dict[tuple[str, str], float] | None, "BookRisk"]:
+        """What an offline evaluation at ``stage`` reads from the store, writing nothing: the newest
+        trusted snapshot of that stage when fresh, as selection's covariance (keyed ``(a, b)`` both
+        ways; ``None`` without a correlation step or a covariance), and each candidate's portfolio
+        metrics against the world's current book (``runs.book_risk``), or why there are none."""
+        from qmtl_core import runs
+        from qmtl_core.evaluation import BookRisk
+        from qmtl_core.governance._activations import book_members
         from qmtl_core.risk import freshness, latest_snapshot
 
-        if policy.selection.correlation is None:
-            return None
+        wants_book = bool(runs.portfolio_rules(policy, stage))
+        if policy.selection.correlation is None and not wants_book:
+            return None, BookRisk()
+        now = self.clock()
         with self.store.read() as conn:
-            stored = latest_snapshot(conn, policy.world, stage=None)  # a trusted producer's, any stage
-        if stored is None or stored.snapshot.covariance is None or not freshness(
-                stored, now=self.clock(), max_age=policy.risk.snapshot_max_age).ok:
-            return None
-        out: dict[tuple[str, str], float] = {}
-        for key, value in stored.snapshot.covariance.items():
-            a, b = (p.strip() for p in key.split(","))
-            out[(a, b)] = out[(b, a)] = value
-        return out
+            stored = latest_snapshot(conn, policy.world, stage=stage)
+            book = book_members(conn, policy) if wants_book else frozenset()
+        if stored is None:
+            return None, BookRisk(why_not={sid: f"the world has no trusted {stage} risk snapshot"
+                                           for sid in candidates})
+        covariance: dict[tuple[str, str], float] | None = None
+        if (policy.selection.correlation is not None and stored.snapshot.covariance is not None
+                and freshness(stored, now=now, max_age=policy.risk.snapshot_max_age).ok):
+            covariance = {}
+            for key, value in stored.snapshot.covariance.items():
+                a, b = (p.strip() for p in key.split(","))
+                covariance[(a, b)] = covariance[(b, a)] = value
+        risks, why_not = {}, {}
+        for sid in candidates if wants_book else ():
+            fresh = freshness(stored, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=sid)
+            risk = runs.book_risk(policy, sid, stored, fresh, book)
+            if risk is not None:
+                risks[sid] = risk
+            else:
+                why_not[sid] = f"{fresh.reason}: {fresh.detail}"
+        return covariance, BookRisk(risks, why_not)
 
     def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> list["ControlEvent"]:
         """Announce a strategy's input queues: each update (``tags, interval, queues, match_mode,
