@@ -894,7 +894,7 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
                                                  "orders_blocked": gate_blocks}},
         expect_meta={feed_key: feed}, kind="strategy.fed",
         reason=f"{len(fresh)} new bar(s) {iso(first_new)[:10]}..{iso(_to_datetime(fresh.timestamp[-1]))[:10]} "
-               f"in {ctx.execution_domain}")
+               f"in {ctx.execution_domain}" + _blocked_note(stats["blocked"]))
     note = None
     if stage == "live":
         note = ("live returns are not recorded from this simulation: realized live returns come from "
@@ -902,6 +902,13 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
     return FeedResult(world, sid, name, ctx, envelope, stage, str(data), len(fresh), duplicates,
                       iso(first_new), iso(_to_datetime(fresh.timestamp[-1])), len(bars), run, n_trades,
                       tuple(orders), stats, _next_action(client, world, sid), note=note)
+
+
+def _blocked_note(blocked: Mapping[str, int]) -> str:
+    """``; orders blocked by the order gate: domain_shadow 1`` for the ledger entry of a feed (none: '')."""
+    if not blocked:
+        return ""
+    return "; orders blocked by the order gate: " + ", ".join(f"{r} {n}" for r, n in sorted(blocked.items()))
 
 
 def _run_id(stage: str, start: datetime) -> str:

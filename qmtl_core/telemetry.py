@@ -112,11 +112,13 @@ class StoreCollector(Collector):
         gate = CounterMetricFamily("qmtl_order_gate_blocks", "Orders the order gate kept from the broker, by "
                                    "reason (recorded with each feed of new bars).", labels=["world", "reason"])
         blocked: dict[tuple[str, str], int] = defaultdict(int)
-        for world, meta in conn.execute(sa.select(t.c.world_id, sa.cast(t.c.meta, sa.Text))
-                                        .where(t.c.meta.is_not(None))):
-            doc = json_loads(meta) or {}
-            for key in ("feed", "shadow_feed"):  # paper/live and shadow keep their own fed series
-                for reason, n in ((doc.get(key) or {}).get("orders_blocked") or {}).items():
+        # Only the small counts leave the database: a feed's meta also holds every bar fed so far, so
+        # reading whole documents would make each scrape grow with the fleet's history.
+        feeds = ("feed", "shadow_feed")  # paper/live and shadow keep their own fed series
+        counts = [sa.cast(t.c.meta[(key, "orders_blocked")], sa.Text) for key in feeds]
+        for world, *docs in conn.execute(sa.select(t.c.world_id, *counts).where(t.c.meta.is_not(None))):
+            for doc in docs:
+                for reason, n in (json_loads(doc) or {}).items() if doc else ():
                     blocked[(world, reason)] += int(n)
         for (world, reason), n in sorted(blocked.items()):
             gate.add_metric([world, reason], n)
