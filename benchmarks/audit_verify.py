@@ -40,6 +40,11 @@ WORLDS = 20
 STRATEGIES = 50
 
 
+def _hex(label: str) -> str:
+    """A realistic hash (random-looking hex, as every etag and evidence hash is)."""
+    return hashlib.sha256(label.encode()).hexdigest()
+
+
 def _entry(seq: int, at: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The body of entry ``seq`` and, for an approval, the approvals row that goes with it."""
     world = f"w{seq % WORLDS}"
@@ -49,19 +54,19 @@ def _entry(seq: int, at: datetime) -> tuple[dict[str, Any], dict[str, Any] | Non
     if kind_pick == 0:
         version = seq // 50
         activations = [{"strategy_id": f"s{i}", "stage": "live" if i % 5 == 0 else "paper", "weight": 0.02,
-                        "run_id": f"r{i}", "etag": f"{i:064x}", "activated_at": iso(at)} for i in range(STRATEGIES)]
-        kind, payload = "world.rollback", {"set_version": version, "set_etag": f"{version:064x}", "changed": {},
+                        "run_id": f"r{i}", "etag": _hex(f"a{i}"), "activated_at": iso(at)} for i in range(STRATEGIES)]
+        kind, payload = "world.rollback", {"set_version": version, "set_etag": _hex(f"set{version}"), "changed": {},
                                            "activations": activations}
         world = "wset"
     elif kind_pick == 1:
         request = f"pr-{seq}"
-        kind, payload = "promotion.approved", {"request_id": request, "evidence_hash": f"{seq:064x}"}
+        kind, payload = "promotion.approved", {"request_id": request, "evidence_hash": _hex(f"e{seq}")}
         row = {"request_id": request, "approver": "alice", "decision": "approve", "reason": "ok",
-               "evidence_hash": f"{seq:064x}", "created_at": iso(at), "ledger_seq": seq}
+               "evidence_hash": _hex(f"e{seq}"), "created_at": iso(at), "ledger_seq": seq}
     else:
         kind, payload = "run.recorded", {"run_id": f"run-{seq}", "revision": 1, "status": "pass",
                                          "metrics": {"sharpe": 1.0 + seq % 7 / 10, "max_drawdown": 0.1},
-                                         "content_hash": f"{seq:064x}"}
+                                         "content_hash": _hex(f"c{seq}")}
     body = {"seq": seq, "ts": iso(at), "actor": "alice" if row is not None else "bench", "world": world, "kind": kind, "subject": sid,
             "reason": "benchmark", "payload": payload}
     return body, row

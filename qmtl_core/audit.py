@@ -71,6 +71,10 @@ class LedgerState:
     tokens: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
     approvals_by_world: dict[str, list[SignedDecision]] = field(default_factory=dict)
 
+    #: The kinds the fold reads; the walk decodes no other payload.
+    KINDS = frozenset(DECISION_KINDS) | SET_KINDS | {"world.halted", "world.resumed", "token.created",
+                                                      "token.revoked"}
+
     def __call__(self, entry: LedgerEntry) -> None:
         """Fold one verified entry in (``ledger.verify``'s ``visit``)."""
         kind, payload = entry.kind, entry.payload or {}
@@ -111,22 +115,29 @@ class TableState:
 def read_tables(conn: Connection) -> TableState:
     """Read the decision tables (in the same transaction as the ledger walk)."""
     a, sets, acts = schema.approvals, schema.activation_sets, schema.activations
-    approvals = {(r.request_id, r.approver, r.evidence_hash): (r.decision, None if r.ledger_seq is None
-                                                               else int(r.ledger_seq))
-                 for r in conn.execute(sa.select(a.c.request_id, a.c.approver, a.c.evidence_hash, a.c.decision,
-                                                 a.c.ledger_seq))}
+    approvals = {(request_id, approver, evidence): (decision, None if seq is None else int(seq))
+                 for request_id, approver, evidence, decision, seq in conn.execute(
+                     sa.select(a.c.request_id, a.c.approver, a.c.evidence_hash, a.c.decision, a.c.ledger_seq))}
     set_rows: dict[tuple[str, int], tuple[str, dict[str, ActivationRow]]] = {
-        (r.world_id, int(r.set_version)): (r.etag, {}) for r in conn.execute(
+        (world, int(version)): (etag, {}) for world, version, etag in conn.execute(
             sa.select(sets.c.world_id, sets.c.set_version, sets.c.etag))}
-    for r in conn.execute(sa.select(acts)):
-        key = (r.world_id, int(r.set_version))
-        set_rows.setdefault(key, ("", {}))[1][r.strategy_id] = (r.stage, float(r.weight), r.run_id, r.etag)
+    # Rows come in primary-key order, so each set's rows are consecutive: one lookup per set.
+    key: tuple[str, int] | None = None
+    rows: dict[str, ActivationRow] = {}
+    for world, version, sid, stage, weight, run_id, etag in conn.execute(
+            sa.select(acts.c.world_id, acts.c.set_version, acts.c.strategy_id, acts.c.stage, acts.c.weight,
+                      acts.c.run_id, acts.c.etag).order_by(acts.c.world_id, acts.c.set_version)).all():
+        if key is None or key[0] != world or key[1] != version:
+            key = (world, int(version))
+            rows = set_rows.setdefault(key, ("", {}))[1]
+        rows[sid] = (stage, float(weight), run_id, etag)
     st, w, t = schema.strategies, schema.worlds, schema.api_tokens
-    stages = {(r.world_id, r.strategy_id): r.stage
-              for r in conn.execute(sa.select(st.c.world_id, st.c.strategy_id, st.c.stage))}
-    halted = {r.world_id: bool(r.halted) for r in conn.execute(sa.select(w.c.world_id, w.c.halted))}
-    tokens = {r.token_id: (r.actor, r.role, r.revoked_at is not None)
-              for r in conn.execute(sa.select(t.c.token_id, t.c.actor, t.c.role, t.c.revoked_at))}
+    stages = {(world, sid): stage
+              for world, sid, stage in conn.execute(sa.select(st.c.world_id, st.c.strategy_id, st.c.stage))}
+    halted = {world: bool(flag) for world, flag in conn.execute(sa.select(w.c.world_id, w.c.halted))}
+    tokens = {token_id: (actor, role, revoked_at is not None)
+              for token_id, actor, role, revoked_at in conn.execute(
+                  sa.select(t.c.token_id, t.c.actor, t.c.role, t.c.revoked_at))}
     return TableState(approvals, set_rows, stages, halted, tokens)
 
 
@@ -271,7 +282,7 @@ def verify_store(conn: Connection, *, checkpoints: Sequence[tuple[str, Checkpoin
         else:
             anchors[label] = (cp.size, cp.head_hash)
     state = LedgerState() if deep else None
-    chain = verify(conn, anchors=anchors, visit=state)
+    chain = verify(conn, anchors=anchors, visit=state, visit_kinds=LedgerState.KINDS)
     chain.anchors[:0] = foreign
     differences: list[Difference] = []
     if state is not None and chain.ok:

@@ -9,7 +9,8 @@ a deleted last row) breaks verification at the first affected entry.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from json.encoder import encode_basestring
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
-from qmtl_core.canonical import canonical_json, sha256_hex
+from qmtl_core.canonical import canonical_json, exact_json_loads, sha256_hex
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso
 
@@ -164,19 +165,63 @@ def head(conn: Connection) -> tuple[int, str]:
     return (int(row.seq), str(row.hash)) if row else (0, GENESIS_HASH)
 
 
-def _iter_rows(conn: Connection, batch: int = 5000) -> Iterator[LedgerEntry]:
+#: The string encoder of ``json.dumps(..., ensure_ascii=False)``, i.e. of ``canonical_json``.
+_encode_str = encode_basestring
+
+
+def _str_or_null(value: str | None) -> str:
+    return "null" if value is None else _encode_str(value)
+
+
+def stored_body_text(seq: int, ts: str, actor: str, world: str | None, kind: str, subject: str | None,
+                     reason: str | None, payload_text: str | None) -> str:
+    """``canonical_json(body)`` built around the payload's stored text, with no decoding.
+
+    It equals the hashed text when the payload is stored canonically (``schema.CanonicalJSON``),
+    and the hash then vouches for those very bytes. The layout admits one reading only: every other
+    value is a JSON string (whose quotes are escaped), an integer or ``null``, so a payload cannot
+    borrow characters from its neighbours.
+    """
+    return (f'{{"actor":{_encode_str(actor)},"kind":{_encode_str(kind)},'
+            f'"payload":{"null" if payload_text is None else payload_text},"reason":{_str_or_null(reason)},'
+            f'"seq":{seq},"subject":{_str_or_null(subject)},"ts":{_encode_str(ts)},"world":{_str_or_null(world)}}}')
+
+
+def _raw_batches(conn: Connection, batch: int = 10_000) -> Iterator[list[Any]]:
+    """The chain in seq order, the payload as its stored text, ``batch`` rows at a time."""
     t = schema.ledger
+    columns = (t.c.seq, t.c.ts, t.c.actor, t.c.world_id, t.c.kind, t.c.subject, t.c.reason,
+               sa.type_coerce(t.c.payload, sa.Text), t.c.prev_hash, t.c.hash)
     last = None
     while True:
-        query = sa.select(t).order_by(t.c.seq).limit(batch)
+        query = sa.select(*columns).order_by(t.c.seq).limit(batch)
         if last is not None:
             query = query.where(t.c.seq > last)
         rows = conn.execute(query).all()
         if not rows:
             return
-        for row in rows:
-            yield _row_to_entry(row)
-        last = rows[-1].seq
+        yield rows
+        last = rows[-1][0]
+
+
+def _holds(prev_hash: str, row: Any) -> bool:
+    """Whether a row's content matches its hash: straight from the stored bytes when the payload is
+    stored canonically, else (a row written before schema v8, or edited) by decoding and re-encoding
+    it as ``append`` did. Content that cannot even be decoded or encoded does not hold."""
+    seq, ts, actor, world, kind, subject, reason, payload_text, _, digest = row
+    try:
+        text = stored_body_text(seq, ts, actor, world, kind, subject, reason, payload_text)
+        if sha256_hex(prev_hash + text) == digest:
+            return True
+    except (TypeError, ValueError):  # a non-text column value, a lone surrogate
+        pass
+    try:
+        payload = None if payload_text is None else exact_json_loads(payload_text)
+        body = {"seq": seq, "ts": ts, "actor": actor, "world": world, "kind": kind, "subject": subject,
+                "reason": reason, "payload": payload}
+        return entry_hash(prev_hash, body) == digest
+    except (TypeError, ValueError):  # invalid JSON, NaN, a value canonical JSON refuses
+        return False
 
 
 def _check_anchor(label: str, seq: int, expected: str, found: str | None) -> dict[str, Any]:
@@ -191,18 +236,21 @@ def _check_anchor(label: str, seq: int, expected: str, found: str | None) -> dic
 
 
 def verify(conn: Connection, *, anchors: Mapping[str, tuple[int, str]] | None = None,
-           visit: Callable[[LedgerEntry], None] | None = None) -> VerifyResult:
+           visit: Callable[[LedgerEntry], None] | None = None,
+           visit_kinds: Collection[str] | None = None) -> VerifyResult:
     """Walk the chain from the start; stop at the first entry that does not verify.
 
     ``anchors`` maps a label to a ``(seq, hash)`` the chain must hold (a signed checkpoint's head);
-    ``visit`` sees every entry that verified, in order (``audit verify --deep`` rebuilds state from them
-    in the same pass).
+    ``visit`` sees every entry that verified (or only those of ``visit_kinds``), in order, with its
+    payload decoded (``audit verify --deep`` rebuilds state from them in the same pass). Payloads of
+    other entries are never decoded.
     """
     head_seq, head_hash = head(conn)
     wanted: dict[int, list[tuple[str, str]]] = {}
     for label, (seq, digest) in (anchors or {}).items():
         wanted.setdefault(seq, []).append((label, digest))
     checked = [_check_anchor(label, 0, digest, GENESIS_HASH) for label, digest in wanted.pop(0, [])]
+    kinds = None if visit_kinds is None else frozenset(visit_kinds)
     prev_hash = GENESIS_HASH
     expected_seq = 1
     count = 0
@@ -210,23 +258,28 @@ def verify(conn: Connection, *, anchors: Mapping[str, tuple[int, str]] | None = 
     def broken(seq: int, problem: str, details: dict[str, Any] | None = None) -> VerifyResult:
         return VerifyResult(False, count, head_seq, seq, problem, details or {}, checked, head_hash)
 
-    for entry in _iter_rows(conn):
-        count += 1
-        if entry.seq != expected_seq:
-            problem = ("an entry is missing before this one (deleted)" if entry.seq > expected_seq
-                       else "sequence out of order")
-            return broken(expected_seq, problem, {"found_seq": entry.seq})
-        if entry.prev_hash != prev_hash:
-            return broken(entry.seq, "prev_hash does not match the previous entry "
-                                     "(an entry was inserted, deleted or reordered here)")
-        if entry_hash(prev_hash, entry.body()) != entry.hash:
-            return broken(entry.seq, "content does not match its hash (the entry was edited)")
-        for label, digest in wanted.pop(entry.seq, []):
-            checked.append(_check_anchor(label, entry.seq, digest, entry.hash))
-        if visit is not None:
-            visit(entry)
-        prev_hash = entry.hash
-        expected_seq += 1
+    for rows in _raw_batches(conn):
+        for row in rows:
+            count += 1
+            seq, entry_prev, digest = row[0], row[8], row[9]
+            if not isinstance(seq, int):
+                return broken(expected_seq, f"entry seq {seq!r} is not an integer (the entry was edited)")
+            if seq != expected_seq:
+                problem = ("an entry is missing before this one (deleted)" if seq > expected_seq
+                           else "sequence out of order")
+                return broken(expected_seq, problem, {"found_seq": seq})
+            if entry_prev != prev_hash:
+                return broken(seq, "prev_hash does not match the previous entry "
+                                   "(an entry was inserted, deleted or reordered here)")
+            if not _holds(prev_hash, row):
+                return broken(seq, "content does not match its hash (the entry was edited)")
+            if seq in wanted:
+                checked.extend(_check_anchor(label, seq, anchor, digest) for label, anchor in wanted.pop(seq))
+            if visit is not None and (kinds is None or row[4] in kinds):
+                payload = None if row[7] is None else exact_json_loads(row[7])
+                visit(LedgerEntry(seq, row[1], row[2], row[3], row[4], row[5], row[6], payload, entry_prev, digest))
+            prev_hash = digest
+            expected_seq += 1
     for seq, items in sorted(wanted.items()):
         checked.extend(_check_anchor(label, seq, digest, None) for label, digest in items)
     last_seq = expected_seq - 1

@@ -152,6 +152,15 @@ def _provenance(conn: Connection) -> None:
     next(i for i in t.indexes if i.name == "ix_risk_snapshots_world_stage_asof").create(conn, checkfirst=True)
 
 
+def _ledger_canonical_text(conn: Connection) -> None:
+    """Ledger payloads as their canonical text (``schema.CanonicalJSON``). On PostgreSQL the JSONB
+    column becomes TEXT; rows written before keep JSONB's spelling, which ``ledger.verify`` checks
+    by decoding and re-encoding as it always did (ALTER TABLE fires no row trigger). SQLite's column
+    already holds text: new rows are simply written canonically."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("ALTER TABLE ledger ALTER COLUMN payload TYPE TEXT USING payload::text")
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _initial),
     Migration(2, "api tokens for qmtl serve", _api_tokens),
@@ -161,6 +170,7 @@ MIGRATIONS: list[Migration] = [
               _audit_anchors),
     Migration(6, "governed policy changes: proposals and their approvals", _policy_proposals),
     Migration(7, "evidence provenance: run and snapshot classes, stage entry, code binding", _provenance),
+    Migration(8, "ledger payloads stored as their canonical JSON text", _ledger_canonical_text),
 ]
 
 

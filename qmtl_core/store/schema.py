@@ -6,14 +6,39 @@ as text, compare the same on both backends and never lose their time zone. Docum
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+
+from qmtl_core.canonical import canonical_json, exact_json_loads
 
 metadata = sa.MetaData()
 
 Time = sa.String(32)
 JSONDoc = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 Hash = sa.String(64)
+
+
+class CanonicalJSON(sa.types.TypeDecorator[Any]):
+    """A JSON document stored as its canonical text (``canonical_json``), byte for byte, on both
+    backends (schema v8; PostgreSQL's JSONB would re-spell it).
+
+    The ledger hashes that same text inside each entry, so ``ledger.verify`` checks the stored
+    bytes without decoding and re-encoding them, and what a reader decodes is exactly what was
+    hashed.
+    """
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else canonical_json(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else exact_json_loads(value)
+
 Name = sa.String(200)
 
 #: Applied migrations, one row each; the highest ``version`` is the store's schema version.
@@ -275,7 +300,7 @@ ledger = sa.Table(
     sa.Column("kind", sa.String(64), nullable=False),
     sa.Column("subject", sa.Text),
     sa.Column("reason", sa.Text),
-    sa.Column("payload", JSONDoc),
+    sa.Column("payload", CanonicalJSON),
     sa.Column("prev_hash", Hash, nullable=False),
     sa.Column("hash", Hash, nullable=False),
 )
