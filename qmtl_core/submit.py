@@ -623,10 +623,10 @@ class Submission:
         }
 
 
-def _announce(client: "Client", strategy: Strategy, world: str, domain: str) -> tuple[str, ...]:
-    """The strategy's input queues in its world/domain namespace, announced through the facade
-    (in-process or over HTTP): recorded, so every ``/events`` subscriber sees the
-    ``queue_update`` and ``tagquery.upsert``, and published on the in-process bus."""
+def _queue_updates(strategy: Strategy, world: str, domain: str) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+    """The strategy's input queues in its world/domain namespace, and the updates announcing them
+    (recorded with the submission, so every ``/events`` subscriber sees the ``queue_update`` and
+    ``tagquery.upsert``, and published on the in-process bus)."""
     from qmtl_core.controlbus import input_queue, queue_update
 
     out, updates = [], []
@@ -643,9 +643,7 @@ def _announce(client: "Client", strategy: Strategy, world: str, domain: str) -> 
             continue
         out.append(queue)
         updates.append(update)
-    if updates:
-        client.announce_queues(world, updates)
-    return tuple(out)
+    return tuple(out), updates
 
 
 def _prepare(client: "Client", strategy: Strategy, world: str, source_file: str | None
@@ -685,16 +683,17 @@ def submit_strategy(client: "Client | WorldService", strategy: Strategy, world: 
         result = run_backtest(strategy, bars, fee_bps=fee_bps, slippage_bps=slippage_bps, world_id=world)
     params = dict(strategy.__dict__.get("params", {}))
     code_hash = sha256_hex(strategy_source(cls))
-    registered = client.register_strategy(
-        world, strategy_id=sid, name=cls.__qualname__, code_hash=code_hash,
-        meta={"submission": {"class": cls.__qualname__, "file": source_file, "params": params,
-                             "data": str(path)}})
-    run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage="backtest",
-                                                metrics={"n_trades": result.n_trades},
-                                                returns=realized_returns(result),
-                                                evidence_class=EvidenceClass.REPLAY))
-    queues = _announce(client, strategy, world, ctx.execution_domain)
-    stage = str(registered["strategy"]["stage"])
+    queues, updates = _queue_updates(strategy, world, ctx.execution_domain)
+    # One write: the strategy's row, its backtest run and its queues, all or nothing, so a submit
+    # that fails anywhere leaves no strategy behind (one the loop would report stalled forever).
+    done = client.record_submission(
+        world, strategy_id=sid, stage="backtest", metrics={"n_trades": result.n_trades},
+        returns=realized_returns(result), evidence_class=EvidenceClass.REPLAY, queues=updates,
+        registration={"name": cls.__qualname__, "code_hash": code_hash,
+                      "meta": {"submission": {"class": cls.__qualname__, "file": source_file,
+                                              "params": params, "data": str(path)}}})
+    run = run_from_doc(done["run"])
+    stage = str(done["strategy"]["stage"])
     if run.status == "fail" or stage == "retired":
         status = "rejected"
     elif stage in ("paper", "live"):
@@ -705,7 +704,7 @@ def submit_strategy(client: "Client | WorldService", strategy: Strategy, world: 
                       source_file=source_file, code_hash=code_hash, context=ctx, decision=envelope,
                       stage=stage, status=status, run=run, backtest=result, data=str(path),
                       queues=queues, next_action=_next_action(client, world, sid),
-                      registered=bool(registered["changed"]), dag=strategy.dag())
+                      registered=bool(done["changed"]), dag=strategy.dag())
 
 
 def connect_runner(target: "WorldService | Client", *, data: str | Path | None = None) -> None:
@@ -876,25 +875,27 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
     runs_doc = dict(feed.get("runs") or {}) if feed else {}
     first_new = _to_datetime(fresh.timestamp[0])
     stage_doc = runs_doc.get(stage) or {"run_id": _run_id(stage, first_new), "start": iso(first_new)}
+    # Cumulative order-gate blocks by reason: Prometheus' qmtl_order_gate_blocks_total reads them here.
+    gate_blocks = dict((feed or {}).get("orders_blocked") or {})
+    for reason, n in stats["blocked"].items():
+        gate_blocks[reason] = int(gate_blocks.get(reason, 0)) + int(n)
+    fed = {"meta": {feed_key: {"bars": _bars_doc(bars), "runs": {**runs_doc, stage: stage_doc},
+                               "orders_blocked": gate_blocks}},
+           "expect_meta": {feed_key: feed}, "kind": "strategy.fed",
+           "reason": f"{len(fresh)} new bar(s) {iso(first_new)[:10]}..{iso(_to_datetime(fresh.timestamp[-1]))[:10]} "
+                     f"in {ctx.execution_domain}" + _blocked_note(stats["blocked"])}
     run = None
     n_trades = None
     if stage in ("paper", "shadow"):
         start = parse_instant(stage_doc["start"])
         series = [(t, r) for t, r in realized_returns(result) if t >= start]
         n_trades = _trades_since(result, start)
-        run = run_from_doc(client.record_evaluation(world, strategy_id=sid, stage=stage,
-                                                    run_id=stage_doc["run_id"], metrics={"n_trades": n_trades},
-                                                    returns=series, evidence_class=EvidenceClass.REPLAY))
-    # Cumulative order-gate blocks by reason: Prometheus' qmtl_order_gate_blocks_total reads them here.
-    gate_blocks = dict((feed or {}).get("orders_blocked") or {})
-    for reason, n in stats["blocked"].items():
-        gate_blocks[reason] = int(gate_blocks.get(reason, 0)) + int(n)
-    client.register_strategy(
-        world, strategy_id=sid, meta={feed_key: {"bars": _bars_doc(bars), "runs": {**runs_doc, stage: stage_doc},
-                                                 "orders_blocked": gate_blocks}},
-        expect_meta={feed_key: feed}, kind="strategy.fed",
-        reason=f"{len(fresh)} new bar(s) {iso(first_new)[:10]}..{iso(_to_datetime(fresh.timestamp[-1]))[:10]} "
-               f"in {ctx.execution_domain}" + _blocked_note(stats["blocked"]))
+        # The run and the bars it was measured on are one write: neither is kept without the other.
+        run = run_from_doc(client.record_submission(
+            world, strategy_id=sid, stage=stage, run_id=stage_doc["run_id"], metrics={"n_trades": n_trades},
+            returns=series, evidence_class=EvidenceClass.REPLAY, registration=fed)["run"])
+    else:
+        client.register_strategy(world, strategy_id=sid, **fed)
     note = None
     if stage == "live":
         note = ("live returns are not recorded from this simulation: realized live returns come from "

@@ -162,6 +162,23 @@ class LocalClient:
                                              metrics=metrics, returns=returns, evidence_class=evidence_class)
         return {**rev.to_dict(), "created": rev.created}
 
+    def record_submission(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
+                          metrics: Mapping[str, Any] | None = None,
+                          returns: Sequence[tuple[datetime, float]] | None = None,
+                          evidence_class: str | None = None, registration: Mapping[str, Any] | None = None,
+                          queues: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+        """``qmtl submit`` / ``qmtl run``: the strategy's row (``registration``: name, code_hash,
+        meta, expect_meta, kind, reason), its run and its announced queues in one transaction;
+        ``{run, strategy, changed, events}``."""
+        from qmtl_core.service._strategies import Registration
+
+        done = self.service.record_submission(
+            world, strategy_id=strategy_id, stage=stage, run_id=run_id, metrics=metrics, returns=returns,
+            evidence_class=evidence_class, queues=queues,
+            registration=Registration(**registration) if registration is not None else None)
+        return {"run": {**done.run.to_dict(), "created": done.run.created}, "strategy": done.strategy,
+                "changed": done.changed, "events": [e.to_json() for e in done.events]}
+
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None",
                         metrics: Mapping[str, Mapping[str, Any]] | None, run_id: str | None = None) -> dict[str, Any]:
         """``qmtl world evaluate --record``: one run per strategy (vectorised)."""
@@ -473,6 +490,18 @@ class HttpClient:
             "strategy_id": strategy_id, "stage": stage, "run_id": run_id,
             "metrics": _json_metric_row(metrics), "returns": returns_doc(returns),
             **({"evidence_class": evidence_class} if evidence_class else {})})
+
+    def record_submission(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
+                          metrics: Mapping[str, Any] | None = None,
+                          returns: Sequence[tuple[datetime, float]] | None = None,
+                          evidence_class: str | None = None, registration: Mapping[str, Any] | None = None,
+                          queues: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+        return self._call("POST", f"/worlds/{_world(world)}/submissions", confirm=True, body={
+            "strategy_id": strategy_id, "stage": stage, "run_id": run_id,
+            "metrics": _json_metric_row(metrics), "returns": returns_doc(returns),
+            **({"evidence_class": evidence_class} if evidence_class else {}),
+            "registration": dict(registration) if registration is not None else None,
+            "queues": [dict(q) for q in queues]})
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None",
                         metrics: Mapping[str, Mapping[str, Any]] | None, run_id: str | None = None) -> dict[str, Any]:

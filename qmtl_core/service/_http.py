@@ -117,6 +117,26 @@ class QueuesBody(_Body):
     updates: list[QueueUpdateBody] = Field(min_length=1, max_length=1000)
 
 
+class RegistrationBody(_Body):
+    """What a submission sets on the strategy's row (as ``POST /worlds/{id}/strategies``)."""
+
+    name: str | None = None
+    code_hash: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict, description="merged key by key into the row's meta")
+    expect_meta: dict[str, Any] | None = Field(
+        None, description="meta keys and the values they must still hold (null: absent), else 409")
+    kind: Literal["strategy.submitted", "strategy.fed"] = "strategy.submitted"
+    reason: str | None = None
+
+
+class SubmissionBody(EvaluateBody):
+    """``POST /worlds/{id}/submissions``: what ``qmtl submit`` and ``qmtl run`` write, in one
+    transaction: the strategy's row, its run, its announced queues. Any failure writes nothing."""
+
+    registration: RegistrationBody | None = None
+    queues: list[QueueUpdateBody] = Field(default_factory=list, max_length=1000)
+
+
 class PromoteBody(_Body):
     """``POST /worlds/{id}/promotions``."""
 
@@ -418,6 +438,15 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
         return c.record_evaluation(world, strategy_id=body.strategy_id, stage=body.stage, run_id=body.run_id,
                                    metrics=body.metrics, returns=returns_from_doc(body.returns),
                                    evidence_class=body.evidence_class)
+
+    @app.post("/worlds/{world}/submissions", response_model=m.SubmissionDoc, **doc)
+    def record_submission(world: str, body: SubmissionBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:
+        """Register a submission, record its run and announce its queues, all or nothing."""
+        return c.record_submission(world, strategy_id=body.strategy_id, stage=body.stage, run_id=body.run_id,
+                                   metrics=body.metrics, returns=returns_from_doc(body.returns),
+                                   evidence_class=body.evidence_class,
+                                   registration=body.registration.model_dump() if body.registration else None,
+                                   queues=[q.model_dump() for q in body.queues])
 
     @app.post("/worlds/{world}/evaluate-cohort", response_model=m.CohortDoc, **doc)
     def evaluate_cohort(world: str, body: CohortBody, c: LocalClient = Depends(evaluate)) -> dict[str, Any]:

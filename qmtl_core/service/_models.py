@@ -165,6 +165,15 @@ class QueuesDoc(Doc):
     events: list[dict[str, Any]]
 
 
+class SubmissionDoc(Doc):
+    """A submission's run, the strategy's row (with a registration) and the queue events written."""
+
+    run: RunDoc
+    strategy: StrategyRow | None = None
+    changed: bool
+    events: list[dict[str, Any]]
+
+
 class ReturnsRun(Doc):
     strategy_id: str
     stage: str

@@ -13,6 +13,7 @@ from qmtl_core.config import Settings
 from qmtl_core.errors import LiveNotConfirmed, QmtlError, UsageError
 from qmtl_core.governance._reentry import withdraw_live
 from qmtl_core.service._governance import GovernanceMixin
+from qmtl_core.service._strategies import Registration, code_binding
 from qmtl_core.timeutil import iso, utcnow
 from qmtl_core.world_files import check_world_id, world_files, world_path
 
@@ -70,6 +71,17 @@ class ValidationResult:
                 "policy_version": self.policy_version, "error": self.error}
 
 
+@dataclass(frozen=True)
+class Submitted:
+    """What ``record_submission`` wrote: the run revision, the strategy's row (with a
+    registration) and whether it changed, and the queue events announced."""
+
+    run: "RunRevision"
+    strategy: dict[str, Any] | None
+    changed: bool
+    events: tuple["ControlEvent", ...] = ()
+
+
 @dataclass
 class WorldSummary:
     """One row of ``qmtl world list``."""
@@ -112,14 +124,6 @@ def check_stage(stage: str) -> None:
 
     if stage not in STAGES:
         raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper, shadow or live")
-
-
-def code_binding(code_hash: str | None, meta: Mapping[str, Any]) -> str:
-    """What a strategy's evidence is bound to besides its runs: the code hash, the parameters and
-    the data it was submitted with. Any change voids a promotion request and its approvals."""
-    submission = meta.get("submission") or {}
-    return content_hash({"code_hash": code_hash, "params": submission.get("params"),
-                         "data": submission.get("data")})
 
 
 def policy_hash(policy: "WorldPolicy") -> str:
@@ -406,20 +410,43 @@ class WorldService(GovernanceMixin):
 
         What the request supplies is ``unverified`` unless it is qmtl's own replay (``evidence_class``
         claimed, and honoured for who is calling); a submitter may record only its own strategies."""
+        return self.record_submission(world, strategy_id=strategy_id, stage=stage, run_id=run_id,
+                                      metrics=metrics, returns=returns, evidence_class=evidence_class).run
+
+    def record_submission(self, world: str, *, strategy_id: str, stage: str, run_id: str | None = None,
+                          metrics: Mapping[str, Any] | None = None,
+                          returns: Sequence[tuple[datetime, float]] | None = None,
+                          evidence_class: str | None = None, registration: Registration | None = None,
+                          queues: Sequence[Mapping[str, Any]] = ()) -> "Submitted":
+        """``record_evaluation`` plus, in the same transaction, the strategy's row
+        (``registration``, as ``register_strategy``) and its announced ``queues`` (as
+        ``announce_queues``): what ``qmtl submit`` and ``qmtl run`` write. All or nothing: a
+        failure at any step leaves no strategy, no run and no ledger entry. The queue events are
+        published after the commit."""
         from qmtl_core import ledger, runs
         from qmtl_core.governance._activations import book_members
+        from qmtl_core.service._strategies import announce, register
 
         check_stage(stage)
         loaded = self.load_world(world)
         klass, notes = self._request_class(loaded.policy, evidence_class)
+        now = self.clock()
+        row, changed = None, False
         with self.store.write() as conn:
             ledger.lock(conn)
             self._check_owner(conn, loaded.policy, strategy_id)
-            return runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
-                                            strategy_id=strategy_id, stage=stage, run_id=run_id,
-                                            metrics=metrics, returns=returns, actor=self.actor,
-                                            now=self.clock(), book=book_members(conn, loaded.policy),
-                                            request_class=klass, extra_notes=notes)
+            if registration is not None:
+                row, changed = register(conn, world=world, strategy_id=strategy_id, reg=registration,
+                                        actor=self.actor, now=now)
+            rev = runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
+                                           strategy_id=strategy_id, stage=stage, run_id=run_id,
+                                           metrics=metrics, returns=returns, actor=self.actor,
+                                           now=now, book=book_members(conn, loaded.policy),
+                                           request_class=klass, extra_notes=notes)
+            events = announce(conn, world=world, updates=queues, actor=self.actor, now=now) if queues else []
+        for ev in events:
+            self.bus.publish(ev)
+        return Submitted(rev, row, changed, tuple(events))
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None" = None,
                         metrics: Mapping[str, Mapping[str, Any]] | None = None,
@@ -571,52 +598,17 @@ class WorldService(GovernanceMixin):
         only when something changed, so an unchanged resubmission changes nothing. Returns the row
         and whether it changed.
         """
-        import sqlalchemy as sa
-
-        from qmtl_core import ledger, runs
-        from qmtl_core.errors import ConflictError
-        from qmtl_core.store import schema
-        from qmtl_core.timeutil import iso
+        from qmtl_core import ledger
+        from qmtl_core.service._strategies import register
 
         loaded = self.load_world(world)
-        now = self.clock()
-        t = schema.strategies
-        key = (t.c.world_id == world) & (t.c.strategy_id == strategy_id)
+        reg = Registration(name=name, code_hash=code_hash, meta=dict(meta or {}), expect_meta=expect_meta,
+                           kind=kind, reason=reason)
         with self.store.write() as conn:
             ledger.lock(conn)
             self._check_owner(conn, loaded.policy, strategy_id)
-            created = conn.execute(sa.select(t.c.strategy_id).where(key)).first() is None
-            row = runs.ensure_strategy(conn, world_id=world, strategy_id=strategy_id, now=now,
-                                       submitter=self.actor, name=name)
-            old_meta = dict(row.meta or {})
-            for k, v in (expect_meta or {}).items():
-                if old_meta.get(k) != v:
-                    raise ConflictError(f"strategy {strategy_id} in {world} changed meanwhile ({k})",
-                                        hint="another process updated it; run the command again",
-                                        code="concurrent_update")
-            values: dict[str, Any] = {}
-            if name is not None and name != row.name:
-                values["name"] = name
-            if code_hash is not None and code_hash != row.code_hash:
-                values["code_hash"] = code_hash
-            new_meta = {**old_meta, **(meta or {})}
-            if new_meta != old_meta:
-                values["meta"] = new_meta
-            binding = code_binding(values.get("code_hash", row.code_hash), new_meta)
-            if binding != row.code_binding:
-                values["code_binding"] = binding
-            if values or created:
-                if values:
-                    conn.execute(sa.update(t).where(key).values(**values, updated_at=iso(now)))
-                changed = sorted(set(values) - {"meta", "code_binding"}) + sorted(k for k in new_meta
-                                                                  if new_meta.get(k) != old_meta.get(k))
-                ledger.append(conn, actor=self.actor, kind=kind, now=now, world=world,
-                              subject=f"{strategy_id} {name or row.name or ''}".strip(),
-                              reason=reason or ("first submission" if created else "changed: " + ", ".join(changed)),
-                              payload={"strategy_id": strategy_id, "name": name or row.name,
-                                       "code_hash": code_hash or row.code_hash, "changed": changed})
-            out = dict(conn.execute(sa.select(t).where(key)).one()._mapping)
-        return out, bool(values) or created
+            return register(conn, world=world, strategy_id=strategy_id, reg=reg, actor=self.actor,
+                            now=self.clock())
 
     # -- decisions ---------------------------------------------------------------------------------
     def decision(self, world: str, strategy_id: str) -> "DecisionEnvelope":
@@ -691,43 +683,17 @@ class WorldService(GovernanceMixin):
         return covariance, BookRisk(risks, why_not)
 
     def announce_queues(self, world: str, updates: Sequence[Mapping[str, Any]]) -> list["ControlEvent"]:
-        """Announce a strategy's input queues: each update (``tags, interval, queues, match_mode,
-        execution_domain``) becomes its ``tagquery.upsert`` and ``queue_update`` (DESIGN §8).
-
-        Recorded in the ledger (``queue.updated`` / ``tagquery.upserted``) so that ``/events``
-        subscribers of every server sharing the store receive them, then published on the
-        in-process bus. An event whose subject's last recorded etag is the same is a repeat and
-        writes nothing (a resubmission changes nothing); a changed update is never dropped.
-        """
-        import sqlalchemy as sa
-
-        from qmtl_core import controlbus, ledger
-        from qmtl_core.service._events import ANNOUNCED
-        from qmtl_core.store import schema
+        """Announce a strategy's input queues (DESIGN §8): each update (``tags, interval, queues,
+        match_mode, execution_domain``) becomes its ``tagquery.upsert`` and ``queue_update``,
+        recorded in the ledger (``service._strategies.announce``: a repeat writes nothing), then
+        published on the in-process bus."""
+        from qmtl_core import ledger
+        from qmtl_core.service._strategies import announce
 
         self.load_world(world, record=False)
-        events: list[controlbus.ControlEvent] = []
-        for u in updates:
-            common = {"tags": u.get("tags"), "interval": u.get("interval"),
-                      "match_mode": u.get("match_mode", "any"), "world_id": world,
-                      "execution_domain": u.get("execution_domain")}
-            events += [controlbus.tagquery_upsert(**common),
-                       controlbus.queue_update(**common, queues=u.get("queues") or [])]
-        written = []
-        t = schema.ledger
         with self.store.write() as conn:
             ledger.lock(conn)  # the repeat check and the append see one chain
-            for ev in events:
-                kind, subject = ANNOUNCED[ev.type], "/".join(ev.subject[1:])
-                last = conn.execute(sa.select(t.c.payload).where(t.c.world_id == world, t.c.kind == kind,
-                                                                 t.c.subject == subject)
-                                    .order_by(t.c.seq.desc()).limit(1)).scalar()
-                if isinstance(last, dict) and last.get("etag") == ev.etag:
-                    continue
-                ledger.append(conn, actor=self.actor, kind=kind, now=self.clock(), world=world, subject=subject,
-                              reason=f"{ev.type} in {ev.execution_domain}",
-                              payload={"etag": ev.etag, "data": dict(ev.payload)})
-                written.append(ev)
+            written = announce(conn, world=world, updates=updates, actor=self.actor, now=self.clock())
         for ev in written:
             self.bus.publish(ev)
         return written
