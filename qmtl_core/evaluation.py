@@ -13,7 +13,6 @@ evaluation exits 12 (fail closed) unless a measured rule already fails it (10).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,17 +26,10 @@ from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._engine import GateResult, Status, clean_number, evaluate_gates
 from qmtl_core.policy._selection import Candidate, SelectionResult, select
 from qmtl_core.portfolio import PortfolioRisk
+from qmtl_core.spacing import return_warnings
 
 if TYPE_CHECKING:
     import numpy as np
-
-#: Returns observed more than this factor away from ``periods_per_year`` (counted as intervals
-#: per year over their span, so weekends and holidays of a trading calendar do not count) are
-#: annualised wrongly: 156 weekly returns under 252 give a Sharpe sqrt(252/52) = 2.2x too large.
-SPACING_TOLERANCE = 1.25
-#: Fewer timestamps than this say too little about their spacing to warn about it.
-SPACING_MIN_OBSERVATIONS = 20
-_YEAR_SECONDS = 365.25 * 86_400
 
 SOURCE_GIVEN = "request.metrics"
 SOURCE_RETURNS = "request.returns"
@@ -195,33 +187,6 @@ def add_extras(policy: WorldPolicy, values: dict[str, float | None], where: dict
         where[name] = SOURCE_DERIVED if name == "n_trades_per_year" else source
 
 
-def spacing_note(timestamps: Sequence[datetime], periods_per_year: float) -> str | None:
-    """A warning when the timestamps' rate disagrees with ``periods_per_year`` (else ``None``)."""
-    if len(timestamps) < SPACING_MIN_OBSERVATIONS:
-        return None
-    span = (timestamps[-1] - timestamps[0]).total_seconds() / _YEAR_SECONDS
-    if span <= 0:
-        return None
-    observed = (len(timestamps) - 1) / span
-    ratio = observed / periods_per_year
-    if 1 / SPACING_TOLERANCE <= ratio <= SPACING_TOLERANCE:
-        return None
-    return (f"returns are spaced about {observed:.3g} per year but periods_per_year is "
-            f"{periods_per_year:g}: annualised metrics (sharpe, annual_volatility, cagr) are off by "
-            f"a factor of about {math.sqrt(1 / ratio):.2g} or more")
-
-
-def check_spacing(policy: WorldPolicy, timestamps: Sequence[datetime]) -> list[str]:
-    """The spacing warning as notes, or ``BadInputError`` when the policy makes it an error."""
-    note = spacing_note(timestamps, policy.periods_per_year)
-    if note is None:
-        return []
-    if policy.validation.on_spacing_mismatch == "fail":
-        raise BadInputError(note, hint="resample the returns to the policy's periods, or fix "
-                                       "periods_per_year", code="spacing_mismatch")
-    return [f"warning: {note}"]
-
-
 def uses_metric(policy: WorldPolicy, name: str) -> bool:
     """Whether any rule or selection step of ``policy`` reads metric ``name``."""
     sel = policy.selection
@@ -257,7 +222,7 @@ def evaluate_cohort(policy: WorldPolicy, *, stage: str,
     if returns is not None:
         if n_trials is None and uses_metric(policy, "dsr"):
             n_trials = len(returns.strategies)
-        notes.extend(check_spacing(policy, returns.timestamps))
+        notes.extend(return_warnings(policy, returns.timestamps))
         computed = cohort_metrics(returns, policy.periods_per_year, n_trials)
     ids = sorted(set(given) | set(computed))
     rows = {sid: i for i, sid in enumerate(returns.strategies)} if returns is not None else {}

@@ -48,6 +48,7 @@ from qmtl_core.consistency import consistency_results
 from qmtl_core.policy._engine import RuleResult, clean_number, evaluate_gates, summarize
 from qmtl_core.portfolio import DEFAULT_MIN_OVERLAP, PortfolioRisk, portfolio_risk
 from qmtl_core.risk import INCOMPLETE, MISSING, Freshness, StoredSnapshot
+from qmtl_core.spacing import return_warnings
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso
 
@@ -73,11 +74,18 @@ class Window:
     end: str | None
     n_observations: int
     source: str | None
+    #: What the returns' timestamps say against the policy (``spacing.return_warnings``): a rate
+    #: that disagrees with ``periods_per_year``, or one return spanning a gap.
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return {"start": self.start, "end": self.end, "n_observations": self.n_observations,
-                "source": self.source}
+        """JSON form (``warnings`` only when there are some, so that runs recorded before they
+        existed keep their content hash)."""
+        out: dict[str, Any] = {"start": self.start, "end": self.end, "n_observations": self.n_observations,
+                               "source": self.source}
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
 
 
 @dataclass(frozen=True)
@@ -215,8 +223,10 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
 
     def from_series(series: Returns, source: str, klass: str) -> None:
         nonlocal window, used_returns
+        measured = window_of(series, source, policy)  # may refuse: the policy's spacing rule
         take(_metrics_from_returns(series, periods_per_year), source, klass)
-        window = window_of(series, source)
+        window = measured
+        notes.extend(measured.warnings)
         used_returns = [(iso(t), float(r)) for t, r in series]
         if policy is not None:
             extras: dict[str, float | None] = {}
@@ -248,7 +258,10 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
         elif not series:
             notes.append(f"risk snapshot {snap.version} has no realized returns for {strategy_id}")
         elif kept := observed(series, f"risk snapshot {snap.version}"):
-            from_series(kept, f"risk_snapshot:{snap.version}", EvidenceClass.HUB)
+            try:
+                from_series(kept, f"risk_snapshot:{snap.version}", EvidenceClass.HUB)
+            except BadInputError as exc:  # the policy refuses their spacing: the snapshot is not usable
+                notes.append(f"risk snapshot {snap.version} returns not used: {exc.message}")
     if snapshot is not None and (snapshot_freshness is None or snapshot_freshness.ok) \
             and snapshot.snapshot.provenance.stage == stage:
         take((snapshot.snapshot.extra_metrics or {}).get(strategy_id, {}), f"risk_snapshot:{snapshot.version}",
@@ -304,11 +317,14 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.12g}")
 
 
-def window_of(series: Returns | None, source: str) -> Window:
-    """The window a series spans (empty window without data)."""
+def window_of(series: Returns | None, source: str, policy: WorldPolicy | None = None) -> Window:
+    """The window a (sorted) series spans (empty window without data), with the warnings its
+    timestamps raise under ``policy`` (``spacing.return_warnings``: ``BadInputError`` when the
+    policy makes a spacing mismatch an error)."""
     if not series:
         return Window(None, None, 0, None)
-    return Window(iso(series[0][0]), iso(series[-1][0]), len(series), source)
+    warnings = tuple(return_warnings(policy, [t for t, _ in series])) if policy is not None else ()
+    return Window(iso(series[0][0]), iso(series[-1][0]), len(series), source, warnings)
 
 
 # --- store ---------------------------------------------------------------------------------------
@@ -343,7 +359,8 @@ class RunRevision:
                "metric_sources": self.metric_sources, "window": self.window, "reason": self.reason,
                "content_hash": self.content_hash, "recorded_at": self.recorded_at,
                "recorded_by": self.recorded_by, "evidence_class": self.evidence_class,
-               "metric_classes": self.metric_classes}
+               "metric_classes": self.metric_classes,
+               "warnings": list((self.window or {}).get("warnings") or [])}
         if with_rules:
             out["rules"] = self.rule_results
         return out

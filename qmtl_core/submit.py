@@ -60,6 +60,8 @@ from qmtl_core.errors import (BadInputError, BlockedError, DataFileError, FailCl
 from qmtl_core.evidence_class import EvidenceClass
 from qmtl_core.gateway import ComputeContextService, StrategySubmit
 from qmtl_core.grammar import GrammarError, loads_json, parse_number
+from qmtl_core.policy import format_duration
+from qmtl_core.spacing import GAP_FLOOR, GAP_INTERVALS, Gap, find_gaps, gap_limit
 from qmtl_core.sdk import (BAR_FIELDS, BacktestResult, Bars, Order, Runner, Strategy, SubmitResult,
                            TradeExecutionService, load_bars, run_backtest, strategy_id, strategy_source)
 from qmtl_core.timeutil import iso, parse_instant
@@ -542,6 +544,32 @@ def _new_bars(old: Bars | None, new: Bars, floor: datetime | None, source: str) 
     return new, 0
 
 
+def stream_interval(strategy: Strategy) -> timedelta:
+    """The shortest interval of the strategy's input streams (the nodes it is fed on)."""
+    return timedelta(seconds=min((n.interval for n in strategy.build() if not n.inputs), default=86_400))
+
+
+def _check_gaps(old: Bars | None, fresh: Bars, step: timedelta, source: str, allow_gap: bool) -> list[Gap]:
+    """The gaps (``spacing.find_gaps``) between the last bar fed and the new ones, and among the
+    new ones. Refused (``bars_gap``, exit 2) unless ``allow_gap``: the return across a gap is one
+    return over the whole hole, and bars inside it can never be fed afterwards (a run only appends)."""
+    stamps = [_to_datetime(t) for t in fresh.timestamp]
+    if old is not None and len(old):
+        stamps.insert(0, _to_datetime(old.timestamp[-1]))
+    gaps = find_gaps(stamps, step)
+    if gaps and not allow_gap:
+        gap = gaps[0]
+        before, after = iso(gap.before)[:19] + "Z", iso(gap.after)[:19] + "Z"
+        raise DataFileError(
+            f"{source}: bar {after} comes {format_duration(gap.length)} after the bar before it ({before}); "
+            f"more than {format_duration(gap_limit(step))} ({GAP_INTERVALS} x the stream interval "
+            f"{format_duration(step)}, at least {format_duration(GAP_FLOOR)}) is a gap in the data",
+            hint=f"feed the missing bars between {before} and {after} first, or pass --allow-gap to book "
+                 "one return across the gap (the bars inside it can then never be fed)",
+            code="bars_gap", details={"gaps": [g.to_dict() for g in gaps]})
+    return gaps
+
+
 def _next_action(client: "Client", world: str, sid: str) -> "Action | None":
     views = client.campaign(world, strategy_id=sid)["strategies"]
     return action_from_doc(views[0].get("next_action")) if views else None
@@ -744,6 +772,7 @@ class FeedResult:
     order_stats: dict[str, Any]
     next_action: "Action | None"
     note: str | None = None
+    gaps: tuple[Gap, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -760,7 +789,8 @@ class FeedResult:
             "downgrade_reason": self.context.downgrade_reason, "context": _context_doc(self.context),
             "decision": _envelope_doc(self.decision), "data": self.data,
             "bars": {"new": self.new_bars, "duplicates": self.duplicate_bars, "first_new": self.first_new,
-                     "last_new": self.last_new, "total_fed": self.total_bars},
+                     "last_new": self.last_new, "total_fed": self.total_bars,
+                     "gaps": [g.to_dict() for g in self.gaps]},
             "run": {**self.run.to_dict(), "created": self.run.created} if self.run is not None else None,
             "n_trades": self.n_trades,
             "orders": {**self.order_stats, "emitted": list(self.orders)},
@@ -794,7 +824,7 @@ def _nothing_to_feed(world: str, name: str, sid: str, ctx: ComputeContext,
 def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: str, data: str | Path, *,
                   source_file: str | None = None,
                   execution_service: TradeExecutionService | None = None,
-                  execution_domain: str | None = None) -> FeedResult:
+                  execution_domain: str | None = None, allow_gap: bool = False) -> FeedResult:
     """Feed the bars in ``data`` to a submitted strategy in the domain its world decides.
 
     ``dryrun`` (paper): replay every bar fed so far plus the new ones through the backtest engine
@@ -815,7 +845,7 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
     if execution_service is not None:
         with Runner.trading(execution_service):
             return feed_strategy(client, strategy, world, data, source_file=source_file,
-                                 execution_domain=execution_domain)
+                                 execution_domain=execution_domain, allow_gap=allow_gap)
     fee_bps, slippage_bps, files, shown, sid = _prepare(client, strategy, world, source_file)
     cls = type(strategy)
     name = cls.__qualname__
@@ -855,6 +885,7 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
                           len(old) if old is not None else 0, latest, None,
                           (), _stats_delta(before, before), _next_action(client, world, sid),
                           note=f"nothing new: every bar in {data} was already fed")
+    gaps = _check_gaps(old, fresh, stream_interval(strategy), str(data), allow_gap)
     if stage == "live" and len(fresh) > 1:
         raise BadInputError(f"{data}: {len(fresh)} new bars; live runs take one new bar at a time (the "
                             "bar that just closed), so no order is sent for a bar already past",
@@ -883,7 +914,9 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
                                "orders_blocked": gate_blocks}},
            "expect_meta": {feed_key: feed}, "kind": "strategy.fed",
            "reason": f"{len(fresh)} new bar(s) {iso(first_new)[:10]}..{iso(_to_datetime(fresh.timestamp[-1]))[:10]} "
-                     f"in {ctx.execution_domain}" + _blocked_note(stats["blocked"])}
+                     f"in {ctx.execution_domain}" + _blocked_note(stats["blocked"]) + "".join(
+                         f"; --allow-gap: {format_duration(g.length)} gap {iso(g.before)[:10]}..{iso(g.after)[:10]} "
+                         "booked as one return" for g in gaps)}
     run = None
     n_trades = None
     if stage in ("paper", "shadow"):
@@ -902,7 +935,7 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
                 "the broker through the risk hub (qmtl risk put)")
     return FeedResult(world, sid, name, ctx, envelope, stage, str(data), len(fresh), duplicates,
                       iso(first_new), iso(_to_datetime(fresh.timestamp[-1])), len(bars), run, n_trades,
-                      tuple(orders), stats, _next_action(client, world, sid), note=note)
+                      tuple(orders), stats, _next_action(client, world, sid), note=note, gaps=tuple(gaps))
 
 
 def _blocked_note(blocked: Mapping[str, int]) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qmtl_core.errors import BadInputError
-from qmtl_core.evaluation import SPACING_MIN_OBSERVATIONS, spacing_note
+from qmtl_core.spacing import SPACING_MIN_OBSERVATIONS, spacing_note
 from qmtl_core.metrics import (
     DISPERSION_RESOLUTION,
     MAX_TRIALS,
@@ -144,7 +144,7 @@ def test_evaluate_warns_and_policy_can_refuse(tmp_path: Path, worlds_dir: Path, 
 
 
 def test_spacing_mismatch_error_is_bad_input() -> None:
-    from qmtl_core.evaluation import check_spacing
+    from qmtl_core.spacing import check_spacing
     from qmtl_core.policy import load_policy_text
     from tests.test_policy_loader import BASE
 
@@ -153,3 +153,36 @@ def test_spacing_mismatch_error_is_bad_input() -> None:
     with pytest.raises(BadInputError, match="52.2 per year"):
         check_spacing(policy, _stamps(156, timedelta(days=7)))
     assert check_spacing(policy, _business_days(300)) == []
+
+
+def test_gaps_are_more_than_ten_steps_and_more_than_four_days() -> None:
+    from qmtl_core.spacing import find_gaps, gap_limit
+
+    day, hour = timedelta(days=1), timedelta(hours=1)
+    assert gap_limit(day) == timedelta(days=10) and gap_limit(hour) == timedelta(days=4)
+    assert find_gaps(_business_days(300), day) == []  # weekends are not gaps
+    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    closed = [t0, t0 + timedelta(days=7), t0 + timedelta(days=17)]  # a market shut for a week: not a gap
+    assert find_gaps(closed, day) == []
+    hole = [t0, t0 + timedelta(days=1), t0 + timedelta(days=101), t0 + timedelta(days=102)]
+    (gap,) = find_gaps(hole, day)
+    assert (gap.before, gap.after, gap.length) == (hole[1], hole[2], timedelta(days=100))
+    # hourly bars: a night and a weekend are not gaps, a missing week is
+    friday = datetime(2024, 1, 5, 16, tzinfo=timezone.utc)
+    assert find_gaps([friday, friday + timedelta(hours=65.5)], hour) == []
+    assert len(find_gaps([friday, friday + timedelta(days=7)], hour)) == 1
+
+
+def test_run_warnings_name_a_gap_in_the_returns() -> None:
+    from qmtl_core.policy import load_policy_text
+    from qmtl_core.spacing import return_warnings
+    from tests.test_policy_loader import BASE
+
+    policy = load_policy_text(BASE)
+    days = _business_days(300)
+    holed = days[:100] + days[180:]
+    notes = return_warnings(policy, holed)
+    assert [n for n in notes if "gap" in n] == [
+        f"warning: one return spans a gap of {(holed[100] - holed[99]).days}d "
+        f"({holed[99].isoformat()[:19]}Z to {holed[100].isoformat()[:19]}Z)"]
+    assert return_warnings(policy, days) == []

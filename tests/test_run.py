@@ -319,3 +319,60 @@ def test_submit_and_run_against_a_real_server(env: dict[str, str], data: dict[st
     kinds = [e["kind"] for e in entries if e["actor"] == "otto"]
     assert {"strategy.submitted", "run.recorded", "strategy.fed"} <= set(kinds)
     assert all(e["actor"] == "otto" for e in entries if e["kind"].startswith(("strategy.", "run.")))
+
+
+def test_run_refuses_a_gap_unless_allowed(env: dict[str, str], data: dict[str, tuple[Path, int]],
+                                          tmp_path: Path) -> None:
+    """Issue 16 item 15: a 100-day hole in daily bars used to be booked as one daily return, and
+    the skipped bars could never be fed afterwards."""
+    hist, _ = data["hist"]
+    _submit_and_promote([str(SMA)], hist)
+    a, n_a = data["a"]
+    assert qmtl("run", str(SMA), "--world", WORLD, "--data", str(a)).exit_code == 0
+    after_gap, n_late = _bars(tmp_path, "late.csv", "2013-01-14", "2013-03-01")  # last fed: 2012-10-04
+    refused = qmtl_process("run", str(SMA), "--world", WORLD, "--data", str(after_gap))
+    assert refused.exit_code == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"qmtl: error: {after_gap}: bar 2033-01-14T00:00:00Z comes 102d after the bar before it "
+        "(2032-10-04T00:00:00Z); more than 10d (10 x the stream interval 1d, at least 4d) is a gap in the "
+        "data (feed the missing bars between 2032-10-04T00:00:00Z and 2033-01-14T00:00:00Z first, or pass "
+        "--allow-gap to book one return across the gap (the bars inside it can then never be fed))"]
+    as_json = qmtl("run", str(SMA), "--world", WORLD, "--data", str(after_gap), "--json")
+    assert as_json.exit_code == 2 and as_json.json()["error"] == "bars_gap"
+    history = qmtl("world", "runs", WORLD, "--stage", "paper", "--history", "--json").json()["runs"]
+    assert [r["revision"] for r in history] == [1]  # refused: nothing written
+
+    allowed = qmtl("run", str(SMA), "--world", WORLD, "--data", str(after_gap), "--allow-gap", "--json")
+    assert allowed.exit_code in (0, 10), allowed.stderr
+    doc = allowed.json()
+    assert doc["bars"]["gaps"] == [{"before": "2032-10-04T00:00:00.000000Z", "after": "2033-01-14T00:00:00.000000Z",
+                                    "seconds": 102 * 86400.0}]
+    run = doc["run"]
+    assert run["revision"] == 2 and run["window"]["n_observations"] == n_a + n_late  # one return across it
+    # the hole also lowers the returns' rate below periods_per_year: both are said
+    assert run["warnings"] == [
+        "warning: returns are spaced about 161 per year but periods_per_year is 252: annualised metrics "
+        "(sharpe, annual_volatility, cagr) are off by a factor of about 1.3 or more",
+        "warning: one return spans a gap of 102d (2032-10-04T00:00:00Z to 2033-01-14T00:00:00Z)"]
+    assert any("--allow-gap: 102d gap 2032-10-04..2033-01-14 booked as one return" in e["reason"]
+               for e in qmtl("audit", "log", "--world", WORLD, "--json").json()["entries"])
+    # the consequence the flag states: the bars inside the gap can never be fed now
+    inside, _ = _bars(tmp_path, "inside.csv", "2012-10-05", "2013-01-11")
+    late = qmtl("run", str(SMA), "--world", WORLD, "--data", str(inside), "--json")
+    assert late.exit_code == 2 and late.json()["error"] == "bars_too_old"
+    human = qmtl("run", str(SMA), "--world", WORLD, "--data", str(after_gap))
+    assert human.exit_code in (0, 10) and "one return spans a gap of 102d" in human.stdout
+
+
+def test_run_feeds_the_bars_of_a_refused_gap_first(env: dict[str, str], data: dict[str, tuple[Path, int]],
+                                                   tmp_path: Path) -> None:
+    """After a refusal the missing bars can still be fed, then the ones that were refused."""
+    hist, _ = data["hist"]
+    _submit_and_promote([str(SMA)], hist)
+    assert qmtl("run", str(SMA), "--world", WORLD, "--data", str(data["a"][0])).exit_code == 0
+    after_gap, _ = _bars(tmp_path, "late.csv", "2013-01-14", "2013-03-01")
+    assert qmtl("run", str(SMA), "--world", WORLD, "--data", str(after_gap)).exit_code == 2
+    inside, _ = _bars(tmp_path, "inside.csv", "2012-10-05", "2013-01-11")
+    assert qmtl("run", str(SMA), "--world", WORLD, "--data", str(inside)).exit_code == 0
+    doc = qmtl("run", str(SMA), "--world", WORLD, "--data", str(after_gap), "--json").json()
+    assert doc["bars"]["gaps"] == [] and doc["run"]["warnings"] == []

@@ -107,10 +107,16 @@ def render_submission(c: "Console", doc: dict[str, Any]) -> None:
               f"(fee {bt['fee_bps']:g} bps, slippage {bt['slippage_bps']:g} bps)"))
     same = "" if run["created"] else "  (unchanged: same code and data as the latest revision)"
     c.print(f"  run       {t(run['run_id'])}#{run['revision']} {styled(run['status'])}{same}")
+    _print_warnings(c, run)
     if run.get("rules"):
         c.print("  gates")
         explain_rules(c, run["rules"])
     _print_next(c, doc.get("next_step"))
+
+
+def _print_warnings(c: "Console", run: dict[str, Any]) -> None:
+    for warning in run.get("warnings") or ():
+        c.print("  [yellow]" + t(warning) + "[/yellow]")
 
 
 def render_feed(c: "Console", doc: dict[str, Any]) -> None:
@@ -123,6 +129,9 @@ def render_feed(c: "Console", doc: dict[str, Any]) -> None:
         dup = f", {bars['duplicates']} already fed" if bars["duplicates"] else ""
         c.print(t(f"  bars      {bars['new']} new {bars['first_new'][:10]}..{bars['last_new'][:10]}{dup}; "
                   f"{bars['total_fed']} fed in all"))
+        for gap in bars.get("gaps") or ():
+            c.print(t(f"  gap       {gap['before'][:10]}..{gap['after'][:10]} allowed (--allow-gap): one return "
+                      "across it; the bars inside can never be fed"))
     blocked = ", ".join(f"{k} {v}" for k, v in sorted(orders["blocked"].items()))
     c.print(t(f"  orders    {len(orders['emitted'])} on the last bar: {orders['published']} sent"
               + (f", blocked by the gate: {blocked}" if blocked else "")))
@@ -133,6 +142,7 @@ def render_feed(c: "Console", doc: dict[str, Any]) -> None:
         c.print(f"  run       {t(run['run_id'])}#{run['revision']} {styled(run['status'])}{same}; "
                 + t(f"{window.get('n_observations', 0)} returns {(window.get('start') or '-')[:10]}.."
                     f"{(window.get('end') or '-')[:10]}, {doc['n_trades'] if doc['n_trades'] is not None else '-'} trades"))
+        _print_warnings(c, run)
         if run.get("rules"):
             explain_rules(c, run["rules"])
     if doc.get("note"):
@@ -196,6 +206,11 @@ def run_command(
         "--domain", help="shadow: run on these bars as a mirror of the live inputs with every order "
                          "blocked, and record the strategy's shadow run (the world's campaign.shadow "
                          "window). Without it the world decides (paper or live).")] = None,
+    allow_gap: Annotated[bool, typer.Option(
+        "--allow-gap", help="Accept a gap in the bars (consecutive bars more than 10 stream intervals and "
+                            "more than 4 days apart, counting from the last bar fed): the return across it "
+                            "is booked as one return, the run shows it, and the bars inside it can never "
+                            "be fed afterwards. Without it such bars are refused (exit 2).")] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Feed new bars to a submitted strategy in the domain its world decides (or in shadow).
@@ -211,6 +226,9 @@ def run_command(
     says), and the shadow run gets a new revision over every shadow return, so the shadow window
     advances on data. Shadow keeps its own series of fed bars, apart from paper's.
 
+    A gap (consecutive bars more than 10 stream intervals and more than 4 days apart) is refused
+    with exit 2 naming the bar, unless --allow-gap.
+
     With --server the bars are read and replayed here and live orders go from here to the broker;
     the server stores the paper run and the bars fed so far.
     """
@@ -220,7 +238,7 @@ def run_command(
     hook = WebhookExecutionService(broker_webhook) if broker_webhook else None
     instance = _load(file, strategy, param)
     res = feed_strategy(state(ctx).client(), instance, world, data, source_file=str(file),
-                        execution_service=hook, execution_domain=domain)
+                        execution_service=hook, execution_domain=domain, allow_gap=allow_gap)
     doc = res.to_dict()
     if hook is not None and res.context.execution_domain != "live":
         doc["note"] = (f"--broker-webhook not used: the world decides {res.context.execution_domain}, "

@@ -103,6 +103,7 @@ class RunDoc(Doc):
     recorded_at: str
     recorded_by: str
     created: bool | None = None
+    warnings: list[str] | None = None  # what the returns' timestamps say (rate vs periods_per_year, gaps)
 
 
 class RunList(Doc):

@@ -482,9 +482,13 @@ class WorldService(GovernanceMixin):
                 runs.require_portfolio(policy, stage, risks[sid], fresh)
             for sid in ids:
                 self._check_owner(conn, loaded.policy, sid)
+            series_of = {sid: returns.series(sid) if returns is not None and sid in returns.strategies else None
+                         for sid in ids}
+            # the policy's spacing rule may refuse one: before anything is written
+            windows = {sid: runs.window_of(series_of[sid], "request.returns", policy) for sid in ids}
             for sid in ids:
                 runs.ensure_strategy(conn, world_id=world, strategy_id=sid, now=now, submitter=self.actor)
-                series = returns.series(sid) if returns is not None and sid in returns.strategies else None
+                series = series_of[sid]
                 given = {k: v for k, v in (metrics or {}).get(sid, {}).items() if not is_portfolio_metric(k)}
                 values, where = merge_metrics(computed.get(sid, {}), given)
                 add_extras(policy, values, where, series=returns.row(sid) if series else None,
@@ -494,7 +498,7 @@ class WorldService(GovernanceMixin):
                     if value is not None:
                         values[name], where[name] = value, risk.source
                 sourced = runs.Sourced(
-                    values, where, runs.window_of(series, "request.returns"),
+                    values, where, windows[sid],
                     [(iso(t), r) for t, r in series] if series else None,
                     metric_classes={k: EvidenceClass.HUB if risk is not None and where.get(k) == risk.source
                                     else EvidenceClass.UNVERIFIED for k in values})
