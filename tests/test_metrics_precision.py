@@ -186,3 +186,90 @@ def test_run_warnings_name_a_gap_in_the_returns() -> None:
         f"warning: one return spans a gap of {(holed[100] - holed[99]).days}d "
         f"({holed[99].isoformat()[:19]}Z to {holed[100].isoformat()[:19]}Z)"]
     assert return_warnings(policy, days) == []
+
+
+# --- the spacing warning on every path that annualises timestamped returns ----------------------
+SPACED = "warning: returns are spaced about 52.2 per year but periods_per_year is 252"
+
+
+def _refuse_spacing(worlds_dir: Path, world: str = "research-sandbox") -> None:
+    policy = worlds_dir / f"{world}.yaml"
+    text = policy.read_text()
+    policy.write_text(text.replace("validation: {on_missing_metric: fail}",
+                                   "validation: {on_missing_metric: fail, on_spacing_mismatch: fail}")
+                      .replace("policy_version: 1", "policy_version: 2"))
+
+
+@pytest.mark.usefixtures("cli_mode")
+def test_recorded_runs_carry_the_spacing_warning(tmp_path: Path, worlds_dir: Path, qmtl_env: dict[str, str]) -> None:
+    path = _weekly_file(tmp_path)
+    one = qmtl("world", "evaluate", "research-sandbox", "--strategy", "a", "--returns", str(path), "--json")
+    assert one.exit_code in (0, 10), one.stderr
+    assert [w[:len(SPACED)] for w in one.json()["warnings"]] == [SPACED]
+    assert one.json()["window"]["warnings"] == one.json()["warnings"]
+    cohort = qmtl("world", "evaluate", "research-sandbox", "--record", "--returns", str(path),
+                  "--run-id", "cohort-1", "--json")
+    assert cohort.exit_code in (0, 10), cohort.stderr
+    assert [w[:len(SPACED)] for w in cohort.json()["runs"][0]["warnings"]] == [SPACED]
+    human = qmtl("world", "evaluate", "research-sandbox", "--strategy", "a", "--returns", str(path))
+    assert "52.2 per year" in human.stdout
+    before = qmtl("world", "runs", "research-sandbox", "--history", "--json").json()["runs"]
+
+    _refuse_spacing(worlds_dir)
+    for args in (["--strategy", "a", "--run-id", "other"], ["--record", "--run-id", "cohort-2"]):
+        ran = qmtl("world", "evaluate", "research-sandbox", *args, "--returns", str(path), "--json")
+        assert ran.exit_code == 2 and ran.json()["error"] == "spacing_mismatch", (args, ran.stdout)
+    assert qmtl("world", "runs", "research-sandbox", "--history", "--json").json()["runs"] == before
+
+
+def _weekly_bars(tmp_path: Path) -> Path:
+    header, *rows = (Path(__file__).resolve().parent.parent / "worlds/data/GOOG.csv").read_text().splitlines()
+    path = tmp_path / "weekly.csv"
+    path.write_text("\n".join([header, *rows[::5]]) + "\n")
+    return path
+
+
+@pytest.mark.usefixtures("cli_mode")
+def test_submit_backtest_carries_the_spacing_warning(tmp_path: Path, worlds_dir: Path, qmtl_env: dict[str, str],
+                                                     store_url: str) -> None:
+    from qmtl_core.store import schema
+    from tests.test_liquidation_and_params import _count
+
+    sma = Path(__file__).resolve().parent.parent / "examples/strategies/sma_crossover.py"
+    bars = _weekly_bars(tmp_path)
+    ran = qmtl("submit", str(sma), "--world", "research-sandbox", "--data", str(bars), "--json")
+    assert ran.exit_code in (0, 10), ran.stderr
+    warnings = ran.json()["run"]["warnings"]
+    assert len(warnings) == 1 and "per year but periods_per_year is 252" in warnings[0]
+    assert "per year but periods_per_year is 252" in qmtl("submit", str(sma), "--world", "research-sandbox",
+                                                          "--data", str(bars)).stdout
+    _refuse_spacing(worlds_dir)
+    ledger_before = _count(store_url, schema.ledger)
+    refused = qmtl("submit", str(sma), "--world", "research-sandbox", "--data", str(bars), "--param", "fast=7",
+                   "--json")
+    assert refused.exit_code == 2 and refused.json()["error"] == "spacing_mismatch"
+    assert _count(store_url, schema.strategies) == 1  # the refused submission wrote nothing
+    assert _count(store_url, schema.ledger) == ledger_before + 1  # only the new policy version's entry
+
+
+def test_snapshot_returns_carry_the_warning_or_are_not_used(store_url: str, worlds_dir: Path, tmp_path: Path) -> None:
+    """The tick measures paper runs on a snapshot's realized returns (``evaluate`` actions go
+    through the same sourcing as ``record_evaluation`` without returns)."""
+    from tests._service import Clock, make_service
+    from tests.test_runs import W, _hub, _snapshot
+
+    clock = Clock()
+    svc = make_service(store_url, worlds_dir, tmp_path / "home", clock)
+    try:
+        weekly = [(clock.now - timedelta(days=7 * (60 - i)), 0.001 * (i % 5 - 2)) for i in range(60)]
+        svc.register_strategy(W, strategy_id="s1")
+        _hub(svc).put_risk_snapshot(_snapshot(clock, returns={"s1": weekly}))
+        run = svc.record_evaluation(W, strategy_id="s1", stage="paper").to_dict()
+        assert run["window"]["source"] == "risk_snapshot:v1"
+        assert [w[:len(SPACED)] for w in run["warnings"]] == [SPACED]
+        _refuse_spacing(worlds_dir, W)
+        refused = svc.record_evaluation(W, strategy_id="s1", stage="paper", run_id="p2")
+        assert refused.window["source"] != "risk_snapshot:v1" and refused.metric_sources.get("sharpe") != "risk_snapshot:v1"
+        assert "risk snapshot v1 returns not used: returns are spaced about 52.2 per year" in (refused.reason or "")
+    finally:
+        svc.close()

@@ -409,3 +409,42 @@ def test_a_reader_cannot_record_a_policy_version(api, worlds_dir: Path) -> None:
                  "/worlds/fresh/decision?strategy=x", "/promotions?world=gov", "/worlds/gov/report"):
         assert client.get(path, headers=_h(tokens["reader"])).status_code < 500, path
     assert _counts(server.app.state.service) == before
+
+
+def _ws_first(app: Any, *, query: str, headers: dict[str, str]) -> dict[str, Any]:
+    """Open ``/events`` on the ASGI app directly; what it first answers (accept or close), then hang up."""
+    sent: list[dict[str, Any]] = []
+    answered = asyncio.Event()
+    connected = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal connected
+        if not connected:
+            connected = True
+            return {"type": "websocket.connect"}
+        await answered.wait()
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        answered.set()
+
+    scope = {"type": "websocket", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "ws",
+             "path": "/events", "raw_path": b"/events", "query_string": query.encode(), "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 1), "server": ("qmtl.test", 80), "subprotocols": []}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=30))
+    return sent[0]
+
+
+def test_a_token_in_the_websocket_url_is_refused(api: tuple[httpx.Client, dict[str, str], Any]) -> None:
+    """Tokens in URLs end up in access logs and proxies: ``/events`` takes the Authorization header
+    only, and a ``?token=`` (even a valid one, even beside a valid header) is refused with 4401."""
+    _, tokens, server = api
+    reader = tokens["reader"]
+    assert _ws_first(server.app, query="since=0", headers=_h(reader))["type"] == "websocket.accept"
+    for query, headers in ((f"token={reader}", {}), (f"since=0&token={reader}", _h(reader))):
+        closed = _ws_first(server.app, query=query, headers=headers)
+        assert (closed["type"], closed["code"]) == ("websocket.close", 4401), query
+        assert "token in the URL is refused" in closed["reason"]
+    assert _ws_first(server.app, query="since=0", headers={})["code"] == 4401  # no token at all

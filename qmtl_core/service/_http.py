@@ -627,11 +627,17 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
 
     @app.websocket("/events")
     async def events(ws: WebSocket, world: str | None = None, domain: str | None = None,
-                     since: int = 0, token: str | None = None) -> None:
+                     since: int = 0) -> None:
         """Control events derived from the shared ledger (so every server sees every host's changes),
-        filtered by world and execution domain, as JSON messages. The token is checked again every
-        ``TOKEN_RECHECK_SECONDS``: a revoked token closes the socket (4401)."""
-        header = ws.headers.get("authorization") or (f"Bearer {token}" if token else None)
+        filtered by world and execution domain, as JSON messages. The token comes in the
+        ``Authorization: Bearer`` header only, and is checked again every ``TOKEN_RECHECK_SECONDS``:
+        a revoked token closes the socket (4401). A ``token`` in the URL is refused (4401): URLs end
+        up in access logs and proxies, so such a token should be revoked, not used."""
+        if "token" in ws.query_params:
+            await ws.close(code=WS_UNAUTHORIZED, reason="a token in the URL is refused (URLs are logged): send "
+                                                        "Authorization: Bearer, and revoke that token")
+            return
+        header = ws.headers.get("authorization")
 
         def allowed() -> QmtlError | None:
             try:
