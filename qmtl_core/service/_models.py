@@ -11,9 +11,14 @@ the facade produced it (remote output stays byte-identical to local output).
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Collection, Mapping
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
+
+from qmtl_core.governance._gate import GateResult
+from qmtl_core.service._policies import PolicyApproval, PolicyRecord
 
 Number = int | float
 
@@ -22,6 +27,29 @@ class Doc(BaseModel):
     """A response document: the listed fields, plus any others the document carries."""
 
     model_config = ConfigDict(extra="allow")
+
+
+def from_core(name: str, cls: type, *, drop: Collection[str] = (),
+              add: Mapping[str, tuple[Any, Any]] | None = None) -> type[Doc]:
+    """The response model of a core dataclass whose JSON form is its own fields: their names,
+    types and defaults read from ``cls`` (less ``drop``, plus ``add``: name -> (type, default)), so
+    the schema cannot drift from the core. Only for dataclasses whose ``to_dict`` leaves each
+    field's value as it is (a ``datetime`` field rendered as a string would not round-trip)."""
+    hints = get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in drop:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        fields[f.name] = (hints[f.name], default)
+    fields.update(add or {})
+    model: type[Doc] = create_model(name, __base__=Doc, __doc__=cls.__doc__, **fields)
+    return model
 
 
 class ErrorDoc(Doc):
@@ -58,12 +86,8 @@ class WorldList(Doc):
     worlds_dir: str
 
 
-class PolicyVersion(Doc):
-    world_id: str
-    policy_version: int
-    content_hash: str
-    recorded_at: str
-    recorded_by: str
+PolicyVersion = from_core("PolicyVersion", PolicyRecord)
+PolicyApprovalRow = from_core("PolicyApprovalRow", PolicyApproval)
 
 
 class WorldDoc(Doc):
@@ -289,11 +313,7 @@ class ReportDoc(Doc):
     strategies: list[dict[str, Any]]
 
 
-class GateDoc(Doc):
-    allowed: bool
-    reasons: list[dict[str, Any]]
-    evidence_hash: str | None = None
-    valid_approvals: list[str] | None = None
+GateDoc = from_core("GateDoc", GateResult, drop={"needs_approval"}, add={"exit_code": (int, ...)})
 
 
 class OutcomeDoc(Doc):
@@ -319,27 +339,117 @@ class RequestDoc(Doc):
     approvals: list[dict[str, Any]]
 
 
+class ApprovalRequest(Doc):
+    """The request an approver is asked to sign."""
+
+    request_id: str
+    world: str
+    strategy_id: str
+    status: str
+    requester: str
+    reason: str | None = None
+    created_at: str
+    age_seconds: Number | None = None
+    approvals: list[dict[str, Any]]
+    required_approvals: int | None = None
+
+
+class ChecklistRow(Doc):
+    """One gate condition: ok, or the reason codes failing it."""
+
+    condition: str
+    ok: bool
+    codes: list[str]
+    detail: str
+
+
+class SideBySideRow(Doc):
+    """One metric at each stage the strategy has a run in."""
+
+    metric: str
+    label: str
+    percent: bool
+    values: dict[str, Number | None]
+
+
+class SmallSample(Doc):
+    """Whether the paper track record is long enough for its Sharpe (Bailey & López de Prado)."""
+
+    stage: str
+    n_observations: int
+    sharpe_per_period: Number
+    min_track_record_length: int | None = None
+    enough: bool
+    source: str
+
+
+class ApprovalRisk(Doc):
+    """The risk evidence: the newest snapshot's weight, correlations with live, stress; the costs."""
+
+    snapshot: dict[str, Any] | None = None
+    weight: Number | None = None
+    correlation_with_live: dict[str, dict[str, Number | None]] | None = None
+    stress: dict[str, Any] | None = None
+    constraints: dict[str, Any] | None = None
+    costs: dict[str, Any]
+
+
+class ApprovalPolicy(Doc):
+    version_at_request: int | None = None
+    version_now: int | None = None
+    changed: bool
+
+
+class ApprovalEvidence(Doc):
+    request: str | None = None
+    now: str | None = None
+    unchanged: bool
+
+
 class ApprovalView(Doc):
     """What an approver reads before signing (``qmtl promote --show``)."""
 
-    request: dict[str, Any]
-    checklist: list[Any]
+    request: ApprovalRequest
+    checklist: list[ChecklistRow]
     allowed_now: bool
-    stages: Any
-    side_by_side: Any
-    caveats: list[Any]
+    stages: list[str]
+    side_by_side: list[SideBySideRow]
+    caveats: list[str]
+    small_sample: SmallSample | None = None
+    risk: ApprovalRisk
+    policy: ApprovalPolicy
+    evidence: ApprovalEvidence
 
 
 class RequestList(Doc):
     requests: list[RequestDoc]
 
 
+PolicyProposal = from_core("PolicyProposal", PolicyRecord, add={
+    "approvals": (list[PolicyApprovalRow], ...),  # type: ignore[valid-type]
+    "diff": (str, ...)})
+
+
 class PolicyStatusDoc(Doc):
     """The policy version in force and open proposals (``qmtl world policy status``)."""
+
+    world: str
+    in_force: PolicyVersion | None = None  # type: ignore[valid-type]
+    governors: list[str]
+    required_approvals: int | None = None
+    proposals: list[PolicyProposal]  # type: ignore[valid-type]
+    governed: bool
 
 
 class PolicyApprovalDoc(Doc):
     """An approval of a proposed policy version (``qmtl world policy approve``)."""
+
+    world: str
+    policy_version: int
+    approvals: list[str]
+    required_approvals: int
+    already: bool
+    adopted: bool
 
 
 class RollbackDoc(Doc):
