@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 from pydantic import BaseModel, ConfigDict, create_model
 
 from qmtl_core.governance._gate import GateResult
+from qmtl_core.ledger import LedgerEntry
 from qmtl_core.service._policies import PolicyApproval, PolicyRecord
 
 Number = int | float
@@ -286,17 +287,7 @@ class ActivationSet(Doc):
     activations: list[ActivationDoc]
 
 
-class LedgerEntryDoc(Doc):
-    seq: int
-    ts: str
-    actor: str
-    world: str | None = None
-    kind: str
-    subject: str | None = None
-    reason: str | None = None
-    payload: dict[str, Any] | None = None
-    prev_hash: str
-    hash: str
+LedgerEntryDoc = from_core("LedgerEntryDoc", LedgerEntry)
 
 
 class HistoryDoc(Doc):
