@@ -161,7 +161,7 @@ def test_run_advances_the_paper_campaign_on_new_bars(env: dict[str, str], data: 
     assert first.exit_code == 0, first.stderr
     doc = first.json()
     assert (doc["stage"], doc["execution_domain"], doc["decision"]["effective_mode"]) == ("paper", "dryrun", "paper")
-    assert doc["bars"] == {"new": n_a, "duplicates": 0, "first_new": "2032-06-04T00:00:00.000000Z",
+    assert doc["bars"] == {"new": n_a, "duplicates": 0, "first_new": "2032-06-04T00:00:00.000000Z", "gaps": [],
                            "last_new": "2032-10-04T00:00:00.000000Z", "total_fed": n_a}
     run = doc["run"]
     assert (run["stage"], run["run_id"], run["revision"]) == ("paper", "paper-from-20320604", 1)
