@@ -74,20 +74,25 @@ def cli_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture(autouse=True)
-def _collect_leaked_pg_connections(request: pytest.FixtureRequest) -> Any:
-    """Reclaim, at the end of each PostgreSQL test, connections left in reference cycles.
+def _no_leaked_pg_connections(request: pytest.FixtureRequest) -> Any:
+    """A PostgreSQL test fails when it leaves a connection open.
 
-    Known defect (see the session note of 2026-11-30): some PostgreSQL test paths leave a psycopg
-    connection in a reference cycle; the collector later deletes it at a random point of a random
-    test, where ``-W error`` turns psycopg's ResourceWarning into a failure of an unrelated test.
-    Collecting here keeps the failure out of other tests until the leak is found; it hides
-    nothing else (only that one warning, only during this collection).
+    A store that is never disposed (an error path that skips ``close()``) keeps its pooled psycopg
+    connections; if a reference cycle holds them, the collector deletes them later inside an
+    unrelated test, where ``-W error`` turns psycopg's ResourceWarning into a failure far from the
+    cause. Collecting at the end of each PostgreSQL test pins the leak on the test that made it.
     """
     yield
     if request.node.get_closest_marker("postgres") is not None:
         import gc
         import warnings
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*was deleted while still open", category=ResourceWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             gc.collect()
+        leaked = [w for w in caught if "was deleted while still open" in str(w.message)]
+        if leaked:
+            pytest.fail(f"{len(leaked)} PostgreSQL connection(s) left open by this test: a store was not "
+                        "disposed (close the service or dispose the store, on error paths too)", pytrace=False)
+        for w in caught:  # anything else the collection raised is still the test's warning
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -319,6 +319,13 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
     app = FastAPI(title="qmtl WorldService", version=__version__, docs_url=None, redoc_url=None,
                   description="Worlds, evaluation runs, campaigns, governance and the risk hub.",
                   responses=_ERRORS)
+    # Configuration errors first: the store is opened next, and an app that fails to build after
+    # that would leave its connections to the garbage collector.
+    checkpoints = None
+    if settings.checkpoint_dir is not None:
+        from qmtl_core.checkpoint import publish, require_signer
+
+        checkpoints = (require_signer(settings.checkpoint_key), settings.checkpoint_dir)
     base = WorldService(settings, clock=clock)
     registry = new_registry(base.store, clock)
     http_metrics, loop_metrics = HttpMetrics(registry), LoopMetrics(registry)
@@ -373,10 +380,8 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
             "message": f"internal error on the server ({type(exc).__name__}, incident {incident})",
             "hint": "the server's log has the details under this incident id"})
 
-    if settings.checkpoint_dir is not None:
-        from qmtl_core.checkpoint import publish, require_signer
-
-        signer, directory = require_signer(settings.checkpoint_key), settings.checkpoint_dir
+    if checkpoints is not None:
+        signer, directory = checkpoints
 
         @app.middleware("http")
         async def _publish_checkpoint(request: Request, call_next: Callable[..., Any]) -> Any:
