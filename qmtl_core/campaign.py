@@ -125,7 +125,7 @@ class WorldState:
     #: The newest trusted snapshot per stage (what the facade reads); without it, ``snapshot``
     #: stands for the stage it holds returns of.
     snapshots: Mapping[str, SnapshotView] = field(default_factory=dict)
-    #: Code binding per strategy (``service.code_binding``): part of the promotion evidence.
+    #: Code binding per strategy (``service._strategies.code_binding``): part of the promotion evidence.
     code_bindings: Mapping[str, str | None] = field(default_factory=dict)
 
     def snapshot_for(self, stage: str) -> SnapshotView | None:

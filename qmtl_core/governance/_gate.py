@@ -92,7 +92,7 @@ class GateInput:
     portfolio: PortfolioRisk | None = None
     #: When the strategy entered its stage (paper runs observed before it do not count).
     entered_at: datetime | None = None
-    #: ``service.code_binding`` of the strategy's submission (code hash, parameters, data).
+    #: ``service._strategies.code_binding`` of the strategy's submission (code hash, parameters, data).
     code_binding: str | None = None
 
 

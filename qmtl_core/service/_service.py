@@ -13,7 +13,7 @@ from qmtl_core.config import Settings
 from qmtl_core.errors import LiveNotConfirmed, QmtlError, UsageError
 from qmtl_core.governance._reentry import withdraw_live
 from qmtl_core.service._governance import GovernanceMixin
-from qmtl_core.service._strategies import Registration, code_binding
+from qmtl_core.service._strategies import Registration
 from qmtl_core.timeutil import iso, utcnow
 from qmtl_core.world_files import check_world_id, world_files, world_path
 
