@@ -1,31 +1,41 @@
 """``qmtl audit verify --deep``: rebuild from the ledger alone what the decision tables hold, and
 name every difference.
 
-The tables that decide (approvals, activation sets, strategy stages, halts, API tokens) are
-overwritten in place, so a write behind qmtl's back leaves no trace in them; every legitimate change
-also appends a ledger entry carrying its result. Replaying those entries gives what the tables must
-hold. ``LedgerState`` is that replay (a pure fold over entries, fed by ``ledger.verify`` in its one
-pass over the chain), ``read_tables`` reads the tables, and ``compare`` lists the differences.
-Signatures on approvals are re-verified against the approvers' keys in the world's policy.
+The tables that decide (approvals, activation sets, strategy stages, halts, API tokens, recorded
+policy versions and their approvals) are overwritten in place, so a write behind qmtl's back leaves
+no trace in them; every legitimate change also appends a ledger entry carrying its result.
+Replaying those entries gives what the tables must hold. ``LedgerState`` is that replay (a pure
+fold over entries, fed by ``ledger.verify`` in its one pass over the chain), ``read_tables`` reads
+the tables, and ``compare`` lists the differences.
+
+Signatures on approvals are re-verified against the approver's key in the policy version that was
+in force when the approval was made (the ledger says which; the store keeps its document, checked
+against the hash the ledger recorded), so rotating a key through a governed policy change leaves
+every earlier approval valid, and a policy row forged to swap a key is itself a difference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from qmtl_core.approval_signing import approval_message, signature_problem
 from qmtl_core.checkpoint import Checkpoint
 from qmtl_core.errors import CheckpointMismatch, LedgerBroken, LedgerStateMismatch
 from qmtl_core.ledger import LedgerEntry, VerifyResult, verify
+from qmtl_core.policy import WorldPolicy, policy_hash
 from qmtl_core.store import schema
 
 #: Ledger kinds whose payload carries a whole activation set (``governance._activations.write_set``).
 SET_KINDS = frozenset({"promotion.applied", "strategy.promoted", "strategy.demoted", "world.rollback"})
 DECISION_KINDS = {"promotion.approved": "approve", "promotion.rejected": "reject"}
+#: Ledger kinds that record a policy version, its adoption, an approval of it, or a new hash of it.
+POLICY_KINDS = frozenset({"policy.recorded", "policy.changed", "policy.proposed", "policy.adopted",
+                          "policy.approved", "policy.rehashed"})
 
 ActivationRow = tuple[str, float, "str | None", str]  # stage, weight, run_id, etag
 
@@ -34,7 +44,7 @@ ActivationRow = tuple[str, float, "str | None", str]  # stage, weight, run_id, e
 class Difference:
     """One thing a table holds that the ledger does not vouch for, or the other way round."""
 
-    kind: str  # approval | activation_set | stage | halt | token | signature
+    kind: str  # approval | activation_set | stage | halt | token | policy | policy_approval | signature
     key: str
     problem: str
 
@@ -58,6 +68,8 @@ class SignedDecision:
     strategy_id: str | None
     evidence_hash: str
     signature: str | None
+    #: The world's policy version in force when the approval was made, according to the ledger.
+    policy_version: int | None = None
 
 
 @dataclass
@@ -70,10 +82,16 @@ class LedgerState:
     halted: dict[str, bool] = field(default_factory=dict)
     tokens: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
     approvals_by_world: dict[str, list[SignedDecision]] = field(default_factory=dict)
+    #: (world, version) -> (content hash, status) of every recorded policy version.
+    policies: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
+    #: (world, version, approver) -> the content hash they approved.
+    policy_approvals: dict[tuple[str, int, str], str] = field(default_factory=dict)
+    in_force: dict[str, int] = field(default_factory=dict)
+    proposed: dict[str, set[int]] = field(default_factory=dict)
 
     #: The kinds the fold reads; the walk decodes no other payload.
-    KINDS = frozenset(DECISION_KINDS) | SET_KINDS | {"world.halted", "world.resumed", "token.created",
-                                                      "token.revoked"}
+    KINDS = frozenset(DECISION_KINDS) | SET_KINDS | POLICY_KINDS | {
+        "world.halted", "world.resumed", "token.created", "token.revoked"}
 
     def __call__(self, entry: LedgerEntry) -> None:
         """Fold one verified entry in (``ledger.verify``'s ``visit``)."""
@@ -83,7 +101,11 @@ class LedgerState:
             self.approvals[key] = (DECISION_KINDS[kind], entry.seq)
             if kind == "promotion.approved" and entry.world is not None:
                 self.approvals_by_world.setdefault(entry.world, []).append(SignedDecision(
-                    entry.seq, entry.world, entry.actor, key[0], entry.subject, key[2], payload.get("signature")))
+                    entry.seq, entry.world, entry.actor, key[0], entry.subject, key[2], payload.get("signature"),
+                    self.in_force.get(entry.world)))
+        elif kind in POLICY_KINDS and entry.world is not None and "policy_version" in payload:
+            self._policy(entry.world, kind, int(payload["policy_version"]), str(payload.get("content_hash")),
+                         entry.actor, payload)
         elif kind in SET_KINDS and "set_version" in payload and entry.world is not None:
             rows = {str(a["strategy_id"]): (str(a["stage"]), float(a["weight"]), a.get("run_id"), str(a["etag"]))
                     for a in payload.get("activations") or ()}
@@ -100,6 +122,31 @@ class LedgerState:
                 actor, role, _ = self.tokens[token_id]
                 self.tokens[token_id] = (actor, role, True)
 
+    def _policy(self, world: str, kind: str, version: int, digest: str, actor: str, payload: Mapping[str, Any]) -> None:
+        # Mirrors service._policies: recording a version supersedes every open proposal, adopting
+        # one supersedes the older ones, and the newest adopted version is in force.
+        open_proposals = self.proposed.setdefault(world, set())
+        if kind == "policy.approved":
+            self.policy_approvals[(world, version, actor)] = digest
+        elif kind == "policy.rehashed":
+            previous = str(payload.get("previous_hash"))
+            if (world, version) in self.policies:
+                self.policies[(world, version)] = (digest, self.policies[(world, version)][1])
+            for key, approved in self.policy_approvals.items():
+                if key[:2] == (world, version) and approved == previous:
+                    self.policy_approvals[key] = digest
+        else:
+            superseded = set(open_proposals) if kind != "policy.adopted" else {v for v in open_proposals if v < version}
+            for v in superseded:
+                self.policies[(world, v)] = (self.policies[(world, v)][0], "superseded")
+            open_proposals -= superseded | {version}
+            status = "proposed" if kind == "policy.proposed" else "adopted"
+            self.policies[(world, version)] = (digest, status)
+            if status == "proposed":
+                open_proposals.add(version)
+            else:
+                self.in_force[world] = version
+
 
 @dataclass
 class TableState:
@@ -110,6 +157,9 @@ class TableState:
     stages: dict[tuple[str, str], str]
     halted: dict[str, bool]
     tokens: dict[str, tuple[str, str, bool]]
+    #: (world, version) -> (content hash, status, stored document).
+    policies: dict[tuple[str, int], tuple[str, str, Any]] = field(default_factory=dict)
+    policy_approvals: dict[tuple[str, int, str], str] = field(default_factory=dict)
 
 
 def read_tables(conn: Connection) -> TableState:
@@ -138,7 +188,14 @@ def read_tables(conn: Connection) -> TableState:
     tokens = {token_id: (actor, role, revoked_at is not None)
               for token_id, actor, role, revoked_at in conn.execute(
                   sa.select(t.c.token_id, t.c.actor, t.c.role, t.c.revoked_at))}
-    return TableState(approvals, set_rows, stages, halted, tokens)
+    pv, pa = schema.policy_versions, schema.policy_approvals
+    policies = {(world, int(version)): (digest, status, document)
+                for world, version, digest, status, document in conn.execute(
+                    sa.select(pv.c.world_id, pv.c.policy_version, pv.c.content_hash, pv.c.status, pv.c.document))}
+    policy_approvals = {(world, int(version), approver): digest
+                        for world, version, approver, digest in conn.execute(
+                            sa.select(pa.c.world_id, pa.c.policy_version, pa.c.approver, pa.c.content_hash))}
+    return TableState(approvals, set_rows, stages, halted, tokens, policies, policy_approvals)
 
 
 def _describe(rows: Mapping[str, ActivationRow]) -> str:
@@ -200,19 +257,100 @@ def compare(ledger_state: LedgerState, tables: TableState) -> list[Difference]:
                                   f"says {led_tok[0]} as {led_tok[1]}"))
         elif led_tok[2] and not table_tok[2]:
             out.append(Difference("token", token_id, "the ledger revoked this token but the table accepts it"))
+    out += _compare_policies(ledger_state, tables)
     return out
 
 
-#: ``(decision) -> why its signature does not hold, or None`` (``WorldService`` builds it from the policies).
-SignatureCheck = Callable[[SignedDecision], "str | None"]
+def _document_problem(document: Any, digest: str) -> str | None:
+    try:
+        found = policy_hash(WorldPolicy.model_validate(document))
+    except ValueError as exc:  # pydantic's ValidationError and PolicyProblem
+        return f"its stored document is not a policy this qmtl reads ({str(exc).splitlines()[0]})"
+    return None if found == digest else f"its stored document hashes to {found[:12]}, not {digest[:12]} (edited)"
 
 
-def check_signatures(ledger_state: LedgerState, check: SignatureCheck) -> list[Difference]:
-    """Re-verify every approval recorded in the ledger."""
+def _compare_policies(ledger_state: LedgerState, tables: TableState) -> list[Difference]:
+    out: list[Difference] = []
+    for key in sorted(set(tables.policies) | set(ledger_state.policies)):
+        label = f"{key[0]}/v{key[1]}"
+        table, led = tables.policies.get(key), ledger_state.policies.get(key)
+        if led is None:
+            assert table is not None
+            out.append(Difference("policy", label, f"policy version {key[1]} ({table[1]}) is in the store but no "
+                                  "ledger entry records it (written behind qmtl's back)"))
+        elif table is None:
+            out.append(Difference("policy", label, f"the ledger records policy version {key[1]} ({led[1]}) but "
+                                  "the store has no row for it (deleted?)"))
+        elif table[0] != led[0]:
+            out.append(Difference("policy", label, f"the store says content {table[0][:12]}, the ledger says "
+                                  f"{led[0][:12]}"))
+        elif table[1] != led[1]:
+            out.append(Difference("policy", label, f"the store says {table[1]}, the ledger says {led[1]}"))
+        else:
+            problem = _document_problem(table[2], table[0])
+            if problem is not None:
+                out.append(Difference("policy", label, problem))
+    for key in sorted(set(tables.policy_approvals) | set(ledger_state.policy_approvals)):
+        label = f"{key[0]}/v{key[1]}/{key[2]}"
+        table_hash, led_hash = tables.policy_approvals.get(key), ledger_state.policy_approvals.get(key)
+        if led_hash is None:
+            out.append(Difference("policy_approval", label, f"the store has {key[2]}'s approval of policy version "
+                                  f"{key[1]} but no ledger entry records it (forged?)"))
+        elif table_hash is None:
+            out.append(Difference("policy_approval", label, "the ledger records this approval but the store has no "
+                                  "row for it (deleted?)"))
+        elif table_hash != led_hash:
+            out.append(Difference("policy_approval", label, f"the store says content {table_hash[:12]}, the ledger "
+                                  f"says {led_hash[:12]}"))
+    return out
+
+
+def vouched_policies(ledger_state: LedgerState, tables: TableState) -> dict[tuple[str, int], WorldPolicy]:
+    """The recorded policy versions whose stored document is the one the ledger recorded."""
+    out: dict[tuple[str, int], WorldPolicy] = {}
+    for key, (digest, _, document) in tables.policies.items():
+        led = ledger_state.policies.get(key)
+        if led is None or led[0] != digest:
+            continue
+        try:
+            policy = WorldPolicy.model_validate(document)
+        except ValueError:
+            continue
+        if policy_hash(policy) == digest:
+            out[key] = policy
+    return out
+
+
+def signature_problem_of(d: SignedDecision, policies: Mapping[tuple[str, int], WorldPolicy]) -> str | None:
+    """Why approval ``d`` does not hold under the policy version in force when it was made (``None``
+    when it does): a signature must verify against that version's key for the approver; none is
+    needed only where that version did not require one."""
+    policy = None if d.world is None or d.policy_version is None else policies.get((d.world, d.policy_version))
+    if policy is None:
+        if d.signature is None:
+            return None  # nothing to check; a missing or forged policy version is its own difference
+        if d.policy_version is None:
+            return "signed, but the ledger records no policy version in force when it was made"
+        return (f"signed under policy version {d.policy_version}, which the store does not hold as the ledger "
+                "recorded it, so the key cannot be known")
+    lp = policy.live_promotion
+    if d.signature is None:
+        return (f"unsigned, but policy version {d.policy_version} required signatures" if lp.require_signatures
+                else None)
+    key = lp.ssh_keys.get(d.approver)
+    if key is None:
+        return f"signed, but {d.approver} had no ssh_key in policy version {d.policy_version}"
+    message = approval_message(world=str(d.world), strategy_id=str(d.strategy_id), request_id=d.request_id,
+                               evidence_hash=d.evidence_hash)
+    return signature_problem(key, d.signature, message)
+
+
+def check_signatures(ledger_state: LedgerState, policies: Mapping[tuple[str, int], WorldPolicy]) -> list[Difference]:
+    """Re-verify every approval recorded in the ledger against the policy version it was made under."""
     out: list[Difference] = []
     for _, decisions in sorted(ledger_state.approvals_by_world.items()):
         for d in decisions:
-            problem = check(d)
+            problem = signature_problem_of(d, policies)
             if problem is not None:
                 out.append(Difference("signature", f"{d.request_id}/{d.approver}", f"ledger entry {d.seq}: {problem}"))
     return out
@@ -269,8 +407,8 @@ class AuditResult:
                                            "difference", details=self.to_dict())
 
 
-def verify_store(conn: Connection, *, checkpoints: Sequence[tuple[str, Checkpoint]] = (), deep: bool = False,
-                 check: SignatureCheck | None = None) -> AuditResult:
+def verify_store(conn: Connection, *, checkpoints: Sequence[tuple[str, Checkpoint]] = (),
+                 deep: bool = False) -> AuditResult:
     """Walk the chain once, checking each checkpoint and (``deep``) replaying the decision tables."""
     origin = store_origin(conn)
     anchors: dict[str, tuple[int, str]] = {}
@@ -286,7 +424,6 @@ def verify_store(conn: Connection, *, checkpoints: Sequence[tuple[str, Checkpoin
     chain.anchors[:0] = foreign
     differences: list[Difference] = []
     if state is not None and chain.ok:
-        differences = compare(state, read_tables(conn))
-        if check is not None:
-            differences += check_signatures(state, check)
+        tables = read_tables(conn)
+        differences = compare(state, tables) + check_signatures(state, vouched_policies(state, tables))
     return AuditResult(chain, origin, deep, differences)

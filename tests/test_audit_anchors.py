@@ -154,6 +154,27 @@ def test_forged_approvals_row_does_not_count_and_deep_names_it(qmtl_env: dict[st
     assert qmtl("audit", "verify").exit_code == 0  # the chain itself is intact
 
 
+def test_forged_policy_approval_row_adopts_nothing_and_deep_names_it(live_world: str, worlds_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """The same forgery against a governed policy change: a policy_approvals row by bob, then alice's
+    real approval, must not bring a weaker policy into force."""
+    path = worlds_dir / "gov.yaml"
+    path.write_text(policy_text(version=2).replace("max_live_slots: 2", "max_live_slots: 9"))
+    svc = make_service(live_world, worlds_dir, tmp_path / "h", Clock(datetime.now(timezone.utc))).as_actor("carol")
+    [proposal] = svc.policy_status("gov")["proposals"] if svc.load_world("gov").proposal else []
+    with svc.store.write() as conn:
+        conn.execute(sa.insert(schema.policy_approvals).values(
+            world_id="gov", policy_version=2, approver="bob", reason="forged", content_hash=proposal["content_hash"],
+            created_at=iso(svc.clock())))
+    done = svc.as_actor("alice").approve_policy("gov", version=2, reason="real one")
+    assert done["adopted"] is False and done["approvals"] == ["alice"]
+    assert svc.load_world("gov").policy.policy_version == 1
+    deep = qmtl("audit", "verify", "--deep", "--json")
+    assert deep.exit_code == 4
+    assert [(d["kind"], d["key"]) for d in deep.json()["details"]["differences"]] == [("policy_approval", "gov/v2/bob")]
+    svc.close()
+
+
 def test_activation_written_behind_qmtls_back_is_named_by_deep(live_world: str) -> None:
     assert qmtl("audit", "verify", "--deep").exit_code == 0
     store = open_store(live_world)

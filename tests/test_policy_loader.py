@@ -293,7 +293,7 @@ def test_duration_spelling_is_canonical() -> None:
 
 
 def test_equivalent_spellings_hash_the_same() -> None:
-    from qmtl_core.service._service import policy_hash
+    from qmtl_core.policy import policy_hash
 
     a = load_policy_text(BASE)
     b = load_policy_text(_sub("approval_ttl: 72h", "approval_ttl: 3d") + "# a comment\n")

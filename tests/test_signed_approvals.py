@@ -141,3 +141,114 @@ def test_the_gate_counts_a_stored_approval_only_with_a_valid_signature(ssh_keys:
     assert gate(sign(ssh_keys["mallory"][0], msg)) == ()
     other_request = approval_message(world="gov", strategy_id="a", request_id="pr-2", evidence_hash=evidence)
     assert gate(sign(ssh_keys["alice"][0], other_request)) == ()
+
+
+# --- key rotation: a signature is checked against the key in force when the approval was made ----------
+def _rotation_policy(keys: dict[str, tuple[Path, str]], alice_key: str, version: int) -> str:
+    listed = (f'    approvers: [{{name: alice, ssh_key: "{keys[alice_key][1]}"}}, '
+              f'{{name: bob, ssh_key: "{keys["bob"][1]}"}}]\n    required_approvals: 2\n'
+              "    require_signatures: true\n")
+    return policy_text(version=version).replace("    approvers: [alice, bob, carol]\n    required_approvals: 2\n",
+                                                listed)
+
+
+def _signed_approval(svc, keys: dict[str, tuple[Path, str]], rid: str, who: str, key: str):  # type: ignore[no-untyped-def]
+    request = next(r for r in svc.promotion_requests(world="gov") if r["request_id"] == rid)
+    message = approval_message(world="gov", strategy_id=request["strategy_id"], request_id=rid,
+                               evidence_hash=request["evidence_hash"])
+    return svc.as_actor(who).decide_request(rid, decision="approve", reason="signed",
+                                            signature=sign(keys[key][0], message))
+
+
+def test_rotating_a_key_through_a_governed_change_keeps_earlier_approvals_valid(
+        store_url: str, worlds_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "ssh"
+    d.mkdir()
+    keys = {who: _keygen(d / who) for who in ("alice_old", "alice_new", "bob", "mallory")}
+    path = worlds_dir / "gov.yaml"
+    path.write_text(_rotation_policy(keys, "alice_old", 1))
+    svc = make_service(store_url, worlds_dir, tmp_path / "h", Clock(datetime.now(timezone.utc))).as_actor("cron")
+    Setup(svc).ready("a")
+    rid = svc.as_actor("carol").promote("gov", "a").request_id
+    _signed_approval(svc, keys, rid, "alice", "alice_old")
+    assert _signed_approval(svc, keys, rid, "bob", "bob").status == "applied"
+    assert svc.audit_verify(deep=True).ok
+
+    # alice rotates her key; the world runs a live strategy, so the change is a proposal until the
+    # approvers in force agree
+    path.write_text(_rotation_policy(keys, "alice_new", 2))
+    assert svc.as_actor("carol").load_world("gov").proposal is not None
+    svc.as_actor("alice").approve_policy("gov", version=2, reason="my new key")
+    assert svc.as_actor("bob").approve_policy("gov", version=2, reason="checked")["adopted"] is True
+    assert svc.load_world("gov").policy.live_promotion.ssh_keys["alice"] == keys["alice_new"][1]
+    result = svc.audit_verify(deep=True)
+    assert result.ok, [d.line() for d in result.differences]  # alice's approval was made under version 1
+    svc.close()
+
+    store = open_store(store_url)
+    t = schema.ledger
+    with as_owner(store) as conn:  # her new key over the same approval, made under the old key; rehash
+        seq, payload = conn.execute(sa.select(t.c.seq, t.c.payload).where(t.c.kind == "promotion.approved",
+                                                                          t.c.actor == "alice")).one()
+        request = conn.execute(sa.select(schema.promotion_requests).where(
+            schema.promotion_requests.c.request_id == rid)).one()
+        message = approval_message(world="gov", strategy_id="a", request_id=rid, evidence_hash=request.evidence_hash)
+        conn.execute(sa.update(t).where(t.c.seq == seq).values(
+            payload={**payload, "signature": sign(keys["alice_new"][0], message)}))
+        _rehash_from(conn, seq)
+    svc = make_service(store_url, worlds_dir, tmp_path / "h", Clock(datetime.now(timezone.utc)))
+    result = svc.audit_verify(deep=True)
+    assert result.chain.ok and [(d.kind, d.key) for d in result.differences] == [("signature", f"{rid}/alice")]
+    assert "another key" in result.differences[0].problem
+    svc.close()
+    store.dispose()
+
+
+def test_a_policy_version_forged_to_swap_a_key_is_caught(store_url: str, worlds_dir: Path, tmp_path: Path) -> None:
+    """Whoever can write the store could swap an approver's key in a recorded version (to make their
+    own signature verify) or slip in a version of their own; the ledger recorded each version's hash."""
+    from qmtl_core.policy import load_policy_text, policy_hash
+
+    d = tmp_path / "ssh"
+    d.mkdir()
+    keys = {who: _keygen(d / who) for who in ("alice_old", "bob", "mallory")}
+    path = worlds_dir / "gov.yaml"
+    path.write_text(_rotation_policy(keys, "alice_old", 1))
+    svc = make_service(store_url, worlds_dir, tmp_path / "h", Clock(datetime.now(timezone.utc))).as_actor("cron")
+    Setup(svc).ready("a")
+    rid = svc.as_actor("carol").promote("gov", "a").request_id
+    _signed_approval(svc, keys, rid, "alice", "alice_old")
+    assert svc.audit_verify(deep=True).ok
+    pv = schema.policy_versions
+    forged = load_policy_text(_rotation_policy(keys, "mallory", 1))
+    store = open_store(store_url)
+    with store.read() as conn:
+        original = dict(conn.execute(sa.select(pv).where(pv.c.world_id == "gov")).one()._mapping)
+
+    def tamper(**values: object) -> dict[tuple[str, str], str]:
+        with store.write() as conn:
+            conn.execute(sa.update(pv).where(pv.c.id == original["id"]).values(
+                document=original["document"], content_hash=original["content_hash"]))
+            if values:
+                conn.execute(sa.update(pv).where(pv.c.id == original["id"]).values(**values))
+        return {(x.kind, x.key): x.problem for x in svc.audit_verify(deep=True).differences}
+
+    # version 1 now lists mallory's key as alice's, its hash recomputed to match
+    found = tamper(document=forged.model_dump(mode="json"), content_hash=policy_hash(forged))
+    assert set(found) == {("policy", "gov/v1"), ("signature", f"{rid}/alice")}
+    assert "the ledger says" in found[("policy", "gov/v1")]
+    assert "does not hold as the ledger recorded it" in found[("signature", f"{rid}/alice")]
+    # the document swapped, the hash left as the ledger recorded it
+    found = tamper(document=forged.model_dump(mode="json"))
+    assert set(found) == {("policy", "gov/v1"), ("signature", f"{rid}/alice")}
+    assert "(edited)" in found[("policy", "gov/v1")]
+    # a whole version slipped in as adopted, never recorded in the ledger
+    assert tamper() == {}
+    v2 = forged.model_copy(update={"policy_version": 2})
+    with store.write() as conn:
+        conn.execute(sa.insert(pv).values({**{k: v for k, v in original.items() if k != "id"}, "policy_version": 2,
+                                           "document": v2.model_dump(mode="json"), "content_hash": policy_hash(v2)}))
+    found = {(x.kind, x.key): x.problem for x in svc.audit_verify(deep=True).differences}
+    assert set(found) == {("policy", "gov/v2")} and "no ledger entry records it" in found[("policy", "gov/v2")]
+    svc.close()
+    store.dispose()

@@ -24,6 +24,7 @@ from qmtl_core.policy._models import (
     TopK,
     Validation,
     WorldPolicy,
+    policy_hash,
     policy_json_schema,
 )
 
@@ -33,5 +34,5 @@ __all__ = [
     "Risk", "Notifications",
     "Stage", "STAGES", "Severity", "PolicyProblem", "Problem", "Duration", "parse_duration",
     "format_duration", "load_policy_file", "load_policy_text", "check_policy_text",
-    "policy_json_schema",
+    "policy_json_schema", "policy_hash",
 ]

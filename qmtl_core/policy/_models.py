@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from qmtl_core.approval_signing import parse_public_key
+from qmtl_core.canonical import content_hash
 from qmtl_core.grammar import MAX_STORE_INT
 from qmtl_core.metric_names import KNOWN_METRICS, is_known_metric
 from qmtl_core.policy._durations import Duration
@@ -436,6 +437,19 @@ class WorldPolicy(_Model):
     def rules_for(self, stage: str) -> list[Rule]:
         """The rules checked at ``stage``, in file order."""
         return [r for r in self.rules if r.applies_to(stage)]
+
+
+def policy_hash(policy: WorldPolicy) -> str:
+    """Content hash of a policy's meaning: what the policy sets, as parsed.
+
+    Comments, formatting and spellings do not count (``72h`` and ``3d`` hash the same), and neither
+    does a value equal to its default, whether written out or left out. So a later qmtl that adds a
+    field with a default leaves the hash of every policy that does not set it unchanged, and an
+    upgraded store keeps recognising its recorded versions (schema v9 moved stored hashes to this
+    form). The other side of it: a default must never change in place, since a policy relying on
+    it would change meaning under the same hash (``tests/test_policy_hash.py`` pins the defaults).
+    """
+    return content_hash(policy.model_dump(mode="json", exclude_defaults=True))
 
 
 def policy_json_schema() -> dict[str, Any]:

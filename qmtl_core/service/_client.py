@@ -100,7 +100,7 @@ class LocalClient:
     # -- worlds ---------------------------------------------------------------------------------------
     def worlds(self) -> dict[str, Any]:
         """``qmtl world list``."""
-        from qmtl_core.service._service import policy_hash
+        from qmtl_core.policy import policy_hash
 
         rows = []
         for w in self.service.list_worlds():

@@ -175,10 +175,24 @@ class PolicyApproval:
 
 
 def _approvals(conn: Connection, world_id: str, version: int, content_hash: str) -> list[PolicyApproval]:
-    a = schema.policy_approvals
+    """The approvals of a version that count: a row of ``policy_approvals`` only where a
+    ``policy.approved`` ledger entry by the same approver records it for this content (the hash it
+    had then, if schema v9 rehashed it), so a row written behind qmtl's back adopts nothing."""
+    a, led = schema.policy_approvals, schema.ledger
+    hashes = {content_hash}
+    vouched: set[str] = set()
+    for kind, actor, payload in conn.execute(
+            sa.select(led.c.kind, led.c.actor, led.c.payload).where(
+                led.c.world_id == world_id, led.c.subject == f"policy_version {version}",
+                led.c.kind.in_(("policy.approved", "policy.rehashed"))).order_by(led.c.seq.desc())):
+        payload = payload or {}
+        if kind == "policy.rehashed" and payload.get("content_hash") in hashes:
+            hashes.add(str(payload.get("previous_hash")))
+        elif kind == "policy.approved" and payload.get("content_hash") in hashes:
+            vouched.add(actor)
     return [PolicyApproval(r.approver, r.reason, r.created_at) for r in conn.execute(
         sa.select(a).where(a.c.world_id == world_id, a.c.policy_version == version,
-                           a.c.content_hash == content_hash).order_by(a.c.id))]
+                           a.c.content_hash == content_hash).order_by(a.c.id)) if r.approver in vouched]
 
 
 def policy_status(conn: Connection, world_id: str) -> dict[str, Any]:

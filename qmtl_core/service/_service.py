@@ -8,7 +8,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qmtl_core.canonical import content_hash
 from qmtl_core.config import Settings
 from qmtl_core.errors import LiveNotConfirmed, QmtlError, UsageError
 from qmtl_core.governance._reentry import withdraw_live
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from qmtl_core.evaluation import BookRisk
     from qmtl_core.risk import Freshness, RiskSnapshot, StoredSnapshot
     from qmtl_core.runs import RunRevision
-    from qmtl_core.audit import AuditResult, SignatureCheck, SignedDecision
+    from qmtl_core.audit import AuditResult
     from qmtl_core.checkpoint import Checkpoint
     from qmtl_core.ledger import LedgerEntry
     from qmtl_core.policy import WorldPolicy
@@ -109,6 +108,8 @@ def _parsed_policy(path: Path, load: Callable[[Path], "WorldPolicy"]) -> tuple["
         key = None
     if key is not None and key in _POLICY_CACHE:
         return _POLICY_CACHE[key]
+    from qmtl_core.policy import policy_hash  # pydantic and the models: local mode only
+
     policy = load(path)
     value = (policy, policy_hash(policy))
     if key is not None:
@@ -124,11 +125,6 @@ def check_stage(stage: str) -> None:
 
     if stage not in STAGES:
         raise UsageError(f"unknown stage {stage!r}", hint="use backtest, paper, shadow or live")
-
-
-def policy_hash(policy: "WorldPolicy") -> str:
-    """Content hash of a policy's meaning (comments and formatting do not count)."""
-    return content_hash(policy.model_dump(mode="json"))
 
 
 class WorldService(GovernanceMixin):
@@ -744,31 +740,4 @@ class WorldService(GovernanceMixin):
         from qmtl_core.audit import verify_store
 
         with self.store.read() as conn:
-            return verify_store(conn, checkpoints=checkpoints, deep=deep, check=self._approval_signature_check())
-
-    def _approval_signature_check(self) -> "SignatureCheck":
-        """Re-verify an approval in the ledger against the approver's key in the world's policy file: a
-        signature must verify; none is needed only where the policy does not require one."""
-        from qmtl_core.approval_signing import approval_message, signature_problem
-
-        policies: dict[str, Any] = {}
-
-        def check(d: "SignedDecision") -> str | None:
-            if d.world not in policies:
-                try:
-                    policies[d.world] = self.load_world(d.world, record=False).policy.live_promotion
-                except QmtlError:
-                    policies[d.world] = None
-            lp = policies[d.world]
-            if lp is None:
-                return None if d.signature is None else "the world's policy cannot be read to check the signature"
-            if d.signature is None:
-                return "unsigned, but the world requires signatures" if lp.require_signatures else None
-            key = lp.ssh_keys.get(d.approver)
-            if key is None:
-                return f"signed, but {d.approver} has no ssh_key in the world's policy"
-            message = approval_message(world=str(d.world), strategy_id=str(d.strategy_id), request_id=d.request_id,
-                                       evidence_hash=d.evidence_hash)
-            return signature_problem(key, d.signature, message)
-
-        return check
+            return verify_store(conn, checkpoints=checkpoints, deep=deep)

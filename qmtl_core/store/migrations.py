@@ -161,6 +161,44 @@ def _ledger_canonical_text(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE ledger ALTER COLUMN payload TYPE TEXT USING payload::text")
 
 
+def _policy_hash_without_defaults(conn: Connection) -> None:
+    """Policy hashes stop counting values equal to their default (``policy.policy_hash``), so a later
+    field with a default no longer changes every world's hash (which made an upgraded store answer
+    ``policy_version_conflict`` until each version was bumped). Each recorded version is rehashed
+    from its stored document, with what is bound to the old hash (the approvals of a proposal,
+    runs' ``policy_hash``), and the ledger records each change (``policy.rehashed``), so ``audit
+    verify --deep`` still finds every version vouched for. A document this qmtl cannot read keeps
+    its hash. Evidence hashes, approvals of promotions and checkpoints bind the policy *version*,
+    not its hash, and stay valid."""
+    # The ledger and the policy models import the store package, which imports this module.
+    from qmtl_core import ledger
+    from qmtl_core.policy import WorldPolicy, policy_hash
+
+    pv, pa, revs = schema.policy_versions, schema.policy_approvals, schema.run_revisions
+    now = utcnow()
+    renamed: dict[str, str] = {}
+    for row in conn.execute(sa.select(pv.c.id, pv.c.world_id, pv.c.policy_version, pv.c.content_hash, pv.c.document)
+                            .order_by(pv.c.id)).all():
+        try:
+            new = policy_hash(WorldPolicy.model_validate(row.document))
+        except ValueError:  # pydantic's ValidationError and PolicyProblem are ValueErrors
+            continue
+        if new == row.content_hash:
+            continue
+        conn.execute(sa.update(pv).where(pv.c.id == row.id).values(content_hash=new))
+        conn.execute(sa.update(pa).where(pa.c.world_id == row.world_id, pa.c.policy_version == row.policy_version,
+                                         pa.c.content_hash == row.content_hash).values(content_hash=new))
+        renamed[row.content_hash] = new
+        ledger.append(conn, actor="qmtl", kind="policy.rehashed", now=now, world=row.world_id,
+                      subject=f"policy_version {row.policy_version}",
+                      reason="schema v9: a policy's hash no longer counts values equal to their default",
+                      payload={"policy_version": row.policy_version, "content_hash": new,
+                               "previous_hash": row.content_hash})
+    if renamed:  # one pass over the revisions, which have no index on it
+        conn.execute(sa.update(revs).where(revs.c.policy_hash.in_(list(renamed)))
+                     .values(policy_hash=sa.case(renamed, value=revs.c.policy_hash)))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _initial),
     Migration(2, "api tokens for qmtl serve", _api_tokens),
@@ -171,6 +209,7 @@ MIGRATIONS: list[Migration] = [
     Migration(6, "governed policy changes: proposals and their approvals", _policy_proposals),
     Migration(7, "evidence provenance: run and snapshot classes, stage entry, code binding", _provenance),
     Migration(8, "ledger payloads stored as their canonical JSON text", _ledger_canonical_text),
+    Migration(9, "policy hashes ignore values equal to their default", _policy_hash_without_defaults),
 ]
 
 
