@@ -160,8 +160,9 @@ def _signed_approval(svc, keys: dict[str, tuple[Path, str]], rid: str, who: str,
                                             signature=sign(keys[key][0], message))
 
 
-def test_rotating_a_key_through_a_governed_change_keeps_earlier_approvals_valid(
-        store_url: str, worlds_dir: Path, tmp_path: Path) -> None:
+def _alice_approved_under_her_old_key(store_url: str, worlds_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """World ``gov`` requiring signatures of alice and bob, strategy ``a`` promoted and approved by
+    alice with her first key; returns ``(service, keys, request id, policy path)``."""
     d = tmp_path / "ssh"
     d.mkdir()
     keys = {who: _keygen(d / who) for who in ("alice_old", "alice_new", "bob", "mallory")}
@@ -171,6 +172,12 @@ def test_rotating_a_key_through_a_governed_change_keeps_earlier_approvals_valid(
     Setup(svc).ready("a")
     rid = svc.as_actor("carol").promote("gov", "a").request_id
     _signed_approval(svc, keys, rid, "alice", "alice_old")
+    return svc, keys, rid, path
+
+
+def test_rotating_a_key_through_a_governed_change_keeps_earlier_approvals_valid(
+        store_url: str, worlds_dir: Path, tmp_path: Path) -> None:
+    svc, keys, rid, path = _alice_approved_under_her_old_key(store_url, worlds_dir, tmp_path)
     assert _signed_approval(svc, keys, rid, "bob", "bob").status == "applied"
     assert svc.audit_verify(deep=True).ok
 
@@ -209,15 +216,7 @@ def test_a_policy_version_forged_to_swap_a_key_is_caught(store_url: str, worlds_
     own signature verify) or slip in a version of their own; the ledger recorded each version's hash."""
     from qmtl_core.policy import load_policy_text, policy_hash
 
-    d = tmp_path / "ssh"
-    d.mkdir()
-    keys = {who: _keygen(d / who) for who in ("alice_old", "bob", "mallory")}
-    path = worlds_dir / "gov.yaml"
-    path.write_text(_rotation_policy(keys, "alice_old", 1))
-    svc = make_service(store_url, worlds_dir, tmp_path / "h", Clock(datetime.now(timezone.utc))).as_actor("cron")
-    Setup(svc).ready("a")
-    rid = svc.as_actor("carol").promote("gov", "a").request_id
-    _signed_approval(svc, keys, rid, "alice", "alice_old")
+    svc, keys, rid, _ = _alice_approved_under_her_old_key(store_url, worlds_dir, tmp_path)
     assert svc.audit_verify(deep=True).ok
     pv = schema.policy_versions
     forged = load_policy_text(_rotation_policy(keys, "mallory", 1))
