@@ -52,8 +52,9 @@ def verify(
         "--verifier", help="Checkpoint public key (name+id+key) or its .pub file [default: checkpoint_verifier "
         "setting, QMTL_CHECKPOINT_VERIFIER].")] = None,
     deep: Annotated[bool, typer.Option(
-        "--deep", help="Also rebuild approvals, activation sets, stages, halts and tokens from the ledger "
-        "alone, re-verify approval signatures, and exit 4 on any difference with the tables.")] = False,
+        "--deep", help="Also rebuild approvals, activation sets, stages, halts, tokens and recorded policy "
+        "versions from the ledger alone, re-verify each approval signature against the key in the policy "
+        "version in force when it was made, and exit 4 on any difference with the tables.")] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Check the ledger's hash chain; exit 4 naming the first broken entry, checkpoint or difference.
