@@ -17,7 +17,9 @@ from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any
 
-__all__ = ["CHECKLIST", "approval_view", "checklist", "correlation", "min_track_record_length"]
+import numpy as np
+
+__all__ = ["CHECKLIST", "approval_view", "checklist", "correlation", "min_track_record_length", "stage_comparison"]
 
 #: The live gate's conditions (DESIGN §7) and the reason codes that fail each one.
 CHECKLIST: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -91,6 +93,38 @@ def correlation(a: Sequence[tuple[str, float]], b: Sequence[tuple[str, float]]) 
     return sxy / math.sqrt(sxx * syy), n
 
 
+#: The quantiles of each stage's returns shown side by side (a quantile plot in numbers).
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+LATER_STAGES = ("paper", "shadow", "live")
+
+
+def stage_comparison(returns: Mapping[str, Sequence[Sequence[Any]]]) -> dict[str, Any]:
+    """The later stages on their own scale next to the backtest (what the report draws, as data):
+
+    - ``zoomed``: per later stage with ``n`` returns, its equity (growth of 1) and the backtest's
+      last ``n`` returns compounded the same way, with both total returns;
+    - ``distributions``: per stage (backtest included), ``n`` and the ``QUANTILES`` of its returns
+      (linear interpolation, numpy's default), so paper that behaves unlike its backtest shows.
+    """
+    arrays = {s: np.array([float(p[1]) for p in returns.get(s) or []], dtype=np.float64) for s in STAGES}
+    arrays = {s: r for s, r in arrays.items() if r.size}
+    back = arrays.get("backtest", np.array([], dtype=np.float64))
+    zoomed = []
+    for stage in LATER_STAGES:
+        r = arrays.get(stage)
+        if r is None:
+            continue
+        tail = back[-r.size:]
+        zoomed.append({"stage": stage, "n": int(r.size), "equity": np.cumprod(1.0 + r).tolist(),
+                       "total_return": _clean(float(np.prod(1.0 + r) - 1.0)),
+                       "backtest_tail_n": int(tail.size), "backtest_tail_equity": np.cumprod(1.0 + tail).tolist(),
+                       "backtest_tail_total_return": _clean(float(np.prod(1.0 + tail) - 1.0)) if tail.size else None})
+    distributions = {s: {"n": int(r.size), "quantiles": {f"{q:.0%}": _clean(float(np.quantile(r, q)))
+                                                         for q in QUANTILES}}
+                     for s, r in arrays.items()}
+    return {"zoomed": zoomed, "distributions": distributions}
+
+
 def _points(snapshot: Mapping[str, Any] | None, strategy_id: str) -> list[tuple[str, float]]:
     series = ((snapshot or {}).get("realized_returns") or {}).get(strategy_id) or []
     return [(str(p["ts"]), float(p["r"])) for p in series]
@@ -103,12 +137,14 @@ def _clean(value: Any) -> Any:
 
 def approval_view(request: Mapping[str, Any], gate: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], *,
                   policy: Mapping[str, Any], snapshot: Mapping[str, Any] | None,
-                  live: Sequence[str], policy_diff: str | None = None) -> dict[str, Any]:
+                  live: Sequence[str], policy_diff: str | None = None,
+                  returns: Mapping[str, Sequence[Sequence[Any]]] | None = None) -> dict[str, Any]:
     """The approver's page for ``request`` (a ``promote --list --all`` row) from the current dry-run
     ``gate`` (``Outcome.to_dict()['gate']``), the strategy's latest ``runs`` per stage, the world's
     ``policy`` document, its newest risk ``snapshot`` (``risk show``; ``None`` without one) and the
     strategies ``live`` now; ``policy_diff``: the unified diff of the recorded policy files between
-    the version the request was opened under and the one in force, when they differ."""
+    the version the request was opened under and the one in force, when they differ; ``returns``:
+    the returns of each stage's latest run (``run_returns``), for ``stage_comparison``."""
     sid = str(request["strategy_id"])
     periods = int(policy.get("periods_per_year") or 252)
     by_stage = {str(r["stage"]): r for r in runs}
@@ -158,6 +194,7 @@ def approval_view(request: Mapping[str, Any], gate: Mapping[str, Any], runs: Seq
         "stages": stages,
         "side_by_side": table,
         "caveats": caveats,
+        "comparison": stage_comparison(returns or {}),
         "small_sample": sample,
         "risk": risk,
         "policy": {"version_at_request": opened_version, "version_now": current_version,

@@ -15,12 +15,22 @@ Two kinds of families, one module:
 Names follow Prometheus conventions (``_total`` counters, ``_seconds`` units, ``qmtl_`` prefix).
 ``write_textfile`` writes atomically (a temporary file, then rename), as node_exporter's textfile
 collector requires.
+
+Scrape cost: the store families are a handful of grouped queries whose result size is the number
+of worlds (times stages, reasons, action kinds), and the order-gate counts are read out of each
+strategy's meta in SQL (never the fed bars beside them). Each scrape still touches every strategy
+row and the ledger's block and progress entries, so ``qmtl serve`` keeps the collected families for
+``max_age`` seconds (``--metrics-max-age``, default 5): however many Prometheus servers scrape, the
+store is read at most once per ``max_age``, and concurrent scrapes share one collection. Ages and
+timestamps are then up to ``max_age`` old, well under any alert's ``for:``.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -58,11 +68,25 @@ def _seconds(value: Any) -> float:
 class StoreCollector(Collector):
     """Families read from the store at each collection (pure reads; nothing is written)."""
 
-    def __init__(self, store: Store, clock: Callable[[], datetime]) -> None:
+    def __init__(self, store: Store, clock: Callable[[], datetime], *, max_age: float = 0.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.clock = clock
+        self.max_age = max_age
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._last: tuple[float, list[Metric]] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        """The store families, read again only when the last collection is ``max_age`` old."""
+        with self._lock:  # concurrent scrapes wait for one collection instead of each reading the store
+            now = self._monotonic()
+            if self._last is None or now - self._last[0] >= self.max_age:
+                self._last = (now, list(self._read()))
+            families = self._last[1]
+        yield from families
+
+    def _read(self) -> Iterator[Metric]:
         now = self.clock().timestamp()
         with self.store.read() as conn:
             yield from self._snapshots(conn, now)
@@ -215,10 +239,10 @@ class HttpMetrics:
         self.latency.labels(method=method, route=route, status=str(status)).observe(seconds)
 
 
-def new_registry(store: Store, clock: Callable[[], datetime]) -> CollectorRegistry:
-    """A registry holding the store families."""
+def new_registry(store: Store, clock: Callable[[], datetime], *, max_age: float = 0.0) -> CollectorRegistry:
+    """A registry holding the store families, read at most once per ``max_age`` seconds."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(store, clock))
+    registry.register(StoreCollector(store, clock, max_age=max_age))
     return registry
 
 

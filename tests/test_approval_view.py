@@ -85,6 +85,41 @@ def test_promote_show_opens_the_request_as_an_approver_reads_it(pending: str) ->
     assert qmtl("promote", "--show", "pr-ffffffffffff").exit_code == 3
 
 
+@pytest.mark.usefixtures("cli_mode")
+def test_later_stages_zoomed_and_distributions_match_numpy(pending: str, qmtl_env: dict[str, str],
+                                                           worlds_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from qmtl_core.report._collect import collect
+    from qmtl_core.report._render import render_html
+
+    svc = make_service(qmtl_env["QMTL_DATABASE_URL"], worlds_dir, tmp_path / "h4", Clock())
+    try:
+        stored = {r["stage"]: np.array([p[1] for p in r["returns"]])
+                  for r in svc.run_returns("gov", strategy_id="a", latest_per_stage=True)}
+        page = render_html(collect(svc, "gov"))
+    finally:
+        svc.close()
+    view = qmtl("promote", "--show", pending, "--json").json()["comparison"]
+    paper, back = stored["paper"], stored["backtest"]
+    (zoom,) = view["zoomed"]
+    assert (zoom["stage"], zoom["n"], zoom["backtest_tail_n"]) == ("paper", paper.size, paper.size)
+    assert zoom["equity"] == pytest.approx(np.cumprod(1 + paper).tolist())
+    assert zoom["backtest_tail_total_return"] == pytest.approx(np.prod(1 + back[-paper.size:]) - 1)
+    for stage, r in (("backtest", back), ("paper", paper)):
+        d = view["distributions"][stage]
+        assert d["n"] == r.size and d["quantiles"]["5%"] == pytest.approx(np.quantile(r, 0.05))
+        assert d["quantiles"]["50%"] == pytest.approx(np.median(r))
+    human = qmtl("promote", "--show", pending).stdout
+    assert "later stages zoomed" in human and f"paper   {paper.size:>4} obs" in human
+    assert "return distributions" in human and human.index("later stages zoomed") < human.index("risk evidence")
+    # the report's approval view carries the same chart, with ids of its own
+    approval = page[page.index(f'id="approve-{pending}"'):page.index('id="strategies"')]
+    assert 'data-chart="approval-stages"' in approval and f"paper ({paper.size} obs)" in approval
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids))
+
+
 def test_report_opens_the_pending_request_first_with_one_unit_and_no_negative_zero(
         pending: str, qmtl_env: dict[str, str], worlds_dir: Path, tmp_path: Path) -> None:
     from qmtl_core.report._collect import collect

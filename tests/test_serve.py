@@ -151,7 +151,8 @@ def _free_port() -> int:
 @pytest.fixture
 def real_server(qmtl_env: dict[str, str], worlds_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     (worlds_dir / "gov.yaml").write_text(policy_text())
-    env = {**qmtl_env, "PYTHONPATH": str(ROOT), "QMTL_HOME": str(tmp_path / "server-home")}
+    # /metrics read on every scrape: tests scrape right after the change they look for
+    env = {**qmtl_env, "PYTHONPATH": str(ROOT), "QMTL_HOME": str(tmp_path / "server-home"), "QMTL_METRICS_MAX_AGE": "0"}
     made = subprocess.run([sys.executable, "-m", "qmtl_cli", "token", "create", "--actor", "otto", "--role",
                            "operator", "--json"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert made.returncode == 0, made.stderr

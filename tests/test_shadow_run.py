@@ -3,6 +3,7 @@ recorded like paper and read by the live gate when the world asks for a shadow w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,19 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     assert "shadow" in human.stdout and f"{n_a + n_b}/40 obs" in human.stdout
     out = tmp_path / "report.html"
     assert qmtl("world", "report", WORLD, "--strategy", sid, "--out", str(out)).exit_code == 0
-    assert f"{n_a + n_b}/40 obs" in out.read_text()  # the report shows the shadow segment too
+    page = out.read_text()
+    assert f"{n_a + n_b}/40 obs" in page  # the report shows the shadow segment too
+    # the live gate's shadow window condition is a gate row with its evidence, beside the shadow rules
+    gates = re.findall(r"<tr title=\"[^\"]*\"><td>shadow</td><td>([^<]*)</td>.*?</tr>", page, flags=re.S)
+    assert gates[:2] == ["shadow window (live gate)", "drawdown"] and "shadow_vol" in gates, gates
+    row = re.search(r"<td>shadow window \(live gate\)</td>.*?</tr>", page, flags=re.S).group(0)
+    assert f"{n_a + n_b}/40 obs" in row and "≥ 60d, ≥ 40 obs" in row and 'class="status-pass"' in row
+    (shadow_run,) = qmtl("world", "runs", WORLD, "--stage", "shadow", "--json").json()["runs"]
+    assert f"shadow run shadow-from-20320604#2 ({shadow_run['evidence_class']})" in row  # its provenance
+    # and the shadow stage in the zoomed chart and the distributions, on the backtest's scale
+    chart = re.search(r'<figure class="chart" data-chart="stages">(.*?)</figure>', page, flags=re.S).group(1)
+    assert f"shadow ({n_a + n_b} obs)" in chart and f"backtest, last {n_a + n_b} obs" in chart
+    assert "return distributions" in chart and f"paper ({n_a})" in chart
 
 
 def test_shadow_domain_is_the_only_one_that_can_be_asked_for(setup: dict[str, Any]) -> None:

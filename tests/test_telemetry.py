@@ -195,3 +195,30 @@ def test_loop_not_run_alert_would_fire_on_a_real_textfile(gov: Any, tmp_path: Pa
     metrics = subprocess.run(["promtool", "check", "metrics"], input=path.read_text(), capture_output=True, text=True)
     assert metrics.returncode == 0, metrics.stdout + metrics.stderr
 
+
+
+def test_store_families_are_read_at_most_once_per_max_age(gov: Any) -> None:
+    """Scrape cost (issue 18): scrapes within ``max_age`` share one read of the store."""
+    from qmtl_core.telemetry import StoreCollector
+
+    reads: list[float] = []
+
+    class Counting(StoreCollector):
+        def _read(self) -> Any:
+            reads.append(ticks[0])
+            return super()._read()
+
+    svc, _ = gov
+    ticks = [100.0]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Counting(svc.store, svc.clock, max_age=5.0, monotonic=lambda: ticks[0]))
+
+    def pending() -> float:
+        return samples(exposition(registry).decode()).get(("qmtl_pending_approvals", (("world", "gov"),)), 0.0)
+
+    assert pending() == 0 and len(reads) == 1
+    assert svc.as_actor("carol").promote("gov", "a", reason="paper is clean").status == "pending"
+    ticks[0] += 4.9
+    assert pending() == 0 and len(reads) == 1  # the last collection, not a second read
+    ticks[0] += 0.1
+    assert pending() == 1 and len(reads) == 2

@@ -49,6 +49,26 @@ def _number(value: Any, percent: bool) -> str:
     return str(value)
 
 
+def _render_comparison(c: "Console", comparison: dict[str, Any]) -> None:
+    """Later stages zoomed against the backtest's same-length tail, and return quantiles per stage."""
+    from qmtl_cli._sparkline import sparkline
+
+    zoomed = comparison.get("zoomed") or []
+    if zoomed:
+        c.print("\n[bold]later stages zoomed[/bold] (growth of 1; the backtest's last n returns beside each)")
+    for z in zoomed:
+        tail = (f"backtest last {z['backtest_tail_n']} {sparkline(z['backtest_tail_equity'], 24)} "
+                f"{_number(z['backtest_tail_total_return'], True)}" if z["backtest_tail_n"] else "no backtest returns")
+        c.print(f"  {t(z['stage']):<7} {z['n']:>4} obs {sparkline(z['equity'], 24)} {_number(z['total_return'], True)}"
+                f"   vs {tail}", highlight=False)
+    dist = comparison.get("distributions") or {}
+    if len(dist) > 1:
+        names = list(next(iter(dist.values()))["quantiles"])
+        c.print(table("\nreturn distributions (quantiles per period, same units)", ["stage", "n", *names],
+                      [[t(stage), str(d["n"]), *[_number(d["quantiles"][q], True) for q in names]]
+                       for stage, d in dist.items()]))
+
+
 def render_approval_view(c: "Console", view: dict[str, Any]) -> None:
     """``qmtl promote --show``: the approver's page, in the order they need it."""
     from qmtl_core.timeutil import human_duration
@@ -72,6 +92,7 @@ def render_approval_view(c: "Console", view: dict[str, Any]) -> None:
                        for r in view["side_by_side"]]))
     for caveat in view["caveats"]:
         c.print(f"  [yellow]caveat[/yellow] {t(caveat)}")
+    _render_comparison(c, view.get("comparison") or {})
     sample = view.get("small_sample")
     if sample:
         need = sample["min_track_record_length"]

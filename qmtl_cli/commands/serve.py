@@ -25,6 +25,10 @@ def serve(
                                          help="Worker processes (each opens the store; all share it).")] = 1,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, metavar="BYTES",
                                           help="Largest request body accepted (413 above it).")] = 32 * 1024 * 1024,
+    metrics_max_age: Annotated[float, typer.Option(
+        "--metrics-max-age", min=0.0, max=300.0, metavar="SECONDS", envvar="QMTL_METRICS_MAX_AGE",
+        help="/metrics reads the store at most once per this many seconds; scrapes in between get the "
+             "last collection (0: every scrape reads the store).")] = 5.0,
     json_output: JsonOption = False,
 ) -> None:
     """Run the WorldService HTTP API over this host's store settings (route list at /docs, schema at
@@ -39,7 +43,7 @@ def serve(
 
     import uvicorn
 
-    from qmtl_core.service._http import MAX_BODY_ENV
+    from qmtl_core.service._http import MAX_BODY_ENV, METRICS_MAX_AGE_ENV
 
     service = state(ctx).service()
     settings = service.settings  # local settings: the server owns the store
@@ -47,7 +51,7 @@ def serve(
     # Workers are fresh processes that build the app from the environment (uvicorn's factory):
     # hand them exactly the settings this command resolved from its options, env and config.
     os.environ.update({"QMTL_HOME": str(settings.home.resolve()), "QMTL_WORLDS_DIR": str(settings.worlds_dir.resolve()),
-                       MAX_BODY_ENV: str(max_body)})
+                       MAX_BODY_ENV: str(max_body), METRICS_MAX_AGE_ENV: str(metrics_max_age)})
     if settings.database_url:
         os.environ["QMTL_DATABASE_URL"] = settings.database_url
     os.environ.pop("QMTL_SERVER", None)

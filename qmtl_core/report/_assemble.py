@@ -18,6 +18,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from qmtl_core.report._series import STAGE_ORDER
+from qmtl_core.timeutil import human_duration
+
+#: Stages shown in a strategy's metrics and gates: the chained ones, plus shadow beside paper.
+REPORT_STAGES = ("backtest", "paper", "shadow", "live")
 
 #: Metrics shown per stage for a strategy shown in full, in this order.
 KEY_METRICS = ("sharpe", "sortino", "cagr", "total_return", "annual_volatility", "max_drawdown", "calmar",
@@ -42,6 +46,7 @@ class StageRun:
     returns: list[list[Any]]
     sources: dict[str, str] = field(default_factory=dict)
     reason: str | None = None
+    evidence_class: str | None = None
 
 
 @dataclass
@@ -59,6 +64,8 @@ class StrategyReport:
     rank_value: float | None = None
     full: bool = False
     section: str | None = None  # "top", "bottom", "live", "pending", "selected"
+    #: The world asks for a shadow window before live (``campaign.shadow``): the live gate checks it.
+    shadow_gate: bool = False
 
     @property
     def headline(self) -> StageRun | None:
@@ -83,8 +90,10 @@ class StrategyReport:
     def gate_rows(self) -> list[dict[str, Any]]:
         """Every stage's rule results, stage by stage (the gate table)."""
         rows = []
-        for stage in STAGE_ORDER:
+        for stage in REPORT_STAGES:
             run = self.runs.get(stage)
+            if stage == "shadow" and self.shadow_gate and self.stage in ("paper", "live"):
+                rows.append(self._shadow_window_row(run))
             if run is None:
                 continue
             for g in run.gates:
@@ -95,6 +104,22 @@ class StrategyReport:
                              "source": g.get("source") or run.sources.get(str(g.get("metric"))),
                              "reason": g.get("reason")})
         return rows
+
+    def _shadow_window_row(self, run: StageRun | None) -> dict[str, Any]:
+        """The live gate's shadow window condition (``campaign.shadow``) as a gate row, with its
+        evidence: the shadow run, its provenance and the window measured on data."""
+        prog = next((p for p in self.progress if p.get("stage") == "shadow"), None) or {}
+        need = []
+        if prog.get("window_seconds"):
+            need.append(f"≥ {human_duration(prog['window_seconds'])}")
+        need.append(f"≥ {prog.get('min_observations') or 1} obs")
+        evidence = (f"shadow run {run.run_id}#{run.revision} ({run.evidence_class or 'unverified'})"
+                    if run is not None else "no shadow run: qmtl run --domain shadow")
+        return {"stage": "shadow", "run": f"{run.run_id}#{run.revision}" if run is not None else None,
+                "id": "shadow window (live gate)", "metric": "window", "observed": prog.get("label") or "none",
+                "threshold": ", ".join(need), "status": "pass" if prog.get("satisfied") else "fail",
+                "severity": "blocking", "source": evidence,
+                "reason": "the live gate requires the shadow window (campaign.shadow) measured on data"}
 
     def to_dict(self, *, returns: bool = False) -> dict[str, Any]:
         """JSON form (``--json``); returns only on request (they are large)."""
@@ -279,7 +304,8 @@ def assemble(*, world: str, policy: Any, runs: Sequence[Any], returns: Sequence[
         points = ret["returns"] if ret is not None else []
         stage_runs.setdefault(sid, {})[stage] = StageRun(
             stage, r.run_id, r.revision, r.status, r.policy_version, r.recorded_at, dict(r.metrics),
-            list(r.rule_results), dict(r.window or {}), points, dict(r.metric_sources), r.reason)
+            list(r.rule_results), dict(r.window or {}), points, dict(r.metric_sources), r.reason,
+            r.evidence_class)
 
     acts = list((activations or {}).get("activations") or history.get("activations") or [])
     why = {a["strategy_id"]: a.get("why") for a in history.get("activations", [])}
@@ -326,9 +352,10 @@ def assemble(*, world: str, policy: Any, runs: Sequence[Any], returns: Sequence[
                 reached = reached[:2] + ("shadow",) + reached[2:]  # as qmtl_core.campaign.campaign_view
             progress = [_progress_at(policy, st, runs_of.get(st)) for st in reached]
             nxt = None
-        s = StrategyReport(sid, stage, {st: runs_of[st] for st in STAGE_ORDER if st in runs_of}, progress, nxt,
+        s = StrategyReport(sid, stage, {st: runs_of[st] for st in REPORT_STAGES if st in runs_of}, progress, nxt,
                            act_by.get(sid), pending_by.get(sid, []),
-                           by_strategy.get(sid, []) + [t for t in world_wide if t["kind"].startswith("world.")])
+                           by_strategy.get(sid, []) + [t for t in world_wide if t["kind"].startswith("world.")],
+                           shadow_gate=policy.campaign.shadow is not None)
         s.timeline.sort(key=lambda t: t["seq"] or 0)
         head = s.headline
         value = head.metrics.get(rank_metric) if head is not None else None

@@ -22,7 +22,9 @@ import numpy as np
 from qmtl_core.report._series import (STAGE_ORDER, Chained, chain, downsample, equity, monthly_returns,
                                       rolling_sharpe, underwater)
 
-COLOURS = {"backtest": "#4c72b0", "paper": "#dd8452", "live": "#2ca02c"}
+COLOURS = {"backtest": "#4c72b0", "paper": "#dd8452", "shadow": "#8172b3", "live": "#2ca02c"}
+#: The stages an approval is decided on, each compared with the backtest on its own scale.
+LATER_STAGES = ("paper", "shadow", "live")
 STATUS_COLOURS = {"pass": "#2e7d32", "warn": "#b26a00", "fail": "#c62828"}
 ROLLING = 63
 #: Longest series drawn point for point; longer ones keep every k-th point (the ends are kept).
@@ -47,6 +49,18 @@ def clean_svg(text: str, prefix: str) -> str:
     text = text.replace("xlink:href=", "href=")
     text = _ID.sub(lambda m: f'id="{prefix}-{m.group(1)}"', text)
     return _REF.sub(lambda m: f"{m.group(1)}{prefix}-", text)
+
+
+def figure_svg(fig: Any, prefix: str) -> str:
+    """A figure as inline SVG markup (``clean_svg``): no date or creator, ids prefixed."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    return clean_svg(buf.getvalue(), prefix)
+
+
+def figure_png(fig: Any, path: Path | BinaryIO) -> None:
+    """A figure as a PNG (a file, or a binary stream), with no software tag."""
+    fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
 
 
 class TearSheet:
@@ -150,13 +164,91 @@ class TearSheet:
     def svg(self, prefix: str | None = None) -> str:
         """The figure as inline SVG markup."""
         self._count += 1
-        buf = io.StringIO()
-        self.fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
-        return clean_svg(buf.getvalue(), prefix or f"c{self._count}")
+        return figure_svg(self.fig, prefix or f"c{self._count}")
 
     def png(self, path: Path | BinaryIO) -> None:
         """The figure as a PNG (a file, or a binary stream)."""
-        self.fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
+        figure_png(self.fig, path)
+
+
+class StageComparison:
+    """The later stages next to the backtest, where the whole-history chart leaves them a sliver:
+
+    - left, **zoomed**: each later stage's equity (growth of 1) over its own observations, with the
+      backtest's last ``n`` returns (``n`` the longest later stage) rebased to 1 on the same axes;
+    - right, **distributions**: the empirical CDF of per-period returns of every stage, backtest
+      included, on one x axis (a quantile plot: the step at x is the share of returns <= x), which
+      reads on 10 observations where a histogram would not.
+    """
+
+    def __init__(self, *, size: tuple[float, float] = (9.0, 3.0), dpi: int = 100) -> None:
+        from matplotlib import rc_context
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self._rc = rc_context(_RC)
+        self._rc.__enter__()
+        self.fig = Figure(figsize=size, dpi=dpi)
+        FigureCanvasAgg(self.fig)
+        self.ax_zoom, self.ax_dist = self.fig.subplots(1, 2)
+        self.fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.16, wspace=0.22)
+        self._count = 0
+
+    def close(self) -> None:
+        """Restore matplotlib's settings."""
+        self._rc.__exit__(None, None, None)
+
+    def __enter__(self) -> "StageComparison":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def draw(self, segments: dict[str, list[list[Any]]]) -> bool:
+        """Draw one strategy's stages; ``False`` when it has no later stage with returns."""
+        later = {s: np.array([float(p[1]) for p in segments.get(s) or []], dtype=np.float64) for s in LATER_STAGES}
+        later = {s: r for s, r in later.items() if r.size}
+        if not later:
+            return False
+        back = np.array([float(p[1]) for p in segments.get("backtest") or []], dtype=np.float64)
+        for ax in (self.ax_zoom, self.ax_dist):
+            ax.clear()
+        n = max(r.size for r in later.values())
+        tail = back[-n:]
+        if tail.size:
+            self.ax_zoom.plot(np.arange(tail.size + 1), np.concatenate(([1.0], equity(tail))), color=COLOURS["backtest"],
+                              lw=1.0, ls="--", label=f"backtest, last {tail.size} obs")
+        for stage, r in later.items():
+            self.ax_zoom.plot(np.arange(r.size + 1), np.concatenate(([1.0], equity(r))), color=COLOURS[stage],
+                              lw=1.4, label=f"{stage} ({r.size} obs)")
+        self.ax_zoom.axhline(1.0, color="#888888", lw=0.6)
+        self.ax_zoom.set_xlabel("observations in the stage", fontsize=8)
+        self.ax_zoom.legend(loc="upper left", fontsize=7.5)
+        self.ax_zoom.text(0.0, 1.03, "later stages zoomed, against the backtest's same-length tail (growth of 1)",
+                          transform=self.ax_zoom.transAxes, ha="left", va="bottom", fontsize=8.5)
+        for stage, r in (("backtest", back), *later.items()):
+            if not r.size:
+                continue
+            x = np.sort(r)
+            y = np.arange(1, x.size + 1) / x.size
+            self.ax_dist.step(x, y, where="post", color=COLOURS[stage], lw=1.6 if stage != "backtest" else 1.0,
+                              ls="--" if stage == "backtest" else "-", label=f"{stage} ({x.size})")
+        self.ax_dist.xaxis.set_major_formatter(_percent(decimals=1))
+        self.ax_dist.set_ylim(0, 1)
+        self.ax_dist.set_xlabel("return per period", fontsize=8)
+        self.ax_dist.legend(loc="upper left", fontsize=7.5)
+        self.ax_dist.text(0.0, 1.03, "return distributions (empirical CDF, same axes)",
+                          transform=self.ax_dist.transAxes, ha="left", va="bottom", fontsize=8.5)
+        return True
+
+    def svg(self, prefix: str | None = None) -> str:
+        """The figure as inline SVG markup."""
+        self._count += 1
+        return figure_svg(self.fig, prefix or f"k{self._count}")
+
+    def png(self, path: Path | BinaryIO) -> None:
+        """The figure as a PNG (a file, or a binary stream)."""
+        figure_png(self.fig, path)
 
 
 def _ticks(chained: Chained, count: int = 7) -> list[int]:
@@ -172,10 +264,10 @@ def _ticks(chained: Chained, count: int = 7) -> list[int]:
     return sorted(taken)
 
 
-def _percent() -> Any:
+def _percent(decimals: int = 0) -> Any:
     from matplotlib.ticker import PercentFormatter
 
-    return PercentFormatter(1.0, decimals=0)
+    return PercentFormatter(1.0, decimals=decimals)
 
 
 def monthly_png(chained: Chained, path: Path | BinaryIO, title: str) -> bool:

@@ -106,19 +106,26 @@ def render_html(report: Report, *, progress: Progress | None = None) -> str:
     from markupsafe import Markup
 
     from qmtl_core._version import __version__
-    from qmtl_core.report._charts import TearSheet, sparkline_svg
+    from qmtl_core.report._charts import StageComparison, TearSheet, sparkline_svg
     from qmtl_core.report._series import chain, downsample, equity, monthly_returns
 
     full = report.full
     total = len(full) + len(report.strategies)
     done = 0
     charts: dict[str, Any] = {}
+    compare: dict[str, Any] = {}
+    compare_pending: dict[str, Any] = {}
     monthly: dict[str, Any] = {}
     scale: dict[str, float] = {}
-    with TearSheet(periods_per_year=int(report.policy.get("periods_per_year") or 252)) as sheet:
+    with TearSheet(periods_per_year=int(report.policy.get("periods_per_year") or 252)) as sheet, \
+            StageComparison() as stages:
         for i, s in enumerate(full):
             chained = chain(s.segments())
             charts[s.strategy_id] = Markup(sheet.svg(prefix=f"s{i}")) if sheet.draw(chained) else None
+            if stages.draw(s.segments()):
+                compare[s.strategy_id] = Markup(stages.svg(prefix=f"k{i}"))
+                if s.pending:  # a second copy, its own ids, in the approval view at the top of the page
+                    compare_pending[s.strategy_id] = Markup(stages.svg(prefix=f"a{i}"))
             rows = monthly_returns(chained)
             monthly[s.strategy_id] = rows
             values = [abs(m) for row in rows for m in row["months"] if m is not None]
@@ -137,7 +144,7 @@ def render_html(report: Report, *, progress: Progress | None = None) -> str:
     timeline = report.timeline[-TIMELINE_LIMIT:]
     return _environment().get_template("report.html.j2").render(
         r=report, full=full, summary=sorted(report.strategies, key=lambda s: rank_key(s, report.rank_order)),
-        charts=charts, monthly=monthly, scale=scale, sparks=sparks,
+        charts=charts, compare=compare, compare_pending=compare_pending, monthly=monthly, scale=scale, sparks=sparks,
         timeline=list(reversed(timeline)), timeline_cut=len(timeline) < len(report.timeline),
         full_ids={s.strategy_id for s in full}, activation_limit=ACTIVATION_LIMIT,
         activations=sorted(report.activations, key=lambda a: (a.get("stage") != "live", -float(a.get("weight") or 0),
@@ -165,18 +172,24 @@ def write_html(report: Report, path: Path, *, progress: Progress | None = None) 
 
 def render_pngs(report: Report, *, progress: Progress | None = None) -> dict[str, bytes]:
     """The charts of every strategy shown in full as PNG images, by file name:
-    ``<strategy>.png`` (equity, drawdown, rolling Sharpe) and ``<strategy>-monthly.png``."""
+    ``<strategy>.png`` (equity, drawdown, rolling Sharpe), ``<strategy>-monthly.png``, and
+    ``<strategy>-stages.png`` (later stages zoomed, return distributions) when it has a later stage."""
     import io
 
-    from qmtl_core.report._charts import TearSheet, monthly_png
+    from qmtl_core.report._charts import StageComparison, TearSheet, monthly_png
     from qmtl_core.report._series import chain
 
     images: dict[str, bytes] = {}
     full = report.full
-    with TearSheet(periods_per_year=int(report.policy.get("periods_per_year") or 252)) as sheet:
+    with TearSheet(periods_per_year=int(report.policy.get("periods_per_year") or 252)) as sheet, \
+            StageComparison() as stages:
         for i, s in enumerate(full):
             chained = chain(s.segments())
             name = safe_name(s.strategy_id)
+            if stages.draw(s.segments()):
+                buf = io.BytesIO()
+                stages.png(buf)
+                images[f"{name}-stages.png"] = buf.getvalue()
             if sheet.draw(chained):
                 buf = io.BytesIO()
                 sheet.png(buf)

@@ -297,7 +297,10 @@ class LocalClient:
         opened, now = request.get("policy_version"), policy.get("policy_version")
         diff = (self.service.policy_diff(world, int(opened), int(now))
                 if isinstance(opened, int) and isinstance(now, int) and opened != now else None)
-        return approval_view(request, gate, runs, policy=policy, snapshot=snapshot, live=live, policy_diff=diff)
+        returns = {r["stage"]: r["returns"] for r in self.service.run_returns(world, strategy_id=sid,
+                                                                             latest_per_stage=True)}
+        return approval_view(request, gate, runs, policy=policy, snapshot=snapshot, live=live, policy_diff=diff,
+                             returns=returns)
 
     def decisions(self, world: str, *, strategy_id: str | None = None) -> dict[str, Any]:
         """``qmtl world decision``."""

@@ -313,8 +313,9 @@ def _docs_page(schema_doc: dict[str, Any]) -> str:
 
 
 def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
-               max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
-    """The API over one ``WorldService`` (shared store, per-request actor)."""
+               max_body: int = DEFAULT_MAX_BODY, metrics_max_age: float = 0.0) -> FastAPI:
+    """The API over one ``WorldService`` (shared store, per-request actor); ``/metrics`` reads the
+    store at most once per ``metrics_max_age`` seconds (``telemetry``: scrape cost)."""
     # Swagger UI and ReDoc load their scripts from a CDN: /docs is a plain page instead (_docs_page).
     app = FastAPI(title="qmtl WorldService", version=__version__, docs_url=None, redoc_url=None,
                   description="Worlds, evaluation runs, campaigns, governance and the risk hub.",
@@ -327,7 +328,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
 
         checkpoints = (require_signer(settings.checkpoint_key), settings.checkpoint_dir)
     base = WorldService(settings, clock=clock)
-    registry = new_registry(base.store, clock)
+    registry = new_registry(base.store, clock, max_age=metrics_max_age)
     http_metrics, loop_metrics = HttpMetrics(registry), LoopMetrics(registry)
 
     @app.middleware("http")
@@ -701,6 +702,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
 
 #: Environment variable ``qmtl serve`` passes the body limit to its worker processes in.
 MAX_BODY_ENV = "QMTL_SERVE_MAX_BODY"
+METRICS_MAX_AGE_ENV = "QMTL_METRICS_MAX_AGE"
 
 
 def app_from_environment() -> FastAPI:
@@ -708,4 +710,5 @@ def app_from_environment() -> FastAPI:
     ``qmtl serve`` prepared (``QMTL_HOME``, ``QMTL_WORLDS_DIR``, ``QMTL_DATABASE_URL``)."""
     settings = Settings.resolve()
     settings.server = None  # the server itself is local
-    return create_app(settings, max_body=int(os.environ.get(MAX_BODY_ENV, DEFAULT_MAX_BODY)))
+    return create_app(settings, max_body=int(os.environ.get(MAX_BODY_ENV, DEFAULT_MAX_BODY)),
+                      metrics_max_age=float(os.environ.get(METRICS_MAX_AGE_ENV, 0.0)))
