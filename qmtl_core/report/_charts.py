@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 import numpy as np
 
@@ -51,34 +51,54 @@ def clean_svg(text: str, prefix: str) -> str:
     return _REF.sub(lambda m: f"{m.group(1)}{prefix}-", text)
 
 
-def figure_svg(fig: Any, prefix: str) -> str:
-    """A figure as inline SVG markup (``clean_svg``): no date or creator, ids prefixed."""
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
-    return clean_svg(buf.getvalue(), prefix)
+class _Chart:
+    """One matplotlib figure under qmtl's settings (``_RC``, restored by ``close``), drawn again per
+    strategy and written as inline SVG (``clean_svg``) or PNG."""
 
+    prefix = "c"
 
-def figure_png(fig: Any, path: Path | BinaryIO) -> None:
-    """A figure as a PNG (a file, or a binary stream), with no software tag."""
-    fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
-
-
-class TearSheet:
-    """Equity (stage-coloured), underwater drawdown and rolling Sharpe of one strategy, as one
-    three-panel figure sharing the x axis. Build once, ``draw`` per strategy."""
-
-    def __init__(self, *, periods_per_year: int = 252, window: int = ROLLING, size: tuple[float, float] = (9.0, 5.4),
-                 dpi: int = 100) -> None:
+    def __init__(self, size: tuple[float, float], dpi: int) -> None:
         from matplotlib import rc_context
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        self.ppy, self.window = periods_per_year, window
         self._rc = rc_context(_RC)
         self._rc.__enter__()
         # Fixed margins, no layout engine: a layout pass per strategy would cost as much as drawing.
         self.fig = Figure(figsize=size, dpi=dpi)
         FigureCanvasAgg(self.fig)
+        self._count = 0
+
+    def close(self) -> None:
+        """Restore matplotlib's settings."""
+        self._rc.__exit__(None, None, None)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def svg(self, prefix: str | None = None) -> str:
+        """The figure as inline SVG markup: no date or creator, ids prefixed."""
+        self._count += 1
+        buf = io.StringIO()
+        self.fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+        return clean_svg(buf.getvalue(), prefix or f"{self.prefix}{self._count}")
+
+    def png(self, path: Path | BinaryIO) -> None:
+        """The figure as a PNG (a file, or a binary stream)."""
+        self.fig.savefig(path, format="png", dpi=110, metadata={"Software": None})
+
+
+class TearSheet(_Chart):
+    """Equity (stage-coloured), underwater drawdown and rolling Sharpe of one strategy, as one
+    three-panel figure sharing the x axis. Build once, ``draw`` per strategy."""
+
+    def __init__(self, *, periods_per_year: int = 252, window: int = ROLLING, size: tuple[float, float] = (9.0, 5.4),
+                 dpi: int = 100) -> None:
+        super().__init__(size, dpi)
+        self.ppy, self.window = periods_per_year, window
         self.ax_eq, self.ax_dd, self.ax_sr = self.fig.subplots(3, 1, sharex=True,
                                                                gridspec_kw={"height_ratios": [2.3, 1, 1]})
         self.fig.subplots_adjust(left=0.075, right=0.965, top=0.955, bottom=0.06, hspace=0.32)
@@ -95,17 +115,6 @@ class TearSheet:
         self.ax_dd.yaxis.set_major_formatter(_percent())
         self.fills: list[Any] = []
         self.legend: Any = None
-        self._count = 0
-
-    def close(self) -> None:
-        """Restore matplotlib's settings."""
-        self._rc.__exit__(None, None, None)
-
-    def __enter__(self) -> "TearSheet":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def draw(self, chained: Chained) -> bool:
         """Move one strategy's series into the figure; ``False`` when it has no returns."""
@@ -161,17 +170,8 @@ class TearSheet:
                                         fontsize=7.5)
         return True
 
-    def svg(self, prefix: str | None = None) -> str:
-        """The figure as inline SVG markup."""
-        self._count += 1
-        return figure_svg(self.fig, prefix or f"c{self._count}")
 
-    def png(self, path: Path | BinaryIO) -> None:
-        """The figure as a PNG (a file, or a binary stream)."""
-        figure_png(self.fig, path)
-
-
-class StageComparison:
+class StageComparison(_Chart):
     """The later stages next to the backtest, where the whole-history chart leaves them a sliver:
 
     - left, **zoomed**: each later stage's equity (growth of 1) over its own observations, with the
@@ -181,28 +181,12 @@ class StageComparison:
       reads on 10 observations where a histogram would not.
     """
 
-    def __init__(self, *, size: tuple[float, float] = (9.0, 3.0), dpi: int = 100) -> None:
-        from matplotlib import rc_context
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+    prefix = "k"
 
-        self._rc = rc_context(_RC)
-        self._rc.__enter__()
-        self.fig = Figure(figsize=size, dpi=dpi)
-        FigureCanvasAgg(self.fig)
+    def __init__(self, *, size: tuple[float, float] = (9.0, 3.0), dpi: int = 100) -> None:
+        super().__init__(size, dpi)
         self.ax_zoom, self.ax_dist = self.fig.subplots(1, 2)
         self.fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.16, wspace=0.22)
-        self._count = 0
-
-    def close(self) -> None:
-        """Restore matplotlib's settings."""
-        self._rc.__exit__(None, None, None)
-
-    def __enter__(self) -> "StageComparison":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def draw(self, segments: dict[str, list[list[Any]]]) -> bool:
         """Draw one strategy's stages; ``False`` when it has no later stage with returns."""
@@ -240,15 +224,6 @@ class StageComparison:
         self.ax_dist.text(0.0, 1.03, "return distributions (empirical CDF, same axes)",
                           transform=self.ax_dist.transAxes, ha="left", va="bottom", fontsize=8.5)
         return True
-
-    def svg(self, prefix: str | None = None) -> str:
-        """The figure as inline SVG markup."""
-        self._count += 1
-        return figure_svg(self.fig, prefix or f"k{self._count}")
-
-    def png(self, path: Path | BinaryIO) -> None:
-        """The figure as a PNG (a file, or a binary stream)."""
-        figure_png(self.fig, path)
 
 
 def _ticks(chained: Chained, count: int = 7) -> list[int]:
