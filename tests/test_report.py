@@ -293,14 +293,15 @@ def test_png_format(world: dict[str, Any], tmp_path: Path) -> None:
     ran = qmtl("world", "report", "rep", "--format", "png", "--out", str(target), "--json")
     assert ran.exit_code == 0, ran.stderr
     files = [Path(f) for f in ran.json()["files"]]
-    assert sorted(f.name for f in files) == ["a-monthly.png", "a.png", "b-monthly.png", "b.png", "c-monthly.png",
-                                            "c.png"]
+    # a (paper, live) and b (paper) also get their later stages zoomed; c (backtest only) does not
+    assert sorted(f.name for f in files) == ["a-monthly.png", "a-stages.png", "a.png", "b-monthly.png",
+                                            "b-stages.png", "b.png", "c-monthly.png", "c.png"]
     for f in files:
         assert f.parent == target and f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5_000
     default = qmtl("world", "report", "rep", "--format", "png", "--strategy", "a")
     assert default.exit_code == 0, default.stderr
     assert (world["home"] / "reports" / "rep" / "a-charts" / "a.png").exists()
-    assert "wrote 2 PNG files" in default.stdout
+    assert "wrote 3 PNG files" in default.stdout
     wrong = qmtl("world", "report", "rep", "--format", "png", "--out", str(tmp_path / "x.html"))
     assert wrong.exit_code == 2 and "directory" in wrong.stderr
     unknown = qmtl("world", "report", "rep", "--format", "pdf")

@@ -166,7 +166,8 @@ def open_page(url: str, *, width: int = 1280, height: int = 900) -> Iterator[Pag
 CHART_SIZES = """
 Array.from(document.querySelectorAll("figure.chart svg, svg.spark")).map(function (e) {
   var r = e.getBoundingClientRect();
-  return {kind: e.closest("figure") ? "tearsheet" : "spark", width: r.width, height: r.height,
+  var f = e.closest("figure");
+  return {kind: f ? f.dataset.chart : "spark", width: r.width, height: r.height,
           strategy: (e.closest("article, tr") || {}).id || ""};
 })
 """
@@ -208,6 +209,11 @@ def test_report_in_headless_chromium(store_url: str, tmp_path: Path) -> None:
         assert len(tearsheets) == 3 and len([s for s in sizes if s["kind"] == "spark"]) == 3
         assert all(s["width"] > 100 and s["height"] > 50 for s in tearsheets), sizes
         assert all(s["width"] > 0 and s["height"] > 0 for s in sizes), sizes
+        # the later stages zoomed, with the return distributions: a (paper, live) and b (paper) have one,
+        # c (backtest only) none; b's approval view has its own copy
+        stages = sorted((s["strategy"], s["kind"]) for s in sizes if s["kind"] in ("stages", "approval-stages"))
+        assert stages == [("", "approval-stages"), ("s-a", "stages"), ("s-b", "stages")], stages
+        assert all(s["width"] > 300 and s["height"] > 100 for s in sizes if "stages" in s["kind"]), sizes
         # every stage's colour is drawn in a's chart; the text is text (no glyph paths, no fonts)
         svg = page.evaluate('document.querySelector("#s-a figure.chart svg").outerHTML')
         assert all(colour in svg for colour in ("#4c72b0", "#dd8452", "#2ca02c")) and "<text" in svg
@@ -234,6 +240,7 @@ def test_report_in_headless_chromium(store_url: str, tmp_path: Path) -> None:
         assert "✗ the required approvals are in" in view["text"] and "✓ the world is not halted" in view["text"]
         assert pending["evidence_hash"] in view["text"] and "Bailey & López de Prado" in view["text"]
         assert "-0.0%" not in view["text"] and view["stages"] == ["metric", "backtest", "paper"]
+        assert view["chart"] is not None and view["chart"][0] > 300 and view["chart"][1] > 100, view["chart"]
         page.evaluate('document.body.innerHTML = document.querySelector("details.approval").outerHTML')
         approval_shot = ARTIFACTS / f"approval-{backend}.png"
         page.screenshot(approval_shot)
@@ -244,7 +251,9 @@ def test_report_in_headless_chromium(store_url: str, tmp_path: Path) -> None:
 APPROVAL = """(function () {
   var d = document.getElementById("approve-%s"); var r = d.getBoundingClientRect(); var t = d.innerText;
   var heads = ["Live-gate checklist", "Stages side by side", "Small sample", "Risk evidence", "Evidence "];
+  var c = d.querySelector('figure[data-chart="approval-stages"] svg');
   return {open: d.open, width: r.width, height: r.height, text: t,
+          chart: c ? [c.getBoundingClientRect().width, c.getBoundingClientRect().height] : null,
           order: heads.map(function (h) { return t.indexOf(h); }),
           stages: Array.from(d.querySelectorAll("table.side-by-side th")).map(function (h) { return h.innerText; })};
 })()"""
