@@ -18,8 +18,9 @@ collector requires.
 
 Scrape cost: the store families are a handful of grouped queries whose result size is the number
 of worlds (times stages, reasons, action kinds), and the order-gate counts are read out of each
-strategy's meta in SQL (never the fed bars beside them). Each scrape still touches every strategy
-row and the ledger's block and progress entries, so ``qmtl serve`` keeps the collected families for
+strategy's meta in SQL (never the fed bars beside them), and only for strategies updated since the
+collector's last read (a strategy's ``updated_at`` moves with every feed). Each scrape still touches
+every strategy row and the ledger's block and progress entries, so ``qmtl serve`` keeps the collected families for
 ``max_age`` seconds (``--metrics-max-age``, default 5): however many Prometheus servers scrape, the
 store is read at most once per ``max_age``, and concurrent scrapes share one collection. Ages and
 timestamps are then up to ``max_age`` old, well under any alert's ``for:``.
@@ -76,6 +77,8 @@ class StoreCollector(Collector):
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._last: tuple[float, list[Metric]] | None = None
+        #: (world, strategy) -> (its updated_at when read, order-gate blocks by reason)
+        self._gate_cache: dict[tuple[str, str], tuple[str, dict[str, int]]] = {}
 
     def collect(self) -> Iterator[Metric]:
         """The store families, read again only when the last collection is ``max_age`` old."""
@@ -136,17 +139,38 @@ class StoreCollector(Collector):
         gate = CounterMetricFamily("qmtl_order_gate_blocks", "Orders the order gate kept from the broker, by "
                                    "reason (recorded with each feed of new bars).", labels=["world", "reason"])
         blocked: dict[tuple[str, str], int] = defaultdict(int)
-        # Only the small counts leave the database: a feed's meta also holds every bar fed so far, so
-        # reading whole documents would make each scrape grow with the fleet's history.
-        feeds = ("feed", "shadow_feed")  # paper/live and shadow keep their own fed series
-        counts = [sa.cast(t.c.meta[(key, "orders_blocked")], sa.Text) for key in feeds]
-        for world, *docs in conn.execute(sa.select(t.c.world_id, *counts).where(t.c.meta.is_not(None))):
-            for doc in docs:
-                for reason, n in (json_loads(doc) or {}).items() if doc else ():
-                    blocked[(world, reason)] += int(n)
+        for (world, _), counts in self._gate_counts(conn).items():
+            for reason, n in counts.items():
+                blocked[(world, reason)] += n
         for (world, reason), n in sorted(blocked.items()):
             gate.add_metric([world, reason], n)
         yield gate
+
+    def _gate_counts(self, conn: sa.Connection) -> dict[tuple[str, str], dict[str, int]]:
+        """Order-gate blocks per strategy, read again only for strategies updated since the last
+        collection. A feed's meta holds every bar fed so far beside the counts, and SQLite parses
+        the whole document to extract them: re-reading every strategy's at each scrape made the
+        scrape grow with the fleet's history. Only the small counts ever leave the database."""
+        t = schema.strategies
+        seen = {(w, sid): str(at) for w, sid, at in conn.execute(
+            sa.select(t.c.world_id, t.c.strategy_id, t.c.updated_at).where(t.c.meta.is_not(None)))}
+        known = self._gate_cache
+        stale = [key for key, at in seen.items() if known.get(key, (None, {}))[0] != at]
+        feeds = ("feed", "shadow_feed")  # paper/live and shadow keep their own fed series
+        counts = [sa.cast(t.c.meta[(key, "orders_blocked")], sa.Text) for key in feeds]
+        for k in range(0, len(stale), 500):
+            chunk = stale[k:k + 500]
+            for world, sid, *docs in conn.execute(
+                    sa.select(t.c.world_id, t.c.strategy_id, *counts)
+                    .where(sa.tuple_(t.c.world_id, t.c.strategy_id).in_(chunk))):
+                merged: dict[str, int] = defaultdict(int)
+                for doc in docs:
+                    for reason, n in (json_loads(doc) or {}).items() if doc else ():
+                        merged[reason] += int(n)
+                known[(world, sid)] = (seen[(world, sid)], dict(merged))
+        for key in set(known) - set(seen):
+            del known[key]
+        return {key: counts for key, (_, counts) in known.items()}
 
     def _actions(self, conn: sa.Connection) -> Iterator[Metric]:
         t = schema.campaign_actions

@@ -208,7 +208,7 @@ def test_store_families_are_read_at_most_once_per_max_age(gov: Any) -> None:
             reads.append(ticks[0])
             return super()._read()
 
-    svc, _ = gov
+    svc, clock = gov
     ticks = [100.0]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Counting(svc.store, svc.clock, max_age=5.0, monotonic=lambda: ticks[0]))
@@ -222,3 +222,17 @@ def test_store_families_are_read_at_most_once_per_max_age(gov: Any) -> None:
     assert pending() == 0 and len(reads) == 1  # the last collection, not a second read
     ticks[0] += 0.1
     assert pending() == 1 and len(reads) == 2
+
+    def blocked() -> float:
+        return samples(exposition(registry).decode()).get(
+            ("qmtl_order_gate_blocks_total", (("reason", "domain_dryrun"), ("world", "gov"))), 0.0)
+
+    # A long-lived collector re-reads only strategies updated since, and sees each new feed's counts.
+    clock.advance(minutes=1)
+    svc.register_strategy("gov", strategy_id="b", meta={"feed": {"orders_blocked": {"domain_dryrun": 2}}})
+    ticks[0] += 5
+    assert blocked() == 2
+    clock.advance(minutes=1)
+    svc.register_strategy("gov", strategy_id="b", meta={"feed": {"orders_blocked": {"domain_dryrun": 5}}})
+    ticks[0] += 5
+    assert blocked() == 5 and len(reads) == 4
