@@ -1,7 +1,5 @@
 """The root ``qmtl`` command: global options and the command groups."""
 
-from __future__ import annotations
-
 import json
 import os
 import sys

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-
-import sshsig
+from typing import TYPE_CHECKING
 
 from qmtl_core.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    import sshsig
 
 NAMESPACE = "qmtl-approval"
 
@@ -35,6 +37,10 @@ def approval_message(*, world: str, strategy_id: str, request_id: str, evidence_
 
 def parse_public_key(text: str) -> sshsig.PublicKey:
     """An OpenSSH public key line (``ssh-ed25519 AAAA... [comment]``); ``ValueError`` when it is not one."""
+    # Loaded here, not at the top: sshsig pulls in cryptography (about a tenth of a CLI read's start-up),
+    # and only policies that name keys, and signed approvals, need it.
+    import sshsig
+
     try:
         return sshsig.PublicKey.from_openssh_str(text.strip())
     except (ValueError, NotImplementedError) as exc:
@@ -50,6 +56,8 @@ def signature_problem(public_key: str, signature: str | None, message: bytes) ->
         key = parse_public_key(public_key)
     except ValueError as exc:
         return f"the policy's key is unusable: {exc}"
+    import sshsig  # loaded by parse_public_key above; see there why not at the top
+
     try:
         sshsig.verify(message, signature, [key], namespace=NAMESPACE)
     except sshsig.InvalidSignature as exc:

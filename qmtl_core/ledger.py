@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from qmtl_core.canonical import canonical_json, exact_json_loads, sha256_hex
@@ -67,6 +66,8 @@ def _lock_head(conn: Connection) -> tuple[int, str]:
     if row is not None:
         return int(row.seq), str(row.hash)
     if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql  # loaded with the dialect in use; SQLite never needs it
+
         stmt = postgresql.insert(head).values(id=_HEAD_ID, seq=0, hash=GENESIS_HASH)
         conn.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
     else:

@@ -1,7 +1,5 @@
 """``qmtl audit``: read and verify the hash-chained ledger; sign and check its checkpoints."""
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 from typing import Annotated, Optional

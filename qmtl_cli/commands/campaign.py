@@ -1,7 +1,5 @@
 """``qmtl world campaign`` and ``qmtl world campaign-loop``: campaign state and the cron-safe loop."""
 
-from __future__ import annotations
-
 import json
 import sys
 import time

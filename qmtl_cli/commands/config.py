@@ -1,7 +1,5 @@
 """``qmtl config``: read and write ``$QMTL_HOME/config.toml``."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

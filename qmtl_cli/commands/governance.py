@@ -1,7 +1,5 @@
 """Governance commands: ``qmtl promote|approve|reject`` and ``qmtl world decision|rollback|halt|resume|demote|history``."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 

@@ -1,7 +1,5 @@
 """``qmtl world report``: a self-contained HTML report of a world (or its charts as PNG files)."""
 
-from __future__ import annotations
-
 import sys
 from contextlib import contextmanager
 from pathlib import Path

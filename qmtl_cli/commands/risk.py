@@ -1,7 +1,5 @@
 """``qmtl risk``: the risk signal hub — post and read a world's risk snapshots."""
 
-from __future__ import annotations
-
 import sys
 from typing import TYPE_CHECKING, Annotated, Optional
 

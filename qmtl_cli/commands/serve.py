@@ -1,7 +1,5 @@
 """``qmtl serve``, ``qmtl token`` and ``qmtl events``: remote mode."""
 
-from __future__ import annotations
-
 import json
 import sys
 from typing import Annotated, Optional

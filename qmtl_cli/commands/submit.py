@@ -6,8 +6,6 @@ documents (the strategy's row, evaluation runs) go to the server, so output and 
 same in both modes. The same core functions back ``Runner.submit(strategy, world=...)``.
 """
 
-from __future__ import annotations
-
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional

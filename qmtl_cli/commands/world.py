@@ -1,7 +1,5 @@
 """``qmtl world``: world policies — validate, inspect, and (in later commands) run them."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 

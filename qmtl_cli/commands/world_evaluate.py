@@ -1,7 +1,5 @@
 """``qmtl world evaluate``: gates and selection over a returns or metrics file."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 

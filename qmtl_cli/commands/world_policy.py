@@ -1,7 +1,5 @@
 """``qmtl world policy``: governed policy changes — the version in force, proposals, approvals."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer

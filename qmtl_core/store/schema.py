@@ -9,15 +9,32 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
 from qmtl_core.canonical import canonical_json, exact_json_loads
 
 metadata = sa.MetaData()
 
+
+class _JSONDoc(sa.types.TypeDecorator[Any]):
+    """JSON, stored as JSONB on PostgreSQL.
+
+    The JSONB type is looked up from the dialect in use, so a SQLite process never imports
+    SQLAlchemy's PostgreSQL dialect (a sixth of a CLI read's start-up)."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB  # already loaded: the dialect in use
+
+            return dialect.type_descriptor(JSONB())
+        return dialect.type_descriptor(sa.JSON())
+
+
 Time = sa.String(32)
-JSONDoc = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+JSONDoc = _JSONDoc()
 Hash = sa.String(64)
 
 
