@@ -139,6 +139,7 @@ bench: dev postgres
 	$(BIN)/python benchmarks/metrics_cohort.py
 	$(BIN)/python benchmarks/evaluate.py
 	$(BIN)/python benchmarks/campaign_tick.py
+	PATH="$$PATH:$(PG_BIN)" $(BIN)/python benchmarks/campaign_execute.py
 	$(BIN)/python benchmarks/backtest.py
 	$(BIN)/python benchmarks/report.py
 	PATH="$$PATH:$(PG_BIN)" $(BIN)/python benchmarks/serve_load.py

@@ -127,11 +127,15 @@ def _templates(rng: np.random.Generator, passing: bool, stage: str, count: int =
 class Builder:
     """Bulk-inserts a benchmark store; every row as ``WorldService`` would have written it."""
 
-    def __init__(self, root: Path, n_returns: int, past_runs: int = 0, seed: int = 11) -> None:
+    def __init__(self, root: Path, n_returns: int, past_runs: int = 0, seed: int = 11,
+                 kinds: tuple[tuple[float, str, str], ...] = KINDS, url: str | None = None,
+                 activations: bool = False) -> None:
         self.root = root
         self.worlds_dir = root / "worlds"
         self.worlds_dir.mkdir(parents=True, exist_ok=True)
-        self.url = f"sqlite:///{root / 'qmtl.db'}"
+        self.kinds = kinds
+        self.activations = activations  # the world's activation set of its paper and live strategies
+        self.url = url or f"sqlite:///{root / 'qmtl.db'}"
         self.store = open_store(self.url)
         rng = np.random.default_rng(seed)
         self.tpl = {(p, st): _templates(rng, p, st) for p in (True, False) for st in ("backtest", "paper", "live")}
@@ -148,8 +152,8 @@ class Builder:
         strategies, runs, revisions, heads = [], [], [], []
         snap_returns: dict[str, list[dict[str, Any]]] = {}
         weights: list[str] = []
-        bounds = np.cumsum([share for share, _, _ in KINDS]) * n
-        kinds = [KINDS[int(np.searchsorted(bounds, i, side="right"))] for i in range(n)]
+        bounds = np.cumsum([share for share, _, _ in self.kinds]) * n
+        kinds = [self.kinds[int(np.searchsorted(bounds, i, side="right"))] for i in range(n)]
         for i, (_, stage, kind) in enumerate(kinds):
             sid = f"{kind}-{i:05d}"
             strategies.append(dict(world_id=world, strategy_id=sid, stage=stage, name=sid,
@@ -188,13 +192,16 @@ class Builder:
         with self.store.write() as conn:
             conn.execute(sa.insert(schema.worlds).values(world_id=world, created_at=iso(NOW), halted=False))
             self._bulk(conn, schema.strategies, strategies)
+            if self.activations:
+                self._activation_set(conn, world, strategies)
             self._bulk(conn, schema.evaluation_runs, runs)
             self._bulk(conn, schema.run_revisions, revisions)
             self._bulk(conn, schema.run_heads, heads)
             conn.execute(sa.insert(schema.risk_snapshots).values(
                 world_id=world, version=snapshot.version, as_of=iso(snapshot.as_of), ttl_sec=snapshot.ttl_sec,
                 content_hash=snapshot.content_hash, document=snapshot.canonical(), summary=summarize(snapshot),
-                recorded_at=iso(NOW - timedelta(minutes=4)), recorded_by="bench"))
+                recorded_at=iso(NOW - timedelta(minutes=4)), recorded_by="bench",
+                stage="paper", evidence_class="hub"))  # as a trusted producer's paper snapshot is stored
         self.n_strategies += n
 
     def _run(self, runs: list[dict[str, Any]], revisions: list[dict[str, Any]], heads: list[dict[str, Any]],
@@ -229,6 +236,18 @@ class Builder:
                     returns=self.returns, reason="bench",
                     content_hash=hashlib.sha256(f"{self.rev_pk}".encode()).hexdigest(),
                     recorded_at=iso(at), recorded_by="bench"))
+
+    @staticmethod
+    def _activation_set(conn: Any, world: str, strategies: list[dict[str, Any]]) -> None:
+        """Set version 1: every paper and live strategy active, as the promotions left it."""
+        active = [s for s in strategies if s["stage"] != "backtest"]
+        at = iso(NOW - timedelta(days=40))
+        conn.execute(sa.insert(schema.activation_sets).values(world_id=world, set_version=1, created_at=at,
+                                                              created_by="bench", reason="bench", etag="0" * 64))
+        Builder._bulk(conn, schema.activations, [
+            dict(world_id=world, set_version=1, strategy_id=s["strategy_id"], stage=s["stage"],
+                 weight=1.0 / len(active), run_id=None, etag=hashlib.sha256(s["strategy_id"].encode()).hexdigest(),
+                 activated_at=at) for s in active])
 
     @staticmethod
     def _bulk(conn: Any, table: sa.Table, rows: list[dict[str, Any]], chunk: int = 2000) -> None:

@@ -9,7 +9,8 @@ transaction. A crash at any point leaves the old set or the new one, never a mix
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -86,17 +87,23 @@ def as_paper(world: str, a: Activation, now: datetime) -> Activation:
 
 def write_set(conn: Connection, *, policy: WorldPolicy, rows: dict[str, Activation], changed: dict[str, str | None],
               actor: str, now: datetime, kind: str, subject: str, reason: str,
-              payload: dict[str, Any] | None = None, admitted: str | None = None) -> int:
+              payload: dict[str, Any] | None = None, admitted: str | None = None,
+              current: tuple[int, dict[str, Activation]] | None = None,
+              preceding: Sequence[SetEntry] = ()) -> int:
     """Store ``rows`` as the world's next set, move stages, record decisions, ledger it. Returns the version.
 
     The one gate into live is enforced here, where every activation is written: a row that becomes
     live must be the one strategy the promotion gate ``admitted`` in this transaction, and while the
     world is halted or sets ``allow_live: false`` no row is written as live at all (it is written
     as paper), so no caller, present or future, can make a strategy live on its own.
+
+    ``current`` is the set the caller read under the ledger lock (read again when not given).
+    ``preceding``: when one set moves several strategies (``set_stages``), each has its own ledger
+    entry of ``kind``; those come first and the last entry carries the set.
     """
     world = policy.world
     ledger.lock(conn)
-    version, current = current_set(conn, world)
+    version, current = current if current is not None else current_set(conn, world)
     rows, changed = dict(rows), dict(changed)
     may_be_live = live_allowed(conn, policy)
     for sid, a in list(rows.items()):
@@ -127,6 +134,9 @@ def write_set(conn: Connection, *, policy: WorldPolicy, rows: dict[str, Activati
         a = rows.get(strategy_id)
         record_decision(conn, policy, strategy_id, stage=new_stage, live_active=new_stage == "live",
                         halted=halted, now=now, activation_etag=a.etag if a else None)
+    for entry in preceding:
+        ledger.append(conn, actor=actor, kind=kind, now=now, world=world, subject=entry.subject,
+                      reason=entry.reason, payload=entry.payload)
     ledger.append(conn, actor=actor, kind=kind, now=now, world=world, subject=subject, reason=reason,
                   payload={**(payload or {}), "set_version": new_version, "set_etag": set_etag,
                            "changed": changed, "activations": [a.to_dict() for a in rows.values()]})
@@ -204,8 +214,8 @@ def set_stage(conn: Connection, *, policy: WorldPolicy, strategy_id: str, expect
     if row is None or row.stage not in allowed:
         raise ConflictError(f"{strategy_id} is {row.stage if row else 'not known'} in {policy.world}, not "
                             f"{' or '.join(allowed)}", hint="check qmtl world campaign", code="stale_plan")
-    _, rows = current_set(conn, policy.world)
-    rows = dict(rows)
+    version, current = current_set(conn, policy.world)
+    rows = dict(current)
     if to in ("paper", "live"):
         values = {"strategy_id": strategy_id, "stage": to, "weight": float(weight), "run_id": run_id}
         rows[strategy_id] = Activation(strategy_id, to, float(weight), run_id,
@@ -215,4 +225,60 @@ def set_stage(conn: Connection, *, policy: WorldPolicy, strategy_id: str, expect
     return write_set(conn, policy=policy, rows=rows, changed={strategy_id: to}, actor=actor, now=now, kind=kind,
                      subject=f"{strategy_id} {row.stage} -> {to}", reason=reason,
                      payload={"strategy_id": strategy_id, "from": row.stage, "to": to, **(payload or {})},
-                     admitted=admitted)
+                     admitted=admitted, current=(version, current))
+
+
+@dataclass(frozen=True)
+class StageMove:
+    """One strategy of a ``set_stages`` batch: where it goes, why, and what its ledger entry adds."""
+
+    strategy_id: str
+    reason: str
+    run_id: str | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SetEntry:
+    """A ledger entry written with an activation set, ahead of the one that carries the set."""
+
+    subject: str
+    reason: str
+    payload: dict[str, Any]
+
+
+def set_stages(conn: Connection, *, policy: WorldPolicy, moves: Sequence[StageMove], expect: str, to: str,
+               actor: str, now: datetime, kind: str) -> int:
+    """``set_stage`` for several strategies at once, into paper: one new activation set.
+
+    What makes the loop's promotions cost what they move, not the world's size: a set copies every
+    row of the world and its ledger entry carries them all, so a round of ``k`` promotions writes
+    that once, not ``k`` times. Each strategy still has its own ``kind`` entry (strategy, from, to,
+    its evidence); the last one carries the set, as ``set_stage``'s does. All or nothing, like
+    ``set_stage``: a strategy no longer in ``expect`` refuses the whole batch (``stale_plan``), so
+    callers drop those first, under the ledger lock.
+    """
+    if to != "paper":
+        raise InternalError(f"set_stages moves strategies into paper, not {to}", code="bad_batch")
+    ledger.lock(conn)
+    st = schema.strategies
+    ids = [m.strategy_id for m in moves]
+    stages = {r.strategy_id: r.stage for r in conn.execute(
+        sa.select(st.c.strategy_id, st.c.stage).where(st.c.world_id == policy.world, st.c.strategy_id.in_(ids)))}
+    stale = [sid for sid in ids if stages.get(sid) != expect]
+    if stale or len(set(ids)) != len(ids) or not ids:
+        raise ConflictError(f"{', '.join(stale) or 'the batch'} not {expect} in {policy.world} (or repeated)",
+                            hint="check qmtl world campaign", code="stale_plan")
+    version, current = current_set(conn, policy.world)
+    rows = dict(current)
+    entries = []
+    for m in moves:
+        values = {"strategy_id": m.strategy_id, "stage": to, "weight": 0.0, "run_id": m.run_id}
+        rows[m.strategy_id] = Activation(m.strategy_id, to, 0.0, m.run_id, _activation_etag(policy.world, values),
+                                         iso(now))
+        entries.append(SetEntry(f"{m.strategy_id} {expect} -> {to}", m.reason,
+                                {"strategy_id": m.strategy_id, "from": expect, "to": to, **m.payload}))
+    last = entries[-1]
+    return write_set(conn, policy=policy, rows=rows, changed={sid: to for sid in ids}, actor=actor, now=now,
+                     kind=kind, subject=last.subject, reason=last.reason, payload=last.payload,
+                     current=(version, current), preceding=entries[:-1])

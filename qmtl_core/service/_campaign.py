@@ -30,7 +30,7 @@ from qmtl_core.errors import (
     QmtlError,
     WorldNotFound,
 )
-from qmtl_core.governance._activations import book_members, set_stage
+from qmtl_core.governance._activations import StageMove, book_members, set_stage, set_stages
 from qmtl_core.governance._requests import apply_if_allowed, governance_state, promote
 from qmtl_core.risk import latest_snapshot, latest_summary
 from qmtl_core.store import schema
@@ -207,6 +207,12 @@ def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: s
             return {"status": "blocked", **result, **({"notify": notify} if notify else {})}
     else:
         return {"status": "not_executed", "why": f"{action.action} is not executed by the campaign loop"}
+    _record_executed(conn, action, result, actor=actor, now=now)
+    return {"status": "executed", **result, **({"notify": notify} if notify else {})}
+
+
+def _record_executed(conn: Connection, action: Action, result: dict[str, Any], *, actor: str, now: datetime) -> None:
+    """Store the action's idempotency key with its result, and its ``campaign.executed`` entry."""
     conn.execute(sa.insert(schema.campaign_actions).values(
         idempotency_key=action.idempotency_key, world_id=action.world, strategy_id=action.strategy_id,
         action=action.action, stage=action.stage, status="executed", result=result,
@@ -215,26 +221,76 @@ def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: s
                   subject=f"{action.action} {action.strategy_id} ({action.stage})", reason=action.detail,
                   payload={"idempotency_key": action.idempotency_key, "action": action.action,
                            "result": result})
-    return {"status": "executed", **result, **({"notify": notify} if notify else {})}
+
+
+def execute_promotions(conn: Connection, loaded: "LoadedWorld", actions: Sequence[Action], *, actor: str,
+                       now: datetime) -> dict[str, dict[str, Any]]:
+    """Execute a round's ``promote_to_paper`` actions together, in the caller's write transaction:
+    one new activation set for all of them (``set_stages``), and per action what ``execute`` writes
+    (its key, its ``strategy.promoted`` and ``campaign.executed`` entries). Outcomes by key; an
+    action whose key is taken, or whose strategy is no longer in backtest, is skipped as
+    ``execute`` skips it."""
+    ledger.lock(conn)
+    done = _executed_keys(conn, [a.idempotency_key for a in actions])
+    st = schema.strategies
+    stages = {r.strategy_id: r.stage for r in conn.execute(
+        sa.select(st.c.strategy_id, st.c.stage).where(st.c.world_id == loaded.policy.world,
+                                                       st.c.strategy_id.in_([a.strategy_id for a in actions])))}
+    outcomes: dict[str, dict[str, Any]] = {}
+    fresh: list[Action] = []
+    moving: set[str] = set()
+    for action in actions:
+        if action.idempotency_key in done:
+            outcomes[action.idempotency_key] = {"status": "skipped", "why": "already_executed"}
+        elif stages.get(action.strategy_id) != "backtest" or action.strategy_id in moving:
+            stage = stages.get(action.strategy_id)
+            outcomes[action.idempotency_key] = {
+                "status": "skipped", "why": "stale_plan",
+                "message": f"{action.strategy_id} is {stage or 'not known'} in {action.world}, not backtest"}
+        else:
+            fresh.append(action)
+            moving.add(action.strategy_id)
+    if not fresh:
+        return outcomes
+    evidence = {a.idempotency_key: (a.suggested_body or {}).get("evidence") or {} for a in fresh}
+    version = set_stages(conn, policy=loaded.policy, expect="backtest", to="paper", actor=actor, now=now,
+                         kind="strategy.promoted", moves=[
+                             StageMove(a.strategy_id, a.detail, run_id=evidence[a.idempotency_key].get("run_id"),
+                                       payload={"evidence": evidence[a.idempotency_key],
+                                                "idempotency_key": a.idempotency_key}) for a in fresh])
+    for action in fresh:
+        result = {"from": "backtest", "to": "paper", "set_version": version}
+        _record_executed(conn, action, result, actor=actor, now=now)
+        outcomes[action.idempotency_key] = {"status": "executed", **result}
+    return outcomes
 
 
 def record_blocks(conn: Connection, actions: Sequence[Action], *, actor: str, now: datetime) -> list[str]:
     """Write each ``blocked`` action the loop met to the ledger once per idempotency key (which
     hashes the evidence and the reason: a block on the same evidence is not written again at
     every tick), and show the latest block on the strategy's pending request; a request whose
-    strategy is no longer blocked stops showing one. Returns the keys written."""
+    strategy is no longer blocked stops showing one. Returns the keys written.
+
+    Cost is in what changed, not in the world's size: the keys already written and the requests
+    showing a block are each read in one statement (a world of 1,000 strategies used to cost 1,000
+    UPDATEs a pass, one per strategy that was not blocked)."""
     ledger.lock(conn)
     t, requests = schema.campaign_actions, schema.promotion_requests
+    done = _executed_keys(conn, [a.idempotency_key for a in actions if a.action == "blocked"])
+    showing = {(r.world_id, r.strategy_id) for r in conn.execute(
+        sa.select(requests.c.world_id, requests.c.strategy_id).where(
+            requests.c.world_id.in_(sorted({a.world for a in actions})), requests.c.status == "pending",
+            requests.c.blocked_reason.is_not(None)))}
+    last: dict[tuple[str, str], str] = {}  # per strategy, the last thing this pass does to its request
     written = []
     for action in actions:
-        pending = (requests.c.world_id == action.world) & (requests.c.strategy_id == action.strategy_id) \
-            & (requests.c.status == "pending")
+        pair = (action.world, action.strategy_id)
         if action.action != "blocked":
-            conn.execute(sa.update(requests).where(pending & requests.c.blocked_reason.is_not(None))
-                         .values(blocked_reason=None, blocked_at=None))
+            last[pair] = "clear"
             continue
-        if executed(conn, action.idempotency_key):
+        if action.idempotency_key in done:
             continue
+        done.add(action.idempotency_key)
         why = f"{action.reason}: {action.detail}"
         conn.execute(sa.insert(t).values(
             idempotency_key=action.idempotency_key, world_id=action.world, strategy_id=action.strategy_id,
@@ -244,9 +300,28 @@ def record_blocks(conn: Connection, actions: Sequence[Action], *, actor: str, no
                       subject=f"{action.strategy_id} ({action.stage})", reason=why,
                       payload={"idempotency_key": action.idempotency_key, "reason": action.reason,
                                "detail": action.detail, "strategy_id": action.strategy_id})
-        conn.execute(sa.update(requests).where(pending).values(blocked_reason=why, blocked_at=iso(now)))
+        conn.execute(sa.update(requests).where(_pending(requests, *pair)).values(blocked_reason=why, blocked_at=iso(now)))
+        showing.add(pair)
+        last[pair] = "block"
         written.append(action.idempotency_key)
+    for pair in sorted(p for p, op in last.items() if op == "clear" and p in showing):
+        conn.execute(sa.update(requests).where(_pending(requests, *pair) & requests.c.blocked_reason.is_not(None))
+                     .values(blocked_reason=None, blocked_at=None))
     return written
+
+
+def _pending(requests: sa.Table, world: str, strategy_id: str) -> sa.ColumnElement[bool]:
+    return (requests.c.world_id == world) & (requests.c.strategy_id == strategy_id) & (requests.c.status == "pending")
+
+
+def _executed_keys(conn: Connection, keys: Sequence[str], chunk: int = 500) -> set[str]:
+    """Which of ``keys`` were ever executed (or recorded as blocks), in one read per ``chunk`` keys."""
+    t = schema.campaign_actions
+    found: set[str] = set()
+    for start in range(0, len(keys), chunk):
+        found.update(conn.execute(sa.select(t.c.idempotency_key)
+                                  .where(t.c.idempotency_key.in_(keys[start:start + chunk]))).scalars())
+    return found
 
 
 # --- one loop iteration -------------------------------------------------------------------------------
@@ -304,8 +379,17 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
                 _refuse_live_actions(service, world, todo)  # before the first action runs
             if not todo:
                 break
+            promoted = _promote_round(service, loaded, [a for a in todo if a.action == "promote_to_paper"],
+                                      holder, lease_ttl, failed)
             for action in todo:
                 seen.add(action.idempotency_key)
+                if action.idempotency_key in promoted:
+                    doc = {**action.to_dict(), "outcome": promoted[action.idempotency_key]["status"],
+                           "result": promoted[action.idempotency_key]}
+                    docs.append(doc)
+                    if on_action is not None:
+                        on_action(doc)
+                    continue
                 try:
                     with service.store.write() as conn:
                         if acquire_lease(conn, world, holder, service.clock(), lease_ttl).acquired is False:
@@ -347,6 +431,26 @@ def run_world(service: "WorldService", world: str, *, execute_actions: bool, hol
     pending = ([a.exit_class for a in final if not a.executable] + [12] * len(failed)
                + ([10] if refused else []))
     return WorldOutcome(world, "executed", docs, exit_code=worst_exit(pending))
+
+
+def _promote_round(service: "WorldService", loaded: "LoadedWorld", actions: Sequence[Action], holder: str,
+                   lease_ttl: timedelta, failed: list[str]) -> dict[str, dict[str, Any]]:
+    """A round's promotions into paper, in one write transaction (``execute_promotions``); on an
+    error every one of them fails closed (rolled back, each reported, the world exits 12)."""
+    if not actions:
+        return {}
+    try:
+        with service.store.write() as conn:
+            if acquire_lease(conn, loaded.policy.world, holder, service.clock(), lease_ttl).acquired is False:
+                raise LeaseHeld("lost the lease mid-iteration", code="lease_lost")
+            return execute_promotions(conn, loaded, actions, actor=service.actor, now=service.clock())
+    except ConflictError as exc:
+        return {a.idempotency_key: {"status": "skipped", "why": exc.code, "message": exc.message} for a in actions}
+    except QmtlError as exc:
+        failed.extend(a.idempotency_key for a in actions)
+        return {a.idempotency_key: {"status": "error", "why": exc.code,
+                                    "message": f"{loaded.policy.world} {a.strategy_id}: {exc.message}"}
+                for a in actions}
 
 
 def active_worlds(conn: Connection) -> set[str]:
