@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -108,6 +108,43 @@ def append(conn: Connection, *, actor: str, kind: str, now: datetime, world: str
 def _json_roundtrip(payload: dict[str, Any]) -> dict[str, Any]:
     # What is hashed must be exactly what a reader gets back from the database.
     return json.loads(canonical_json(payload))
+
+
+class Draft(NamedTuple):
+    """An entry for ``append_many``: what ``append`` takes besides the actor and the time."""
+
+    kind: str
+    world: str | None = None
+    subject: str | None = None
+    reason: str | None = None
+    payload: dict[str, Any] | None = None
+
+
+def append_many(conn: Connection, drafts: Sequence[Draft], *, actor: str, now: datetime) -> list[LedgerEntry]:
+    """``append`` for several entries, in order, inside the caller's write transaction: the same chain
+    and the same bytes as appending them one by one, with the head read once, the entries inserted
+    in one statement and the head moved once (the campaign loop writes hundreds in a pass)."""
+    if not drafts:
+        return []
+    seq, prev_hash = _lock_head(conn)
+    ts = iso(now)
+    rows: list[dict[str, Any]] = []
+    out: list[LedgerEntry] = []
+    for draft in drafts:
+        seq += 1
+        body_payload = None if draft.payload is None else _json_roundtrip(draft.payload)
+        body = {"seq": seq, "ts": ts, "actor": actor, "world": draft.world, "kind": draft.kind,
+                "subject": draft.subject, "reason": draft.reason, "payload": body_payload}
+        digest = entry_hash(prev_hash, body)
+        rows.append(dict(seq=seq, ts=ts, actor=actor, world_id=draft.world, kind=draft.kind, subject=draft.subject,
+                         reason=draft.reason, payload=body_payload, prev_hash=prev_hash, hash=digest))
+        out.append(LedgerEntry(seq, ts, actor, draft.world, draft.kind, draft.subject, draft.reason,
+                               body_payload, prev_hash, digest))
+        prev_hash = digest
+    conn.execute(sa.insert(schema.ledger), rows)
+    conn.execute(sa.update(schema.ledger_head).where(schema.ledger_head.c.id == _HEAD_ID)
+                 .values(seq=seq, hash=prev_hash))
+    return out
 
 
 def _row_to_entry(row: Any) -> LedgerEntry:

@@ -111,6 +111,27 @@ def test_full_campaign_then_nothing_repeats(svc) -> None:  # type: ignore[no-unt
     assert svc.audit_verify().ok
 
 
+def test_a_rounds_promotions_are_one_activation_set_each_on_the_ledger(svc) -> None:  # type: ignore[no-untyped-def]
+    ids = _backtests(svc, 12)
+    first = _loop(svc)
+    assert [a["outcome"] for a in first.actions if a["action"] == "promote_to_paper"] == ["executed"] * 12
+    assert {a["result"]["set_version"] for a in first.actions if a["action"] == "promote_to_paper"} == {1}
+    with svc.store.read() as conn:
+        sets = conn.execute(sa.select(schema.activation_sets.c.set_version)).scalars().all()
+        paper = conn.execute(sa.select(schema.strategies.c.strategy_id, schema.strategies.c.stage_entered_at)
+                             .where(schema.strategies.c.stage == "paper")).all()
+        deciders = set(conn.execute(sa.select(schema.decisions.c.strategy_id)).scalars())
+    assert sets == [1] and sorted(sid for sid, _ in paper) == ids and all(at for _, at in paper)
+    assert deciders >= set(ids)  # every moved strategy's decision envelope is stored
+    promoted = svc.audit_log(kind="strategy.promoted")
+    assert [e.payload["strategy_id"] for e in promoted] == ids  # one entry per strategy, each its own
+    assert all(e.payload["idempotency_key"] and e.payload["evidence"] for e in promoted)
+    assert "activations" not in promoted[0].payload and sorted(promoted[-1].payload["changed"]) == ids
+    assert len(svc.audit_log(kind="campaign.executed")) == 12
+    result = svc.audit_verify(deep=True)  # the activation set rebuilt from the ledger matches the tables
+    assert result.ok, result
+
+
 def test_window_does_not_advance_without_new_data(svc) -> None:  # type: ignore[no-untyped-def]
     ids = _backtests(svc, 1)
     _loop(svc)

@@ -348,3 +348,25 @@ def test_a_v7_postgres_ledger_in_jsonb_is_migrated_and_still_verifies(pg_cluster
         conn.execute(sa.update(t).where(t.c.seq == 2).values(payload=sa.type_coerce('{"i": 1, "x": 0.2}', sa.Text)))
     assert _verify(store).first_broken_seq == 2
     store.dispose()
+
+
+def test_append_many_writes_the_chain_one_append_at_a_time_would(store_url: str, tmp_path: Path) -> None:
+    """The loop's batched writes (``append_many``) leave the very bytes and hashes of single appends."""
+    one_by_one = _fill(store_url, 2)
+    batched = _fill(f"sqlite:///{tmp_path / 'batched.db'}", 2)
+    drafts = [ledger.Draft("test.batch", "w", f"b{i}", None if i % 2 else f"why {i}",
+                           None if i == 1 else {"i": i, "nested": {"x": [0.5, None, "é"]}}) for i in range(4)]
+    with one_by_one.write() as conn:
+        singles = [ledger.append(conn, actor="bob", kind=d.kind, now=NOW, world=d.world, subject=d.subject,
+                                 reason=d.reason, payload=d.payload) for d in drafts]
+    with batched.write() as conn:
+        assert ledger.append_many(conn, [], actor="bob", now=NOW) == []
+        many = ledger.append_many(conn, drafts, actor="bob", now=NOW)
+    assert many == singles and [e.seq for e in many] == [3, 4, 5, 6]
+    for store in (one_by_one, batched):
+        with store.read() as conn:
+            assert [e.hash for e in ledger.entries(conn)][2:] == [e.hash for e in singles]
+            assert ledger.verify(conn).ok and ledger.verify(conn).head_seq == 6
+        with store.write() as conn:  # the head moved with the batch: the next append chains on
+            assert ledger.append(conn, actor="c", kind="test.after", now=NOW).prev_hash == singles[-1].hash
+        store.dispose()

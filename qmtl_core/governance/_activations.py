@@ -127,19 +127,21 @@ def write_set(conn: Connection, *, policy: WorldPolicy, rows: dict[str, Activati
             for a in rows.values()])
     halted = bool(conn.execute(sa.select(schema.worlds.c.halted).where(schema.worlds.c.world_id == world)).scalar())
     st = schema.strategies
-    for strategy_id, stage in changed.items():
-        new_stage = stage or "backtest"
-        conn.execute(sa.update(st).where(st.c.world_id == world, st.c.strategy_id == strategy_id)
-                     .values(stage=new_stage, updated_at=iso(now), stage_entered_at=iso(now)))
-        a = rows.get(strategy_id)
-        record_decision(conn, policy, strategy_id, stage=new_stage, live_active=new_stage == "live",
-                        halted=halted, now=now, activation_etag=a.etag if a else None)
-    for entry in preceding:
-        ledger.append(conn, actor=actor, kind=kind, now=now, world=world, subject=entry.subject,
-                      reason=entry.reason, payload=entry.payload)
-    ledger.append(conn, actor=actor, kind=kind, now=now, world=world, subject=subject, reason=reason,
-                  payload={**(payload or {}), "set_version": new_version, "set_etag": set_etag,
-                           "changed": changed, "activations": [a.to_dict() for a in rows.values()]})
+    moved = {sid: stage or "backtest" for sid, stage in changed.items()}
+    for new_stage in sorted(set(moved.values())):  # one UPDATE per stage moved into, not per strategy
+        ids = [sid for sid, stage in moved.items() if stage == new_stage]
+        for chunk in _chunks(ids):
+            conn.execute(sa.update(st).where(st.c.world_id == world, st.c.strategy_id.in_(chunk))
+                         .values(stage=new_stage, updated_at=iso(now), stage_entered_at=iso(now)))
+    _store_decisions(conn, policy, [
+        derive_decision(policy, sid, stage=stage, live_active=stage == "live", halted=halted, now=now,
+                        activation_etag=a.etag if (a := rows.get(sid)) else None) for sid, stage in moved.items()],
+        now=now)
+    ledger.append_many(conn, [
+        *(ledger.Draft(kind, world, entry.subject, entry.reason, entry.payload) for entry in preceding),
+        ledger.Draft(kind, world, subject, reason, {
+            **(payload or {}), "set_version": new_version, "set_etag": set_etag, "changed": changed,
+            "activations": [a.to_dict() for a in rows.values()]})], actor=actor, now=now)
     return new_version
 
 
@@ -148,15 +150,30 @@ def record_decision(conn: Connection, policy: WorldPolicy, strategy_id: str, *, 
     """Derive the strategy's decision envelope and store it when it differs from the last one."""
     envelope = derive_decision(policy, strategy_id, stage=stage, live_active=live_active, halted=halted,
                                now=now, activation_etag=activation_etag)
-    d = schema.decisions
-    last = conn.execute(sa.select(d.c.etag).where(d.c.world_id == policy.world, d.c.strategy_id == strategy_id)
-                        .order_by(d.c.id.desc()).limit(1)).scalar()
-    if last != envelope.etag:
-        conn.execute(sa.insert(d).values(
-            world_id=policy.world, strategy_id=strategy_id, effective_mode=envelope.effective_mode,
-            reason=envelope.reason, as_of=iso(now), ttl_sec=envelope.ttl_sec, etag=envelope.etag,
-            policy_version=envelope.policy_version, created_at=iso(now)))
+    _store_decisions(conn, policy, [envelope], now=now)
     return envelope
+
+
+def _store_decisions(conn: Connection, policy: WorldPolicy, envelopes: Sequence[Any], *, now: datetime) -> None:
+    """Store each envelope that differs from its strategy's last stored one: the last ones read in
+    one statement and the new ones inserted in one, however many strategies a set moved."""
+    d = schema.decisions
+    last: dict[str, str] = {}
+    for chunk in _chunks([e.strategy_id for e in envelopes]):
+        newest = (sa.select(sa.func.max(d.c.id)).where(d.c.world_id == policy.world, d.c.strategy_id.in_(chunk))
+                  .group_by(d.c.strategy_id))
+        last.update((r.strategy_id, r.etag) for r in conn.execute(
+            sa.select(d.c.strategy_id, d.c.etag).where(d.c.id.in_(newest.scalar_subquery()))))
+    new = [dict(world_id=policy.world, strategy_id=e.strategy_id, effective_mode=e.effective_mode, reason=e.reason,
+                as_of=iso(now), ttl_sec=e.ttl_sec, etag=e.etag, policy_version=e.policy_version, created_at=iso(now))
+           for e in envelopes if last.get(e.strategy_id) != e.etag]
+    if new:
+        conn.execute(sa.insert(d), new)
+
+
+def _chunks(ids: Sequence[str], size: int = 500) -> list[Sequence[str]]:
+    """``ids`` in slices small enough for one statement's bound parameters on every backend."""
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
 def _decision_inputs(conn: Connection, policy: WorldPolicy,

@@ -207,20 +207,22 @@ def execute(conn: Connection, loaded: "LoadedWorld", action: Action, *, actor: s
             return {"status": "blocked", **result, **({"notify": notify} if notify else {})}
     else:
         return {"status": "not_executed", "why": f"{action.action} is not executed by the campaign loop"}
-    _record_executed(conn, action, result, actor=actor, now=now)
+    _record_executed(conn, [(action, result)], actor=actor, now=now)
     return {"status": "executed", **result, **({"notify": notify} if notify else {})}
 
 
-def _record_executed(conn: Connection, action: Action, result: dict[str, Any], *, actor: str, now: datetime) -> None:
-    """Store the action's idempotency key with its result, and its ``campaign.executed`` entry."""
-    conn.execute(sa.insert(schema.campaign_actions).values(
+def _record_executed(conn: Connection, done: Sequence[tuple[Action, dict[str, Any]]], *, actor: str,
+                     now: datetime) -> None:
+    """Store each action's idempotency key with its result (one INSERT for them all), and its
+    ``campaign.executed`` entry."""
+    conn.execute(sa.insert(schema.campaign_actions), [dict(
         idempotency_key=action.idempotency_key, world_id=action.world, strategy_id=action.strategy_id,
         action=action.action, stage=action.stage, status="executed", result=result,
-        executed_at=iso(now), executed_by=actor))
-    ledger.append(conn, actor=actor, kind="campaign.executed", now=now, world=action.world,
-                  subject=f"{action.action} {action.strategy_id} ({action.stage})", reason=action.detail,
-                  payload={"idempotency_key": action.idempotency_key, "action": action.action,
-                           "result": result})
+        executed_at=iso(now), executed_by=actor) for action, result in done])
+    ledger.append_many(conn, [ledger.Draft(
+        "campaign.executed", action.world, f"{action.action} {action.strategy_id} ({action.stage})", action.detail,
+        {"idempotency_key": action.idempotency_key, "action": action.action, "result": result})
+        for action, result in done], actor=actor, now=now)
 
 
 def execute_promotions(conn: Connection, loaded: "LoadedWorld", actions: Sequence[Action], *, actor: str,
@@ -258,10 +260,9 @@ def execute_promotions(conn: Connection, loaded: "LoadedWorld", actions: Sequenc
                              StageMove(a.strategy_id, a.detail, run_id=evidence[a.idempotency_key].get("run_id"),
                                        payload={"evidence": evidence[a.idempotency_key],
                                                 "idempotency_key": a.idempotency_key}) for a in fresh])
-    for action in fresh:
-        result = {"from": "backtest", "to": "paper", "set_version": version}
-        _record_executed(conn, action, result, actor=actor, now=now)
-        outcomes[action.idempotency_key] = {"status": "executed", **result}
+    result = {"from": "backtest", "to": "paper", "set_version": version}
+    _record_executed(conn, [(action, result) for action in fresh], actor=actor, now=now)
+    outcomes.update((action.idempotency_key, {"status": "executed", **result}) for action in fresh)
     return outcomes
 
 
@@ -271,18 +272,20 @@ def record_blocks(conn: Connection, actions: Sequence[Action], *, actor: str, no
     every tick), and show the latest block on the strategy's pending request; a request whose
     strategy is no longer blocked stops showing one. Returns the keys written.
 
-    Cost is in what changed, not in the world's size: the keys already written and the requests
-    showing a block are each read in one statement (a world of 1,000 strategies used to cost 1,000
-    UPDATEs a pass, one per strategy that was not blocked)."""
+    Cost is in what changed, not in the world's size: the keys already written and the pending
+    requests are each read in one statement, the blocks written in one INSERT and one ledger append
+    (a world of 1,000 strategies used to cost 1,000 UPDATEs a pass, one per strategy not blocked)."""
     ledger.lock(conn)
     t, requests = schema.campaign_actions, schema.promotion_requests
     done = _executed_keys(conn, [a.idempotency_key for a in actions if a.action == "blocked"])
-    showing = {(r.world_id, r.strategy_id) for r in conn.execute(
-        sa.select(requests.c.world_id, requests.c.strategy_id).where(
-            requests.c.world_id.in_(sorted({a.world for a in actions})), requests.c.status == "pending",
-            requests.c.blocked_reason.is_not(None)))}
+    pending = {(r.world_id, r.strategy_id): r.blocked_reason is not None for r in conn.execute(
+        sa.select(requests.c.world_id, requests.c.strategy_id, requests.c.blocked_reason).where(
+            requests.c.world_id.in_(sorted({a.world for a in actions})), requests.c.status == "pending"))}
+    showing = {pair for pair, blocked in pending.items() if blocked}
     last: dict[tuple[str, str], str] = {}  # per strategy, the last thing this pass does to its request
     written = []
+    rows: list[dict[str, Any]] = []
+    drafts: list[ledger.Draft] = []
     for action in actions:
         pair = (action.world, action.strategy_id)
         if action.action != "blocked":
@@ -292,18 +295,23 @@ def record_blocks(conn: Connection, actions: Sequence[Action], *, actor: str, no
             continue
         done.add(action.idempotency_key)
         why = f"{action.reason}: {action.detail}"
-        conn.execute(sa.insert(t).values(
+        rows.append(dict(
             idempotency_key=action.idempotency_key, world_id=action.world, strategy_id=action.strategy_id,
             action="blocked", stage=action.stage, status="blocked",
             result={"reason": action.reason, "detail": action.detail}, executed_at=iso(now), executed_by=actor))
-        ledger.append(conn, actor=actor, kind="campaign.blocked", now=now, world=action.world,
-                      subject=f"{action.strategy_id} ({action.stage})", reason=why,
-                      payload={"idempotency_key": action.idempotency_key, "reason": action.reason,
-                               "detail": action.detail, "strategy_id": action.strategy_id})
-        conn.execute(sa.update(requests).where(_pending(requests, *pair)).values(blocked_reason=why, blocked_at=iso(now)))
-        showing.add(pair)
+        drafts.append(ledger.Draft(
+            "campaign.blocked", action.world, f"{action.strategy_id} ({action.stage})", why,
+            {"idempotency_key": action.idempotency_key, "reason": action.reason, "detail": action.detail,
+             "strategy_id": action.strategy_id}))
+        if pair in pending:
+            conn.execute(sa.update(requests).where(_pending(requests, *pair))
+                         .values(blocked_reason=why, blocked_at=iso(now)))
+            showing.add(pair)
         last[pair] = "block"
         written.append(action.idempotency_key)
+    if rows:
+        conn.execute(sa.insert(t), rows)
+    ledger.append_many(conn, drafts, actor=actor, now=now)
     for pair in sorted(p for p, op in last.items() if op == "clear" and p in showing):
         conn.execute(sa.update(requests).where(_pending(requests, *pair) & requests.c.blocked_reason.is_not(None))
                      .values(blocked_reason=None, blocked_at=None))
