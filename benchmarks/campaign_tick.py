@@ -202,6 +202,10 @@ class Builder:
                 content_hash=snapshot.content_hash, document=snapshot.canonical(), summary=summarize(snapshot),
                 recorded_at=iso(NOW - timedelta(minutes=4)), recorded_by="bench",
                 stage="paper", evidence_class="hub"))  # as a trusted producer's paper snapshot is stored
+            if conn.dialect.name == "postgresql":  # ids were given: move the sequences past them
+                for table in ("evaluation_runs", "run_revisions"):
+                    conn.execute(sa.text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                         f"(SELECT max(id) FROM {table}))"))
         self.n_strategies += n
 
     def _run(self, runs: list[dict[str, Any]], revisions: list[dict[str, Any]], heads: list[dict[str, Any]],

@@ -4,7 +4,9 @@ Every change writes a whole new set (``set_version`` + 1) that copies every othe
 unchanged, moves the strategy's stage in ``strategies`` to match, records the decision envelope
 and appends a ledger entry whose payload carries the resulting set — all in the caller's one
 transaction. A crash at any point leaves the old set or the new one, never a mix, and
-``qmtl world history --at`` can answer from the ledger alone.
+``qmtl world history --at`` can answer from the ledger alone. Several strategies moved together
+(``set_stages``, the loop's promotions to paper) make one set, each with its own ledger entry, the
+last of which carries the set: the cost of a set is the world's size, so it is paid once a batch.
 """
 
 from __future__ import annotations
