@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from qmtl_core.evidence_class import is_trusted
+from qmtl_core.evidence_class import home_stage, is_trusted
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.policy._durations import format_duration
 from qmtl_core.portfolio import PortfolioRisk
@@ -235,11 +235,12 @@ def progress(policy: WorldPolicy, stage: str, run: RunSummary | None) -> Progres
 
 def counted_run(s: StrategyState, stage: str) -> RunSummary | None:
     """The stage's latest run if it may count toward a window or a gate: trusted provenance and,
-    past backtest, observed after the strategy entered the stage (DESIGN §11)."""
+    past backtest, observed after the strategy entered the stage (paper, for shadow: ``home_stage``)
+    (DESIGN §11)."""
     run = s.runs.get(stage)
     if run is None or stage == "backtest":
         return run
-    if not is_trusted(run.evidence_class) or s.stage != stage:
+    if not is_trusted(run.evidence_class) or s.stage != home_stage(stage):
         return None
     if s.entered_at is not None and (run.window_start is None or run.window_start < s.entered_at):
         return None
@@ -254,7 +255,10 @@ def uncounted_detail(s: StrategyState, stage: str) -> str | None:
     if not is_trusted(run.evidence_class):
         return (f"{stage} run {run.run_id}#{run.revision} is {run.evidence_class or 'unverified'} evidence: only "
                 "qmtl replay or a trusted producer's hub returns count")
-    return (f"{stage} run {run.run_id}#{run.revision} was observed before {s.strategy_id} entered {stage}"
+    home = home_stage(stage)
+    if s.stage != home:
+        return f"{stage} run {run.run_id}#{run.revision} counts only while {s.strategy_id} is in {home}"
+    return (f"{stage} run {run.run_id}#{run.revision} was observed before {s.strategy_id} entered {home}"
             + (f" at {iso(s.entered_at)[:19]}Z" if s.entered_at else ""))
 
 

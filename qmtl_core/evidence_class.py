@@ -29,3 +29,14 @@ TRUSTED: frozenset[EvidenceClass] = frozenset({EvidenceClass.REPLAY, EvidenceCla
 def is_trusted(value: str | None) -> bool:
     """``True`` for a trusted class; unknown or missing values are untrusted (fail closed)."""
     return value in TRUSTED
+
+
+#: The stage whose stay bounds a segment's observations. Shadow has no stage of its own: it runs
+#: beside paper (live inputs mirrored, orders off) and is read by the paper → live gate, so shadow
+#: evidence counts only while the strategy is in paper, and only what was observed since it entered.
+_HOME_STAGE = {"shadow": "paper"}
+
+
+def home_stage(stage: str) -> str:
+    """The stage a strategy must be in for evidence of ``stage`` to count, and whose entry bounds it."""
+    return _HOME_STAGE.get(stage, stage)

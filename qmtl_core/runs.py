@@ -41,7 +41,7 @@ from qmtl_core import ledger
 from qmtl_core.canonical import content_hash
 from qmtl_core.errors import BadInputError, EvidenceMissing
 from qmtl_core.evaluation import add_extras
-from qmtl_core.evidence_class import EvidenceClass, is_trusted
+from qmtl_core.evidence_class import EvidenceClass, home_stage, is_trusted
 from qmtl_core.metric_names import is_portfolio_metric
 from qmtl_core.policy import WorldPolicy
 from qmtl_core.consistency import consistency_results
@@ -218,7 +218,7 @@ def source_metrics(*, stage: str, periods_per_year: int, strategy_id: str,
         kept = [(t, r) for t, r in ordered if t >= observed_since]
         if len(kept) < len(ordered):
             notes.append(f"{len(ordered) - len(kept)} {source} observation(s) dated before the strategy "
-                         f"entered {stage} at {iso(observed_since)[:19]}Z not counted")
+                         f"entered {home_stage(stage)} at {iso(observed_since)[:19]}Z not counted")
         return kept
 
     def from_series(series: Returns, source: str, klass: str) -> None:
@@ -557,10 +557,11 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
     observed_since, in_stage = None, True
     notes = list(extra_notes)
     if stage != "backtest":
-        in_stage = row.stage == stage
+        in_stage = row.stage == home_stage(stage)
         observed_since = parse_optional_instant(row.stage_entered_at) if in_stage else None
         if not in_stage:
-            notes.append(f"{strategy_id} is in {row.stage}, not {stage}: nothing observed here counts")
+            notes.append(f"{strategy_id} is in {row.stage}, not {home_stage(stage)}: nothing observed "
+                         f"at {stage} counts")
     gated = bool(portfolio_rules(policy, stage))  # only then are the book's metrics part of this run
     snapshot = latest_snapshot(conn, policy.world, stage=stage) if not returns or gated else None
     fresh = (freshness(snapshot, now=now, max_age=policy.risk.snapshot_max_age, strategy_id=strategy_id)

@@ -128,6 +128,55 @@ def test_a_snapshot_from_an_untrusted_identity_is_stored_unverified_and_never_de
     assert entry["payload"]["evidence_class"] == "unverified" and entry["actor"] == "cron"
 
 
+# --- the shadow window counts only trusted shadow evidence observed in this paper stay ---------------------
+def _shadowed(policy: str) -> str:
+    return policy.replace("  paper: {window: 10d, min_observations: 8}\n",
+                          "  paper: {window: 10d, min_observations: 8}\n  shadow: {window: 10d, min_observations: 8}\n")
+
+
+def test_the_shadow_window_counts_only_trusted_shadow_evidence_observed_since_paper_entry(
+        svc, worlds: Path) -> None:  # type: ignore[no-untyped-def]
+    (worlds / "auto.yaml").write_text(_shadowed(_policy("auto", mode="auto_apply")))
+    s = Setup(svc, "auto")
+    s.ready("a")  # in paper since T0, a full trusted paper window and a fresh snapshot
+    gate = svc.promote("auto", "a", dry_run=True).gate
+    assert "shadow_window_incomplete" in gate.codes and "evidence_untrusted" not in gate.codes
+    # qmtl's own replay of bars observed before the strategy entered paper: not counted either.
+    before = svc.record_evaluation("auto", strategy_id="a", stage="shadow", run_id="early",
+                                   returns=_daily(T0 - timedelta(days=13), 12), evidence_class="qmtl replay")
+    assert before.status == "insufficient_data"
+    assert "dated before the strategy entered paper" in before.reason
+    assert "shadow_window_incomplete" in svc.promote("auto", "a", dry_run=True).gate.codes
+    # What a request says about shadow is unverified: shown, never counted.
+    typed = svc.record_evaluation("auto", strategy_id="a", stage="shadow", returns=_daily(T0, 12))
+    assert typed.evidence_class == "unverified" and typed.status == "pass"
+    gate = svc.promote("auto", "a", dry_run=True).gate
+    assert {"evidence_untrusted", "shadow_window_incomplete"} <= set(gate.codes), gate.codes
+    assert "shadow run" in next(r.detail for r in gate.reasons if r.code == "evidence_untrusted")
+    assert not [a for a in s.loop().actions if a["action"] == "apply_live"]
+    # The same replay observed in this paper stay is trusted shadow evidence, and the gate reads it.
+    honest = svc.record_evaluation("auto", strategy_id="a", stage="shadow", run_id="replay",
+                                   returns=_daily(T0, 12), evidence_class="qmtl replay")
+    assert honest.evidence_class == "qmtl replay" and honest.status == "pass"
+    gate = svc.promote("auto", "a", dry_run=True).gate
+    assert not {"evidence_untrusted", "shadow_window_incomplete"} & set(gate.codes), gate.codes
+    s.loop()
+    assert _stage(svc, "auto", "a") == "live"
+
+
+def test_a_shadow_run_recorded_outside_paper_never_counts(svc, worlds: Path) -> None:  # type: ignore[no-untyped-def]
+    from qmtl_core.campaign import RunSummary, StrategyState, counted_run, uncounted_detail
+
+    run = RunSummary("r", 1, "pass", 1, "h", {}, (), T0, T0 + timedelta(days=12), 12, "qmtl replay")
+    for stage in ("backtest", "live"):
+        state = StrategyState("a", stage, {"shadow": run}, entered_at=T0 - timedelta(days=1))
+        assert counted_run(state, "shadow") is None
+        assert uncounted_detail(state, "shadow") == f"shadow run r#1 counts only while a is in paper"
+    assert counted_run(StrategyState("a", "paper", {"shadow": run}, entered_at=T0), "shadow") is run
+    assert counted_run(StrategyState("a", "paper", {"shadow": run}, entered_at=T0 + timedelta(seconds=1)),
+                       "shadow") is None
+
+
 # --- finding 2: a submitter acts only on its own strategies ------------------------------------------------
 def test_another_identity_cannot_post_runs_or_submissions_for_a_strategy_it_did_not_submit(svc) -> None:  # type: ignore[no-untyped-def]
     s = Setup(svc, "auto")

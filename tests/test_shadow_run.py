@@ -107,6 +107,7 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     run = fed["run"]
     assert (run["stage"], run["run_id"], run["revision"]) == ("shadow", "shadow-from-20320604", 1)
     assert run["window"]["n_observations"] == n_a
+    assert run["evidence_class"] == "qmtl replay"  # qmtl's own replay, in the paper stay: it counts
     # the shadow-only rule is checked on the shadow run
     assert "shadow_vol" in [r["id"] for r in run["rules"]]
     progress = _shadow_progress(sid)
@@ -124,7 +125,7 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     assert more["run"]["window"]["n_observations"] == n_a + n_b
     assert _shadow_progress(sid)["satisfied"]
     after = qmtl("promote", sid, "--world", WORLD, "--dry-run", "--json").json()
-    assert "shadow_window_incomplete" not in [r["code"] for r in after["gate"]["reasons"]]
+    assert "shadow_window_incomplete" not in [r["code"] for r in after["gate"]["reasons"]], after["gate"]
     assert after["gate"]["evidence"]["shadow_run"]["revision"] == 2  # bound into the evidence hash
     assert broker.orders == []
     human = qmtl("world", "campaign", WORLD, "--strategy", sid)

@@ -241,16 +241,26 @@ def count_approvals(g: GateInput, evidence_hash: str, now: datetime) -> tuple[li
     return valid, notes
 
 
+def _as_state(g: GateInput) -> StrategyState:
+    """The strategy as ``counted_run`` sees it: one rule decides what counts, in the tick and here."""
+    runs = {stage: run for stage, run in (("paper", g.paper_run), ("shadow", g.shadow_run)) if run is not None}
+    return StrategyState(g.strategy_id, g.stage or "", runs, entered_at=g.entered_at)
+
+
 def shadow_reasons(g: GateInput) -> list[Reason]:
     """The shadow window (``campaign.shadow``), measured on the shadow run's data like the paper
     window, and the shadow run's own gates; nothing when the world asks for no shadow window."""
     if g.policy.campaign.shadow is None:
         return []
-    run = g.shadow_run
-    prog = progress(g.policy, "shadow", run)
     out = []
+    state = _as_state(g)
+    untrusted = uncounted_detail(state, "shadow") if g.stage == "paper" else None  # else: not_in_paper
+    if untrusted is not None:
+        out.append(Reason("evidence_untrusted", untrusted))
+    run = counted_run(state, "shadow")
+    prog = progress(g.policy, "shadow", run)
     if not prog.satisfied:
-        how = "" if run is not None else " (feed it: qmtl run FILE --world W --domain shadow --data BARS)"
+        how = "" if g.shadow_run is not None else " (feed it: qmtl run FILE --world W --domain shadow --data BARS)"
         out.append(Reason("shadow_window_incomplete", prog.label() + how))
     if run is not None and run.status == "fail":
         out.append(Reason("shadow_validation_failed", f"shadow run {run.run_id}#{run.revision} fails its gates"))
@@ -272,8 +282,7 @@ def promotion_gate(g: GateInput, now: datetime) -> GateResult:
     if g.stage != "paper":
         reasons.append(Reason("not_in_paper", f"the strategy is in {g.stage or 'no stage (unknown)'}, "
                               "not paper: paper observation is never skipped"))
-    as_state = StrategyState(g.strategy_id, g.stage or "", {"paper": g.paper_run} if g.paper_run else {},
-                             entered_at=g.entered_at)
+    as_state = _as_state(g)
     untrusted = uncounted_detail(as_state, "paper") if g.stage == "paper" else None  # else: not_in_paper
     if untrusted is not None:
         reasons.append(Reason("evidence_untrusted", untrusted))
