@@ -221,6 +221,38 @@ def test_code_or_parameters_changed_after_an_approval_void_the_request(svc, chan
     assert svc.promotion_requests(world="gov", include_closed=True)[0]["status"] == "void"
 
 
+@pytest.mark.parametrize("change", ["code", "params", "data"])
+def test_changed_code_earns_its_own_paper_window_under_auto_apply(svc, change: str) -> None:  # type: ignore[no-untyped-def]
+    """auto_apply compares no request's hash: the old code's paper run must not count for new code."""
+    s = Setup(svc, "auto")
+    submission = {"params": {"fast": 10}, "data": "prices.csv"}
+    svc.register_strategy("auto", strategy_id="a", code_hash="1" * 64, meta={"submission": submission})
+    s.ready("a")  # a full trusted paper window of the first code
+    assert svc.promote("auto", "a", dry_run=True).gate.allowed
+    changed = {"code": {"code_hash": "2" * 64},
+               "params": {"meta": {"submission": {**submission, "params": {"fast": 3}}}},
+               "data": {"meta": {"submission": {**submission, "data": "prices-2026.csv"}}}}[change]
+    svc.register_strategy("auto", strategy_id="a", **changed)
+    entry = svc.audit_log(world="auto", kind="strategy.submitted")[-1].to_dict()
+    assert entry["payload"]["restarted"] == "paper" and "the paper window restarts" in entry["reason"]
+    out = s.loop()
+    assert not [a for a in out.actions if a["action"] == "apply_live"], out.actions
+    assert _stage(svc, "auto", "a") == "paper"
+    gate = svc.promote("auto", "a", dry_run=True).gate
+    assert "evidence_untrusted" in gate.codes and "observed before a entered paper" in gate.reasons[0].detail
+    # The new code observed for a full window of its own goes live the honest way.
+    svc.clock.advance(days=12)
+    s.snapshot(["a"], 12, version="new-code")
+    executed = [a["action"] for a in s.loop().actions if a["outcome"] == "executed"]
+    assert executed == ["evaluate", "apply_live"] and _stage(svc, "auto", "a") == "live"
+    # Code nobody reviewed never stays live: changing it again takes it back to paper.
+    svc.register_strategy("auto", strategy_id="a", code_hash="3" * 64)
+    assert _stage(svc, "auto", "a") == "paper"
+    demoted = svc.audit_log(world="auto", kind="strategy.demoted")[-1].to_dict()
+    assert "code changed while live" in demoted["reason"]
+    assert not [a for a in s.loop().actions if a["action"] == "apply_live"]
+
+
 # --- finding 4: the hub cannot be wedged or poisoned ----------------------------------------------------
 def test_future_as_of_is_refused_and_within_tolerance_accepted(svc) -> None:  # type: ignore[no-untyped-def]
     Setup(svc, "auto").backtest("a")

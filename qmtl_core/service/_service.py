@@ -432,7 +432,7 @@ class WorldService(GovernanceMixin):
             ledger.lock(conn)
             self._check_owner(conn, loaded.policy, strategy_id)
             if registration is not None:
-                row, changed = register(conn, world=world, strategy_id=strategy_id, reg=registration,
+                row, changed = register(conn, policy=loaded.policy, strategy_id=strategy_id, reg=registration,
                                         actor=self.actor, now=now)
             rev = runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
                                            strategy_id=strategy_id, stage=stage, run_id=run_id,
@@ -607,7 +607,7 @@ class WorldService(GovernanceMixin):
         with self.store.write() as conn:
             ledger.lock(conn)
             self._check_owner(conn, loaded.policy, strategy_id)
-            return register(conn, world=world, strategy_id=strategy_id, reg=reg, actor=self.actor,
+            return register(conn, policy=loaded.policy, strategy_id=strategy_id, reg=reg, actor=self.actor,
                             now=self.clock())
 
     # -- decisions ---------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from sqlalchemy.engine import Connection
 from qmtl_core import controlbus, ledger, runs
 from qmtl_core.canonical import content_hash
 from qmtl_core.errors import ConflictError
+from qmtl_core.governance._activations import set_stage
+from qmtl_core.policy import WorldPolicy
 from qmtl_core.service._events import ANNOUNCED
 from qmtl_core.store import schema
 from qmtl_core.timeutil import iso
@@ -50,10 +52,20 @@ def code_binding(code_hash: str | None, meta: Mapping[str, Any]) -> str:
                          "data": submission.get("data")})
 
 
-def register(conn: Connection, *, world: str, strategy_id: str, reg: Registration, actor: str,
+#: What a change of code, parameters or data does to a strategy already observed (``register``).
+REBOUND = {"paper": "the paper window restarts: evidence of the previous code no longer counts",
+           "live": "code changed while live: back to paper, to earn its own paper window and approvals"}
+
+
+def register(conn: Connection, *, policy: WorldPolicy, strategy_id: str, reg: Registration, actor: str,
              now: datetime) -> tuple[dict[str, Any], bool]:
     """Create or update the strategy's row; a ledger entry ``reg.kind`` only when something
-    changed (an unchanged resubmission writes nothing). Returns the row and whether it changed."""
+    changed (an unchanged resubmission writes nothing). Returns the row and whether it changed.
+
+    Evidence of other code never counts for this code (DESIGN §11): when the code binding of a
+    strategy in paper changes, its paper stay restarts (observations before it never count, so not
+    even ``auto_apply`` can apply on the old code's window), and a live one goes back to paper."""
+    world = policy.world
     t = schema.strategies
     key = (t.c.world_id == world) & (t.c.strategy_id == strategy_id)
     created = conn.execute(sa.select(t.c.strategy_id).where(key)).first() is None
@@ -76,16 +88,24 @@ def register(conn: Connection, *, world: str, strategy_id: str, reg: Registratio
     binding = code_binding(values.get("code_hash", row.code_hash), new_meta)
     if binding != row.code_binding:
         values["code_binding"] = binding
+    rebound = row.code_binding is not None and "code_binding" in values and row.stage in REBOUND
+    if rebound and row.stage == "paper":
+        values["stage_entered_at"] = iso(now)
     if values or created:
         if values:
             conn.execute(sa.update(t).where(key).values(**values, updated_at=iso(now)))
-        changed = sorted(set(values) - {"meta", "code_binding"}) + sorted(
+        changed = sorted(set(values) - {"meta", "code_binding", "stage_entered_at"}) + sorted(
             k for k in new_meta if new_meta.get(k) != old_meta.get(k))
+        said = reg.reason or ("first submission" if created else "changed: " + ", ".join(changed))
         ledger.append(conn, actor=actor, kind=reg.kind, now=now, world=world,
                       subject=f"{strategy_id} {reg.name or row.name or ''}".strip(),
-                      reason=reg.reason or ("first submission" if created else "changed: " + ", ".join(changed)),
+                      reason=said + (f"; {REBOUND[row.stage]}" if rebound else ""),
                       payload={"strategy_id": strategy_id, "name": reg.name or row.name,
-                               "code_hash": reg.code_hash or row.code_hash, "changed": changed})
+                               "code_hash": reg.code_hash or row.code_hash, "changed": changed,
+                               **({"restarted": row.stage} if rebound else {})})
+    if rebound and row.stage == "live":
+        set_stage(conn, policy=policy, strategy_id=strategy_id, expect="live", to="paper", actor=actor,
+                  now=now, kind="strategy.demoted", reason=REBOUND["live"])
     return dict(conn.execute(sa.select(t).where(key)).one()._mapping), bool(values) or created
 
 
