@@ -436,6 +436,33 @@ def test_requests_and_the_report_at_t_show_only_what_was_known_at_t(svc) -> None
     assert history["live"] == []
 
 
+def test_an_approval_renewed_after_t_shows_at_t_as_it_was_given(svc) -> None:  # type: ignore[no-untyped-def]
+    """Approvals are dated at renewal in the approvals table; ``--at`` reads what the ledger knew."""
+    from qmtl_core.report._collect import collect
+
+    s = Setup(svc, "gov")
+    s.ready("a")
+    rid = svc.promote("gov", "a").request_id
+    alice = svc.as_actor("alice")
+    alice.decide_request(rid, decision="approve", reason="first look")
+    given = svc.clock()
+    svc.clock.advance(hours=80)  # past approval_ttl (72h): alice renews on the same evidence
+    s.snapshot(["a"], 12, version="p12-later", end=T0 + timedelta(days=12))
+    alice.decide_request(rid, decision="approve", reason="still fine")
+    renewed = svc.clock()
+    at = given + timedelta(hours=1)
+    [then] = svc.promotion_requests(world="gov", at=at)
+    assert [(a["approver"], a["at"], a["reason"]) for a in then["approvals"]] == [
+        ("alice", given.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "first look")]
+    [now] = svc.promotion_requests(world="gov", at=renewed)
+    assert [(a["approver"], a["reason"]) for a in now["approvals"]] == [("alice", "still fine")]
+    assert svc.promotion_requests(world="gov", at=given - timedelta(seconds=1)) == []
+    [pending] = collect(svc, "gov", at=at).to_dict()["pending_requests"]
+    assert [a["approver"] for a in pending["approvals"]] == ["alice"]
+    [current] = svc.promotion_requests(world="gov")  # the current view: the renewal
+    assert [(a["approver"], a["reason"]) for a in current["approvals"]] == [("alice", "still fine")]
+
+
 # --- schema v5 ----------------------------------------------------------------------------------------
 def test_a_v6_store_migrates_and_evidence_stored_before_provenance_is_untrusted(svc, store_url: str) -> None:  # type: ignore[no-untyped-def]
     import sqlalchemy as sa

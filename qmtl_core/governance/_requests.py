@@ -386,14 +386,20 @@ def decide(conn: Connection, policy: WorldPolicy, row: Any, *, actor: str, decis
     return out
 
 
-def list_requests(conn: Connection, *, world: str | None, include_closed: bool) -> list[dict[str, Any]]:
-    """Requests (pending only unless ``include_closed``), newest first, with approvals so far."""
+def list_requests(conn: Connection, *, world: str | None, include_closed: bool,
+                  history: bool = False) -> list[dict[str, Any]]:
+    """Requests (pending only unless ``include_closed``), newest first, with approvals so far.
+
+    ``history``: each approval also lists every decision its approver recorded on the request, from
+    the ledger, oldest first (a renewal updates the approval in place), so ``requests_at`` can tell
+    what stood at an earlier time."""
     t = schema.promotion_requests
     q = sa.select(t).order_by(t.c.created_at.desc())
     if world is not None:
         q = q.where(t.c.world_id == world)
     if not include_closed:
         q = q.where(t.c.status == "pending")
+    votes = _votes(conn, world) if history else {}
     out = []
     for row in conn.execute(q):
         view = request_view(conn, row)
@@ -405,7 +411,25 @@ def list_requests(conn: Connection, *, world: str | None, include_closed: bool) 
                     "reasons": (row.evidence or {}).get("reasons", []),
                     "blocked_reason": row.blocked_reason, "blocked_at": row.blocked_at,
                     "approvals": [{"approver": a.approver, "decision": a.decision, "reason": a.reason,
-                                   "evidence_hash": a.evidence_hash, "at": iso(a.created_at)} for a in view.approvals]})
+                                   "evidence_hash": a.evidence_hash, "at": iso(a.created_at),
+                                   **({"history": votes.get((row.request_id, a.approver, a.evidence_hash), [])}
+                                      if history else {})} for a in view.approvals]})
+    return out
+
+
+def _votes(conn: Connection, world: str | None) -> dict[tuple[str, str, str], list[dict[str, str]]]:
+    """Every approve/reject the ledger records, by (request, approver, evidence hash), oldest first."""
+    led = schema.ledger
+    query = (sa.select(led.c.actor, led.c.kind, led.c.ts, led.c.reason, led.c.payload)
+             .where(led.c.kind.in_(tuple(_DECISION_KINDS))).order_by(led.c.seq))
+    if world is not None:
+        query = query.where(led.c.world_id == world)
+    out: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for r in conn.execute(query):
+        payload = r.payload or {}
+        key = (str(payload.get("request_id")), r.actor, str(payload.get("evidence_hash")))
+        out.setdefault(key, []).append({"decision": _DECISION_KINDS[r.kind], "reason": r.reason or "",
+                                        "at": iso(parse_instant(r.ts))})
     return out
 
 
@@ -413,8 +437,9 @@ def requests_at(requests: Iterable[Mapping[str, Any]], at: datetime) -> list[dic
     """``list_requests`` documents as they stood at ``at``: only requests opened by then, each with
     the approvals given by then and its status then (``pending`` if decided later); pure.
 
-    An approval renewed after ``at`` (``approval_ttl``) is dated by its renewal, so it shows as not
-    yet given: the record errs toward fewer approvals, never more."""
+    An approval renewed after ``at`` (``approval_ttl``) stands as it was given before ``at``, when the
+    documents carry each approval's ``history`` (``list_requests(history=True)``); without it the
+    approval is dated by its renewal and shows as not yet given (fewer approvals, never more)."""
     cut = iso(at)
     out = []
     for r in requests:
@@ -425,10 +450,18 @@ def requests_at(requests: Iterable[Mapping[str, Any]], at: datetime) -> list[dic
         blocked_at = r.get("blocked_at")
         out.append({**r, "status": "pending" if later else r.get("status"),
                     "decided_at": None if later else decided,
-                    "approvals": [a for a in r.get("approvals", []) if (a.get("at") or "") <= cut],
+                    "approvals": [a for a in (_approval_at(x, cut) for x in r.get("approvals", [])) if a],
                     **({"blocked_reason": None, "blocked_at": None}
                        if blocked_at is not None and blocked_at > cut else {})})
     return out
+
+
+def _approval_at(approval: Mapping[str, Any], cut: str) -> dict[str, Any] | None:
+    """The approval as it stood at ``cut`` (its latest decision by then), or ``None`` if not yet given."""
+    known = [v for v in approval.get("history") or () if v["at"] <= cut]
+    if known:
+        return {**approval, **known[-1]}
+    return dict(approval) if not approval.get("history") and (approval.get("at") or "") <= cut else None
 
 
 def apply_if_allowed(conn: Connection, policy: WorldPolicy, strategy_id: str, *, expected_evidence: str | None,

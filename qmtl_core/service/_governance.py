@@ -105,7 +105,10 @@ class GovernanceMixin:
         if world is not None:
             self.load_world(world, record=False)
         with self.store.read() as conn:
-            rows = list_requests(conn, world=world, include_closed=include_closed or at is not None)
+            # Closed requests are read for the record (``--all``, ``--at``, the report): with each
+            # approval's history, so one renewed after a time shows as it stood then.
+            rows = list_requests(conn, world=world, include_closed=include_closed or at is not None,
+                                 history=include_closed or at is not None)
         if at is not None:
             rows = [r for r in requests_at(rows, at) if include_closed or r["status"] == "pending"]
         now = at or self.clock()
