@@ -57,13 +57,11 @@ from qmtl_core.errors import BadInputError, FailClosedError
 from qmtl_core.evidence_class import EvidenceClass
 from qmtl_core.grammar import GrammarError, loads_json, parse_number, parse_timestamp
 from qmtl_core.metric_names import is_known_metric
-from qmtl_core.timeutil import human_duration
+from qmtl_core.timeutil import DEFAULT_FUTURE_TOLERANCE, human_duration, refuse_future
 
 MAX_TTL_SEC = 86_400
 DEFAULT_TTL_SEC = 900
 WEIGHT_TOLERANCE = 1e-6
-#: How far in the future a snapshot's ``as_of`` may be (clock skew between producer and hub).
-DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
 
 MISSING = "risk_snapshot_missing"
 EXPIRED = "risk_snapshot_expired"
@@ -712,14 +710,14 @@ def get_snapshot(conn: Any, world_id: str, version: str) -> StoredSnapshot | Non
 
 
 def check_as_of(snapshot: RiskSnapshot, *, now: datetime, tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE) -> None:
-    """Refuse an ``as_of`` more than ``tolerance`` after ``now``: ranked by ``as_of``, it would hide
-    every correct snapshot posted after it until the future arrived."""
-    ahead = snapshot.as_of - now
-    if ahead > tolerance:
-        raise SnapshotError(f"snapshot {snapshot.version}: as_of: {snapshot.as_of.isoformat()} is {ahead} in the "
-                            f"future (the hub allows {tolerance} of clock skew)",
-                            hint="post the time the data is from, in UTC; check the producer's clock",
-                            code="risk_snapshot_future")
+    """Refuse an ``as_of`` or a realized return dated more than ``tolerance`` after ``now``: ranked by
+    ``as_of``, such a snapshot would hide every correct one posted after it until the future arrived,
+    and a return from the future was never observed (``timeutil.refuse_future``)."""
+    refuse_future((snapshot.as_of,), now=now, tolerance=tolerance, error=SnapshotError,
+                  where=lambda _: f"snapshot {snapshot.version}: as_of")
+    for name, points in (snapshot.realized_returns or {}).items():
+        refuse_future((p.ts for p in points), now=now, tolerance=tolerance, error=SnapshotError,
+                      where=lambda i: f"snapshot {snapshot.version}: realized_returns.{name}.{i}.ts")
 
 
 def put_snapshot(conn: Any, snapshot: RiskSnapshot, *, known_strategies: set[str], actor: str,

@@ -550,8 +550,11 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
     who is calling; only qmtl's own replay is trusted).
     """
     from qmtl_core.risk import freshness, latest_snapshot
-    from qmtl_core.timeutil import parse_instant, parse_optional_instant
+    from qmtl_core.timeutil import parse_instant, parse_optional_instant, refuse_future
 
+    if returns:
+        refuse_future((t for t, _ in returns), now=now, tolerance=policy.risk.future_tolerance,
+                      where=lambda i: f"{strategy_id} {stage} returns, point {i + 1}")
     ledger.lock(conn)  # serialise with every writer: one run, consistent revisions
     row = ensure_strategy(conn, world_id=policy.world, strategy_id=strategy_id, now=now, submitter=actor)
     observed_since, in_stage = None, True

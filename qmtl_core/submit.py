@@ -64,7 +64,7 @@ from qmtl_core.policy import format_duration
 from qmtl_core.spacing import GAP_FLOOR, GAP_INTERVALS, Gap, find_gaps, gap_limit
 from qmtl_core.sdk import (BAR_FIELDS, BacktestResult, Bars, Order, Runner, Strategy, SubmitResult,
                            TradeExecutionService, load_bars, run_backtest, strategy_id, strategy_source)
-from qmtl_core.timeutil import iso, parse_instant
+from qmtl_core.timeutil import DEFAULT_FUTURE_TOLERANCE, iso, parse_instant, refuse_future, utcnow
 
 if TYPE_CHECKING:
     from qmtl_core.campaign import Action
@@ -336,11 +336,24 @@ def _clock(client: "Client") -> Any:
     return getattr(service, "clock", utcnow)
 
 
-def _costs(client: "Client", world: str) -> tuple[float, float]:
-    """The world's ``(fee_bps, slippage_bps)`` from its policy document (recording a new policy
-    version as every evaluation does)."""
-    costs = client.world(world)["policy"].get("costs") or {}
-    return float(costs.get("fee_bps", 0.0)), float(costs.get("slippage_bps", 0.0))
+def _costs(client: "Client", world: str) -> tuple[float, float, timedelta]:
+    """The world's ``(fee_bps, slippage_bps)`` from its policy document, and how far ahead of the
+    clock a bar may be dated (``risk.future_tolerance``)."""
+    from qmtl_core.policy._durations import parse_duration
+
+    policy = client.world(world)["policy"]
+    costs = policy.get("costs") or {}
+    tolerance = (policy.get("risk") or {}).get("future_tolerance")
+    return (float(costs.get("fee_bps", 0.0)), float(costs.get("slippage_bps", 0.0)),
+            parse_duration(tolerance) if tolerance is not None else DEFAULT_FUTURE_TOLERANCE)
+
+
+def _refuse_future_bars(bars: Bars, tolerance: timedelta, source: str) -> None:
+    """Bars are observations: none may be dated after now (``timeutil.refuse_future``). Checked
+    before anything is run or written, so a refused file leaves no trace; the service checks the
+    returns made from them again, whoever sends them."""
+    refuse_future((_to_datetime(t) for t in bars.timestamp), now=utcnow(), tolerance=tolerance,
+                  where=lambda i: f"{source}: row {i + 1} (bar)", error=DataFileError)
 
 
 def strategy_row(client: "Client", world: str, sid: str) -> dict[str, Any] | None:
@@ -674,16 +687,27 @@ def _queue_updates(strategy: Strategy, world: str, domain: str) -> tuple[tuple[s
     return tuple(out), updates
 
 
-def _prepare(client: "Client", strategy: Strategy, world: str, source_file: str | None
-             ) -> tuple[float, float, set[str], dict[str, str] | None, str]:
-    """What submit and run both start from: the world's costs, the strategy's source files (so an
-    error in user code names the file the user gave) and its stable id."""
-    fee_bps, slippage_bps = _costs(client, world)
+@dataclass(frozen=True)
+class _Prepared:
+    """What submit and run both start from."""
+
+    fee_bps: float
+    slippage_bps: float
+    future_tolerance: timedelta
+    files: set[str]
+    shown: dict[str, str] | None
+    sid: str
+
+
+def _prepare(client: "Client", strategy: Strategy, world: str, source_file: str | None) -> _Prepared:
+    """The world's costs and future tolerance, the strategy's source files (so an error in user code
+    names the file the user gave) and its stable id."""
+    fee_bps, slippage_bps, tolerance = _costs(client, world)
     files = _files_of(type(strategy))
     shown = {f: source_file for f in files} if source_file else None
     with user_code(files, shown):
         sid = strategy_id(strategy)
-    return fee_bps, slippage_bps, files, shown, sid
+    return _Prepared(fee_bps, slippage_bps, tolerance, files, shown, sid)
 
 
 def submit_strategy(client: "Client | WorldService", strategy: Strategy, world: str, *,
@@ -698,12 +722,14 @@ def submit_strategy(client: "Client | WorldService", strategy: Strategy, world: 
     the same run id and no new revision (nothing is written, not even a ledger entry).
     """
     client = as_client(client)
-    fee_bps, slippage_bps, files, shown, sid = _prepare(client, strategy, world, source_file)
+    prep = _prepare(client, strategy, world, source_file)
+    fee_bps, slippage_bps, files, shown, sid = prep.fee_bps, prep.slippage_bps, prep.files, prep.shown, prep.sid
     cls = type(strategy)
     ctx, envelope = resolve_context(client, strategy, world, sid, execution_domain)
     strategy.apply_compute_context(ctx)
     path = Path(data) if data is not None else default_data(_worlds_dir(client, worlds_dir))
     bars = load_bars(path)
+    _refuse_future_bars(bars, prep.future_tolerance, str(path))
     if len(bars) < 2:
         raise DataFileError(f"{path}: {len(bars)} bar(s); a backtest needs at least two",
                             hint="pass a longer price history with --data")
@@ -846,7 +872,8 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
         with Runner.trading(execution_service):
             return feed_strategy(client, strategy, world, data, source_file=source_file,
                                  execution_domain=execution_domain, allow_gap=allow_gap)
-    fee_bps, slippage_bps, files, shown, sid = _prepare(client, strategy, world, source_file)
+    prep = _prepare(client, strategy, world, source_file)
+    fee_bps, slippage_bps, files, shown, sid = prep.fee_bps, prep.slippage_bps, prep.files, prep.shown, prep.sid
     cls = type(strategy)
     name = cls.__qualname__
     info = strategy_row(client, world, sid)
@@ -876,6 +903,7 @@ def feed_strategy(client: "Client | WorldService", strategy: Strategy, world: st
         ends = [parse_instant(r["window"]["end"]) for r in backtests if r.get("window") and r["window"].get("end")]
         floor = max(ends) if ends else None
     incoming = load_bars(data)
+    _refuse_future_bars(incoming, prep.future_tolerance, str(data))
     fresh, duplicates = _new_bars(old, incoming, floor, str(data))
     before = Runner.order_stats.as_dict()
     if not len(fresh):

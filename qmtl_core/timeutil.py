@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 
 from qmtl_core.errors import BadInputError
@@ -57,3 +58,23 @@ def human_duration(value: "timedelta | float") -> str:
             break
     # "1d 0h" says no more than "1d"
     return sign + " ".join(p for i, p in enumerate(parts) if i == 0 or not p.startswith("0"))
+
+
+#: How far ahead of the clock an observation (or a snapshot's ``as_of``) may be dated: clock skew
+#: between the producer and qmtl. A world sets its own with ``risk.future_tolerance``.
+DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
+def refuse_future(stamps: Iterable[datetime], *, now: datetime, tolerance: timedelta,
+                  where: Callable[[int], str], error: type[BadInputError] = BadInputError) -> None:
+    """Refuse the first of ``stamps`` dated more than ``tolerance`` after ``now`` (exit 2), located by
+    ``where(index)``. An observation from the future was not observed: counted, it would be invented
+    evidence, and stored it would wedge what comes after it (a snapshot ranked by ``as_of``, bars
+    that only append). Every reader of observations calls this one rule."""
+    limit = now + tolerance
+    for i, ts in enumerate(stamps):
+        if ts > limit:
+            raise error(f"{where(i)}: {iso(ts)[:19]}Z is {human_duration(ts - now)} in the future (observations "
+                        f"may be dated at most {human_duration(tolerance)} ahead of the clock, for skew)",
+                        hint="date each observation when it was made, in UTC, and check the producer's clock "
+                             "(risk.future_tolerance sets the allowance)", code="observation_in_future")

@@ -54,3 +54,25 @@ def qmtl_process(*args: str, env: dict[str, str] | None = None, timeout: float =
     proc = subprocess.run([sys.executable, "-m", "qmtl_cli", *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     return Ran(proc.returncode, proc.stdout, proc.stderr)
+
+
+def enter_stage_at(world: str, strategy_id: str, when: str, *, store_url: str | None = None) -> None:
+    """Date the strategy's entry into its current stage at ``when`` (an ISO date), in ``store_url``
+    (default: the store the test's environment names). It stands in for time passing: a test feeds real, past bars, which
+    count only when observed during the stay and may not be dated in the future. A direct store
+    write, as test set-up: qmtl itself has no clock override, on purpose (it would be a way to date
+    evidence)."""
+    import sqlalchemy as sa
+
+    from qmtl_core.store import schema
+    from qmtl_core.timeutil import iso, parse_instant
+
+    engine = sa.create_engine(store_url or os.environ["QMTL_DATABASE_URL"])
+    try:
+        with engine.begin() as conn:
+            t = schema.strategies
+            done = conn.execute(sa.update(t).where(t.c.world_id == world, t.c.strategy_id == strategy_id)
+                                .values(stage_entered_at=iso(parse_instant(when))))
+            assert done.rowcount == 1, f"{strategy_id} is not in {world}"
+    finally:
+        engine.dispose()

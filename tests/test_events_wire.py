@@ -100,6 +100,7 @@ def test_shadow_end_to_end_through_a_real_server(real_server: tuple[str, str, di
     # the campaign takes it to paper; shadow bars flow with every order blocked at the gate
     assert '"promote_to_paper"' in cli("world", "campaign-loop", "--world", WORLD, "--once", "--execute",
                                        "--json").stdout
+    enter_stage_at(WORLD, sid, PAPER_SINCE, store_url=real_server[2]["QMTL_DATABASE_URL"])
     gate = json.loads(cli("promote", sid, "--world", WORLD, "--dry-run", "--json").stdout)["gate"]
     assert "shadow_window_incomplete" in [r["code"] for r in gate["reasons"]]
     a, n_a = _bars(tmp_path, "a.csv", "2012-06-04", "2012-10-31")
@@ -109,13 +110,14 @@ def test_shadow_end_to_end_through_a_real_server(real_server: tuple[str, str, di
     doc = json.loads(ran.stdout)
     assert doc["execution_domain"] == "shadow" and doc["orders"]["blocked"] == {"domain_shadow": 1}
     assert broker.orders == []
-    assert doc["run"]["window"]["n_observations"] == n_a
+    assert doc["run"]["window"]["n_observations"] == n_a and doc["run"]["evidence_class"] == "qmtl replay"
     (view,) = json.loads(cli("world", "campaign", WORLD, "--strategy", sid, "--json").stdout)["strategies"]
     shadow = next(p for p in view["progress"] if p["stage"] == "shadow")
     assert shadow["n_observations"] == n_a and shadow["satisfied"]
     gate = json.loads(cli("promote", sid, "--world", WORLD, "--dry-run", "--json").stdout)["gate"]
-    assert "shadow_window_incomplete" not in [r["code"] for r in gate["reasons"]]
+    assert not {"shadow_window_incomplete", "evidence_untrusted"} & {r["code"] for r in gate["reasons"]}
     assert gate["evidence"]["shadow_run"]["window"]["n_observations"] == n_a
+    assert gate["evidence"]["shadow_run"]["evidence_class"] == "qmtl replay"
 
 
 def _entry(kind: str, payload: dict[str, Any], seq: int = 7) -> LedgerEntry:

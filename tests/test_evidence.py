@@ -19,8 +19,8 @@ from qmtl_core.errors import NotOwner
 from qmtl_core.risk import SnapshotError, parse_snapshot
 from qmtl_core.service._auth import create_token
 from tests._remote import InProcessServer
-from tests._service import Clock, make_service
-from tests.test_governance import T0, Setup, policy_text
+from tests._service import make_service
+from tests.test_governance import T0, Setup, policy_text, svc  # noqa: F401 - fixture svc (on this module's worlds)
 
 
 def _policy(world: str, **kw: Any) -> str:
@@ -34,13 +34,6 @@ def worlds(worlds_dir: Path) -> Path:
     (worlds_dir / "auto.yaml").write_text(_policy("auto", mode="auto_apply"))
     (worlds_dir / "gov.yaml").write_text(_policy("gov"))
     return worlds_dir
-
-
-@pytest.fixture
-def svc(store_url: str, worlds: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
-    service = make_service(store_url, worlds, tmp_path / "home", Clock(T0)).as_actor("cron")
-    yield service
-    service.close()
 
 
 def _snapshot(world: str, version: str, now: datetime, *, returns: dict[str, list[tuple[datetime, float]]] | None,
@@ -269,6 +262,39 @@ def test_future_as_of_is_refused_and_within_tolerance_accepted(svc) -> None:  # 
         "risk snapshot skew"]
 
 
+def test_observations_dated_in_the_future_are_refused_wherever_they_enter(svc) -> None:  # type: ignore[no-untyped-def]
+    """One rule (``timeutil.refuse_future``) for snapshot returns, evaluated returns and cohorts."""
+    from qmtl_core.errors import BadInputError
+
+    s = Setup(svc, "auto")
+    s.backtest("a")
+    svc.clock.advance(days=12)
+    now = svc.clock()
+    ahead = _daily(T0, 12) + [(now + timedelta(hours=1), 0.001)]
+    with pytest.raises(SnapshotError) as caught:
+        svc.as_actor("feed").put_risk_snapshot(_snapshot("auto", "f", now, returns={"a": ahead}, weights={"a": 1.0}))
+    line = caught.value.one_line()
+    assert caught.value.exit_code == 2 and caught.value.code == "observation_in_future"
+    assert "snapshot f: realized_returns.a.12.ts: " in line and "is 1h in the future" in line
+    for stage in ("paper", "backtest"):
+        with pytest.raises(BadInputError) as refused:
+            svc.record_evaluation("auto", strategy_id="a", stage=stage, returns=ahead,
+                                  evidence_class="qmtl replay")
+        assert refused.value.exit_code == 2 and f"a {stage} returns, point 13: " in refused.value.one_line()
+    assert not svc.list_runs("auto", strategy_id="a", stage="paper")  # nothing half-written
+    with pytest.raises(BadInputError, match="backtest cohort returns, row 2: "):
+        import numpy as np
+
+        from qmtl_core.datafiles import ReturnsTable
+
+        svc.evaluate_cohort("auto", stage="backtest", returns=ReturnsTable(
+            ("a",), (T0, now + timedelta(days=1)), np.array([[0.01, 0.02]])))
+    # Within the tolerance (clock skew, default 5 minutes) an observation is accepted.
+    skewed = _daily(T0, 12) + [(now + timedelta(minutes=4), 0.001)]
+    svc.as_actor("feed").put_risk_snapshot(_snapshot("auto", "skew", now, returns={"a": skewed}, weights={"a": 1.0}))
+    assert svc.record_evaluation("auto", strategy_id="a", stage="paper", returns=skewed).status == "pass"
+
+
 def test_the_latest_snapshot_is_chosen_per_stage(svc) -> None:  # type: ignore[no-untyped-def]
     s = Setup(svc, "auto")
     s.backtest("a", "b")
@@ -383,6 +409,24 @@ def test_remote_invented_evidence_and_sabotage_are_refused(api) -> None:  # type
     assert r.status_code == 200
     # ... but only observations after entry count: all of these predate it.
     assert r.json()["status"] == "insufficient_data" and "dated before the strategy entered paper" in r.json()["reason"]
+
+
+def test_remote_observations_dated_in_the_future_are_refused(api) -> None:  # type: ignore[no-untyped-def]
+    client, tokens = api
+    now = datetime.now(timezone.utc)
+    r = client.post("/worlds/auto/evaluate", headers=_as(tokens, "sam"), json={
+        "strategy_id": "s1", "stage": "backtest", "returns": _series_doc(now - timedelta(days=400), 400)})
+    assert r.status_code == 200, r.text
+    future = _series_doc(now - timedelta(days=3), 5)  # the last point is tomorrow
+    r = client.post("/worlds/auto/evaluate", headers=_as(tokens, "feed"), json={
+        "strategy_id": "s1", "stage": "paper", "returns": future, "evidence_class": "qmtl replay"})
+    assert r.status_code == 400 and r.json()["error"] == "observation_in_future", r.text
+    assert r.json()["exit_code"] == 2 and "s1 paper returns, point 5: " in r.json()["message"]
+    snapshot = {"world_id": "auto", "version": "f1", "as_of": now.isoformat(), "weights": {"s1": 1.0},
+                "realized_returns": {"s1": [{"ts": t, "r": v} for t, v in future]},
+                "provenance": {"actor": "feed", "stage": "paper"}}
+    r = client.post("/risk-hub/snapshots", headers=_as(tokens, "feed"), json=snapshot)
+    assert r.status_code == 400 and "realized_returns.s1.4.ts" in r.json()["message"], r.text
 
 
 # --- finding 5: blocks met by the loop are recorded, once per evidence ----------------------------------

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import pytest
 from qmtl_core.domains import DecisionEnvelope
 from qmtl_core.sdk import Runner
 from qmtl_core.service import WorldService
-from tests.cli_helpers import qmtl, qmtl_process
+from tests.cli_helpers import enter_stage_at, qmtl, qmtl_process
 from tests.test_serve import real_server  # noqa: F401 - fixture: a real qmtl serve on a free port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +26,9 @@ GOOG = ROOT / "worlds/data/GOOG.csv"
 
 pytestmark = pytest.mark.usefixtures("cli_mode")  # every CLI call: local store, then through the HTTP API
 WORLD = "paper-test"
+#: When the tests' strategies entered paper: after the backtest's bars (hist ends 2012-06-01),
+#: before the paper bars they are fed (from 2012-06-04).
+PAPER_SINCE = "2012-06-02"
 POLICY = """\
 world: paper-test
 policy_version: 1
@@ -69,11 +72,12 @@ def env(qmtl_env: dict[str, str], worlds_dir: Path) -> dict[str, str]:
 
 
 def _bars(tmp: Path, name: str, first: str, last: str) -> tuple[Path, int]:
-    """GOOG bars with first <= date <= last, as a CSV, dated 20 years later; returns the path and
-    the number of bars. Paper observations count only after the strategy entered paper (issue 19):
-    real prices, dated after the test promotes the strategy (20 years keeps leap days)."""
+    """GOOG bars with first <= date <= last, as a CSV; returns the path and the number of bars.
+    They are real, past prices: a test that feeds them to a strategy's paper or shadow stay dates
+    the stay's start before them (``cli_helpers.enter_stage_at``), since only observations made
+    during the stay count and none may be dated in the future (issue 19)."""
     header, *rows = GOOG.read_text().splitlines()
-    keep = [f"{int(r[:4]) + 20}{r[4:]}" for r in rows if first <= r[:10] <= last]
+    keep = [r for r in rows if first <= r[:10] <= last]
     path = tmp / name
     path.write_text("\n".join([header, *keep]) + "\n")
     return path, len(keep)
@@ -130,7 +134,9 @@ def _submit_and_promote(args: list[str], hist: Path) -> str:
     assert sub.json()["status"] == "pending"
     loop = qmtl("world", "campaign-loop", "--world", WORLD, "--once", "--execute", "--json")
     assert '"promote_to_paper"' in loop.stdout, loop.stdout + loop.stderr
-    return str(sub.json()["strategy_id"])
+    sid = str(sub.json()["strategy_id"])
+    enter_stage_at(WORLD, sid, PAPER_SINCE)
+    return sid
 
 
 def _paper_progress(sid: str) -> dict[str, Any]:
@@ -161,10 +167,10 @@ def test_run_advances_the_paper_campaign_on_new_bars(env: dict[str, str], data: 
     assert first.exit_code == 0, first.stderr
     doc = first.json()
     assert (doc["stage"], doc["execution_domain"], doc["decision"]["effective_mode"]) == ("paper", "dryrun", "paper")
-    assert doc["bars"] == {"new": n_a, "duplicates": 0, "first_new": "2032-06-04T00:00:00.000000Z", "gaps": [],
-                           "last_new": "2032-10-04T00:00:00.000000Z", "total_fed": n_a}
+    assert doc["bars"] == {"new": n_a, "duplicates": 0, "first_new": "2012-06-04T00:00:00.000000Z", "gaps": [],
+                           "last_new": "2012-10-04T00:00:00.000000Z", "total_fed": n_a}
     run = doc["run"]
-    assert (run["stage"], run["run_id"], run["revision"]) == ("paper", "paper-from-20320604", 1)
+    assert (run["stage"], run["run_id"], run["revision"]) == ("paper", "paper-from-20120604", 1)
     assert run["window"]["n_observations"] == n_a and run["metrics"]["n_trades"] == doc["n_trades"]
     assert run["metric_sources"]["n_trades"] == "request.metrics"
     assert "--broker-webhook not used" in doc["note"] and broker.orders == []
@@ -179,10 +185,10 @@ def test_run_advances_the_paper_campaign_on_new_bars(env: dict[str, str], data: 
     assert second["bars"]["new"] == n_b - n_overlap and second["bars"]["duplicates"] == n_overlap
     assert second["bars"]["total_fed"] == n_a + n_b - n_overlap
     run2 = second["run"]
-    assert (run2["run_id"], run2["revision"]) == ("paper-from-20320604", 2)
+    assert (run2["run_id"], run2["revision"]) == ("paper-from-20120604", 2)
     assert run2["window"]["start"] == run["window"]["start"]
     assert run2["window"]["n_observations"] == n_a + n_b - n_overlap
-    assert run2["window"]["end"].startswith("2033-03-01")
+    assert run2["window"]["end"].startswith("2013-03-01")
     assert run2["metrics"]["n_trades"] >= run["metrics"]["n_trades"]
     assert _paper_progress(sid)["n_observations"] == n_a + n_b - n_overlap
 
@@ -205,15 +211,15 @@ def test_run_refuses_old_or_changed_bars(env: dict[str, str], data: dict[str, tu
     # paper bars must come after everything the strategy was backtested on
     inside = qmtl("run", str(SMA), "--world", WORLD, "--data", str(hist))
     assert inside.exit_code == 2
-    assert "is not after the data the strategy was backtested on (up to 2032-06-01" in inside.stderr
+    assert "is not after the data the strategy was backtested on (up to 2012-06-01" in inside.stderr
     a, _ = data["a"]
     assert qmtl("run", str(SMA), "--world", WORLD, "--data", str(a)).exit_code == 0
     old = qmtl_process("run", str(SMA), "--world", WORLD, "--data", str(hist))
     assert old.exit_code == 2
     assert old.stderr.strip().splitlines() == [
-        f"qmtl: error: {hist}: bar 2024-08-19T00:00:00Z is older than the last bar already fed "
-        "(2032-10-04T00:00:00Z) and was never fed; qmtl run only appends new bars "
-        "(pass only bars after 2032-10-04T00:00:00Z)"]
+        f"qmtl: error: {hist}: bar 2004-08-19T00:00:00Z is older than the last bar already fed "
+        "(2012-10-04T00:00:00Z) and was never fed; qmtl run only appends new bars "
+        "(pass only bars after 2012-10-04T00:00:00Z)"]
     # a bar that was fed cannot come back different
     header, *rows = a.read_text().splitlines()
     changed = tmp_path / "changed.csv"
@@ -223,6 +229,29 @@ def test_run_refuses_old_or_changed_bars(env: dict[str, str], data: dict[str, tu
     diff = qmtl("run", str(SMA), "--world", WORLD, "--data", str(changed), "--json")
     assert diff.exit_code == 2 and diff.json()["error"] == "bar_changed"
     assert len(qmtl("world", "runs", WORLD, "--stage", "paper", "--history", "--json").json()["runs"]) == 1
+
+
+def test_bars_dated_in_the_future_are_refused_before_anything_runs(env: dict[str, str],
+                                                                   data: dict[str, tuple[Path, int]],
+                                                                   tmp_path: Path) -> None:
+    """A bar from the future was not observed: fed, it would count as evidence and wedge every real
+    bar after it (runs only append). Refused, located, with nothing recorded (issue 19)."""
+    hist, _ = data["hist"]
+    header, *rows = data["a"][0].read_text().splitlines()
+    tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat()
+    ahead = tmp_path / "ahead.csv"
+    ahead.write_text("\n".join([header, *rows[:3], tomorrow + rows[3][10:]]) + "\n")
+    early = qmtl("submit", str(SMA), "--world", WORLD, "--data", str(ahead), "--json")
+    assert early.exit_code == 2 and early.json()["error"] == "observation_in_future", early.stdout
+    assert f"{ahead}: row 4 (bar): {tomorrow}T00:00:00Z is " in early.stderr and "in the future" in early.stderr
+    assert qmtl("world", "runs", WORLD, "--json").json()["runs"] == []
+    _submit_and_promote([str(SMA)], hist)
+    fed = qmtl("run", str(SMA), "--world", WORLD, "--data", str(ahead), "--json")
+    assert fed.exit_code == 2 and fed.json()["error"] == "observation_in_future"
+    assert qmtl("world", "runs", WORLD, "--stage", "paper", "--json").json()["runs"] == []
+    # the bars before it are fine on their own, and the real next bar is not wedged out
+    a, n_a = data["a"]
+    assert qmtl("run", str(SMA), "--world", WORLD, "--data", str(a), "--json").json()["bars"]["new"] == n_a
 
 
 def test_run_needs_a_submitted_strategy(env: dict[str, str], data: dict[str, tuple[Path, int]]) -> None:
@@ -303,13 +332,14 @@ def test_submit_and_run_against_a_real_server(env: dict[str, str], data: dict[st
     assert json.loads(sub.stdout)["status"] == "pending"
     loop = cli("world", "campaign-loop", "--world", WORLD, "--once", "--execute", "--json")
     assert '"promote_to_paper"' in loop.stdout, loop.stdout + loop.stderr  # (then 12: no risk snapshot yet)
+    enter_stage_at(WORLD, json.loads(sub.stdout)["strategy_id"], PAPER_SINCE)
     a, n_a = data["a"]
     fed = cli("run", str(SMA), "--world", WORLD, "--data", str(a), "--json")
     assert fed.returncode == 0, fed.stderr
     doc = json.loads(fed.stdout)
     assert (doc["execution_domain"], doc["bars"]["new"]) == ("dryrun", n_a)
     assert (doc["run"]["run_id"], doc["run"]["revision"], doc["run"]["window"]["n_observations"]) == (
-        "paper-from-20320604", 1, n_a)
+        "paper-from-20120604", 1, n_a)
     again = cli("run", str(SMA), "--world", WORLD, "--data", str(a))
     assert again.returncode == 0 and "nothing new" in again.stdout and "#1" in again.stdout
     old = cli("run", str(SMA), "--world", WORLD, "--data", str(hist))
@@ -333,9 +363,9 @@ def test_run_refuses_a_gap_unless_allowed(env: dict[str, str], data: dict[str, t
     refused = qmtl_process("run", str(SMA), "--world", WORLD, "--data", str(after_gap))
     assert refused.exit_code == 2
     assert refused.stderr.strip().splitlines() == [
-        f"qmtl: error: {after_gap}: bar 2033-01-14T00:00:00Z comes 102d after the bar before it "
-        "(2032-10-04T00:00:00Z); more than 10d (10 x the stream interval 1d, at least 4d) is a gap in the "
-        "data (feed the missing bars between 2032-10-04T00:00:00Z and 2033-01-14T00:00:00Z first, or pass "
+        f"qmtl: error: {after_gap}: bar 2013-01-14T00:00:00Z comes 102d after the bar before it "
+        "(2012-10-04T00:00:00Z); more than 10d (10 x the stream interval 1d, at least 4d) is a gap in the "
+        "data (feed the missing bars between 2012-10-04T00:00:00Z and 2013-01-14T00:00:00Z first, or pass "
         "--allow-gap to book one return across the gap (the bars inside it can then never be fed))"]
     as_json = qmtl("run", str(SMA), "--world", WORLD, "--data", str(after_gap), "--json")
     assert as_json.exit_code == 2 and as_json.json()["error"] == "bars_gap"
@@ -345,7 +375,7 @@ def test_run_refuses_a_gap_unless_allowed(env: dict[str, str], data: dict[str, t
     allowed = qmtl("run", str(SMA), "--world", WORLD, "--data", str(after_gap), "--allow-gap", "--json")
     assert allowed.exit_code in (0, 10), allowed.stderr
     doc = allowed.json()
-    assert doc["bars"]["gaps"] == [{"before": "2032-10-04T00:00:00.000000Z", "after": "2033-01-14T00:00:00.000000Z",
+    assert doc["bars"]["gaps"] == [{"before": "2012-10-04T00:00:00.000000Z", "after": "2013-01-14T00:00:00.000000Z",
                                     "seconds": 102 * 86400.0}]
     run = doc["run"]
     assert run["revision"] == 2 and run["window"]["n_observations"] == n_a + n_late  # one return across it
@@ -353,8 +383,8 @@ def test_run_refuses_a_gap_unless_allowed(env: dict[str, str], data: dict[str, t
     assert run["warnings"] == [
         "warning: returns are spaced about 161 per year but periods_per_year is 252: annualised metrics "
         "(sharpe, annual_volatility, cagr) are off by a factor of about 1.3 or more",
-        "warning: one return spans a gap of 102d (2032-10-04T00:00:00Z to 2033-01-14T00:00:00Z)"]
-    assert any("--allow-gap: 102d gap 2032-10-04..2033-01-14 booked as one return" in e["reason"]
+        "warning: one return spans a gap of 102d (2012-10-04T00:00:00Z to 2013-01-14T00:00:00Z)"]
+    assert any("--allow-gap: 102d gap 2012-10-04..2013-01-14 booked as one return" in e["reason"]
                for e in qmtl("audit", "log", "--world", WORLD, "--json").json()["entries"])
     # the consequence the flag states: the bars inside the gap can never be fed now
     inside, _ = _bars(tmp_path, "inside.csv", "2012-10-05", "2013-01-11")

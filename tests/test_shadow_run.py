@@ -4,15 +4,14 @@ recorded like paper and read by the live gate when the world asks for a shadow w
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from qmtl_core.sdk import Runner
-from tests.cli_helpers import qmtl
-from tests.test_run import GOOG, Broker, _bars
+from tests.cli_helpers import enter_stage_at, qmtl
+from tests.test_run import (  # noqa: F401 - fixtures: broker, _fresh_runner (autouse)
+    ALWAYS_LONG, GOOG, PAPER_SINCE, Broker, _bars, _fresh_runner, broker)
 
 pytestmark = pytest.mark.usefixtures("cli_mode")  # local store, then through the HTTP API
 WORLD = "shadow-test"
@@ -34,25 +33,6 @@ governance:
   live_promotion: {mode: manual_approval, approvers: [alice, bob], required_approvals: 1}
 risk: {snapshot_max_age: 1h, decision_ttl: 10m}
 """
-ALWAYS_LONG = """\
-from qmtl_core.sdk import Node, StreamInput, Strategy, TradeOrderPublisherNode
-
-
-class AlwaysLong(Strategy):
-    def setup(self) -> None:
-        price = StreamInput(name="price", interval="1d")
-        target = Node(input=price, compute_fn=lambda view: 1.0, name="long")
-        self.add_nodes(price, target, TradeOrderPublisherNode(target, symbol="GOOG"))
-"""
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runner() -> Iterator[None]:
-    Runner.reset()
-    yield
-    Runner.reset()
-
-
 @pytest.fixture
 def setup(qmtl_env: dict[str, str], worlds_dir: Path, tmp_path: Path) -> dict[str, Any]:
     (worlds_dir / f"{WORLD}.yaml").write_text(POLICY)
@@ -62,13 +42,6 @@ def setup(qmtl_env: dict[str, str], worlds_dir: Path, tmp_path: Path) -> dict[st
             "hist": _bars(tmp_path, "hist.csv", "2004-01-01", "2012-06-01"),
             "a": _bars(tmp_path, "a.csv", "2012-06-04", "2012-07-31"),
             "b": _bars(tmp_path, "b.csv", "2012-08-01", "2012-10-31")}
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    b = Broker()
-    yield b
-    b.close()
 
 
 def _shadow_progress(sid: str) -> dict[str, Any]:
@@ -87,6 +60,7 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     assert doc["queues"] == [f"{WORLD}.shadow.mirror.price"]  # the live input's mirror, never .live.
     loop = qmtl("world", "campaign-loop", "--world", WORLD, "--once", "--execute", "--json")
     assert '"promote_to_paper"' in loop.stdout, loop.stdout + loop.stderr
+    enter_stage_at(WORLD, sid, PAPER_SINCE)  # shadow counts from paper entry; the bars are real, past ones
 
     # before any shadow data the live gate names the shadow window, with how to feed it
     dry = qmtl("promote", sid, "--world", WORLD, "--dry-run", "--json").json()
@@ -105,7 +79,7 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     assert fed["orders"]["published"] == 0 and fed["orders"]["blocked"] == {"domain_shadow": 1}
     assert broker.orders == [] and "--broker-webhook not used" in fed["note"]
     run = fed["run"]
-    assert (run["stage"], run["run_id"], run["revision"]) == ("shadow", "shadow-from-20320604", 1)
+    assert (run["stage"], run["run_id"], run["revision"]) == ("shadow", "shadow-from-20120604", 1)
     assert run["window"]["n_observations"] == n_a
     assert run["evidence_class"] == "qmtl replay"  # qmtl's own replay, in the paper stay: it counts
     # the shadow-only rule is checked on the shadow run
@@ -121,7 +95,7 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     # more shadow bars: the same run, next revision, and the window is satisfied on data
     b, n_b = setup["b"]
     more = qmtl("run", strat, "--world", WORLD, "--data", str(b), "--domain", "shadow", "--json").json()
-    assert (more["run"]["run_id"], more["run"]["revision"]) == ("shadow-from-20320604", 2)
+    assert (more["run"]["run_id"], more["run"]["revision"]) == ("shadow-from-20120604", 2)
     assert more["run"]["window"]["n_observations"] == n_a + n_b
     assert _shadow_progress(sid)["satisfied"]
     after = qmtl("promote", sid, "--world", WORLD, "--dry-run", "--json").json()
@@ -140,11 +114,18 @@ def test_shadow_run_records_evidence_and_blocks_every_order(setup: dict[str, Any
     row = re.search(r"<td>shadow window \(live gate\)</td>.*?</tr>", page, flags=re.S).group(0)
     assert f"{n_a + n_b}/40 obs" in row and "≥ 60d, ≥ 40 obs" in row and 'class="status-pass"' in row
     (shadow_run,) = qmtl("world", "runs", WORLD, "--stage", "shadow", "--json").json()["runs"]
-    assert f"shadow run shadow-from-20320604#2 ({shadow_run['evidence_class']})" in row  # its provenance
+    assert f"shadow run shadow-from-20120604#2 ({shadow_run['evidence_class']})" in row  # its provenance
     # and the shadow stage in the zoomed chart and the distributions, on the backtest's scale
     chart = re.search(r'<figure class="chart" data-chart="stages">(.*?)</figure>', page, flags=re.S).group(1)
     assert f"shadow ({n_a + n_b} obs)" in chart and f"backtest, last {n_a + n_b} obs" in chart
     assert "return distributions" in chart and f"paper ({n_a})" in chart
+    # Shadow returns typed into a request are unverified: recorded, shown, never counted.
+    typed = tmp_path / "typed.csv"
+    typed.write_text("timestamp,r\n" + "".join(f"2012-11-{d:02d},0.001\n" for d in range(1, 29)))
+    told = qmtl("world", "evaluate", WORLD, "--strategy", sid, "--stage", "shadow", "--returns", str(typed), "--json")
+    assert told.json()["evidence_class"] == "unverified", told.stdout + told.stderr
+    gate = qmtl("promote", sid, "--world", WORLD, "--dry-run", "--json").json()["gate"]
+    assert {"evidence_untrusted", "shadow_window_incomplete"} <= {r["code"] for r in gate["reasons"]}
 
 
 def test_shadow_domain_is_the_only_one_that_can_be_asked_for(setup: dict[str, Any]) -> None:

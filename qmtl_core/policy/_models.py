@@ -18,6 +18,7 @@ from qmtl_core.canonical import content_hash
 from qmtl_core.grammar import MAX_STORE_INT
 from qmtl_core.metric_names import KNOWN_METRICS, is_known_metric
 from qmtl_core.policy._durations import Duration
+from qmtl_core.timeutil import DEFAULT_FUTURE_TOLERANCE
 from qmtl_core.world_files import WORLD_ID_PATTERN
 
 #: Evaluation stages: where a run is measured. ``shadow`` is the run of a strategy fed live inputs
@@ -347,8 +348,10 @@ class Risk(_Model):
     #: Local identities whose snapshots are trusted ``hub`` evidence (remote: tokens with role
     #: ``producer``). Anyone else's snapshot is stored as ``unverified`` and never decided on.
     producers: list[str] = Field(default_factory=list)
-    #: How far in the future a snapshot's ``as_of`` may be (producer clock skew); more is refused.
-    future_tolerance: Duration = timedelta(minutes=5)
+    #: How far ahead of the clock an observation may be dated (producer clock skew): a snapshot's
+    #: ``as_of`` and realized returns, returns posted for evaluation, bars fed to ``qmtl run``; more is
+    #: refused (``timeutil.refuse_future``).
+    future_tolerance: Duration = DEFAULT_FUTURE_TOLERANCE
 
 
 class Notifications(_Model):

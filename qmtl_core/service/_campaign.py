@@ -506,10 +506,10 @@ def _refuse_live_actions(service: "WorldService", world: str, todo: Sequence[Act
 
 def run_iteration(service: "WorldService", worlds: Sequence[str], *, execute_actions: bool, holder: str,
                   lease_ttl: timedelta, on_action: Callable[[dict[str, Any]], None] | None = None,
-                  on_world: Callable[[str], None] | None = None) -> list[WorldOutcome]:
+                  on_world: Callable[[str], None] | None = None, raise_refusal: bool = False) -> list[WorldOutcome]:
     """One pass of the loop over ``worlds`` (first delivering notifications an earlier process left);
     one world's failure (bad data, a broken policy, a bug) is that world's outcome, and the others
-    still run."""
+    still run. ``raise_refusal``: a refusal for want of the live intent is raised, not isolated."""
     if execute_actions:
         service.flush_outbox()
     out = []
@@ -520,6 +520,8 @@ def run_iteration(service: "WorldService", worlds: Sequence[str], *, execute_act
             out.append(run_world(service, world, execute_actions=execute_actions, holder=holder,
                                  lease_ttl=lease_ttl, on_action=on_action))
         except Exception as exc:  # isolation: reported in the world's outcome, never ends the loop
+            if raise_refusal and isinstance(exc, LiveNotConfirmed):
+                raise
             out.append(failed_world(service, world, exc))
     return out
 

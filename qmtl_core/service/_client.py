@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from qmtl_core.errors import BadInputError, LiveNotConfirmed, QmtlError
+from qmtl_core.errors import BadInputError, QmtlError
 from qmtl_core.grammar import GrammarError, parse_number
 
 if TYPE_CHECKING:
@@ -239,10 +239,7 @@ class LocalClient:
     def campaign_run(self, world: str, *, execute: bool, holder: str, lease_ttl_seconds: float) -> dict[str, Any]:
         """One campaign-loop iteration over one world (under its lease when executing)."""
         out = self.service.campaign_iteration([world], execute=execute, holder=holder,
-                                              lease_ttl=timedelta(seconds=lease_ttl_seconds))
-        if out[0].error == LiveNotConfirmed.code:  # one world asked for: the refusal is the answer (HTTP 428)
-            raise LiveNotConfirmed(out[0].message or "refused without the explicit live intent",
-                                   hint="repeat with --allow-live (HTTP: header X-Allow-Live: true)")
+                                              lease_ttl=timedelta(seconds=lease_ttl_seconds), raise_refusal=True)
         return out[0].to_dict()
 
     def world_names(self) -> list[str]:

@@ -459,6 +459,11 @@ class WorldService(GovernanceMixin):
         loaded = self.load_world(world)
         policy = loaded.policy
         now = self.clock()
+        if returns is not None:
+            from qmtl_core.timeutil import refuse_future
+
+            refuse_future(returns.timestamps, now=now, tolerance=policy.risk.future_tolerance,
+                          where=lambda i: f"{stage} cohort returns, row {i + 1}")
         computed = cohort_metrics(returns, policy.periods_per_year,
                                   len(returns.strategies) if uses_metric(policy, "dsr") else None) \
             if returns is not None else {}
@@ -543,12 +548,15 @@ class WorldService(GovernanceMixin):
 
     def campaign_iteration(self, worlds: Sequence[str], *, execute: bool, holder: str,
                            lease_ttl: "timedelta", on_action: Callable[[dict[str, Any]], None] | None = None,
-                           on_world: Callable[[str], None] | None = None) -> list["WorldOutcome"]:
-        """One pass of the campaign loop: plan, or execute under each world's lease."""
+                           on_world: Callable[[str], None] | None = None,
+                           raise_refusal: bool = False) -> list["WorldOutcome"]:
+        """One pass of the campaign loop: plan, or execute under each world's lease. ``raise_refusal``
+        (a call about one world): a missing live intent raises ``LiveNotConfirmed`` (HTTP 428, exit
+        10) instead of being that world's outcome, since it is the whole answer."""
         from qmtl_core.service._campaign import run_iteration
 
         return run_iteration(self, worlds, execute_actions=execute, holder=holder, lease_ttl=lease_ttl,
-                             on_action=on_action, on_world=on_world)
+                             on_action=on_action, on_world=on_world, raise_refusal=raise_refusal)
 
     def world_names(self) -> list[str]:
         """Every world in the worlds directory, and every world with paper or live strategies in
