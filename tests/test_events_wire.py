@@ -16,7 +16,8 @@ import pytest
 from qmtl_core.controlbus import activation_updated, decision_updated, queue_update, tagquery_upsert
 from qmtl_core.ledger import LedgerEntry
 from qmtl_core.service._events import events_from_entry
-from tests.test_run import Broker, _bars
+from tests.cli_helpers import enter_stage_at
+from tests.test_run import PAPER_SINCE, Broker, _bars
 from tests.test_serve import real_server  # noqa: F401 - fixture: a real qmtl serve on a free port
 from tests.test_shadow_run import ALWAYS_LONG, POLICY, WORLD
 

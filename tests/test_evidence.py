@@ -411,6 +411,40 @@ def test_remote_invented_evidence_and_sabotage_are_refused(api) -> None:  # type
     assert r.json()["status"] == "insufficient_data" and "dated before the strategy entered paper" in r.json()["reason"]
 
 
+def test_remote_code_change_restarts_the_paper_window_under_auto_apply(api, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    """Item 2 of the trust holes through the HTTP API: the loop (an operator's campaign/run with
+    X-Allow-Live) never applies new code on the old code's paper evidence."""
+    from tests.cli_helpers import enter_stage_at
+
+    client, tokens = api
+    now = datetime.now(timezone.utc)
+    r = client.post("/worlds/auto/strategies", headers=_as(tokens, "sam"), json={"strategy_id": "s1", "code_hash": "1" * 64})
+    assert r.status_code == 200, r.text
+    r = client.post("/worlds/auto/evaluate", headers=_as(tokens, "sam"), json={
+        "strategy_id": "s1", "stage": "backtest", "returns": _series_doc(now - timedelta(days=420), 400)})
+    assert r.status_code == 200, r.text
+    run = {"execute": True, "holder": "t"}
+    live = {**_as(tokens, "otto"), "X-Allow-Live": "true"}
+    assert client.post("/worlds/auto/campaign/run", headers=live, json=run).status_code == 200
+    enter_stage_at("auto", "s1", (now - timedelta(days=14)).isoformat(), store_url=store_url)  # 14 days in paper
+    snapshot = {"world_id": "auto", "version": "p1", "as_of": now.isoformat(), "weights": {"s1": 1.0},
+                "realized_returns": {"s1": [{"ts": t, "r": v} for t, v in _series_doc(now - timedelta(days=12), 12)]},
+                "provenance": {"actor": "feed", "stage": "paper"}}
+    assert client.post("/risk-hub/snapshots", headers=_as(tokens, "feed"), json=snapshot).status_code == 200
+    measured = client.post("/worlds/auto/evaluate", headers=_as(tokens, "feed"), json={"strategy_id": "s1",
+                                                                                       "stage": "paper"}).json()
+    assert (measured["evidence_class"], measured["status"]) == ("hub", "pass"), measured  # a full trusted window
+    # The owner swaps the code before the loop comes round: the old code's window no longer counts.
+    r = client.post("/worlds/auto/strategies", headers=_as(tokens, "sam"), json={"strategy_id": "s1", "code_hash": "2" * 64})
+    assert r.status_code == 200, r.text
+    out = client.post("/worlds/auto/campaign/run", headers=live, json=run).json()
+    assert not [a for a in out["actions"] if a["action"] == "apply_live"], out
+    assert client.get("/worlds/auto/strategies/s1", headers=_as(tokens, "sam")).json()["stage"] == "paper"
+    promoted = client.post("/worlds/auto/promotions", headers=_as(tokens, "sam"), json={"strategy_id": "s1",
+                                                                                         "dry_run": True}).json()
+    assert "evidence_untrusted" in [x["code"] for x in promoted["gate"]["reasons"]], promoted
+
+
 def test_remote_observations_dated_in_the_future_are_refused(api) -> None:  # type: ignore[no-untyped-def]
     client, tokens = api
     now = datetime.now(timezone.utc)

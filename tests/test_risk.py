@@ -175,7 +175,7 @@ def test_put_from_stdin(hub: Path) -> None:
     (_doc(weights={"s1": 0.7, "s2": 0.7}), 2, "weights sum to 1.4"),
     (_doc(world_id="nope"), 3, "world 'nope' not found"),
     # An as_of in the future would hide every correct snapshot posted after it (issue 19, finding 4).
-    (_doc(as_of="2096-03-02T00:00:00Z"), 2, "snapshot v1: as_of: 2096-03-02T00:00:00+00:00 is "),
+    (_doc(as_of="2096-03-02T00:00:00Z"), 2, "snapshot v1: as_of: 2096-03-02T00:00:00Z is "),
     (_doc(realized_returns={"s1": [{"ts": "2026-03-01T00:00:00Z", "r": -2.0}]}), 2,
      "realized_returns.s1.0.r: r is -2.0"),
     (_doc(covariance=None, covariance_ref="missing.json#sha256=" + "0" * 64), 2,
