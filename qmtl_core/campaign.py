@@ -247,6 +247,15 @@ def counted_run(s: StrategyState, stage: str) -> RunSummary | None:
     return run
 
 
+def _measured_run(s: StrategyState, stage: str) -> RunSummary | None:
+    """The run whose window the campaign view shows for ``stage``: for the window being earned
+    now (the strategy's own stage, and shadow while in paper) only one that counts, so untrusted or
+    backdated observations never look like progress; a stage already passed shows its last run."""
+    if stage != "backtest" and home_stage(stage) == s.stage:
+        return counted_run(s, stage)
+    return s.runs.get(stage)
+
+
 def uncounted_detail(s: StrategyState, stage: str) -> str | None:
     """Why the stage's latest run does not count, or ``None`` when it does (or there is none)."""
     run = s.runs.get(stage)
@@ -509,7 +518,7 @@ def campaign_view(state: WorldState, now: datetime) -> list[CampaignView]:
         current = s.runs.get(s.stage)
         out.append(CampaignView(
             s.strategy_id, s.stage, PHASES.get(s.stage, s.stage),
-            tuple(progress(state.policy, st, s.runs.get(st)) for st in reached),
+            tuple(progress(state.policy, st, _measured_run(s, st)) for st in reached),
             current.metrics if current else {}, current.rule_results if current else (),
             actions.get(s.strategy_id)))
     return out

@@ -78,6 +78,8 @@ def test_backdated_request_returns_and_a_weights_only_snapshot_never_go_live(svc
     view = svc.campaign("auto", strategy_id="a")[0]
     assert view.next_action is not None and view.next_action.reason == "awaiting_data"
     assert "unverified evidence" in view.next_action.detail
+    # Its window shows what counts (nothing), not the 12 unverified observations.
+    assert [(p.stage, p.n_observations) for p in view.progress][1:] == [("paper", 0)]
     promoted = svc.promote("auto", "a")
     assert promoted.status == "blocked" and promoted.exit_code == 12
     assert {"evidence_untrusted", "risk_snapshot_incomplete"} <= set(promoted.gate.codes)
@@ -146,6 +148,7 @@ def test_the_shadow_window_counts_only_trusted_shadow_evidence_observed_since_pa
     gate = svc.promote("auto", "a", dry_run=True).gate
     assert {"evidence_untrusted", "shadow_window_incomplete"} <= set(gate.codes), gate.codes
     assert "shadow run" in next(r.detail for r in gate.reasons if r.code == "evidence_untrusted")
+    assert _shadow_observations(svc) == 0  # the view shows what counts, not the typed run's 12
     assert not [a for a in s.loop().actions if a["action"] == "apply_live"]
     # The same replay observed in this paper stay is trusted shadow evidence, and the gate reads it.
     honest = svc.record_evaluation("auto", strategy_id="a", stage="shadow", run_id="replay",
@@ -153,8 +156,14 @@ def test_the_shadow_window_counts_only_trusted_shadow_evidence_observed_since_pa
     assert honest.evidence_class == "qmtl replay" and honest.status == "pass"
     gate = svc.promote("auto", "a", dry_run=True).gate
     assert not {"evidence_untrusted", "shadow_window_incomplete"} & set(gate.codes), gate.codes
+    assert _shadow_observations(svc) == 12
     s.loop()
     assert _stage(svc, "auto", "a") == "live"
+
+
+def _shadow_observations(svc) -> int:  # type: ignore[no-untyped-def]
+    view = svc.campaign("auto", strategy_id="a")[0]
+    return next(p.n_observations for p in view.progress if p.stage == "shadow")
 
 
 def test_a_shadow_run_recorded_outside_paper_never_counts(svc, worlds: Path) -> None:  # type: ignore[no-untyped-def]
