@@ -19,11 +19,21 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from qmtl_core.canonical import canonical_json, exact_json_loads, sha256_hex
-from qmtl_core.store import schema
+from qmtl_core.store import locks, schema
 from qmtl_core.timeutil import iso
 
 GENESIS_HASH = "0" * 64
 _HEAD_ID = 1
+
+# The append's statements, built once (SQLAlchemy neither builds nor keys them again per entry).
+_LOCKED_HEAD = (sa.select(schema.ledger_head.c.seq, schema.ledger_head.c.hash)
+                .where(schema.ledger_head.c.id == _HEAD_ID).with_for_update())
+_INSERT = sa.insert(schema.ledger)
+_MOVE_HEAD = (sa.update(schema.ledger_head).where(schema.ledger_head.c.id == _HEAD_ID)
+              .values(seq=sa.bindparam("head_seq"), hash=sa.bindparam("head_hash")))
+# PostgreSQL: the insert and the head's move in one round trip while the head is held, not two.
+_INSERT_AND_MOVE_HEAD = _MOVE_HEAD.add_cte(sa.insert(schema.ledger).values(
+    {c: sa.bindparam(c.name, type_=c.type) for c in schema.ledger.c}).cte("appended"))
 
 
 @dataclass(frozen=True)
@@ -61,8 +71,7 @@ def _lock_head(conn: Connection) -> tuple[int, str]:
     """Lock the chain's tail for this transaction (FOR UPDATE on PostgreSQL; SQLite's writer
     lock is already held by BEGIN IMMEDIATE) and return ``(seq, hash)``."""
     head = schema.ledger_head
-    row = conn.execute(sa.select(head.c.seq, head.c.hash).where(head.c.id == _HEAD_ID)
-                       .with_for_update()).first()
+    row = conn.execute(_LOCKED_HEAD).first()
     if row is not None:
         return int(row.seq), str(row.hash)
     if conn.dialect.name == "postgresql":
@@ -73,17 +82,19 @@ def _lock_head(conn: Connection) -> tuple[int, str]:
     else:
         conn.execute(sa.insert(head).prefix_with("OR IGNORE").values(id=_HEAD_ID, seq=0,
                                                                      hash=GENESIS_HASH))
-    row = conn.execute(sa.select(head.c.seq, head.c.hash).where(head.c.id == _HEAD_ID)
-                       .with_for_update()).one()
+    row = conn.execute(_LOCKED_HEAD).one()
     return int(row.seq), str(row.hash)
 
 
 def lock(conn: Connection) -> None:
-    """Serialise this write transaction with every other ledger writer.
+    """Serialise this write transaction with every other ledger writer, evaluations included.
 
     Call it first in a transaction that reads state and then appends, so the read cannot go stale
-    before the append (the append takes the same lock anyway).
+    before the append. It waits for evaluations in flight and keeps new ones out
+    (``locks.writers_exclusive``), then holds the head until commit. An evaluation does not call
+    it: it takes ``locks.evaluation`` and holds the head only from its append on.
     """
+    locks.writers_exclusive(conn)
     _lock_head(conn)
 
 
@@ -96,11 +107,14 @@ def append(conn: Connection, *, actor: str, kind: str, now: datetime, world: str
     entry_body = {"seq": seq + 1, "ts": iso(now), "actor": actor, "world": world, "kind": kind,
                   "subject": subject, "reason": reason, "payload": body_payload}
     digest = entry_hash(prev_hash, entry_body)
-    conn.execute(sa.insert(schema.ledger).values(
-        seq=seq + 1, ts=entry_body["ts"], actor=actor, world_id=world, kind=kind, subject=subject,
-        reason=reason, payload=body_payload, prev_hash=prev_hash, hash=digest))
-    conn.execute(sa.update(schema.ledger_head).where(schema.ledger_head.c.id == _HEAD_ID)
-                 .values(seq=seq + 1, hash=digest))
+    row = {"seq": seq + 1, "ts": entry_body["ts"], "actor": actor, "world_id": world, "kind": kind,
+           "subject": subject, "reason": reason, "payload": body_payload, "prev_hash": prev_hash, "hash": digest}
+    moved = {"head_seq": seq + 1, "head_hash": digest}
+    if conn.dialect.name == "postgresql":
+        conn.execute(_INSERT_AND_MOVE_HEAD, {**row, **moved})
+    else:
+        conn.execute(_INSERT, row)
+        conn.execute(_MOVE_HEAD, moved)
     return LedgerEntry(seq + 1, entry_body["ts"], actor, world, kind, subject, reason,
                        body_payload, prev_hash, digest)
 

@@ -55,6 +55,24 @@ from qmtl_core.timeutil import iso
 INSUFFICIENT = "insufficient_data"
 Returns = Sequence[tuple[datetime, float]]
 
+# The statements every evaluation runs, built once: SQLAlchemy then neither builds nor keys them again
+# on each call, which was about half the cost of a primary-key read.
+_RUNS, _REVS, _HEADS, _STRATEGIES = (schema.evaluation_runs, schema.run_revisions, schema.run_heads,
+                                     schema.strategies)
+_RUN_BY_KEY = sa.select(_RUNS).where(_RUNS.c.world_id == sa.bindparam("w"), _RUNS.c.strategy_id == sa.bindparam("s"),
+                                     _RUNS.c.stage == sa.bindparam("st"), _RUNS.c.run_id == sa.bindparam("r"))
+_REVISION = sa.select(_REVS).where(_REVS.c.run_pk == sa.bindparam("pk"), _REVS.c.revision == sa.bindparam("rev"))
+_NEW_RUN = sa.insert(_RUNS).returning(_RUNS.c.id)
+_NEXT_REVISION = sa.update(_RUNS).where(_RUNS.c.id == sa.bindparam("pk"))
+_NEW_REVISION = sa.insert(_REVS)
+_HEAD_KEY = (_HEADS.c.world_id == sa.bindparam("w"), _HEADS.c.strategy_id == sa.bindparam("s"),
+             _HEADS.c.stage == sa.bindparam("st"))
+_HEAD = sa.select(_HEADS.c.run_pk, _HEADS.c.updated_at).where(*_HEAD_KEY)
+_NEW_HEAD = sa.insert(_HEADS)
+_MOVE_HEAD = sa.update(_HEADS).where(*_HEAD_KEY)
+_STRATEGY = sa.select(_STRATEGIES).where(_STRATEGIES.c.world_id == sa.bindparam("w"),
+                                         _STRATEGIES.c.strategy_id == sa.bindparam("s"))
+
 
 def suggested_run_id(stage: str, window_end: datetime | None, now: datetime) -> str:
     """``<stage>-<UTC end of the data window>`` (or of ``now`` without data): ``paper-20260131``
@@ -377,15 +395,13 @@ def _revision(run: Any, rev: Any, created: bool = True) -> RunRevision:
 def ensure_strategy(conn: Connection, *, world_id: str, strategy_id: str, now: datetime,
                     submitter: str | None = None, name: str | None = None) -> Any:
     """The strategy's row, created at stage ``backtest`` the first time the world sees it."""
-    t = schema.strategies
-    row = conn.execute(sa.select(t).where(t.c.world_id == world_id, t.c.strategy_id == strategy_id)).first()
+    key = {"w": world_id, "s": strategy_id}
+    row = conn.execute(_STRATEGY, key).first()
     if row is None:
-        conn.execute(sa.insert(t).values(world_id=world_id, strategy_id=strategy_id, name=name,
-                                         stage="backtest", submitter=submitter, submitted_at=iso(now),
-                                         stage_entered_at=iso(now),
-                                         updated_at=iso(now)))
-        row = conn.execute(sa.select(t).where(t.c.world_id == world_id,
-                                              t.c.strategy_id == strategy_id)).one()
+        conn.execute(sa.insert(_STRATEGIES).values(world_id=world_id, strategy_id=strategy_id, name=name,
+                                                   stage="backtest", submitter=submitter, submitted_at=iso(now),
+                                                   stage_entered_at=iso(now), updated_at=iso(now)))
+        row = conn.execute(_STRATEGY, key).one()
     return row
 
 
@@ -434,29 +450,25 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
     # second ("snapshot 3600s old"), so hashing them made a new, empty revision on every call.
     digest = content_hash({**body, "metrics": {k: _rounded(v) for k, v in sourced.metrics.items()},
                            "rule_results": [{**r, "observed": _rounded(r["observed"])} for r in rule_results]})
-    runs, revs = schema.evaluation_runs, schema.run_revisions
-    run = conn.execute(sa.select(runs).where(runs.c.world_id == policy.world, runs.c.strategy_id == strategy_id,
-                                             runs.c.stage == stage, runs.c.run_id == run_id)).first()
+    run = conn.execute(_RUN_BY_KEY, {"w": policy.world, "s": strategy_id, "st": stage, "r": run_id}).first()
     if run is not None:
-        latest = conn.execute(sa.select(revs).where(revs.c.run_pk == run.id,
-                                                    revs.c.revision == run.latest_revision)).one()
+        latest = conn.execute(_REVISION, {"pk": run.id, "rev": run.latest_revision}).one()
         if latest.content_hash == digest:
             return _revision(run, latest, created=False)
         revision = run.latest_revision + 1
-        conn.execute(sa.update(runs).where(runs.c.id == run.id).values(latest_revision=revision,
-                                                                       updated_at=iso(now)))
+        conn.execute(_NEXT_REVISION, {"pk": run.id, "latest_revision": revision, "updated_at": iso(now)})
         run_pk = run.id
     else:
         revision = 1
-        run_pk = conn.execute(sa.insert(runs).values(
-            world_id=policy.world, strategy_id=strategy_id, stage=stage, run_id=run_id,
-            latest_revision=1, created_at=iso(now), updated_at=iso(now)).returning(runs.c.id)).scalar_one()
-    conn.execute(sa.insert(revs).values(
-        run_pk=run_pk, revision=revision, status=status, policy_version=policy.policy_version,
-        policy_hash=policy_hash, metrics=sourced.metrics, metric_sources=sourced.sources,
-        rule_results=rule_results, window=sourced.window.to_dict(), returns=sourced.returns,
-        reason=reason, content_hash=digest, recorded_at=iso(now), recorded_by=actor,
-        evidence_class=sourced.evidence_class, metric_classes=sourced.metric_classes))
+        run_pk = conn.execute(_NEW_RUN, {
+            "world_id": policy.world, "strategy_id": strategy_id, "stage": stage, "run_id": run_id,
+            "latest_revision": 1, "created_at": iso(now), "updated_at": iso(now)}).scalar_one()
+    conn.execute(_NEW_REVISION, {
+        "run_pk": run_pk, "revision": revision, "status": status, "policy_version": policy.policy_version,
+        "policy_hash": policy_hash, "metrics": sourced.metrics, "metric_sources": sourced.sources,
+        "rule_results": rule_results, "window": sourced.window.to_dict(), "returns": sourced.returns,
+        "reason": reason, "content_hash": digest, "recorded_at": iso(now), "recorded_by": actor,
+        "evidence_class": sourced.evidence_class, "metric_classes": sourced.metric_classes})
     _advance_head(conn, world_id=policy.world, strategy_id=strategy_id, stage=stage, run_pk=run_pk,
                   head={"run_id": run_id, "revision": revision, "status": status,
                         "policy_version": policy.policy_version, "content_hash": digest,
@@ -471,9 +483,10 @@ def record_run(conn: Connection, *, policy: WorldPolicy, strategy_id: str, stage
                                "revision": revision, "status": status,
                                "policy_version": policy.policy_version, "content_hash": digest,
                                "evidence_class": sourced.evidence_class})
-    run_row = conn.execute(sa.select(runs).where(runs.c.id == run_pk)).one()
-    rev_row = conn.execute(sa.select(revs).where(revs.c.run_pk == run_pk, revs.c.revision == revision)).one()
-    return _revision(run_row, rev_row)
+    # Built from what was just written rather than read back: two round trips fewer per run.
+    return RunRevision(policy.world, strategy_id, stage, run_id, revision, status, policy.policy_version,
+                       sourced.metrics, sourced.sources, rule_results, sourced.window.to_dict(), reason, digest,
+                       iso(now), actor, True, sourced.evidence_class, sourced.metric_classes)
 
 
 def _advance_head(conn: Connection, *, world_id: str, strategy_id: str, stage: str, run_pk: int,
@@ -485,20 +498,20 @@ def _advance_head(conn: Connection, *, world_id: str, strategy_id: str, stage: s
     sorts below it leaves it, unless it is the head's own run moving down (a clock set back), when
     the head is found again among the stage's runs.
     """
-    heads, runs_t = schema.run_heads, schema.evaluation_runs
-    key = (heads.c.world_id == world_id, heads.c.strategy_id == strategy_id, heads.c.stage == stage)
-    current = conn.execute(sa.select(heads.c.run_pk, heads.c.updated_at).where(*key)).first()
+    runs_t = schema.evaluation_runs
+    key = {"w": world_id, "s": strategy_id, "st": stage}
+    current = conn.execute(_HEAD, key).first()
     if current is None:
-        conn.execute(sa.insert(heads).values(world_id=world_id, strategy_id=strategy_id, stage=stage,
-                                             run_pk=run_pk, **head))
+        conn.execute(_NEW_HEAD, {"world_id": world_id, "strategy_id": strategy_id, "stage": stage,
+                                 "run_pk": run_pk, **head})
     elif (head["updated_at"], run_pk) >= (current.updated_at, current.run_pk):
-        conn.execute(sa.update(heads).where(*key).values(run_pk=run_pk, **head))
+        conn.execute(_MOVE_HEAD, {**key, "run_pk": run_pk, **head})
     elif current.run_pk == run_pk:
         latest = conn.execute(
             sa.select(runs_t.c.id).where(runs_t.c.world_id == world_id, runs_t.c.strategy_id == strategy_id,
                                          runs_t.c.stage == stage)
             .order_by(runs_t.c.updated_at.desc(), runs_t.c.id.desc()).limit(1)).scalar_one()
-        conn.execute(sa.update(heads).where(*key).values(**_head_of(conn, latest)))
+        conn.execute(_MOVE_HEAD, {**key, **_head_of(conn, latest)})
 
 
 def _head_of(conn: Connection, run_pk: int) -> dict[str, Any]:
@@ -545,7 +558,10 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
                         request_class: str = EvidenceClass.UNVERIFIED, extra_notes: Sequence[str] = ()) -> RunRevision:
     """Source metrics (DESIGN §5) and record the run, inside the caller's write transaction.
 
-    ``book`` is the world's book for portfolio metrics (``risk.portfolio_book``), read by the caller.
+    The caller holds the strategy's evaluation lock (``locks.evaluation``) or ``ledger.lock``, so
+    nothing read here changes before the append: another evaluation of the same strategy waits,
+    and so does every governance flow. ``book`` is the world's book for portfolio metrics
+    (``risk.portfolio_book``), read by the caller (needed only when ``portfolio_rules`` has some).
     ``request_class``: the provenance of ``metrics`` and ``returns`` (the facade decides it from
     who is calling; only qmtl's own replay is trusted).
     """
@@ -555,7 +571,6 @@ def evaluate_and_record(conn: Connection, *, policy: WorldPolicy, policy_hash: s
     if returns:
         refuse_future((t for t, _ in returns), now=now, tolerance=policy.risk.future_tolerance,
                       where=lambda i: f"{strategy_id} {stage} returns, point {i + 1}")
-    ledger.lock(conn)  # serialise with every writer: one run, consistent revisions
     row = ensure_strategy(conn, world_id=policy.world, strategy_id=strategy_id, now=now, submitter=actor)
     observed_since, in_stage = None, True
     notes = list(extra_notes)

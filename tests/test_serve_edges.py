@@ -128,6 +128,42 @@ def test_the_cli_reports_a_refused_body_as_bad_input(api) -> None:  # type: igno
     assert caught.value.code == "request_too_large" and caught.value.exit_code == 2  # type: ignore[attr-defined]
 
 
+def test_a_revoked_token_is_refused_within_the_cache_time_and_unknown_tokens_are_never_cached(api) -> None:  # type: ignore[no-untyped-def]
+    """The server remembers an accepted token for ``TOKEN_CACHE_SECONDS`` (1 s) only: after a revocation
+    by any process, the next request past that time is 401; a refusal is never remembered."""
+    from qmtl_core.service._auth import TOKEN_CACHE_SECONDS, TokenCache, authenticate
+
+    _, tokens, server = api
+    store = server.app.state.service.store
+    asked: list[str | None] = []
+
+    def check(header: str | None):  # type: ignore[no-untyped-def]
+        asked.append(header)
+        with store.read() as conn:
+            return authenticate(conn, header)
+
+    now = [100.0]
+    cache = TokenCache(check, clock=lambda: now[0])
+    header = f"Bearer {tokens['submitter']}"
+    assert cache(header).actor == "sam" and cache(header).actor == "sam" and len(asked) == 1
+    with store.write() as conn:
+        conn.execute(sa.update(schema.api_tokens).where(schema.api_tokens.c.actor == "sam")
+                     .values(revoked_at="2020-01-01T00:00:00+00:00"))
+    now[0] += TOKEN_CACHE_SECONDS * 0.9
+    assert cache.fresh(header) is not None  # still within the second it was accepted for
+    now[0] += TOKEN_CACHE_SECONDS * 0.2
+    assert cache.fresh(header) is None
+    for _ in range(2):
+        with pytest.raises(Exception) as refused:
+            cache(header)
+        assert refused.value.code == "unauthorized"  # type: ignore[attr-defined]
+    assert len(asked) == 3  # each refusal asked the store again
+    # Through the app: the same token is refused (the server's own cache expired long ago here).
+    time.sleep(TOKEN_CACHE_SECONDS * 1.1)
+    status, body, _ = _asgi(server.app, method="GET", path="/worlds", headers=_h(tokens["submitter"]), chunks=[])
+    assert (status, body["error"]) == (401, "unauthorized")
+
+
 # --- 3. reads never write --------------------------------------------------------------------------------
 def _counts(service: Any) -> dict[str, int]:
     with service.store.read() as conn:

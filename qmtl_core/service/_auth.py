@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -113,3 +116,43 @@ def authenticate(conn: Connection, header: str | None) -> Principal:
     if row is None or row.revoked_at is not None:
         raise Unauthorized("the token is not valid (unknown or revoked)", hint="ask for a new token")
     return Principal(row.actor, row.role, row.token_id)
+
+
+#: How long a server trusts a token the store accepted before asking again: a revoked token is
+#: refused by every server within this (an open ``/events`` socket is rechecked as often).
+TOKEN_CACHE_SECONDS = 1.0
+
+
+class TokenCache:
+    """``authenticate`` for a server, remembering accepted tokens for ``ttl`` seconds.
+
+    Only acceptances are kept (an unknown or revoked token is looked up every time, so a new token
+    works at once and a caller cannot fill the cache), keyed by the token's hash, at most
+    ``max_entries`` of them. ``fresh`` answers from memory alone, without blocking, or ``None``.
+    """
+
+    def __init__(self, check: Callable[[str | None], Principal], *, ttl: float = TOKEN_CACHE_SECONDS,
+                 max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._check, self._ttl, self._max, self._clock = check, ttl, max_entries, clock
+        self._accepted: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def fresh(self, header: str | None) -> Principal | None:
+        """The principal of a token accepted less than ``ttl`` seconds ago, else ``None``."""
+        found = self._accepted.get(token_hash(header or ""))
+        return found[1] if found is not None and found[0] > self._clock() else None
+
+    def __call__(self, header: str | None) -> Principal:
+        """The principal, from memory while fresh, else from the store (401 as ``authenticate``)."""
+        principal = self.fresh(header)
+        if principal is not None:
+            return principal
+        principal = self._check(header)
+        with self._lock:
+            if len(self._accepted) >= self._max:
+                now = self._clock()
+                self._accepted = {k: v for k, v in self._accepted.items() if v[0] > now}
+                if len(self._accepted) >= self._max:
+                    self._accepted.clear()
+            self._accepted[token_hash(header or "")] = (self._clock() + self._ttl, principal)
+        return principal

@@ -117,13 +117,17 @@ class Edge:
     """The ASGI middleware of the module docstring."""
 
     def __init__(self, app: ASGIApp, *, max_body: int, authenticate: Callable[[str | None], Principal],
-                 scrubber: Callable[[], Scrubber], error_body: Callable[[QmtlError], tuple[int, dict[str, Any]]]
-                 ) -> None:
+                 scrubber: Callable[[], Scrubber], error_body: Callable[[QmtlError], tuple[int, dict[str, Any]]],
+                 fresh_principal: Callable[[str | None], Principal | None] = lambda _: None,
+                 fresh_scrubber: Callable[[], Scrubber | None] = lambda: None) -> None:
         self.app = app
         self.max_body = max_body
         self.authenticate = authenticate
         self.scrubber = scrubber
         self.error_body = error_body
+        # Answers from memory (never blocking) when they can: no trip through the thread pool then.
+        self.fresh_principal = fresh_principal
+        self.fresh_scrubber = fresh_scrubber
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,14 +140,16 @@ class Edge:
             return
         principal: Principal | None = None
         if scope["path"] not in PUBLIC_PATHS:
+            header = headers.get("authorization")
             try:
-                principal = await run_in_threadpool(self.authenticate, headers.get("authorization"))
+                principal = self.fresh_principal(header) or await run_in_threadpool(self.authenticate, header)
             except QmtlError as exc:
                 await self._refuse(send, exc)
                 return
             scope[PRINCIPAL_KEY] = principal
         show = principal is not None and principal.may("secrets")
-        scrubber = await run_in_threadpool(self.scrubber)  # reads the store: off the event loop
+        # Reading the store happens off the event loop.
+        scrubber = self.fresh_scrubber() or await run_in_threadpool(self.scrubber)
         respond = self._scrubbing(send, scrubber, show_secrets=show)
         received, refused = 0, False
 

@@ -37,7 +37,7 @@ from qmtl_core.config import Settings
 from qmtl_core.errors import Forbidden, NotFoundError, QmtlError, UsageError
 from qmtl_core.service import _models as m
 from qmtl_core.telemetry import HttpMetrics, LoopMetrics, exposition, new_registry
-from qmtl_core.service._auth import Principal, authenticate
+from qmtl_core.service._auth import TOKEN_CACHE_SECONDS, Principal, TokenCache, authenticate
 from qmtl_core.service._client import LocalClient, returns_from_doc, table_from_doc
 from qmtl_core.service._edge import DEFAULT_MAX_BODY, PRINCIPAL_KEY, BodyTooLarge, Edge, Scrubber, too_large
 from qmtl_core.service._events import decision_at, entries_after, events_from_entry
@@ -238,14 +238,26 @@ def _error_response(exc: QmtlError) -> JSONResponse:
 class _SecretsCache:
     """Secret values to scrub from what readers see: every webhook URL any recorded policy version
     of any world ever had (a diff in the ledger still carries the old ones) and every current
-    policy file's, re-read only when the recorded versions change."""
+    policy file's, re-read only when the recorded versions change. Whether they changed is asked
+    at most every ``ttl`` seconds (the bound within which a token revocation is honoured too)."""
 
-    def __init__(self, service: WorldService) -> None:
+    def __init__(self, service: WorldService, *, ttl: float = TOKEN_CACHE_SECONDS) -> None:
         self.service = service
         self._key: Any = None
         self._scrubber: Scrubber | None = None
+        self._ttl, self._checked_until = ttl, 0.0
+
+    def fresh(self) -> Scrubber | None:
+        """The scrubber while it was checked less than ``ttl`` seconds ago, else ``None``."""
+        return self._scrubber if time.monotonic() < self._checked_until else None
 
     def __call__(self) -> Scrubber:
+        checked_until = time.monotonic() + self._ttl
+        scrubber = self._current()
+        self._checked_until = checked_until
+        return scrubber
+
+    def _current(self) -> Scrubber:
         settings = self.service.settings
         pv = schema.policy_versions
         files = world_files(settings.worlds_dir) if settings.worlds_dir.is_dir() else []
@@ -344,8 +356,9 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
         with base.store.read() as conn:
             return authenticate(conn, header)
 
-    app.add_middleware(Edge, max_body=max_body, authenticate=check_token, scrubber=_SecretsCache(base),
-                       error_body=error_status)
+    tokens, secrets = TokenCache(check_token), _SecretsCache(base)
+    app.add_middleware(Edge, max_body=max_body, authenticate=tokens, scrubber=secrets, error_body=error_status,
+                       fresh_principal=tokens.fresh, fresh_scrubber=secrets.fresh)
 
     @app.exception_handler(QmtlError)
     async def _qmtl_error(request: Request, exc: QmtlError) -> JSONResponse:
@@ -392,12 +405,16 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utcnow,
                 await asyncio.to_thread(lambda: publish(base.audit_head(), signer, directory))
             return response
 
-    def principal(request: Request) -> Principal:
+    # Async dependencies: they do no I/O (the edge found the principal), so they run on the event
+    # loop rather than costing a trip through the thread pool each.
+    async def principal(request: Request) -> Principal:
         found = request.scope.get(PRINCIPAL_KEY)
-        return found if isinstance(found, Principal) else check_token(request.headers.get("authorization"))
+        if isinstance(found, Principal):
+            return found
+        return await asyncio.to_thread(tokens, request.headers.get("authorization"))
 
-    def client(permission: str) -> Callable[..., LocalClient]:
-        def dependency(request: Request, who: Principal = Depends(principal)) -> LocalClient:
+    def client(permission: str) -> Callable[..., Any]:
+        async def dependency(request: Request, who: Principal = Depends(principal)) -> LocalClient:
             who.require(permission)
             # Only the calls that would make or keep something live read the intent (the facade).
             return LocalClient(base.as_actor(who.actor, role=who.role, live_confirmed=live_intent(request)))

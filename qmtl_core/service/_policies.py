@@ -69,6 +69,18 @@ def in_force_row(conn: Connection, world_id: str) -> Any:
                         .order_by(t.c.policy_version.desc()).limit(1)).first()
 
 
+_IN_FORCE_HASH = (sa.select(schema.policy_versions.c.content_hash)
+                  .where(schema.policy_versions.c.world_id == sa.bindparam("w"),
+                         schema.policy_versions.c.status == "adopted")
+                  .order_by(schema.policy_versions.c.policy_version.desc()).limit(1))
+
+
+def in_force_hash(conn: Connection, world_id: str) -> str | None:
+    """The content hash of the version in force (``None``: none adopted): one indexed read (its
+    statement built once), for a writer to confirm the policy it decided with is still in force."""
+    return conn.execute(_IN_FORCE_HASH, {"w": world_id}).scalar()
+
+
 def policy_in_force(conn: Connection, world_id: str) -> WorldPolicy | None:
     """The policy in force as the store keeps it (``None`` when the world was never recorded): what
     every decision and the kill switch work from, whatever state the world's file is in."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmtl_core.config import Settings
-from qmtl_core.errors import LiveNotConfirmed, QmtlError, UsageError
+from qmtl_core.errors import BusyError, LiveNotConfirmed, QmtlError, UsageError
 from qmtl_core.governance._reentry import withdraw_live
 from qmtl_core.service._governance import GovernanceMixin
 from qmtl_core.service._strategies import Registration
@@ -117,6 +118,14 @@ def _parsed_policy(path: Path, load: Callable[[Path], "WorldPolicy"]) -> tuple["
             _POLICY_CACHE.clear()
         _POLICY_CACHE[key] = value
     return value
+
+
+#: The policy in force per world and file content, as an evaluation last found it recorded: later
+#: evaluations skip two read transactions and instead confirm, inside their own write transaction,
+#: that this is still the version in force (``_policies.in_force_hash``), so a version another
+#: host adopted meanwhile is noticed by the very next evaluation. Entries live a few seconds only.
+_IN_FORCE_CACHE: dict[tuple[str, str], tuple[float, "LoadedWorld"]] = {}
+_IN_FORCE_SECONDS = 5.0
 
 
 def check_stage(stage: str) -> None:
@@ -284,6 +293,23 @@ class WorldService(GovernanceMixin):
             self._record(loaded)
         return self._in_force(loaded)
 
+    def _world_for_write(self, world: str, *, cached: bool) -> LoadedWorld:
+        """``load_world(world)`` for a write that confirms the version in force itself (see
+        ``_IN_FORCE_CACHE``); ``cached=False`` asks the store again."""
+        from qmtl_core.policy import load_policy_file
+
+        path = world_path(self.settings.worlds_dir, world)
+        _, digest = _parsed_policy(path, load_policy_file)
+        key, now = (str(path), digest), time.monotonic()
+        found = _IN_FORCE_CACHE.get(key)
+        if cached and found is not None and found[0] > now:
+            return found[1]
+        loaded = self.load_world(world)
+        if len(_IN_FORCE_CACHE) > 1000:
+            _IN_FORCE_CACHE.clear()
+        _IN_FORCE_CACHE[key] = (now + _IN_FORCE_SECONDS, loaded)
+        return loaded
+
     def _in_force(self, from_file: LoadedWorld) -> LoadedWorld:
         from qmtl_core.policy import WorldPolicy
         from qmtl_core.service._policies import as_record, in_force_row
@@ -421,28 +447,39 @@ class WorldService(GovernanceMixin):
         published after the commit."""
         from qmtl_core import ledger, runs
         from qmtl_core.governance._activations import book_members
+        from qmtl_core.service._policies import in_force_hash
         from qmtl_core.service._strategies import announce, register
+        from qmtl_core.store import locks
 
         check_stage(stage)
-        loaded = self.load_world(world)
-        klass, notes = self._request_class(loaded.policy, evidence_class)
-        now = self.clock()
         row, changed = None, False
-        with self.store.write() as conn:
-            ledger.lock(conn)
-            self._check_owner(conn, loaded.policy, strategy_id)
-            if registration is not None:
-                row, changed = register(conn, policy=loaded.policy, strategy_id=strategy_id, reg=registration,
-                                        actor=self.actor, now=now)
-            rev = runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
-                                           strategy_id=strategy_id, stage=stage, run_id=run_id,
-                                           metrics=metrics, returns=returns, actor=self.actor,
-                                           now=now, book=book_members(conn, loaded.policy),
-                                           request_class=klass, extra_notes=notes)
-            events = announce(conn, world=world, updates=queues, actor=self.actor, now=now) if queues else []
-        for ev in events:
-            self.bus.publish(ev)
-        return Submitted(rev, row, changed, tuple(events))
+        for attempt in range(3):
+            loaded = self._world_for_write(world, cached=attempt == 0)
+            klass, notes = self._request_class(loaded.policy, evidence_class)
+            now = self.clock()
+            with self.store.write() as conn:
+                if registration is None and not queues:
+                    # An evaluation alone: those of other strategies go on side by side (store/locks.py).
+                    locks.evaluation(conn, loaded.world_id, strategy_id)
+                else:  # a submission writes the strategy's row and its queues too: one writer at a time
+                    ledger.lock(conn)
+                if in_force_hash(conn, loaded.world_id) != loaded.content_hash:
+                    continue  # another version came into force since it was read: read it again
+                self._check_owner(conn, loaded.policy, strategy_id)
+                if registration is not None:
+                    row, changed = register(conn, policy=loaded.policy, strategy_id=strategy_id, reg=registration,
+                                            actor=self.actor, now=now)
+                book = book_members(conn, loaded.policy) if runs.portfolio_rules(loaded.policy, stage) else frozenset()
+                rev = runs.evaluate_and_record(conn, policy=loaded.policy, policy_hash=loaded.content_hash,
+                                               strategy_id=strategy_id, stage=stage, run_id=run_id,
+                                               metrics=metrics, returns=returns, actor=self.actor,
+                                               now=now, book=book, request_class=klass, extra_notes=notes)
+                events = announce(conn, world=world, updates=queues, actor=self.actor, now=now) if queues else []
+            for ev in events:
+                self.bus.publish(ev)
+            return Submitted(rev, row, changed, tuple(events))
+        raise BusyError(f"the policy of {world} kept changing while this evaluation was recorded",
+                        hint="try again")
 
     def evaluate_cohort(self, world: str, *, stage: str, returns: "ReturnsTable | None" = None,
                         metrics: Mapping[str, Mapping[str, Any]] | None = None,
