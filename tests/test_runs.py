@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,9 @@ W = "demo-momentum"
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    # After the last of the tests' daily returns (600 days from 2026-01-01): observations dated
+    # ahead of the clock are refused (risk.future_tolerance).
+    return Clock(datetime(2028, 1, 3, 12, tzinfo=timezone.utc))
 
 
 @pytest.fixture
@@ -137,8 +139,10 @@ def test_unknown_stage_and_world(svc) -> None:  # type: ignore[no-untyped-def]
 _WORKER = """
 import sys
 from pathlib import Path
-from tests._service import make_service, daily
-svc = make_service(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+from datetime import datetime, timezone
+from tests._service import Clock, make_service, daily
+svc = make_service(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]),
+                   Clock(datetime(2028, 1, 3, 12, tzinfo=timezone.utc)))  # after the returns, as the clock fixture
 rev = svc.record_evaluation("demo-momentum", strategy_id="s1", stage="backtest", run_id="same",
                             returns=daily(300 + int(sys.argv[4]) % 2))
 print(rev.revision)
