@@ -149,15 +149,15 @@ from qmtl_core import ledger
 point = sys.argv[4]
 def die(*a, **k):
     os.kill(os.getpid(), signal.SIGKILL)
-if point == "after_activations":
-    acts.record_decision = die
+if point == "after_activations":  # the set and the stages are written; the decisions are next
+    acts._store_decisions = die
 elif point == "before_ledger":
-    real = ledger.append
-    def append(conn, **kw):
-        if kw.get("kind") == "promotion.applied":
+    real = ledger.append_many
+    def append_many(conn, drafts, **kw):
+        if any(d.kind == "promotion.applied" for d in drafts):
             die()
-        return real(conn, **kw)
-    acts.ledger.append = append
+        return real(conn, drafts, **kw)
+    acts.ledger.append_many = append_many
 elif point == "before_close":
     reqs._close = die
 svc = make_service(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])).as_actor("bob")
