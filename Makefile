@@ -130,7 +130,7 @@ demo: install
 	$(QMTL) audit verify
 
 test: dev postgres browser promtool
-	@echo "== the whole suite on SQLite and PostgreSQL (about 12 minutes on 2 cores; progress in %, slowest tests at the end)"
+	@echo "== the whole suite on SQLite and PostgreSQL (about 24 minutes on 2 idle cores; progress in %, slowest tests at the end)"
 	PATH="$$PATH:$(PG_BIN)" $(BIN)/python -m pytest -n auto -W error --durations=10
 
 # Each benchmark prints its numbers against a reference measured in the same run.
